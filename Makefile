@@ -1,0 +1,40 @@
+# kilnproxy: `make run` starts a demo server, `make test` runs every check (SPEC 10).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export KILNPROXY_HOME ?= $(CURDIR)/var
+
+.PHONY: run test lint deps venv clean
+
+$(BIN)/kilnproxy: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/kilnproxy
+
+# What the tests run against: OpenSSH server and client, git, Mercurial.
+deps:
+	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
+	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ]; then \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    openssh-server openssh-client git mercurial >/dev/null; \
+	fi
+
+run: venv
+	$(BIN)/kilnproxy demo
+	exec $(BIN)/kilnproxy serve
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: deps venv lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info kilnproxy/_stamp.py

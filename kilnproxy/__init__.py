@@ -1,0 +1,1 @@
+"""kilnproxy: the SSH front door of a Git and Mercurial hosting service."""

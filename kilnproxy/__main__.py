@@ -1,0 +1,5 @@
+import sys
+
+from kilnproxy.cli import main
+
+sys.exit(main())

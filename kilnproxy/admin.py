@@ -1,0 +1,145 @@
+"""The admin commands of SPEC 2: each writes to the directory and says what it did.
+
+Functions here take parsed arguments and return the lines to print; bad input raises
+OperatorError (one line, exit status 2). Repository creation for `--init` lives here too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kilnproxy.access import Access, Role
+from kilnproxy.commands import Vcs, repo_name
+from kilnproxy.directory import SqliteDirectory
+from kilnproxy.directory.model import check_name, default_repo_path, parse_backend_url
+from kilnproxy.errors import BadCommand, OperatorError
+from kilnproxy.keys import parse_public_key
+
+INIT_TIMEOUT = 60
+
+
+def split_owner(text: str) -> tuple[str, str]:
+    account, sep, user = text.partition("/")
+    if not sep or not account or not user:
+        raise OperatorError(f"{text!r} is not ACCOUNT/USER")
+    return check_name("account", account), check_name("user", user)
+
+
+def check_repo(text: str, vcs: Vcs | None = None) -> str:
+    """`ACCOUNT/NAME` exactly as clients will normalise it."""
+    try:
+        name = repo_name(text, vcs or Vcs.HG)
+    except BadCommand:
+        name = ""
+    if name != text:
+        raise OperatorError(f"{text!r} is not a repository name like ACCOUNT/NAME")
+    return name
+
+
+def add_account(directory: SqliteDirectory, account: str) -> list[str]:
+    directory.add_account(account)
+    return [f"added account {account}"]
+
+
+def add_user(directory: SqliteDirectory, account: str, user: str, role: str) -> list[str]:
+    directory.add_user(account, user, Role(role))
+    return [f"added user {account}/{user} with role {role}"]
+
+
+def add_key(directory: SqliteDirectory, owner: str, name: str, source: str | None) -> list[str]:
+    account, user = split_owner(owner)
+    if source is None or source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(source).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OperatorError(f"cannot read {source}: {exc}") from None
+    key = parse_public_key(text)
+    directory.add_key(account, user, name, key)
+    return [f"added key {name!r} for {account}/{user}", key.fingerprint]
+
+
+def list_keys(directory: SqliteDirectory, owner: str | None) -> list[str]:
+    account = user = None
+    if owner:
+        account, _, user_part = owner.partition("/")
+        user = user_part or None
+    rows = directory.list_keys(account, user)
+    return [f"{r.fingerprint}  {r.account}/{r.user}  {r.algorithm}  {r.name}" for r in rows]
+
+
+def remove_key(directory: SqliteDirectory, fingerprint: str) -> list[str]:
+    row = directory.remove_key(fingerprint)
+    return [f"removed key {row.name!r} ({row.fingerprint}) of {row.account}/{row.user}"]
+
+
+def add_backend(directory: SqliteDirectory, name: str, url: str) -> list[str]:
+    directory.add_backend(name, url)
+    return [f"added backend {name} at {url}"]
+
+
+def list_backends(directory: SqliteDirectory) -> list[str]:
+    return [f"{name}  {url}" for name, url in directory.list_backends()]
+
+
+def add_repo(
+    directory: SqliteDirectory, repo: str, vcs: str, backend: str, path: str | None, init: bool
+) -> list[str]:
+    kind = Vcs(vcs)
+    check_repo(repo, kind)
+    if any(row.repo == repo for row in directory.list_repos(repo.split("/", maxsplit=1)[0])):
+        raise OperatorError(f"repository {repo} already exists")
+    url = parse_backend_url(directory.backend_url(backend))
+    lines = []
+    if init:
+        if url.scheme != "local":
+            raise OperatorError("--init creates repositories on local backends only")
+        row_path = Path(path or default_repo_path(url.base, repo, kind))
+        init_repository(row_path, kind)
+        lines.append(f"created empty {vcs} repository at {row_path}")
+    row = directory.add_repo(repo, kind, backend, path)
+    return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}", *lines]
+
+
+def list_repos(directory: SqliteDirectory, account: str | None) -> list[str]:
+    return [
+        f"{r.repo}  {r.vcs.value}  {r.backend}  {r.path}" for r in directory.list_repos(account)
+    ]
+
+
+def grant(directory: SqliteDirectory, owner: str, repo: str, access: str) -> list[str]:
+    account, user = split_owner(owner)
+    directory.grant(account, user, check_repo(repo), Access[access.upper()])
+    return [f"granted {access} on {repo} to {account}/{user}"]
+
+
+def init_repository(path: Path, vcs: Vcs) -> None:
+    if path.exists():
+        raise OperatorError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if vcs is Vcs.GIT:
+        argv = ["git", "init", "--quiet", "--bare", "--initial-branch=main", str(path)]
+    else:
+        argv = ["hg", "init", str(path)]
+    run_tool(argv)
+
+
+def run_tool(
+    argv: list[str], stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> bytes:
+    """Run git or hg for an admin command; a failure is one clear line."""
+    full_env = {**os.environ, **env} if env else None
+    try:
+        done = subprocess.run(
+            argv, input=stdin, env=full_env, capture_output=True, timeout=INIT_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise OperatorError(f"{argv[0]} failed: {exc}") from None
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        raise OperatorError(f"{' '.join(argv[:2])} failed: {detail[-1] if detail else '?'}")
+    return done.stdout

@@ -1,0 +1,76 @@
+"""What a backend is: something that runs a repository command and streams it back.
+
+A backend's stream and the relay talk through two small interfaces with flow control both ways:
+the relay writes the client's bytes into the `BackendStream`, and the backend reports output,
+back-pressure and the final exit status to a `BackendSink`. No buffering happens here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from kilnproxy.access import Access
+from kilnproxy.commands import Verb
+from kilnproxy.directory.model import Identity, Route
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    session_id: str
+    verb: Verb
+    route: Route
+    identity: Identity
+    git_protocol: str | None
+
+    def environment(self) -> dict[str, str]:
+        """The variables the backend gets (SPEC 5): process env or SSH `env` requests."""
+        env = {
+            "KILNPROXY_SESSION": self.session_id,
+            "KILNPROXY_ACCOUNT": self.identity.account,
+            "KILNPROXY_USER": self.identity.user,
+            "KILNPROXY_ACCESS": Access(self.route.access).label,
+        }
+        if self.git_protocol:
+            env["GIT_PROTOCOL"] = self.git_protocol
+        return env
+
+
+class BackendSink(Protocol):
+    """Where a backend stream delivers; implemented by the relay."""
+
+    def backend_stdout(self, data: bytes) -> None: ...
+
+    def backend_stderr(self, data: bytes) -> None: ...
+
+    def backend_pause_input(self) -> None: ...
+
+    def backend_resume_input(self) -> None: ...
+
+    def backend_finished(self, exit_status: int) -> None:
+        """Called once, after every byte of output was delivered."""
+
+
+class BackendStream(Protocol):
+    """One running repository command."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def pause_output(self) -> None: ...
+
+    def resume_output(self) -> None: ...
+
+    def abort(self) -> None:
+        """Stop the command now; no sink callback follows."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
+        """Start the command; raise BackendError if the storage cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,173 @@
+"""The local backend (SPEC 5): git and hg run as subprocesses on the proxy host.
+
+Owns the subprocesses it starts, and nothing else. The relay's flow control maps directly onto
+the pipes: a full stdin pipe pauses the client channel, a paused client pauses reading stdout
+and stderr, so no bytes pile up here. A process that is aborted is killed and reaped by the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+from typing import cast
+
+from kilnproxy.access import Access
+from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
+from kilnproxy.commands import Verb
+from kilnproxy.errors import BackendError, client_line
+
+_GIT_SUBCOMMAND = {
+    Verb.UPLOAD_PACK: "upload-pack",
+    Verb.RECEIVE_PACK: "receive-pack",
+    Verb.UPLOAD_ARCHIVE: "upload-archive",
+}
+# What the backend processes inherit from the proxy's own environment.
+_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "HGRCPATH", "GIT_CONFIG_NOSYSTEM")
+
+
+def command_argv(request: BackendRequest) -> list[str]:
+    """The argv for one request. hg pushes by a read-only user are refused by a hook (SPEC 3)."""
+    path = request.route.path
+    if request.verb is Verb.HG_SERVE:
+        argv = ["hg"]
+        if request.route.access < Access.WRITE:
+            line = client_line(
+                f"you have read-only access to '{request.route.repo}'", request.session_id
+            ).strip()
+            deny = f"echo {shlex.quote(line)} >&2; exit 1"
+            # pretxnopen fires for every write (changegroups, bookmarks, phases).
+            argv += ["--config", f"hooks.pretxnopen.kilnproxy-read-only={deny}"]
+        return [*argv, "-R", path, "serve", "--stdio"]
+    return ["git", _GIT_SUBCOMMAND[request.verb], path]
+
+
+def command_env(request: BackendRequest) -> dict[str, str]:
+    env = {name: os.environ[name] for name in _INHERITED if name in os.environ}
+    env.update(request.environment())
+    return env
+
+
+class _Process(asyncio.SubprocessProtocol):
+    """Turns subprocess pipe events into sink calls; finishes once exited and drained."""
+
+    def __init__(self, sink: BackendSink) -> None:
+        self.sink: BackendSink | None = sink
+        self.transport: asyncio.SubprocessTransport | None = None
+        self._open_pipes = {1, 2}
+        self._exited = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's process transport implements SubprocessTransport without subclassing it.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        assert isinstance(data, bytes)
+        if self.sink is None:
+            return
+        if fd == 1:
+            self.sink.backend_stdout(data)
+        else:
+            self.sink.backend_stderr(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open_pipes.discard(fd)
+        self._maybe_finish()
+
+    def process_exited(self) -> None:
+        self._exited = True
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_pause_input()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_resume_input()
+
+    def _maybe_finish(self) -> None:
+        if not self._exited or self._open_pipes or self.transport is None:
+            return
+        code = self.transport.get_returncode()
+        self.transport.close()
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.backend_finished(exit_status(code))
+
+
+def exit_status(returncode: int | None) -> int:
+    """A shell-style status: a process killed by signal N reports 128 + N."""
+    if returncode is None:
+        return 255
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class LocalStream:
+    def __init__(self, process: _Process) -> None:
+        assert process.transport is not None
+        self._process = process
+        self._transport = transport = process.transport
+        # uvloop's pipe transports implement these interfaces without subclassing them.
+        self._stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
+        outputs = (transport.get_pipe_transport(fd) for fd in (1, 2))
+        self._outputs = [cast(asyncio.ReadTransport, pipe) for pipe in outputs if pipe]
+
+    def write(self, data: bytes) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(data)
+
+    def write_eof(self) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write_eof()
+
+    def pause_output(self) -> None:
+        for pipe in self._outputs:
+            if not pipe.is_closing() and pipe.is_reading():
+                pipe.pause_reading()
+
+    def resume_output(self) -> None:
+        for pipe in self._outputs:
+            if not pipe.is_closing() and not pipe.is_reading():
+                pipe.resume_reading()
+
+    def abort(self) -> None:
+        self._process.sink = None
+        if self._transport.get_returncode() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._transport.send_signal(signal.SIGKILL)
+        self._transport.close()
+
+
+class LocalBackend:
+    def __init__(self, name: str, base: Path) -> None:
+        self.name = name
+        self.base = base
+
+    async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
+        path = Path(request.route.path)
+        # One stat on the repository disk: cheap enough to do inline.
+        if not path.is_dir():  # noqa: ASYNC240
+            raise BackendError(request.route.repo, f"repository path {path} does not exist")
+        loop = asyncio.get_running_loop()
+        try:
+            _, process = await loop.subprocess_exec(
+                lambda: _Process(sink),
+                *command_argv(request),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=command_env(request),
+                cwd=path,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BackendError(request.route.repo, f"cannot start backend command: {exc}") from exc
+        return LocalStream(process)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,224 @@
+"""The `kilnproxy` command: argument parsing and dispatch, nothing else.
+
+Every subcommand takes `--config`; bad input is one line on stderr and exit status 2, never a
+traceback (SPEC 2 and 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from kilnproxy import admin
+from kilnproxy.config import Config, declarations, load
+from kilnproxy.errors import OperatorError
+from kilnproxy.version import build_info
+
+Action = Callable[[argparse.Namespace, Config], int]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kilnproxy: error: {message} (see {self.prog} --help)\n")
+
+
+def _print(lines: Sequence[str]) -> int:
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
+    """An admin command: open the directory, run `work` with the named arguments, print."""
+
+    def action(args: argparse.Namespace, config: Config) -> int:
+        from kilnproxy.directory import open_directory
+
+        directory = open_directory(config.directory.url, config.home)
+        try:
+            return _print(work(directory, *(getattr(args, n) for n in names)))
+        finally:
+            directory.close()
+
+    return action
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.logs import configure
+    from kilnproxy.serve import serve
+    from kilnproxy.server import ensure_host_keys
+
+    configure(config.log.format, config.log.level, config.log.file)
+    for line in ensure_host_keys(config.ssh.host_keys):
+        print(line, file=sys.stderr)
+    serve(config)
+    return 0
+
+
+def _version(args: argparse.Namespace, config: Config) -> int:
+    return _print([build_info().version])
+
+
+def _status_request(command: str) -> Action:
+    def action(args: argparse.Namespace, config: Config) -> int:
+        from kilnproxy.status_socket import request
+        from kilnproxy.statusview import render
+
+        reply = request(
+            config.status.socket,
+            command,
+            **({"session": args.session} if command == "kill" else {}),
+        )
+        if getattr(args, "json", False):
+            return _print([json.dumps(reply, indent=2)])
+        return _print(render(command, reply))
+
+    return action
+
+
+def _show_config(args: argparse.Namespace, config: Config) -> int:
+    lines = []
+    section_seen = ""
+    for section, item in declarations():
+        if section != section_seen:
+            lines.append(f"[{section}]")
+            section_seen = section
+        default = json.dumps(item.metadata["default"])
+        lines.append(f"{item.name} = {default}  # {item.metadata['help']}")
+    return _print(lines)
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.demo import seed
+
+    return _print(seed(config))
+
+
+Command = Callable[[Any, str, Action, str], OneLineParser]
+
+
+def _add_directory_commands(commands: Any, command: Command) -> None:
+    """The admin commands of SPEC 2."""
+    accounts = commands.add_parser("accounts", help="accounts").add_subparsers(
+        dest="sub", required=True
+    )
+    command(
+        accounts, "add", _directory_action(admin.add_account, "account"), "add an account"
+    ).add_argument("account")
+
+    users = commands.add_parser("users", help="users").add_subparsers(dest="sub", required=True)
+    sub = command(
+        users, "add", _directory_action(admin.add_user, "account", "user", "role"), "add a user"
+    )
+    sub.add_argument("account")
+    sub.add_argument("user")
+    sub.add_argument("--role", choices=["read", "write", "admin"], default="write")
+
+    keys = commands.add_parser("keys", help="public keys").add_subparsers(dest="sub", required=True)
+    sub = command(
+        keys, "add", _directory_action(admin.add_key, "owner", "name", "source"), "add a key"
+    )
+    sub.add_argument("owner", metavar="ACCOUNT/USER")
+    sub.add_argument("name", metavar="KEY_NAME")
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--file", dest="source", metavar="PUBKEY", help="read the public key from a file"
+    )
+    source.add_argument(
+        "stdin", nargs="?", choices=["-"], help="read the public key from standard input"
+    )
+    sub.set_defaults(source=None)
+    sub = command(keys, "list", _directory_action(admin.list_keys, "owner"), "list keys")
+    sub.add_argument("owner", nargs="?", metavar="ACCOUNT[/USER]")
+    sub = command(
+        keys, "remove", _directory_action(admin.remove_key, "fingerprint"), "remove a key"
+    )
+    sub.add_argument("fingerprint")
+
+    backends = commands.add_parser("backends", help="storage backends").add_subparsers(
+        dest="sub", required=True
+    )
+    sub = command(
+        backends, "add", _directory_action(admin.add_backend, "name", "url"), "add a backend"
+    )
+    sub.add_argument("name")
+    sub.add_argument("url")
+    command(backends, "list", _directory_action(admin.list_backends), "list backends")
+
+    repos = commands.add_parser("repos", help="repositories").add_subparsers(
+        dest="sub", required=True
+    )
+    sub = command(
+        repos,
+        "add",
+        _directory_action(admin.add_repo, "repo", "vcs", "backend", "path", "init"),
+        "add a repository",
+    )
+    sub.add_argument("repo", metavar="ACCOUNT/NAME")
+    sub.add_argument("--vcs", choices=["git", "hg"], required=True)
+    sub.add_argument("--backend", required=True)
+    sub.add_argument("--path", help="path on the backend (default: BASE/ACCOUNT/NAME[.git])")
+    sub.add_argument(
+        "--init", action="store_true", help="create an empty repository (local backends)"
+    )
+    sub = command(
+        repos, "list", _directory_action(admin.list_repos, "account"), "list repositories"
+    )
+    sub.add_argument("account", nargs="?")
+
+    sub = command(
+        commands,
+        "grant",
+        _directory_action(admin.grant, "owner", "repo", "access"),
+        "grant access to one repository",
+    )
+    sub.add_argument("owner", metavar="ACCOUNT/USER")
+    sub.add_argument("repo", metavar="ACCOUNT/NAME")
+    sub.add_argument("access", choices=["read", "write"])
+
+
+def build_parser() -> OneLineParser:
+    common = OneLineParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH", help="config file (default: $KILNPROXY_HOME/kilnproxy.toml)"
+    )
+    parser = OneLineParser(
+        prog="kilnproxy", parents=[common], description="SSH front door for git and hg hosting"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent: Any, name: str, action: Action, help: str) -> OneLineParser:
+        sub: OneLineParser = parent.add_parser(name, parents=[common], help=help)
+        sub.set_defaults(action=action)
+        return sub
+
+    command(commands, "serve", _serve, "run the server in the foreground")
+    command(commands, "version", _version, "print the version")
+    command(commands, "config", _show_config, "list every setting with its default and help")
+    command(commands, "demo", _demo, "seed the demo account and repositories (make run)")
+    for name, help in (
+        ("status", "workers, sessions, memory"),
+        ("connections", "who is connected"),
+    ):
+        sub = command(commands, name, _status_request(name), help)
+        sub.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    command(commands, "kill", _status_request("kill"), "end one session").add_argument("session")
+
+    _add_directory_commands(commands, command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config)
+        status: int = args.action(args, config)
+        return status
+    except OperatorError as exc:
+        print(f"kilnproxy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,330 @@
+"""Configuration (SPEC 8): every setting declared once, loaded from one TOML file.
+
+Each setting is a field of a frozen section dataclass; its metadata holds the parser, the default
+as it would be written in the file, and the help text. The loader, `kilnproxy config` and the docs
+all read these declarations. Loading has no side effects: it reads one file and returns a value.
+This module must never import asyncssh (the master loads configuration too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kilnproxy.errors import OperatorError
+
+CONFIG_NAME = "kilnproxy.toml"
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+Parser = Callable[[object, Path], object]
+
+
+def setting(parser: Parser, default: object, help: str) -> Any:
+    """Declare one setting: how to parse it, its default as written in TOML, and its help."""
+    return field(metadata={"parser": parser, "default": default, "help": help})
+
+
+# -- parsers: each takes the raw TOML value and KILNPROXY_HOME, returns the typed value ----------
+
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """`30s`, `10m`, `6h`, `1h30m`, `500ms` to seconds; anything else is an error."""
+    text = text.strip()
+    parts = list(_DURATION_PART.finditer(text))
+    if not parts or "".join(p.group(0) for p in parts) != text:
+        raise ValueError(f"{text!r} is not a duration like 30s, 10m or 6h")
+    seconds = sum(int(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration for whole seconds, e.g. 600 -> `10m`, 5410 -> `1h30m10s`."""
+    whole = int(seconds)
+    if whole != seconds or whole == 0:
+        return f"{round(seconds * 1000)}ms"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    return out + (f"{secs}s" if secs else "")
+
+
+def parse_address(text: str) -> Address:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not an address like 127.0.0.1:2222 or [::1]:2222")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return Address(host, port)
+
+
+def _string(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def _string_list(raw: object) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise ValueError(f"expected a list of strings, got {raw!r}")
+    return list(raw)
+
+
+def duration(raw: object, home: Path) -> float:
+    return parse_duration(_string(raw))
+
+
+def address(raw: object, home: Path) -> Address:
+    return parse_address(_string(raw))
+
+
+def addresses(raw: object, home: Path) -> tuple[Address, ...]:
+    items = _string_list(raw)
+    if not items:
+        raise ValueError("at least one address is needed")
+    return tuple(parse_address(item) for item in items)
+
+
+def path(raw: object, home: Path) -> Path:
+    text = _string(raw)
+    if not text:
+        raise ValueError("a path cannot be empty")
+    return home / text
+
+
+def optional_path(raw: object, home: Path) -> Path | None:
+    return home / _string(raw) if _string(raw) else None
+
+
+def paths(raw: object, home: Path) -> tuple[Path, ...]:
+    items = _string_list(raw)
+    if not items:
+        raise ValueError("at least one path is needed")
+    return tuple(home / item for item in items)
+
+
+def names(raw: object, home: Path) -> tuple[str, ...]:
+    items = _string_list(raw)
+    if not items:
+        raise ValueError("at least one name is needed")
+    return tuple(items)
+
+
+def positive_int(raw: object, home: Path) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {raw!r}")
+    return raw
+
+
+def worker_count(raw: object, home: Path) -> int:
+    if raw == "auto":
+        return os.cpu_count() or 1
+    return positive_int(raw, home)
+
+
+def directory_url(raw: object, home: Path) -> str:
+    text = _string(raw)
+    scheme, sep, rest = text.partition(":")
+    if scheme != "sqlite" or not sep or not rest:
+        raise ValueError(f"{text!r} is not a directory URL like sqlite:kilnproxy.db")
+    return f"sqlite:{home / rest}"
+
+
+def choice(*allowed: str) -> Parser:
+    def parse(raw: object, home: Path) -> str:
+        text = _string(raw)
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+# -- the settings --------------------------------------------------------------------------------
+
+# The algorithm policy of SPEC 3. Strict key exchange (kex-strict-s-v00@openssh.com) is added
+# by asyncssh itself whenever both sides offer it.
+DEFAULT_KEX = [
+    "mlkem768x25519-sha256",
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+]
+DEFAULT_CIPHERS = [
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+]
+DEFAULT_MACS = [
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+]
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    listen: tuple[Address, ...] = setting(
+        addresses, ["127.0.0.1:2222"], "Addresses to accept SSH on."
+    )
+    host_keys: tuple[Path, ...] = setting(
+        paths, ["ssh_host_ed25519_key"], "Host private keys; a missing ed25519 key is generated."
+    )
+    backlog: int = setting(positive_int, 1024, "Listen backlog of the SSH socket.")
+    kex_algs: tuple[str, ...] = setting(names, DEFAULT_KEX, "Key exchange algorithms offered.")
+    encryption_algs: tuple[str, ...] = setting(names, DEFAULT_CIPHERS, "Ciphers offered.")
+    mac_algs: tuple[str, ...] = setting(names, DEFAULT_MACS, "MACs offered (encrypt-then-MAC).")
+    max_channels: int = setting(positive_int, 10, "Concurrent channels on one connection.")
+    max_auth_tries: int = setting(positive_int, 6, "Public keys a client may offer per connection.")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    count: int = setting(worker_count, "auto", "Worker processes; `auto` is one per CPU.")
+
+
+@dataclass(frozen=True)
+class TimeoutSettings:
+    login_grace: float = setting(duration, "30s", "From TCP accept to authenticated.")
+    dial: float = setting(duration, "10s", "Connecting to a backend, handshake included.")
+    idle: float = setting(duration, "10m", "A session without a byte in either direction.")
+    max_session: float = setting(duration, "6h", "The longest any session may last.")
+    drain: float = setting(duration, "10m", "How long a drain waits before cutting sessions.")
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    url: str = setting(directory_url, "sqlite:kilnproxy.db", "Where accounts, keys, repos live.")
+
+
+@dataclass(frozen=True)
+class BackendSshSettings:
+    key: Path = setting(path, "backend_id_ed25519", "The proxy's own key for ssh:// backends.")
+    known_hosts: Path = setting(path, "backend_known_hosts", "Host keys of the ssh:// backends.")
+    max_sessions_per_connection: int = setting(
+        positive_int, 8, "Channels on one pooled backend connection."
+    )
+    pool_idle: float = setting(duration, "60s", "Idle pooled backend connections close after.")
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    http: Address = setting(address, "127.0.0.1:8022", "Intranet HTTP status page.")
+    socket: Path = setting(path, "kilnproxy.sock", "Unix status socket for the CLI (mode 0600).")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = setting(choice("text", "json"), "text", "Log line format.")
+    level: str = setting(
+        choice("debug", "info", "warning", "error"), "info", "Lowest level logged."
+    )
+    file: Path | None = setting(optional_path, "", "Log file; empty means standard error.")
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    source: Path | None
+    ssh: SshSettings
+    workers: WorkerSettings
+    timeouts: TimeoutSettings
+    directory: DirectorySettings
+    backend_ssh: BackendSshSettings
+    status: StatusSettings
+    log: LogSettings
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "ssh": SshSettings,
+    "workers": WorkerSettings,
+    "timeouts": TimeoutSettings,
+    "directory": DirectorySettings,
+    "backend_ssh": BackendSshSettings,
+    "status": StatusSettings,
+    "log": LogSettings,
+}
+
+
+def declarations() -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Every declared setting as (section, field), in declaration order."""
+    for section, cls in _SECTIONS.items():
+        for item in dataclasses.fields(cls):
+            yield section, item
+
+
+def home_from_env(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env.get("KILNPROXY_HOME") or "var").absolute()
+
+
+def config_path(explicit: str | None, home: Path) -> Path | None:
+    """--config if given, else $KILNPROXY_HOME/kilnproxy.toml if it exists, else no file."""
+    if explicit:
+        return Path(explicit).absolute()
+    default = home / CONFIG_NAME
+    return default if default.exists() else None
+
+
+def load(explicit: str | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate the configuration; raise OperatorError with one clear line."""
+    home = home_from_env(environ)
+    source = config_path(explicit, home)
+    raw: dict[str, Any] = {}
+    if source is not None:
+        try:
+            raw = tomllib.loads(source.read_text())
+        except OSError as exc:
+            raise OperatorError(f"cannot read config {source}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise OperatorError(f"{source}: not valid TOML: {exc}") from None
+    return from_mapping(raw, home, source)
+
+
+def from_mapping(raw: dict[str, Any], home: Path, source: Path | None = None) -> Config:
+    where = f"{source}: " if source else ""
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise OperatorError(f"{where}unknown section [{sorted(unknown)[0]}]")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise OperatorError(f"{where}[{name}] must be a table")
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = set(table) - known
+        if extra:
+            raise OperatorError(f"{where}unknown setting {sorted(extra)[0]} in [{name}]")
+        values = {}
+        for item in dataclasses.fields(cls):
+            value = table.get(item.name, item.metadata["default"])
+            try:
+                values[item.name] = item.metadata["parser"](value, home)
+            except ValueError as exc:
+                raise OperatorError(f"{where}[{name}] {item.name}: {exc}") from None
+        sections[name] = cls(**values)
+    return Config(home=home, source=source, **sections)

@@ -1,0 +1,68 @@
+"""What the directory knows: plain, immutable records. Shared by every store."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
+
+from kilnproxy.access import Access, Role
+from kilnproxy.commands import Vcs
+from kilnproxy.errors import OperatorError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Account, user and backend names: one path segment, no `..`."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise OperatorError(f"invalid {kind} name {name!r} (letters, digits, . _ -; max 64)")
+    return name
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified public key belongs to."""
+
+    account: str
+    user: str
+    role: Role
+    key_name: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class BackendUrl:
+    scheme: str  # "local" (later "ssh")
+    base: PurePosixPath
+    user: str = ""
+    host: str = ""
+    port: int = 0
+
+
+def parse_backend_url(url: str) -> BackendUrl:
+    parts = urlsplit(url)
+    if parts.scheme == "local":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise OperatorError(f"{url!r}: a local backend is local:///ABSOLUTE/PATH")
+        return BackendUrl("local", PurePosixPath(parts.path))
+    if parts.scheme == "ssh":
+        raise OperatorError(f"{url!r}: ssh:// backends are not supported by this version yet")
+    raise OperatorError(f"{url!r}: a backend URL is local:///PATH")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one repository lives, and what the asking user may do with it."""
+
+    repo: str  # ACCOUNT/NAME
+    vcs: Vcs
+    backend: str
+    backend_url: str
+    path: str  # on the backend
+    access: Access
+
+
+def default_repo_path(base: PurePosixPath, repo: str, vcs: Vcs) -> str:
+    return str(base / (f"{repo}.git" if vcs is Vcs.GIT else repo))

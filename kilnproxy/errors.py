@@ -1,0 +1,92 @@
+"""The one exception root of kilnproxy, split by whose fault an error is.
+
+- ClientError: the client asked for something it may not have (bad command, denied).
+- BackendError: the storage behind us failed (unreachable, timed out).
+- OperatorError: the configuration or an admin command is wrong.
+
+Every client-facing error maps to exactly one message and one exit status (SPEC 3). Anything
+that is not a KilnproxyError is a bug of ours and is reported to the client as an internal error.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class KilnproxyError(Exception):
+    """Root of every error kilnproxy raises on purpose."""
+
+
+class OperatorError(KilnproxyError):
+    """Bad configuration or bad admin input: one line to the operator, exit status 2."""
+
+
+class ClientError(KilnproxyError):
+    """The client's fault. `message` goes to the client's stderr."""
+
+    exit_status = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadCommand(ClientError):
+    """Unknown or malformed command (SPEC 3: exit 128)."""
+
+    exit_status = 128
+
+
+class NotFound(ClientError):
+    """Repository missing or not readable; one message for both so existence does not leak."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(f"repository '{repo}' not found or access denied")
+
+
+class ReadOnly(ClientError):
+    """The user may read the repository but this command writes to it."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(f"you have read-only access to '{repo}'")
+
+
+class NoShell(ClientError):
+    """A shell request: a greeting, and exit status 1."""
+
+    def __init__(self, user: str, account: str) -> None:
+        super().__init__(
+            f"Hi {user} ({account})! You have authenticated, "
+            "but kilnproxy does not provide shell access."
+        )
+
+
+class BackendError(KilnproxyError):
+    """The storage server failed us; the client is told to try again later."""
+
+    def __init__(self, repo: str, detail: str) -> None:
+        super().__init__(detail)
+        self.repo = repo
+        self.detail = detail
+
+    @property
+    def message(self) -> str:
+        return f"storage for {self.repo} is unavailable, try again later"
+
+
+class CutReason(enum.Enum):
+    """Why kilnproxy ended a session that was otherwise going fine."""
+
+    LOGIN_GRACE = "login grace time expired before authentication"
+    IDLE = "session idle for too long"
+    MAX_SESSION = "session reached its maximum duration"
+    DRAIN = "server is restarting and the drain timeout expired"
+    SHUTDOWN = "server is shutting down"
+    ADMIN = "session ended by an administrator"
+
+
+def client_line(message: str, session_id: str) -> str:
+    """The one line a client sees on stderr for any error (SPEC 3)."""
+    if message.startswith("Hi "):
+        return f"{message}\n"
+    return f"kilnproxy: {message} (session {session_id})\n"

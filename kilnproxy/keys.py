@@ -1,0 +1,78 @@
+"""OpenSSH public keys: parsing, fingerprints, and the key policy of SPEC 2.
+
+Accepted: ed25519, ecdsa, rsa of at least 2048 bits (and their security-key variants). Never dsa.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from kilnproxy.errors import OperatorError
+
+MIN_RSA_BITS = 2048
+_ALLOWED = (
+    "ssh-ed25519",
+    "sk-ssh-ed25519@openssh.com",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-rsa",
+)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    algorithm: str
+    fingerprint: str  # SHA256:...
+    openssh: str  # "ALGORITHM BASE64", without comment
+
+
+def policy_problem(key: asyncssh.SSHKey) -> str | None:
+    """Why this key may not be used, or None if it may."""
+    algorithm = key.algorithm.decode("ascii")
+    if algorithm not in _ALLOWED:
+        return f"{algorithm} keys are not accepted (use ed25519, ecdsa or rsa >= {MIN_RSA_BITS})"
+    if algorithm == "ssh-rsa":
+        public = load_der_public_key(key.export_public_key("der"))
+        assert isinstance(public, rsa.RSAPublicKey)
+        if public.key_size < MIN_RSA_BITS:
+            return f"rsa key of {public.key_size} bits is too small (at least {MIN_RSA_BITS})"
+    return None
+
+
+def parse_public_key(text: str) -> PublicKey:
+    """Parse one OpenSSH public key line; raise OperatorError if it is not an acceptable key."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise OperatorError("expected exactly one public key line")
+    try:
+        key = asyncssh.import_public_key(lines[0])
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise OperatorError(f"not an OpenSSH public key: {exc}") from None
+    problem = policy_problem(key)
+    if problem:
+        raise OperatorError(problem)
+    openssh = key.export_public_key("openssh").decode("ascii").split()
+    return PublicKey(key.algorithm.decode("ascii"), fingerprint(key), " ".join(openssh[:2]))
+
+
+def fingerprint(key: asyncssh.SSHKey) -> str:
+    return key.get_fingerprint("sha256")
+
+
+def write_new_key(path: Path, comment: str) -> asyncssh.SSHKey:
+    """Generate an ed25519 key pair: the private half at `path` (mode 0600), `path`.pub beside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.export_private_key())
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    return key

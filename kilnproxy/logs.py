@@ -1,0 +1,100 @@
+"""Logging: text or JSON lines, every line about a session carrying its id (SPEC 4).
+
+`SessionLog` is the context adapter that tags records with the session id; the formatters put
+it at the front of text lines and in a `session` field of JSON lines. The access line carries
+its fields as structured data (`extra={"fields": ...}`), so JSON logs get them as keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+ACCESS = logging.getLogger("kilnproxy.access")
+
+
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger whose every record names the session it is about."""
+
+    def __init__(self, logger: logging.Logger, session_id: str) -> None:
+        super().__init__(logger, {"session": session_id})
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), "session": self.extra["session"]}  # type: ignore[index]
+        return msg, kwargs
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        session = getattr(record, "session", None)
+        where = f" [{session}]" if session else ""
+        line = f"{_timestamp(record)} {record.levelname} {record.name}{where} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + record.stack_info
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        session = getattr(record, "session", None)
+        if session:
+            out["session"] = session
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            out.update(fields)
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def render_fields(fields: Mapping[str, object]) -> str:
+    """`key=value` pairs for text logs; values with spaces or quotes are JSON-quoted."""
+    parts = []
+    for key, value in fields.items():
+        text = "-" if value is None or value == "" else str(value)
+        if any(c in text for c in ' "=\\') or not text.isprintable():
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def access_line(session_id: str, fields: Mapping[str, object]) -> None:
+    ACCESS.info("access %s", render_fields(fields), extra={"session": session_id, "fields": fields})
+
+
+def configure(fmt: str, level: str, file: Path | None) -> logging.Handler:
+    """Install one handler on the root logger; return it (USR1 reopens a file handler)."""
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(file)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # asyncssh logs every channel at INFO without our session id; ours say the same with it.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    return handler

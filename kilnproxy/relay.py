@@ -1,0 +1,287 @@
+"""One SSH channel relayed to one backend command: the hot path of kilnproxy.
+
+Owns the channel's command, its backend stream, its byte counts and its access line. It must
+never buffer: bytes go straight from one side to the other, and each side's back-pressure pauses
+the other (asyncssh's channel window on the client leg, the backend's own on the other).
+Everything that can fail while setting up runs in one task, `_open`, which is the isolation
+boundary: whatever it raises ends this channel with one line to the client, never the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from kilnproxy.access import Access, required_access
+from kilnproxy.backends import BackendRequest, BackendStream
+from kilnproxy.commands import Command, git_protocol, parse_command
+from kilnproxy.errors import (
+    BackendError,
+    BadCommand,
+    ClientError,
+    CutReason,
+    NoShell,
+    NotFound,
+    ReadOnly,
+    client_line,
+)
+
+if TYPE_CHECKING:
+    from kilnproxy.session import Session
+
+
+class RelayState(enum.Enum):
+    REQUESTED = "requested"  # channel open, waiting for exec/shell
+    OPENING = "opening"  # checking access, starting the backend
+    RUNNING = "running"  # bytes flowing
+    EXITING = "exiting"  # exit status known, waiting for the client to take the last bytes
+    CLOSED = "closed"
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"  # the backend command exited non-zero
+    DENIED = "denied"
+    BAD_COMMAND = "bad-command"
+    BACKEND_ERROR = "backend-error"
+    INTERNAL_ERROR = "internal-error"
+    TIMEOUT = "timeout"
+    CUT = "cut"
+    CLIENT_GONE = "client-gone"
+
+
+_CUT_OUTCOME = {
+    CutReason.LOGIN_GRACE: Outcome.TIMEOUT,
+    CutReason.IDLE: Outcome.TIMEOUT,
+    CutReason.MAX_SESSION: Outcome.TIMEOUT,
+    CutReason.DRAIN: Outcome.CUT,
+    CutReason.SHUTDOWN: Outcome.CUT,
+    CutReason.ADMIN: Outcome.CUT,
+}
+
+
+class Relay(asyncssh.SSHServerSession[bytes]):
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.state = RelayState.REQUESTED
+        self.command: Command | None = None
+        self.backend_name = ""
+        self.vcs = ""
+        self.bytes_in = 0  # client to backend
+        self.bytes_out = 0  # backend to client, stdout and stderr
+        self.started_at = time.time()
+        self.exit_status: int | None = None
+        self.outcome: Outcome | None = None
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._line: str | None = None  # the exec request's command line
+        self.is_shell = False
+        self._stream: BackendStream | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._output_paused = False
+        self._eof_pending = False
+        self._early: list[bytes] = []
+        self._exit_when_flushed: int | None = None
+
+    # -- asyncssh session callbacks -------------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: object, term_modes: object) -> bool:
+        return False
+
+    def shell_requested(self) -> bool:
+        self.is_shell = True
+        return True  # answered in session_started with the greeting of SPEC 3
+
+    def exec_requested(self, command: str) -> bool:
+        self._line = command  # validated in _open, so that a refusal carries a message
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self.session.log.info("refused subsystem %r", subsystem)
+        return False
+
+    def session_started(self) -> None:
+        self.state = RelayState.OPENING
+        self._task = asyncio.get_running_loop().create_task(self._open())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.bytes_in += len(data)
+        self.session.touch()
+        if self._stream is not None and self.state is RelayState.RUNNING:
+            self._stream.write(data)
+        elif self.state is RelayState.OPENING and self._chan is not None:
+            # Bytes sent before the backend is up (hg says hello at once): hold this one
+            # chunk and stop reading; asyncssh keeps the rest, within the channel window.
+            self._early.append(data)
+            self._chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._stream is not None and self.state is RelayState.RUNNING:
+            self._stream.write_eof()
+        else:
+            self._eof_pending = True
+        return True  # keep our side open: the backend still has output to send
+
+    def pause_writing(self) -> None:
+        self._output_paused = True
+        if self._stream is not None:
+            self._stream.pause_output()
+
+    def resume_writing(self) -> None:
+        self._output_paused = False
+        if self._exit_when_flushed is not None:
+            self._exit(self._exit_when_flushed)
+        elif self._stream is not None:
+            self._stream.resume_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not RelayState.EXITING and self.outcome is None:
+            self.outcome = Outcome.CLIENT_GONE
+        self._close_backend()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.state = RelayState.CLOSED
+        self._chan = None
+        self.session.log_access((self.outcome or Outcome.CLIENT_GONE).value, self)
+        self.session.relay_closed(self)
+
+    # -- setting up: the isolation boundary -------------------------------------------------------
+
+    async def _open(self) -> None:
+        log = self.session.log
+        try:
+            stream = await self._connect()
+        except BadCommand as exc:
+            log.info("bad command %r: %s", self._line, exc.message)
+            self._refuse(exc, Outcome.BAD_COMMAND)
+        except ClientError as exc:
+            log.info("denied: %s", exc.message)
+            self._refuse(exc, Outcome.DENIED)
+        except BackendError as exc:
+            log.warning("backend %s failed: %s", self.backend_name, exc.detail)
+            self._refuse(exc, Outcome.BACKEND_ERROR)
+        except Exception:
+            log.exception("internal error while opening %r", self._line)
+            self._refuse(ClientError("internal error"), Outcome.INTERNAL_ERROR)
+        else:
+            if self.state is not RelayState.OPENING:  # cut or closed while we were starting
+                stream.abort()
+                return
+            self._stream = stream
+            self.state = RelayState.RUNNING
+            if self._output_paused:
+                stream.pause_output()
+            for data in self._early:
+                stream.write(data)
+            self._early.clear()
+            if self._eof_pending:
+                stream.write_eof()
+            assert self._chan is not None
+            self._chan.resume_reading()
+
+    async def _connect(self) -> BackendStream:
+        session = self.session
+        identity = session.identity
+        assert identity is not None and self._chan is not None
+        if self.is_shell or self._line is None:
+            raise NoShell(identity.user, identity.account)
+        self.command = command = parse_command(self._line)
+        self.vcs = command.verb.vcs.value
+        route = await session.host.directory.route(identity, command.repo)
+        if route is None or route.access < Access.READ or route.vcs is not command.verb.vcs:
+            raise NotFound(command.repo)
+        if route.access < required_access(command.verb):
+            raise ReadOnly(command.repo)
+        self.backend_name = route.backend
+        env = self._chan.get_environment()
+        request = BackendRequest(
+            session.id, command.verb, route, identity, git_protocol(env.get("GIT_PROTOCOL"))
+        )
+        session.log.info(
+            "%s %s on backend %s (%s access)",
+            command.verb.value,
+            command.repo,
+            route.backend,
+            route.access.label,
+        )
+        return await session.host.backends.for_route(route).open(request, self)
+
+    def _refuse(self, error: ClientError | BackendError, outcome: Outcome) -> None:
+        if self._chan is None or self.state is not RelayState.OPENING:
+            return
+        self.outcome = outcome
+        self._chan.write_stderr(client_line(error.message, self.session.id).encode())
+        status = error.exit_status if isinstance(error, ClientError) else 1
+        self._finish(status)
+
+    # -- the backend's side (BackendSink) --------------------------------------------------------
+
+    def backend_stdout(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.session.touch()
+        if self._chan is not None:
+            self._chan.write(data)
+
+    def backend_stderr(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.session.touch()
+        if self._chan is not None:
+            self._chan.write_stderr(data)
+
+    def backend_pause_input(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def backend_resume_input(self) -> None:
+        if self._chan is not None and self.state is RelayState.RUNNING:
+            self._chan.resume_reading()
+
+    def backend_finished(self, exit_status: int) -> None:
+        self._stream = None
+        if self.outcome is None:
+            self.outcome = Outcome.OK if exit_status == 0 else Outcome.FAILED
+        self._finish(exit_status)
+
+    # -- ending ------------------------------------------------------------------------------------
+
+    def _finish(self, status: int) -> None:
+        """Send the exit status once the client has taken every byte before it."""
+        chan = self._chan
+        if chan is None or self.state in (RelayState.EXITING, RelayState.CLOSED):
+            return
+        self.state = RelayState.EXITING
+        self.exit_status = status
+        if chan.get_write_buffer_size() == 0:
+            self._exit(status)
+        else:
+            self._exit_when_flushed = status
+            # With both marks at zero, asyncssh calls resume_writing once the buffer is empty.
+            chan.set_write_buffer_limits(high=0, low=0)
+
+    def _exit(self, status: int) -> None:
+        self._exit_when_flushed = None
+        if self._chan is not None:
+            self._chan.exit(status)
+
+    def cut(self, reason: CutReason) -> None:
+        """End now, telling the client why (timeouts, drain, administrator)."""
+        if self.state in (RelayState.EXITING, RelayState.CLOSED):
+            return
+        self.outcome = _CUT_OUTCOME[reason]
+        self._close_backend()
+        self.state = RelayState.EXITING
+        self.exit_status = 1
+        if self._chan is not None:
+            self._chan.write_stderr(client_line(reason.value, self.session.id).encode())
+            self._chan.exit(1)
+
+    def _close_backend(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.abort()

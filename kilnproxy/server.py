@@ -1,0 +1,92 @@
+"""The SSH surface of SPEC 3: host keys, the algorithm policy, and the listening acceptor.
+
+Owns the asyncssh options, so that policy lives in one place. Everything per connection is in
+`session`; everything per channel in `relay`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import asyncssh
+
+from kilnproxy.config import Config
+from kilnproxy.errors import OperatorError
+from kilnproxy.keys import write_new_key
+from kilnproxy.session import Session, SessionHost
+from kilnproxy.signatures import ALLOWED_SIGNATURES, SIGNATURE_ALGS
+
+log = logging.getLogger("kilnproxy.server")
+
+
+def ensure_host_keys(paths: tuple[Path, ...]) -> list[str]:
+    """Generate an ed25519 key at each configured path that does not exist yet (SPEC 8)."""
+    made = []
+    for path in paths:
+        if path.exists():
+            continue
+        key = write_new_key(path, "kilnproxy host key")
+        made.append(f"generated host key {path} ({key.get_fingerprint()})")
+    return made
+
+
+def load_host_keys(paths: tuple[Path, ...]) -> list[asyncssh.SSHKeyPair]:
+    """Read the host keys; an RSA host key signs with rsa-sha2-256/512 only, never SHA-1."""
+    keys = []
+    for path in paths:
+        try:
+            for pair in asyncssh.load_keypairs([asyncssh.read_private_key(path)]):
+                pair.host_key_algorithms = [
+                    alg for alg in pair.host_key_algorithms if alg in ALLOWED_SIGNATURES
+                ]
+                keys.append(pair)
+        except OSError as exc:
+            raise OperatorError(f"cannot read host key {path}: {exc.strerror}") from None
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise OperatorError(f"host key {path} is not a usable private key: {exc}") from None
+    return keys
+
+
+def server_options(
+    config: Config, keys: list[asyncssh.SSHKeyPair]
+) -> asyncssh.SSHServerConnectionOptions:
+    if not any(pair.host_key_algorithms for pair in keys):
+        raise OperatorError("no usable host key (ed25519, ecdsa or rsa)")
+    ssh = config.ssh
+    timeouts = config.timeouts
+    try:
+        return asyncssh.SSHServerConnectionOptions(
+            server_host_keys=keys,
+            kex_algs=list(ssh.kex_algs),
+            encryption_algs=list(ssh.encryption_algs),
+            mac_algs=list(ssh.mac_algs),
+            compression_algs=["none"],
+            signature_algs=SIGNATURE_ALGS,
+            server_version="kilnproxy",
+            # Our own login-grace timer speaks first; this one is only a backstop.
+            login_timeout=timeouts.login_grace + 10,
+            allow_pty=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            encoding=None,
+            keepalive_interval=0,
+        )
+    except (ValueError, asyncssh.Error) as exc:
+        raise OperatorError(f"[ssh] algorithm settings: {exc}") from None
+
+
+async def listen(
+    sock: socket.socket, host: SessionHost, options: asyncssh.SSHServerConnectionOptions
+) -> asyncssh.SSHAcceptor:
+    """Serve on an already bound socket (the master's, or one of systemd's)."""
+    return await asyncssh.listen(
+        sock=sock,
+        backlog=host.config.ssh.backlog,
+        server_factory=lambda: Session(host),
+        options=options,
+    )

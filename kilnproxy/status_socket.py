@@ -1,0 +1,86 @@
+"""The Unix status socket: one JSON request line in, one JSON reply line out.
+
+The server side belongs to whoever supervises the workers; the CLI is the client. Requests are
+`{"command": "status" | "connections" | "kill", "session": ID}`. This module must never import
+asyncssh (the master serves this socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from kilnproxy.errors import OperatorError
+
+log = logging.getLogger("kilnproxy.status")
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+MAX_REQUEST = 4096
+TIMEOUT = 5.0
+
+
+async def serve(path: Path, handler: Handler) -> asyncio.Server:
+    """Listen on `path` with mode 0600; a stale socket file is replaced."""
+    # Start-up only, before any client is served: blocking file calls are fine here.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # noqa: ASYNC240
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+            try:
+                request = json.loads(line[:MAX_REQUEST])
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+                reply = await handler(request)
+            except ValueError as exc:
+                reply = {"error": f"bad request: {exc}"}
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), TIMEOUT)
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("status socket request failed")
+        finally:
+            writer.close()
+
+    old_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(on_client, path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
+
+
+def request(path: Path, command: str, **args: str) -> dict[str, Any]:
+    """Ask the running server; raise OperatorError if it is not there."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as exc:
+        raise OperatorError(f"cannot reach kilnproxy at {path}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise OperatorError(f"unreadable reply from {path}") from None
+    if not isinstance(reply, dict):
+        raise OperatorError(f"unreadable reply from {path}")
+    if "error" in reply:
+        raise OperatorError(str(reply["error"]))
+    return reply

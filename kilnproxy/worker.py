@@ -1,0 +1,125 @@
+"""A worker: serves SSH on the sockets it is handed, until it is told to drain or stop.
+
+The worker is the unit the master starts (SPEC 6). It owns its sessions, its directory handle
+and its backend connections, and reports `statistics()`. It knows nothing of supervision: it
+serves on whatever sockets it is given and drains when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import asyncssh
+import psutil
+
+from kilnproxy.backends import Backends
+from kilnproxy.config import Config
+from kilnproxy.directory import open_directory
+from kilnproxy.errors import CutReason
+from kilnproxy.server import listen, load_host_keys, server_options
+from kilnproxy.session import CUT_GRACE, SessionHost, SessionStats
+
+log = logging.getLogger("kilnproxy.worker")
+SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    index: int
+    pid: int
+    started_at: float
+    sessions: int
+    sessions_total: int
+    tasks: int
+    fds: int
+    rss: int
+    accepting: bool
+
+
+class Worker:
+    def __init__(self, config: Config, sockets: list[socket.socket], index: int = 0) -> None:
+        self.config = config
+        self.index = index
+        self.started_at = time.time()
+        self._sockets = sockets
+        self._acceptors: list[asyncssh.SSHAcceptor] = []
+        self._process = psutil.Process()
+        self.host = SessionHost(
+            config=config,
+            directory=open_directory(config.directory.url, config.home),
+            backends=Backends(),
+        )
+
+    async def start(self) -> None:
+        options = server_options(self.config, load_host_keys(self.config.ssh.host_keys))
+        for sock in self._sockets:
+            self._acceptors.append(await listen(sock, self.host, options))
+        log.info("worker %d serving (pid %d)", self.index, os.getpid())
+
+    def stop_accepting(self) -> None:
+        self.host.accepting = False
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors.clear()
+
+    async def drain(self, within: float) -> None:
+        """Let every session finish; after `within` seconds cut the rest (SPEC 6)."""
+        self.stop_accepting()
+        log.info("worker %d draining %d sessions", self.index, len(self.host.sessions))
+        if not await self._sessions_ended(within):
+            self.cut_all(CutReason.DRAIN)
+            await self._sessions_ended(CUT_GRACE + 1)
+
+    async def shutdown(self) -> None:
+        """Cut every session now (SPEC 6: INT, or a second TERM)."""
+        self.stop_accepting()
+        self.cut_all(CutReason.SHUTDOWN)
+        await self._sessions_ended(SHUTDOWN_GRACE)
+
+    def cut_all(self, reason: CutReason) -> None:
+        for session in list(self.host.sessions.values()):
+            session.cut(reason)
+
+    def kill_session(self, session_id: str) -> bool:
+        session = self.host.sessions.get(session_id)
+        if session is None:
+            return False
+        session.cut(CutReason.ADMIN)
+        return True
+
+    async def _sessions_ended(self, within: float) -> bool:
+        """Wait up to `within` seconds for the last session to end; say whether it did."""
+        if not self.host.sessions:
+            return True
+        try:
+            async with asyncio.timeout(within):
+                await self.host.no_sessions.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        await self.host.backends.close()
+        self.host.directory.close()
+
+    def connections(self) -> list[SessionStats]:
+        return [session.statistics() for session in self.host.sessions.values()]
+
+    def statistics(self) -> WorkerStats:
+        return WorkerStats(
+            index=self.index,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            sessions=len(self.host.sessions),
+            sessions_total=self.host.total,
+            tasks=len(asyncio.all_tasks()),
+            fds=self._process.num_fds(),
+            rss=self._process.memory_info().rss,
+            accepting=self.host.accepting,
+        )
