@@ -52,7 +52,7 @@ class Worker:
         self.host = SessionHost(
             config=config,
             directory=open_directory(config.directory.url, config.home),
-            backends=Backends(),
+            backends=Backends(config.home / "state"),
         )
 
     async def start(self) -> None:

@@ -12,7 +12,8 @@ from kilnproxy.directory.model import Route, parse_backend_url
 class Backends:
     """One Backend object per (name, URL), made on first use and kept for the worker's life."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path) -> None:
+        self._state_dir = state_dir
         self._by_key: dict[tuple[str, str], Backend] = {}
 
     def for_route(self, route: Route) -> Backend:
@@ -20,7 +21,7 @@ class Backends:
         backend = self._by_key.get(key)
         if backend is None:
             url = parse_backend_url(route.backend_url)
-            backend = LocalBackend(route.backend, Path(url.base))
+            backend = LocalBackend(route.backend, Path(url.base), self._state_dir)
             self._by_key[key] = backend
         return backend
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import signal
 import subprocess
 from pathlib import Path
 from typing import cast
 
-from kilnproxy.access import Access
 from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
 from kilnproxy.commands import Verb
-from kilnproxy.errors import BackendError, client_line
+from kilnproxy.errors import BackendError, ReadOnly, client_line
 
 _GIT_SUBCOMMAND = {
     Verb.UPLOAD_PACK: "upload-pack",
@@ -30,26 +28,49 @@ _GIT_SUBCOMMAND = {
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "HGRCPATH", "GIT_CONFIG_NOSYSTEM")
 
 
+# hg refuses `serve --stdio` with any extra option (its own safety rule), so the read-only
+# check reaches hg through HGRCPATH: a hook that fires for every write (changegroups, bookmarks,
+# phases) and refuses it unless KILNPROXY_ACCESS says write. SSH backends use the same hook.
+_DENY_LINE = client_line(ReadOnly("$KILNPROXY_REPO").message, "$KILNPROXY_SESSION").strip()
+READ_ONLY_HOOK = (
+    "[hooks]\n"
+    'pretxnopen.kilnproxy = test "$KILNPROXY_ACCESS" = write || '
+    f'{{ echo "{_DENY_LINE}" >&2; exit 1; }}\n'
+)
+# What hg reads when HGRCPATH is unset (POSIX); setting HGRCPATH would otherwise drop these.
+_HG_DEFAULT_RC = ("/etc/mercurial/hgrc", "/etc/mercurial/hgrc.d", "~/.hgrc", "~/.config/hg/hgrc")
+
+
 def command_argv(request: BackendRequest) -> list[str]:
-    """The argv for one request. hg pushes by a read-only user are refused by a hook (SPEC 3)."""
     path = request.route.path
     if request.verb is Verb.HG_SERVE:
-        argv = ["hg"]
-        if request.route.access < Access.WRITE:
-            line = client_line(
-                f"you have read-only access to '{request.route.repo}'", request.session_id
-            ).strip()
-            deny = f"echo {shlex.quote(line)} >&2; exit 1"
-            # pretxnopen fires for every write (changegroups, bookmarks, phases).
-            argv += ["--config", f"hooks.pretxnopen.kilnproxy-read-only={deny}"]
-        return [*argv, "-R", path, "serve", "--stdio"]
+        return ["hg", "-R", path, "serve", "--stdio"]
     return ["git", _GIT_SUBCOMMAND[request.verb], path]
 
 
-def command_env(request: BackendRequest) -> dict[str, str]:
+def command_env(request: BackendRequest, hook_rc: Path) -> dict[str, str]:
     env = {name: os.environ[name] for name in _INHERITED if name in os.environ}
     env.update(request.environment())
+    if request.verb is Verb.HG_SERVE:
+        inherited = os.environ.get("HGRCPATH")
+        if inherited is not None:
+            rc_path = inherited.split(os.pathsep)
+        else:
+            rc_path = [os.path.expanduser(p) for p in _HG_DEFAULT_RC]
+        env["HGRCPATH"] = os.pathsep.join([*rc_path, str(hook_rc)])
+        env["KILNPROXY_REPO"] = request.route.repo
     return env
+
+
+def write_hook_rc(state_dir: Path) -> Path:
+    """Write the read-only hook file, once per worker start (its content never varies)."""
+    path = state_dir / "hg-read-only.rc"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != READ_ONLY_HOOK:
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(READ_ONLY_HOOK)
+        temporary.replace(path)
+    return path
 
 
 class _Process(asyncio.SubprocessProtocol):
@@ -144,9 +165,10 @@ class LocalStream:
 
 
 class LocalBackend:
-    def __init__(self, name: str, base: Path) -> None:
+    def __init__(self, name: str, base: Path, state_dir: Path) -> None:
         self.name = name
         self.base = base
+        self.hook_rc = write_hook_rc(state_dir)
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
         path = Path(request.route.path)
@@ -161,7 +183,7 @@ class LocalBackend:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=command_env(request),
+                env=command_env(request, self.hook_rc),
                 cwd=path,
                 start_new_session=True,
             )

@@ -1,0 +1,288 @@
+"""Test harness: a real `kilnproxy serve` subprocess and real OpenSSH, git and hg clients.
+
+Everything lives under one temporary directory: KILNPROXY_HOME, the clients' HOME (so that no
+~/.ssh or ~/.gitconfig of the machine is read or written), keys and known_hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kilnproxy.access import Role
+from kilnproxy.admin import add_repo
+from kilnproxy.directory import SqliteDirectory, open_directory
+from kilnproxy.keys import parse_public_key
+from kilnproxy.status_socket import request
+
+KILNPROXY = [sys.executable, "-m", "kilnproxy"]
+START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+    timeout: float = 120,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    done = subprocess.run(
+        argv, env=env, cwd=cwd, input=input, capture_output=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{argv} exited {done.returncode}\nstdout: {done.stdout[-2000:]!r}\n"
+            f"stderr: {done.stderr[-4000:]!r}"
+        )
+    return done
+
+
+def keygen(path: Path) -> Path:
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)])
+    return path
+
+
+@dataclass
+class Kiln:
+    """One kilnproxy server home, with users and keys, and clients that talk to it."""
+
+    root: Path
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.home = self.root / "var"
+        self.client_home = self.root / "home"
+        self.keys = self.root / "keys"
+        for directory in (self.home, self.client_home, self.keys):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config_path = self.home / "kilnproxy.toml"
+        self.log_path = self.root / "serve.log"
+        self.known_hosts = self.root / "known_hosts"
+        (self.client_home / ".gitconfig").write_text(
+            "[user]\n\tname = Test User\n\temail = test@example.com\n"
+            "[init]\n\tdefaultBranch = main\n[advice]\n\tdetachedHead = false\n"
+        )
+        (self.client_home / ".hgrc").write_text("[ui]\nusername = Test User <test@example.com>\n")
+        self.write_config()
+
+    # -- configuration and directory ---------------------------------------------------------
+
+    def write_config(self) -> None:
+        settings = {
+            "ssh": {"listen": [f"127.0.0.1:{self.port}"]},
+            "status": {"socket": "kilnproxy.sock", "http": f"127.0.0.1:{free_port()}"},
+            "workers": {"count": 1},
+            **self.settings,
+        }
+        lines = []
+        for section, values in settings.items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    @contextlib.contextmanager
+    def directory(self) -> Iterator[SqliteDirectory]:
+        directory = open_directory(f"sqlite:{self.home / 'kilnproxy.db'}", self.home)
+        try:
+            yield directory
+        finally:
+            directory.close()
+
+    def add_user(self, account: str, user: str, role: Role) -> Path:
+        """Add the account if needed, the user, and a fresh key; return the private key path."""
+        key = keygen(self.keys / f"{account}_{user}")
+        with self.directory() as directory:
+            if not any(r.account == account for r in directory.list_keys()):
+                with contextlib.suppress(Exception):
+                    directory.add_account(account)
+            directory.add_user(account, user, role)
+            public = parse_public_key(key.with_suffix(".pub").read_text())
+            directory.add_key(account, user, f"{user}'s laptop", public)
+        return key
+
+    def add_repo(self, repo: str, vcs: str) -> Path:
+        with self.directory() as directory:
+            add_repo(directory, repo, vcs, "local", None, init=True)
+            return Path(next(r.path for r in directory.list_repos() if r.repo == repo))
+
+    # -- the server --------------------------------------------------------------------------
+
+    def server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KILNPROXY_")}
+        return env | {"KILNPROXY_HOME": str(self.home), "HOME": str(self.client_home)}
+
+    def start(self, argv: list[str] | None = None) -> None:
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                argv or [*KILNPROXY, "serve", "--config", str(self.config_path)],
+                env=self.server_env(),
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(Exception):
+                self.status()
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"serve did not start:\n{self.log()}")
+        host_key = (self.home / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"serve did not stop on {signum}:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 10) -> re.Match[str]:
+        """Wait until a log line matches `pattern` (lines are written as sessions end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log(), re.M)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        return request(self.home / "kilnproxy.sock", "status")
+
+    def connections(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = request(self.home / "kilnproxy.sock", "connections")[
+            "connections"
+        ]
+        return rows
+
+    def worker(self) -> dict[str, Any]:
+        workers: list[dict[str, Any]] = self.status()["workers"]
+        return workers[0]
+
+    def wait_idle(self, timeout: float = 10) -> dict[str, Any]:
+        """Wait until the worker has no session open; return its statistics."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            worker = self.worker()
+            if worker["sessions"] == 0:
+                return worker
+            time.sleep(0.05)
+        raise AssertionError(f"sessions still open: {self.connections()}")
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def ssh_argv(self, key: Path) -> list[str]:
+        return [
+            "ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+        ]  # fmt: skip
+
+    def client_env(self, key: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "KILNPROXY_"))}
+        env |= {
+            "HOME": str(self.client_home),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_SSH_COMMAND": " ".join(self.ssh_argv(key)),
+            "HGRCPATH": str(self.client_home / ".hgrc"),
+            "LC_ALL": "C",
+        }
+        return env
+
+    def url(self, repo: str) -> str:
+        return f"ssh://git@127.0.0.1:{self.port}/{repo}"
+
+    def git(
+        self, key: Path, *args: str, cwd: Path | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        return run(["git", *args], env=self.client_env(key), cwd=cwd or self.root, check=check)
+
+    def hg(
+        self, key: Path, *args: str, cwd: Path | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        ssh = " ".join(self.ssh_argv(key))
+        argv = ["hg", "--config", f"ui.ssh={ssh}", *args]
+        return run(argv, env=self.client_env(key), cwd=cwd or self.root, check=check)
+
+    def ssh(
+        self, key: Path, *command: str, input: bytes | None = b"", timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
+        argv = [*self.ssh_argv(key), "-p", str(self.port), "git@127.0.0.1", *command]
+        return run(argv, env=self.client_env(key), input=input, timeout=timeout, check=False)
+
+    def ssh_popen(self, key: Path, *command: str) -> subprocess.Popen[bytes]:
+        argv = [*self.ssh_argv(key), "-p", str(self.port), "git@127.0.0.1", *command]
+        return subprocess.Popen(
+            argv, env=self.client_env(key), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+
+def seed_git(repo_path: Path, work: Path, files: dict[str, bytes]) -> str:
+    """Commit `files` into the bare repository at `repo_path` directly (not through the proxy)."""
+    env = {**os.environ, "HOME": str(work.parent), "GIT_CONFIG_NOSYSTEM": "1"}
+    run(["git", "clone", "-q", str(repo_path), str(work)], env=env)
+    for name, data in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(data)
+    run(["git", "add", "-A"], env=env, cwd=work)
+    ident = ["-c", "user.name=Seed", "-c", "user.email=seed@example.com"]
+    run(["git", *ident, "commit", "-qm", "seed"], env=env, cwd=work)
+    run(["git", "push", "-q", "origin", "HEAD:main"], env=env, cwd=work)
+    return run(["git", "rev-parse", "HEAD"], env=env, cwd=work).stdout.decode().strip()
+
+
+def seed_hg(repo_path: Path, files: dict[str, bytes]) -> str:
+    for name, data in files.items():
+        (repo_path / name).write_bytes(data)
+    run(["hg", "-R", str(repo_path), "add", *[str(repo_path / n) for n in files]])
+    run(["hg", "-R", str(repo_path), "commit", "-u", "Seed <seed@example.com>", "-m", "seed"])
+    return run(["hg", "-R", str(repo_path), "log", "-r", "tip", "-T", "{node}"]).stdout.decode()
+
+
+async def hold_tcp(port: int, seconds: float) -> float:
+    """Open a TCP connection that never speaks; return how long until the server closed it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(4096):
+                pass
+    finally:
+        writer.close()
+    return time.monotonic() - started
