@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -222,3 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: still one line, the details on request
+        if os.environ.get("KILNPROXY_TRACEBACK"):
+            raise
+        print(f"kilnproxy: internal error: {exc!r} (set KILNPROXY_TRACEBACK=1)", file=sys.stderr)
+        return 1

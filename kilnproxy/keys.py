@@ -40,7 +40,7 @@ def policy_problem(key: asyncssh.SSHKey) -> str | None:
     if algorithm not in _ALLOWED:
         return f"{algorithm} keys are not accepted (use ed25519, ecdsa or rsa >= {MIN_RSA_BITS})"
     if algorithm == "ssh-rsa":
-        public = load_der_public_key(key.export_public_key("der"))
+        public = load_der_public_key(key.export_public_key("pkcs8-der"))
         assert isinstance(public, rsa.RSAPublicKey)
         if public.key_size < MIN_RSA_BITS:
             return f"rsa key of {public.key_size} bits is too small (at least {MIN_RSA_BITS})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Kiln, keygen, seed_git, seed_hg
@@ -28,7 +29,7 @@ class World:
     designs_tip: str
 
 
-def make_world(root: Path, settings: dict[str, dict[str, object]] | None = None) -> World:
+def make_world(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> World:
     kiln = Kiln(root, settings or {})
     alice = kiln.add_user("aviato", "alice", Role.WRITE)
     bob = kiln.add_user("aviato", "bob", Role.READ)

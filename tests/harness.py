@@ -91,7 +91,7 @@ class Kiln:
     # -- configuration and directory ---------------------------------------------------------
 
     def write_config(self) -> None:
-        settings = {
+        settings: dict[str, dict[str, Any]] = {
             "ssh": {"listen": [f"127.0.0.1:{self.port}"]},
             "status": {"socket": "kilnproxy.sock", "http": f"127.0.0.1:{free_port()}"},
             "workers": {"count": 1},

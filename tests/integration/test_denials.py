@@ -112,7 +112,7 @@ def test_sftp_and_scp_are_refused(world: World, tmp_path: Path) -> None:
     assert sftp.returncode != 0
     assert b"subsystem request failed" in sftp.stderr
     scp = run(
-        ["scp", *ssh_options, "-O", "-P", str(kiln.port), "git@127.0.0.1:etc/passwd", str(tmp_path)],
+        ["scp", *ssh_options, "-O", "-P", str(kiln.port), "git@127.0.0.1:x/y", str(tmp_path)],
         env=kiln.client_env(world.alice), check=False,
     )  # fmt: skip
     assert scp.returncode != 0

@@ -80,5 +80,7 @@ def test_busy_session_is_cut_at_max_session(short: World) -> None:
 
 
 def test_timeouts_do_not_touch_quick_sessions(short: World, tmp_path: Path) -> None:
-    short.kiln.git(short.alice, "clone", "-q", short.kiln.url("aviato/website"), str(tmp_path / "w"))
+    short.kiln.git(
+        short.alice, "clone", "-q", short.kiln.url("aviato/website"), str(tmp_path / "w")
+    )
     assert (tmp_path / "w" / "README.md").exists()

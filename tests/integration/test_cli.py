@@ -1,0 +1,147 @@
+"""The admin CLI of SPEC 2, run as a user runs it: one process per command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import KILNPROXY, keygen, run
+
+# ssh-keygen no longer makes dsa keys; this one is a valid public key of the kind refused.
+DSA_KEY = (
+    b"ssh-dss AAAAB3NzaC1kc3MAAACBAP1/U4EddRIpUt9KnC7s5Of2EbdSPO9EAMMeP4C2USZpRV1AIlH7"
+    b"WT2NWPq/xfW6MPbLm1Vs14E7gB00b/JmYLdrmVClpJ+f6AR7ECLCT7up1/63xhv4O1fnxqimFQ8E+4P2"
+    b"08UewwI1VBNaFpEy9nXzrith1yrv8iIDGZ3RSAHHAAAAFQCXYFCPFSMLzLKSuYKi64QL8Fgc9QAAAIEA"
+    b"9+GghdabPd7LvKtcNrhXuXmUr7v6OuqC+VdMCz0HgmdRWVeOutRZT+ZxBxCBgLRJFnEj6EwoFhO3zwky"
+    b"jMim4TwWeotUfI0o4KOuHiuzpnWRbqN/C/ohNWLx+2J6ASQ7zKTxvqhRkImog9/hWuWfBpKLZl6Ae1Ul"
+    b"ZAFMO/7PSSoAAACBAPz7H+k/UGrL6BbRYu6rOgctbkSYGrYiBhBoQXALEbeeqyaCjLyGMLLuwgCFRd5f"
+    b"HeoPRUWjUg+lEXMlRNl2ep0G2nTUeJNBrasXJYoN3ysUTohp5HlFaMwSFjPz3hQD9pxhj1K1Tqvt37/H"
+    b"Ie0eaM94Ha03t7ojR3y3mVsHb8mN test\n"
+)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    import os
+
+    home = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILNPROXY_")}
+    return home, env | {"KILNPROXY_HOME": str(home), "HOME": str(tmp_path)}
+
+
+def kp(
+    env: dict[str, str], *args: str, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return run([*KILNPROXY, *args], env=env, input=input, check=False)
+
+
+def test_admin_workflow(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    home, env = cli
+    assert kp(env, "accounts", "add", "aviato").stdout == b"added account aviato\n"
+    assert kp(env, "users", "add", "aviato", "richard", "--role", "admin").returncode == 0
+    key = keygen(tmp_path / "richard")
+    added = kp(env, "keys", "add", "aviato/richard", "build server", "--file", f"{key}.pub")
+    assert added.returncode == 0, added.stderr
+    fingerprint = added.stdout.decode().splitlines()[-1]
+    assert re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fingerprint)
+    other = keygen(tmp_path / "other")
+    piped = kp(
+        env, "keys", "add", "aviato/richard", "laptop", "-", input=Path(f"{other}.pub").read_bytes()
+    )
+    assert piped.returncode == 0, piped.stderr
+    listing = kp(env, "keys", "list", "aviato/richard").stdout.decode()
+    assert fingerprint in listing and "build server" in listing and "laptop" in listing
+    assert kp(env, "backends", "list").stdout.decode().startswith(f"local  local://{home}/repos")
+    made = kp(env, "repos", "add", "aviato/website", "--vcs", "git", "--backend", "local", "--init")
+    assert made.returncode == 0, made.stderr
+    assert (home / "repos" / "aviato" / "website.git" / "HEAD").exists()
+    made = kp(
+        env, "repos", "add", "aviato/designs/logo", "--vcs", "hg", "--backend", "local", "--init"
+    )
+    assert (home / "repos" / "aviato" / "designs" / "logo" / ".hg").is_dir(), made.stderr
+    assert "aviato/designs/logo  hg  local" in kp(env, "repos", "list", "aviato").stdout.decode()
+    assert kp(env, "accounts", "add", "hooli").returncode == 0
+    assert kp(env, "users", "add", "hooli", "gavin").returncode == 0
+    granted = kp(env, "grant", "hooli/gavin", "aviato/website", "read")
+    assert granted.stdout == b"granted read on aviato/website to hooli/gavin\n"
+    removed = kp(env, "keys", "remove", fingerprint)
+    assert removed.returncode == 0 and b"build server" in removed.stdout
+    assert fingerprint not in kp(env, "keys", "list").stdout.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["users", "add", "nope", "x"], "no account 'nope'"),
+        (["accounts", "add", "bad name"], "invalid account name"),
+        (["accounts", "add", "../etc"], "invalid account name"),
+        (["keys", "add", "aviato", "k", "--file", "/nonexistent"], "is not ACCOUNT/USER"),
+        (["keys", "remove", "SHA256:nothing"], "no key SHA256:nothing"),
+        (["backends", "add", "b", "http://x"], "a backend URL is local:///PATH"),
+        (["backends", "add", "b", "local:relative"], "local:///ABSOLUTE/PATH"),
+        (
+            ["repos", "add", "aviato/../x", "--vcs", "git", "--backend", "local"],
+            "not a repository name",
+        ),
+        (["repos", "add", "aviato/x", "--vcs", "git", "--backend", "nope"], "no backend 'nope'"),
+        (["repos", "add", "aviato/x", "--vcs", "svn", "--backend", "local"], "invalid choice"),
+        (["grant", "aviato/u", "aviato/x", "admin"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+        (["serve", "--config", "/nonexistent.toml"], "cannot read config /nonexistent.toml"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    cli: tuple[Path, dict[str, str]], args: list[str], message: str
+) -> None:
+    _, env = cli
+    done = kp(env, *args)
+    assert done.returncode == 2
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kilnproxy: error: ") and message in lines[0], lines[0]
+
+
+def test_bad_keys_are_refused(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    _, env = cli
+    kp(env, "accounts", "add", "a")
+    kp(env, "users", "add", "a", "u")
+    run(["ssh-keygen", "-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", str(tmp_path / "rsa")])
+    small = kp(env, "keys", "add", "a/u", "old", "--file", str(tmp_path / "rsa.pub"))
+    assert small.returncode == 2 and b"too small" in small.stderr
+    junk = kp(env, "keys", "add", "a/u", "junk", "-", input=b"ssh-ed25519 AAAAnotbase64\n")
+    assert junk.returncode == 2 and b"not an OpenSSH public key" in junk.stderr
+    dsa = DSA_KEY
+    refused = kp(env, "keys", "add", "a/u", "dsa", "-", input=dsa)
+    assert refused.returncode == 2 and b"not accepted" in refused.stderr, refused.stderr
+
+
+def test_bad_config_is_one_line(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    _, env = cli
+    for text, message in [
+        ('[timeouts]\nidle = "ten minutes"\n', "[timeouts] idle: 'ten minutes' is not a duration"),
+        ('[ssh]\nlisten = ["nowhere"]\n', "[ssh] listen: 'nowhere' is not an address"),
+        ("[ssh]\nlisen = []\n", "unknown setting lisen in [ssh]"),
+        ("[nope]\n", "unknown section [nope]"),
+        ("[workers]\ncount = 0\n", "[workers] count: expected a whole number of at least 1"),
+        ("not toml at all", "not valid TOML"),
+    ]:
+        config = tmp_path / "bad.toml"
+        config.write_text(text)
+        done = kp(env, "repos", "list", "--config", str(config))
+        assert done.returncode == 2
+        assert message in done.stderr.decode() and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_version_is_stamped(cli: tuple[Path, dict[str, str]]) -> None:
+    _, env = cli
+    out = kp(env, "version").stdout.decode().strip()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\.[0-9a-f]{7,}\.\d{8}T\d{6}Z", out), out
+
+
+def test_status_without_server_is_one_line(cli: tuple[Path, dict[str, str]]) -> None:
+    _, env = cli
+    done = kp(env, "status")
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith("kilnproxy: error: cannot reach kilnproxy at")

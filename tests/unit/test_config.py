@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kilnproxy.config import (
+    Address,
+    declarations,
+    format_duration,
+    from_mapping,
+    load,
+    parse_address,
+    parse_duration,
+)
+from kilnproxy.errors import OperatorError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("6h", 21600), ("1h30m", 5400), ("500ms", 0.5), ("1d", 86400)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "0s", "10 m", "m10", "1.5s", "-1s", "10x", "1h 2m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_addresses() -> None:
+    assert parse_address("127.0.0.1:2222") == Address("127.0.0.1", 2222)
+    assert parse_address("[::1]:22") == Address("::1", 22)
+    assert str(Address("::1", 22)) == "[::1]:22"
+    for bad in ("localhost", ":22", "1.2.3.4:99999", "::1:22"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    config = from_mapping({}, tmp_path)
+    assert config.ssh.listen == (Address("127.0.0.1", 2222),)
+    assert config.ssh.host_keys == (tmp_path / "ssh_host_ed25519_key",)
+    assert config.status.http == Address("127.0.0.1", 8022)
+    assert config.status.socket == tmp_path / "kilnproxy.sock"
+    assert config.directory.url == f"sqlite:{tmp_path / 'kilnproxy.db'}"
+    assert (config.timeouts.login_grace, config.timeouts.idle) == (30, 600)
+    assert (config.timeouts.max_session, config.timeouts.drain, config.timeouts.dial) == (
+        21600, 600, 10,
+    )  # fmt: skip
+    assert config.workers.count >= 1
+    assert config.log.format == "text" and config.log.file is None
+
+
+def test_every_setting_has_help_and_a_valid_default(tmp_path: Path) -> None:
+    items = list(declarations())
+    assert len(items) >= 20
+    for _, item in items:
+        assert item.metadata["help"].endswith(".")
+        item.metadata["parser"](item.metadata["default"], tmp_path)
+
+
+def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
+    (tmp_path / "kilnproxy.toml").write_text('[ssh]\nlisten = ["0.0.0.0:22"]\n')
+    config = load(None, {"KILNPROXY_HOME": str(tmp_path)})
+    assert config.ssh.listen == (Address("0.0.0.0", 22),)
+    assert config.source == tmp_path / "kilnproxy.toml"
+    other = tmp_path / "other.toml"
+    other.write_text('[log]\nformat = "json"\n')
+    assert load(str(other), {"KILNPROXY_HOME": str(tmp_path)}).log.format == "json"
+    with pytest.raises(OperatorError, match="cannot read config"):
+        load(str(tmp_path / "missing.toml"), {"KILNPROXY_HOME": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"ssh": {"listen": []}}, r"\[ssh\] listen: at least one address"),
+        ({"ssh": {"listen": "127.0.0.1:22"}}, r"\[ssh\] listen: expected a list of strings"),
+        ({"workers": {"count": True}}, r"\[workers\] count"),
+        ({"log": {"format": "xml"}}, r"\[log\] format: 'xml' is not one of text, json"),
+        ({"directory": {"url": "postgres://x"}}, r"\[directory\] url"),
+        ({"ssh": 3}, r"\[ssh\] must be a table"),
+    ],
+)
+def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
+    with pytest.raises(OperatorError, match=message):
+        from_mapping(raw, tmp_path)
