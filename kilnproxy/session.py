@@ -95,6 +95,7 @@ class Session(asyncssh.SSHServer):
         self.relays: set[Relay] = set()
         self.started_at = time.time()
         self.cut_reason: CutReason | None = None
+        self.draining = False
         self._loop = asyncio.get_running_loop()
         self._last_activity = self._loop.time()
         self._candidate: Identity | None = None
@@ -227,6 +228,8 @@ class Session(asyncssh.SSHServer):
     def session_requested(self) -> Relay | bool:
         if self.cut_reason is not None or len(self.relays) >= self.host.config.ssh.max_channels:
             return False
+        if self.draining and self._had_relay:
+            return False  # one more command on a draining connection: the client reconnects
         relay = Relay(self)
         self.relays.add(relay)
         self._had_relay = True
@@ -236,7 +239,18 @@ class Session(asyncssh.SSHServer):
     def relay_closed(self, relay: Relay) -> None:
         self.relays.discard(relay)
         self.touch()
-        if self.cut_reason is not None and not self.relays and self._conn is not None:
+        if (self.cut_reason or self.draining) and not self.relays and self._conn is not None:
+            self._conn.close()
+
+    def drain(self) -> None:
+        """Let running commands finish, then hang up; a connection running none goes now.
+
+        A connection still authenticating may finish and run its command: its client
+        connected before the drain began, so it is served, not refused.
+        """
+        self.draining = True
+        if self.state is SessionState.AUTHENTICATED and not self.relays and self._conn:
+            self.log.info("closing idle connection for drain")
             self._conn.close()
 
     # -- timeouts and cuts ------------------------------------------------------------------------

@@ -71,6 +71,8 @@ class Worker:
         """Let every session finish; after `within` seconds cut the rest (SPEC 6)."""
         self.stop_accepting()
         log.info("worker %d draining %d sessions", self.index, len(self.host.sessions))
+        for session in list(self.host.sessions.values()):
+            session.drain()
         if not await self._sessions_ended(within):
             self.cut_all(CutReason.DRAIN)
             await self._sessions_ended(CUT_GRACE + 1)

@@ -247,9 +247,10 @@ class Kiln:
 
     def ssh_popen(self, key: Path, *command: str) -> subprocess.Popen[bytes]:
         argv = [*self.ssh_argv(key), "-p", str(self.port), "git@127.0.0.1", *command]
+        # Unbuffered: a write the server never read must not fail again when stdin is closed.
         return subprocess.Popen(
             argv, env=self.client_env(key), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
         )  # fmt: skip
 
 

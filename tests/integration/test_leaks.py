@@ -47,25 +47,15 @@ def session_kinds(w: World, tmp_path: Path) -> list[Callable[[int], None]]:
         assert asyncio.run(hold_tcp(kiln.port, 10)) < 5
 
     def idle(i: int) -> None:
-        client = kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website'")
-        assert client.wait(timeout=15) == 1
-        assert client.stdout is not None and client.stderr is not None
-        client.stdout.close()
-        client.stderr.close()
-        assert client.stdin is not None
-        client.stdin.close()
+        with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website'") as client:
+            assert client.wait(timeout=15) == 1
 
     def client_vanishes(i: int) -> None:
-        client = kiln.ssh_popen(w.alice, "hg -R aviato/designs serve --stdio")
-        assert client.stdin is not None and client.stdout is not None
-        client.stdin.write(b"hello\n")
-        client.stdin.flush()
-        assert client.stdout.readline()  # the backend runs; now the client is killed
-        client.kill()
-        client.wait(10)
-        for pipe in (client.stdin, client.stdout, client.stderr):
-            if pipe is not None:
-                pipe.close()
+        with kiln.ssh_popen(w.alice, "hg -R aviato/designs serve --stdio") as client:
+            assert client.stdin is not None and client.stdout is not None
+            client.stdin.write(b"hello\n")
+            assert client.stdout.readline()  # the backend runs; now the client is killed
+            client.kill()
 
     common = [advertisement, denied, bad_command, unknown_key, shell, client_vanishes]
     rare = [clone, hg_clone, login_grace, idle]

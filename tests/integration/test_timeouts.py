@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,12 +33,12 @@ def test_silent_tcp_client_is_cut_at_login_grace(short: World) -> None:
 
 
 def test_idle_session_is_cut(short: World) -> None:
-    client = short.kiln.ssh_popen(short.alice, "git-upload-pack 'aviato/website.git'")
-    started = time.monotonic()
-    client.wait(timeout=15)  # stdin stays open and silent (communicate() would close it)
-    lasted = time.monotonic() - started
-    assert client.stdout is not None and client.stderr is not None
-    stdout, stderr = client.stdout.read(), client.stderr.read()
+    with short.kiln.ssh_popen(short.alice, "git-upload-pack 'aviato/website.git'") as client:
+        started = time.monotonic()
+        client.wait(timeout=15)  # stdin stays open and silent (communicate() would close it)
+        lasted = time.monotonic() - started
+        assert client.stdout is not None and client.stderr is not None
+        stdout, stderr = client.stdout.read(), client.stderr.read()
     assert client.returncode == 1
     assert b"refs/heads/main" in stdout  # the advertisement came, then nothing
     assert re.match(rf"^kilnproxy: session idle for too long {SESSION}$", stderr.decode().strip())
@@ -47,16 +48,24 @@ def test_idle_session_is_cut(short: World) -> None:
 
 
 def test_busy_session_is_cut_at_max_session(short: World) -> None:
-    client = short.kiln.ssh_popen(short.alice, "hg -R aviato/designs serve --stdio")
-    assert client.stdin is not None
+    with short.kiln.ssh_popen(short.alice, "hg -R aviato/designs serve --stdio") as client:
+        lasted, stdout, stderr = chatter_until_cut(client)
+    assert client.returncode == 1
+    assert b"capabilities:" in stdout
+    assert re.search(rf"kilnproxy: session reached its maximum duration {SESSION}", stderr)
+    assert 2.8 <= lasted < 8, lasted
+    short.kiln.wait_for_log(r"cut: session reached its maximum duration \(3s\)")
+
+
+def chatter_until_cut(client: subprocess.Popen[bytes]) -> tuple[float, bytes, str]:
+    """Say hello to hg every 0.3 s, so idle never fires, until the server ends the session."""
     stop = threading.Event()
 
-    def chatter() -> None:  # keeps the session busy, so idle never fires
+    def chatter() -> None:
         assert client.stdin is not None
         try:
             while not stop.is_set():
                 client.stdin.write(b"hello\n")
-                client.stdin.flush()
                 time.sleep(0.3)
         except (BrokenPipeError, ValueError):
             pass
@@ -69,14 +78,8 @@ def test_busy_session_is_cut_at_max_session(short: World) -> None:
     finally:
         stop.set()
         writer.join(5)
-    lasted = time.monotonic() - started
     assert client.stderr is not None and client.stdout is not None
-    stderr = client.stderr.read().decode()
-    assert client.returncode == 1
-    assert b"capabilities:" in client.stdout.read()
-    assert re.search(rf"kilnproxy: session reached its maximum duration {SESSION}", stderr)
-    assert 2.8 <= lasted < 8, lasted
-    short.kiln.wait_for_log(r"cut: session reached its maximum duration \(3s\)")
+    return time.monotonic() - started, client.stdout.read(), client.stderr.read().decode()
 
 
 def test_timeouts_do_not_touch_quick_sessions(short: World, tmp_path: Path) -> None:

@@ -1,0 +1,87 @@
+"""`kilnproxy serve` and signals (SPEC 6): TERM drains, INT is fast, idle connections don't wait."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import make_world
+
+
+def test_term_waits_for_a_clone_but_not_for_idle_connections(tmp_path: Path) -> None:
+    w = make_world(tmp_path)
+    kiln = w.kiln
+    # An authenticated connection that runs no command (ssh -N) has nothing to finish.
+    idle = subprocess.Popen(
+        [*kiln.ssh_argv(w.alice), "-N", "-p", str(kiln.port), "git@127.0.0.1"],
+        env=kiln.client_env(w.alice), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    # A command in flight: upload-pack waiting for the client's wants.
+    with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'") as busy:
+        assert busy.stdout is not None and busy.stdin is not None
+        deadline = time.monotonic() + 10
+        while sum(1 for r in kiln.connections() if r["account"]) < 2:
+            assert time.monotonic() < deadline, kiln.connections()
+            time.sleep(0.05)
+        assert kiln.proc is not None
+        kiln.proc.send_signal(signal.SIGTERM)
+        assert idle.wait(timeout=10) == 255  # hung up at once by the drain
+        kiln.wait_for_log(r"closing idle connection for drain")
+        time.sleep(0.5)
+        assert kiln.proc.poll() is None, "the drain did not wait for the running command"
+        busy.stdin.write(b"0000")  # the client finishes its conversation
+        busy.stdin.close()
+        assert busy.wait(timeout=10) == 0
+        assert b"refs/heads/main" in busy.stdout.read()
+    assert kiln.proc.wait(timeout=10) == 0
+    assert re.search(r"access .*verb=git-upload-pack .*exit=0 outcome=ok", kiln.log())
+
+
+def test_drain_timeout_cuts_with_a_message(tmp_path: Path) -> None:
+    w = make_world(tmp_path, {"timeouts": {"drain": "1s"}})
+    kiln = w.kiln
+    with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'") as stuck:
+        time.sleep(0.5)
+        assert kiln.proc is not None
+        kiln.proc.send_signal(signal.SIGTERM)
+        assert stuck.wait(timeout=10) == 1
+        assert stuck.stderr is not None
+        message = stuck.stderr.read().decode()
+    assert re.search(r"kilnproxy: server is restarting and the drain timeout expired", message)
+    assert kiln.proc.wait(timeout=10) == 0
+    assert re.search(r"access .*outcome=cut", kiln.log())
+
+
+def test_int_is_a_fast_shutdown(tmp_path: Path) -> None:
+    w = make_world(tmp_path)
+    kiln = w.kiln
+    with kiln.ssh_popen(w.alice, "hg -R aviato/designs serve --stdio") as running:
+        assert running.stdin is not None and running.stdout is not None
+        running.stdin.write(b"hello\n")
+        assert running.stdout.readline()
+        assert kiln.proc is not None
+        started = time.monotonic()
+        kiln.proc.send_signal(signal.SIGINT)
+        assert kiln.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 2.5
+        assert running.wait(timeout=10) == 1
+        assert running.stderr is not None
+        assert b"kilnproxy: server is shutting down" in running.stderr.read()
+
+
+def test_second_term_hurries_the_drain(tmp_path: Path) -> None:
+    w = make_world(tmp_path)
+    kiln = w.kiln
+    with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'") as stuck:
+        time.sleep(0.5)
+        assert kiln.proc is not None
+        kiln.proc.send_signal(signal.SIGTERM)
+        kiln.wait_for_log(r"worker 0 draining")
+        started = time.monotonic()
+        kiln.proc.send_signal(signal.SIGTERM)
+        assert kiln.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 2.5
+        assert stuck.wait(timeout=10) == 1
