@@ -113,6 +113,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bytes_in += len(data)
         self.session.touch()
+        if datatype is not None:
+            return  # extended data from a client is in no git or hg protocol: not stdin
         if self._stream is not None and self.state is RelayState.RUNNING:
             self._stream.write(data)
         elif self.state is RelayState.OPENING and self._chan is not None:

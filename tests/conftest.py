@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,23 @@ def make_world(root: Path, settings: dict[str, dict[str, Any]] | None = None) ->
     tip = seed_hg(designs, {"logo.svg": b"<svg/>\n"})
     kiln.start()
     return World(kiln, alice, bob, carol, dave, stranger, website, designs, head, tip)
+
+
+@pytest.fixture
+def new_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
+    """Make worlds for a test that signals its server itself; whatever is left is killed."""
+    made: list[World] = []
+
+    def make(settings: dict[str, dict[str, Any]] | None = None) -> World:
+        made.append(make_world(tmp_path / f"world{len(made)}", settings))
+        return made[-1]
+
+    yield make
+    for w in made:
+        proc = w.kiln.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="module")

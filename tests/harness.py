@@ -158,8 +158,11 @@ class Kiln:
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"serve had exited {self.proc.returncode} by itself:\n{self.log()}"
+            )
+        self.proc.send_signal(signum)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -206,11 +209,11 @@ class Kiln:
 
     # -- clients -----------------------------------------------------------------------------
 
-    def ssh_argv(self, key: Path) -> list[str]:
+    def ssh_argv(self, key: Path, log_level: str = "ERROR") -> list[str]:
         return [
             "ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-o", "BatchMode=yes", "-o", f"LogLevel={log_level}",
         ]  # fmt: skip
 
     def client_env(self, key: Path) -> dict[str, str]:

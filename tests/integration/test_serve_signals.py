@@ -6,13 +6,15 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-from conftest import make_world
+from conftest import World
 
 
-def test_term_waits_for_a_clone_but_not_for_idle_connections(tmp_path: Path) -> None:
-    w = make_world(tmp_path)
+def test_term_waits_for_a_clone_but_not_for_idle_connections(
+    new_world: Callable[..., World],
+) -> None:
+    w = new_world()
     kiln = w.kiln
     # An authenticated connection that runs no command (ssh -N) has nothing to finish.
     idle = subprocess.Popen(
@@ -40,8 +42,8 @@ def test_term_waits_for_a_clone_but_not_for_idle_connections(tmp_path: Path) -> 
     assert re.search(r"access .*verb=git-upload-pack .*exit=0 outcome=ok", kiln.log())
 
 
-def test_drain_timeout_cuts_with_a_message(tmp_path: Path) -> None:
-    w = make_world(tmp_path, {"timeouts": {"drain": "1s"}})
+def test_drain_timeout_cuts_with_a_message(new_world: Callable[..., World]) -> None:
+    w = new_world({"timeouts": {"drain": "1s"}})
     kiln = w.kiln
     with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'") as stuck:
         time.sleep(0.5)
@@ -55,8 +57,8 @@ def test_drain_timeout_cuts_with_a_message(tmp_path: Path) -> None:
     assert re.search(r"access .*outcome=cut", kiln.log())
 
 
-def test_int_is_a_fast_shutdown(tmp_path: Path) -> None:
-    w = make_world(tmp_path)
+def test_int_is_a_fast_shutdown(new_world: Callable[..., World]) -> None:
+    w = new_world()
     kiln = w.kiln
     with kiln.ssh_popen(w.alice, "hg -R aviato/designs serve --stdio") as running:
         assert running.stdin is not None and running.stdout is not None
@@ -72,8 +74,8 @@ def test_int_is_a_fast_shutdown(tmp_path: Path) -> None:
         assert b"kilnproxy: server is shutting down" in running.stderr.read()
 
 
-def test_second_term_hurries_the_drain(tmp_path: Path) -> None:
-    w = make_world(tmp_path)
+def test_second_term_hurries_the_drain(new_world: Callable[..., World]) -> None:
+    w = new_world()
     kiln = w.kiln
     with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'") as stuck:
         time.sleep(0.5)

@@ -1,0 +1,117 @@
+"""The SSH algorithm policy of SPEC 3 and the environment a backend receives (SPEC 4, 5)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import World
+
+from kilnproxy.access import Role
+from kilnproxy.keys import parse_public_key
+
+
+def ssh_with(
+    world: World, *options: str, key: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    command = "git-upload-pack 'aviato/website'"
+    return world.kiln.ssh(key or world.alice, *options, command, input=b"0000")
+
+
+def server_offer(world: World) -> dict[str, list[str]]:
+    """The server's KEXINIT proposal, as OpenSSH reports it at debug level 2."""
+    kiln = world.kiln
+    argv = [*kiln.ssh_argv(world.alice, "DEBUG2"), "-p", str(kiln.port), "git@127.0.0.1"]
+    done = subprocess.run(
+        [*argv, "git-upload-pack 'aviato/website'"], env=kiln.client_env(world.alice),
+        input=b"0000", capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    log = done.stderr.decode()
+    peer = log[log.index("peer server KEXINIT proposal") :]
+    offer = {}
+    for name in ("KEX algorithms", "host key algorithms", "ciphers stoc", "MACs stoc"):
+        match = re.search(rf"debug2: {name}: (.*)", peer)
+        assert match, name
+        offer[name] = match.group(1).strip().split(",")
+    return offer
+
+
+def test_server_offers_only_the_policy(world: World) -> None:
+    offer = server_offer(world)
+    assert offer["KEX algorithms"] == [
+        "mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org",
+        "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
+        "ext-info-s", "kex-strict-s-v00@openssh.com",
+    ]  # fmt: skip
+    assert offer["host key algorithms"] == ["ssh-ed25519"]
+    assert offer["ciphers stoc"] == [
+        "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com",
+        "aes256-ctr", "aes192-ctr", "aes128-ctr",
+    ]  # fmt: skip
+    assert all(mac.endswith("-etm@openssh.com") for mac in offer["MACs stoc"])
+    assert not any(
+        "sha1" in alg or "cbc" in alg or "nistp" in alg for v in offer.values() for alg in v
+    )
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "KexAlgorithms=ecdh-sha2-nistp256",
+        "KexAlgorithms=diffie-hellman-group14-sha1",
+        "Ciphers=aes128-cbc",
+        "MACs=hmac-sha1",
+        "HostKeyAlgorithms=ssh-rsa",
+    ],
+)
+def test_clients_insisting_on_weak_algorithms_cannot_connect(world: World, option: str) -> None:
+    extra = ["-o", "Ciphers=aes128-ctr"] if option.startswith("MACs") else []
+    done = ssh_with(world, "-o", option, *extra)
+    assert done.returncode == 255
+    assert done.stdout == b""
+
+
+def test_rsa_key_signs_with_sha2_only(world: World) -> None:
+    kiln = world.kiln
+    key = kiln.keys / "rsa"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "", "-f", str(key)], check=True
+    )
+    with kiln.directory() as directory:
+        directory.add_user("aviato", "rsa-user", Role.READ)
+        directory.add_key(
+            "aviato", "rsa-user", "rsa", parse_public_key(Path(f"{key}.pub").read_text())
+        )
+    ok = ssh_with(world, "-o", "PubkeyAcceptedAlgorithms=rsa-sha2-512", key=key)
+    assert ok.returncode == 0, ok.stderr
+    sha1 = ssh_with(world, "-o", "PubkeyAcceptedAlgorithms=ssh-rsa", key=key)
+    assert sha1.returncode == 255
+    assert "Permission denied (publickey)" in sha1.stderr.decode()
+
+
+def test_backend_environment_carries_the_session(world: World, tmp_path: Path) -> None:
+    kiln = world.kiln
+    record = tmp_path / "env.txt"
+    hook = world.website / "hooks" / "pre-receive"
+    hook.write_text(
+        f"#!/bin/sh\nenv | grep -E '^(KILNPROXY_|GIT_PROTOCOL)' | sort > {record}\ncat >/dev/null\n"
+    )
+    hook.chmod(0o755)
+    try:
+        clone = tmp_path / "clone"
+        kiln.git(world.alice, "clone", "-q", kiln.url("aviato/website"), str(clone))
+        (clone / "env.txt").write_text("x\n")
+        kiln.git(world.alice, "add", "env.txt", cwd=clone)
+        kiln.git(world.alice, "commit", "-qm", "env", cwd=clone)
+        kiln.git(world.alice, "push", "-q", "origin", "HEAD:refs/heads/env", cwd=clone)
+    finally:
+        hook.unlink()
+    env = dict(line.split("=", 1) for line in record.read_text().splitlines())
+    assert (env["KILNPROXY_ACCOUNT"], env["KILNPROXY_USER"]) == ("aviato", "alice")
+    assert env["KILNPROXY_ACCESS"] == "write"
+    session = env["KILNPROXY_SESSION"]
+    assert re.fullmatch(r"[0-9a-f]{8}", session)
+    kiln.wait_for_log(rf"\[{session}\] access .*verb=git-receive-pack .*exit=0 outcome=ok")
