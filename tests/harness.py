@@ -235,6 +235,14 @@ class Kiln:
     ) -> subprocess.CompletedProcess[bytes]:
         return run(["git", *args], env=self.client_env(key), cwd=cwd or self.root, check=check)
 
+    def clone_with_commit(self, key: Path, repo: str, work: Path, name: str) -> Path:
+        """Clone `repo` through the proxy into `work` and commit one new file there."""
+        self.git(key, "clone", "-q", self.url(repo), str(work))
+        (work / name).write_text(f"{name}\n")
+        self.git(key, "add", name, cwd=work)
+        self.git(key, "commit", "-qm", f"add {name}", cwd=work)
+        return work
+
     def hg(
         self, key: Path, *args: str, cwd: Path | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[bytes]:

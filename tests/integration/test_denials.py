@@ -55,11 +55,7 @@ def test_git_client_sees_the_message(world: World, tmp_path: Path) -> None:
 
 def test_read_only_git_push_is_refused(world: World, tmp_path: Path) -> None:
     kiln = world.kiln
-    clone = tmp_path / "bob"
-    kiln.git(world.bob, "clone", "-q", kiln.url("aviato/website.git"), str(clone))
-    (clone / "bob.txt").write_text("bob was here\n")
-    kiln.git(world.bob, "add", "bob.txt", cwd=clone)
-    kiln.git(world.bob, "commit", "-qm", "bob", cwd=clone)
+    clone = kiln.clone_with_commit(world.bob, "aviato/website.git", tmp_path / "bob", "bob.txt")
     before = refs(world.website)
     done = kiln.git(world.bob, "push", "origin", "HEAD:refs/heads/bob", cwd=clone, check=False)
     assert done.returncode != 0

@@ -81,11 +81,7 @@ def test_windows_style_two_word_command(world: World) -> None:
 
 def test_grant_gives_another_account_write(world: World, tmp_path: Path) -> None:
     kiln = world.kiln
-    clone = tmp_path / "dave"
-    kiln.git(world.dave, "clone", "-q", kiln.url("aviato/website.git"), str(clone))
-    (clone / "dave.txt").write_text("hi\n")
-    kiln.git(world.dave, "add", "dave.txt", cwd=clone)
-    kiln.git(world.dave, "commit", "-qm", "from dave", cwd=clone)
+    clone = kiln.clone_with_commit(world.dave, "aviato/website", tmp_path / "dave", "dave.txt")
     kiln.git(world.dave, "push", "-q", "origin", "HEAD:refs/heads/dave", cwd=clone)
     head = run(["git", "-C", str(clone), "rev-parse", "HEAD"]).stdout.decode().strip()
     assert backend_rev(world, "refs/heads/dave") == head

@@ -101,11 +101,7 @@ def test_backend_environment_carries_the_session(world: World, tmp_path: Path) -
     )
     hook.chmod(0o755)
     try:
-        clone = tmp_path / "clone"
-        kiln.git(world.alice, "clone", "-q", kiln.url("aviato/website"), str(clone))
-        (clone / "env.txt").write_text("x\n")
-        kiln.git(world.alice, "add", "env.txt", cwd=clone)
-        kiln.git(world.alice, "commit", "-qm", "env", cwd=clone)
+        clone = kiln.clone_with_commit(world.alice, "aviato/website", tmp_path / "w", "env.txt")
         kiln.git(world.alice, "push", "-q", "origin", "HEAD:refs/heads/env", cwd=clone)
     finally:
         hook.unlink()
