@@ -23,6 +23,8 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    openssh-server openssh-client git mercurial >/dev/null; \
 	fi
+	@# sshd's privilege separation directory, normally made by its (here unused) service.
+	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd
 
 run: venv
 	$(BIN)/kilnproxy demo

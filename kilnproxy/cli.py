@@ -48,6 +48,7 @@ def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.backend_admin import ensure_backend_key
     from kilnproxy.logs import configure
     from kilnproxy.serve import serve
     from kilnproxy.server import ensure_host_keys
@@ -55,8 +56,28 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     configure(config.log.format, config.log.level, config.log.file)
     for line in ensure_host_keys(config.ssh.host_keys):
         print(line, file=sys.stderr)
+    _, made = ensure_backend_key(config.backend_ssh.key)
+    if made:
+        print(f"generated backend key {config.backend_ssh.key}", file=sys.stderr)
     serve(config)
     return 0
+
+
+def _backend_key(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.backend_admin import show_key
+
+    return _print(show_key(config))
+
+
+def _backend_trust(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.backend_admin import trust
+    from kilnproxy.directory import open_directory
+
+    directory = open_directory(config.directory.url, config.home)
+    try:
+        return _print(trust(directory, config, args.name, config.timeouts.dial))
+    finally:
+        directory.close()
 
 
 def _version(args: argparse.Namespace, config: Config) -> int:
@@ -148,6 +169,9 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
     sub.add_argument("name")
     sub.add_argument("url")
     command(backends, "list", _directory_action(admin.list_backends), "list backends")
+    command(backends, "key", _backend_key, "print the proxy's public key for ssh:// backends")
+    sub = command(backends, "trust", _backend_trust, "record an ssh:// backend's host key")
+    sub.add_argument("name")
 
     repos = commands.add_parser("repos", help="repositories").add_subparsers(
         dest="sub", required=True

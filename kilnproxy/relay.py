@@ -244,6 +244,14 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None and self.state is RelayState.RUNNING:
             self._chan.resume_reading()
 
+    def backend_lost(self, error: BackendError) -> None:
+        self._stream = None
+        self.session.log.warning("backend %s failed: %s", self.backend_name, error.detail)
+        self.outcome = Outcome.BACKEND_ERROR
+        if self._chan is not None and self.state is not RelayState.EXITING:
+            self._chan.write_stderr(client_line(error.message, self.session.id).encode())
+        self._finish(1)
+
     def backend_finished(self, exit_status: int) -> None:
         self._stream = None
         if self.outcome is None:

@@ -39,6 +39,7 @@ class WorkerStats:
     fds: int
     rss: int
     accepting: bool
+    backend_connections: int
 
 
 class Worker:
@@ -52,7 +53,7 @@ class Worker:
         self.host = SessionHost(
             config=config,
             directory=open_directory(config.directory.url, config.home),
-            backends=Backends(config.home / "state"),
+            backends=Backends(config.home / "state", config.backend_ssh, config.timeouts.dial),
         )
 
     async def start(self) -> None:
@@ -124,4 +125,7 @@ class Worker:
             fds=self._process.num_fds(),
             rss=self._process.memory_info().rss,
             accepting=self.host.accepting,
+            backend_connections=sum(
+                pool["connections"] for pool in self.host.backends.statistics().values()
+            ),
         )

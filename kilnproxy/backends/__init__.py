@@ -6,24 +6,48 @@ from pathlib import Path
 
 from kilnproxy.backends.base import Backend, BackendRequest, BackendSink, BackendStream
 from kilnproxy.backends.local import LocalBackend
+from kilnproxy.backends.pool import Target
+from kilnproxy.backends.ssh import SshBackend
+from kilnproxy.config import BackendSshSettings
 from kilnproxy.directory.model import Route, parse_backend_url
 
 
 class Backends:
-    """One Backend object per (name, URL), made on first use and kept for the worker's life."""
+    """One Backend object per (name, URL), made on first use and kept for the worker's life.
 
-    def __init__(self, state_dir: Path) -> None:
+    A backend whose URL changes in the directory gets a new object (and pool) on next use.
+    """
+
+    def __init__(self, state_dir: Path, ssh: BackendSshSettings, dial_timeout: float) -> None:
         self._state_dir = state_dir
+        self._ssh = ssh
+        self._dial_timeout = dial_timeout
         self._by_key: dict[tuple[str, str], Backend] = {}
 
     def for_route(self, route: Route) -> Backend:
         key = (route.backend, route.backend_url)
         backend = self._by_key.get(key)
         if backend is None:
-            url = parse_backend_url(route.backend_url)
-            backend = LocalBackend(route.backend, Path(url.base), self._state_dir)
+            backend = self._make(route.backend, route.backend_url)
             self._by_key[key] = backend
         return backend
+
+    def _make(self, name: str, url_text: str) -> Backend:
+        url = parse_backend_url(url_text)
+        if url.scheme == "local":
+            return LocalBackend(name, Path(url.base), self._state_dir)
+        ssh = self._ssh
+        target = Target(name, url.host, url.port, url.user, ssh.key, ssh.known_hosts)
+        return SshBackend(
+            name, target, ssh.max_sessions_per_connection, ssh.pool_idle, self._dial_timeout
+        )
+
+    def statistics(self) -> dict[str, dict[str, int]]:
+        return {
+            name: backend.pool.statistics()
+            for (name, _), backend in self._by_key.items()
+            if isinstance(backend, SshBackend)
+        }
 
     async def close(self) -> None:
         for backend in self._by_key.values():

@@ -13,6 +13,7 @@ from typing import Protocol
 from kilnproxy.access import Access
 from kilnproxy.commands import Verb
 from kilnproxy.directory.model import Identity, Route
+from kilnproxy.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class BackendRequest:
             "KILNPROXY_ACCOUNT": self.identity.account,
             "KILNPROXY_USER": self.identity.user,
             "KILNPROXY_ACCESS": Access(self.route.access).label,
+            "KILNPROXY_REPO": self.route.repo,
         }
         if self.git_protocol:
             env["GIT_PROTOCOL"] = self.git_protocol
@@ -49,6 +51,9 @@ class BackendSink(Protocol):
 
     def backend_finished(self, exit_status: int) -> None:
         """Called once, after every byte of output was delivered."""
+
+    def backend_lost(self, error: BackendError) -> None:
+        """Called instead of backend_finished when the storage went away mid-command."""
 
 
 class BackendStream(Protocol):

@@ -58,7 +58,6 @@ def command_env(request: BackendRequest, hook_rc: Path) -> dict[str, str]:
         else:
             rc_path = [os.path.expanduser(p) for p in _HG_DEFAULT_RC]
         env["HGRCPATH"] = os.pathsep.join([*rc_path, str(hook_rc)])
-        env["KILNPROXY_REPO"] = request.route.repo
     return env
 
 

@@ -48,8 +48,15 @@ def parse_backend_url(url: str) -> BackendUrl:
             raise OperatorError(f"{url!r}: a local backend is local:///ABSOLUTE/PATH")
         return BackendUrl("local", PurePosixPath(parts.path))
     if parts.scheme == "ssh":
-        raise OperatorError(f"{url!r}: ssh:// backends are not supported by this version yet")
-    raise OperatorError(f"{url!r}: a backend URL is local:///PATH")
+        try:
+            port = parts.port or 22
+        except ValueError:
+            raise OperatorError(f"{url!r}: the port is not a number") from None
+        if not parts.hostname or not parts.username or not parts.path.startswith("/"):
+            raise OperatorError(f"{url!r}: an ssh backend is ssh://USER@HOST:PORT/ABSOLUTE/PATH")
+        base = PurePosixPath(parts.path)
+        return BackendUrl("ssh", base, parts.username, parts.hostname, port)
+    raise OperatorError(f"{url!r}: a backend URL is local:///PATH or ssh://USER@HOST:PORT/PATH")
 
 
 @dataclass(frozen=True)

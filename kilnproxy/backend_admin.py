@@ -1,0 +1,62 @@
+"""`kilnproxy backends key` and `kilnproxy backends trust NAME` (SPEC 5, issue: SSH backends).
+
+The proxy's own key is generated once and its public half is what the storage servers'
+authorized_keys list. `trust` fetches a backend's host key, shows its fingerprint, and records it
+in the known_hosts file that every dial is verified against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncssh
+
+from kilnproxy.config import Config
+from kilnproxy.directory import SqliteDirectory
+from kilnproxy.directory.model import parse_backend_url
+from kilnproxy.errors import OperatorError
+from kilnproxy.keys import write_new_key
+
+
+def ensure_backend_key(path: Path) -> tuple[asyncssh.SSHKey, bool]:
+    """The proxy's backend key, generated on first use; True if it was just made."""
+    if path.exists():
+        try:
+            return asyncssh.read_private_key(path), False
+        except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+            raise OperatorError(f"cannot read backend key {path}: {exc}") from None
+    return write_new_key(path, "kilnproxy backend key"), True
+
+
+def show_key(config: Config) -> list[str]:
+    key, made = ensure_backend_key(config.backend_ssh.key)
+    public = key.export_public_key().decode().strip()
+    lines = [f"generated {config.backend_ssh.key}"] if made else []
+    return [*lines, public]
+
+
+def trust(directory: SqliteDirectory, config: Config, name: str, timeout: float) -> list[str]:
+    url = parse_backend_url(directory.backend_url(name))
+    if url.scheme != "ssh":
+        raise OperatorError(f"backend {name!r} is not an ssh:// backend")
+    try:
+        key = asyncio.run(asyncio.wait_for(_host_key(url.host, url.port), timeout))
+    except (OSError, TimeoutError, asyncssh.Error) as exc:
+        raise OperatorError(f"cannot reach {url.host}:{url.port}: {exc or 'timed out'}") from None
+    if key is None:
+        raise OperatorError(f"{url.host}:{url.port} sent no host key")
+    host = url.host if url.port == 22 else f"[{url.host}]:{url.port}"
+    entry = f"{host} {key.export_public_key().decode().strip()}\n"
+    known = config.backend_ssh.known_hosts
+    known.parent.mkdir(parents=True, exist_ok=True)
+    existing = known.read_text().splitlines(keepends=True) if known.exists() else []
+    kept = [line for line in existing if line.split(" ", 1)[0] != host]
+    known.write_text("".join([*kept, entry]))
+    fingerprint = key.get_fingerprint("sha256")
+    replaced = " (replacing the previous key)" if len(kept) != len(existing) else ""
+    return [f"{name}: {host} host key {fingerprint}", f"recorded in {known}{replaced}"]
+
+
+async def _host_key(host: str, port: int) -> asyncssh.SSHKey | None:
+    return await asyncssh.get_server_host_key(host, port, config=None)

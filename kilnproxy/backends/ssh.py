@@ -1,0 +1,148 @@
+"""The ssh:// backend (SPEC 5): a repository command on a storage server's own sshd.
+
+Owns one Pool per backend. Each request is a channel on a pooled connection: the command with
+the backend path shell-quoted, and GIT_PROTOCOL and KILNPROXY_* as `env` requests (the storage
+sshd must AcceptEnv them). The channel's flow control maps onto the relay's both ways, as the
+local backend's pipes do.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import asyncssh
+
+from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
+from kilnproxy.backends.pool import Link, Pool, Target
+from kilnproxy.commands import Verb
+from kilnproxy.errors import BackendError
+
+# Bigger than asyncssh's defaults: fewer window updates and packets per byte relayed.
+WINDOW = 8 * 1024 * 1024
+MAX_PACKET = 256 * 1024
+_GIT_COMMANDS = {
+    Verb.UPLOAD_PACK: "git-upload-pack",
+    Verb.RECEIVE_PACK: "git-receive-pack",
+    Verb.UPLOAD_ARCHIVE: "git-upload-archive",
+}
+_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ABRT": 6, "KILL": 9, "SEGV": 11, "PIPE": 13, "TERM": 15}
+
+
+def remote_command(request: BackendRequest) -> str:
+    path = shlex.quote(request.route.path)
+    if request.verb is Verb.HG_SERVE:
+        return f"hg -R {path} serve --stdio"
+    return f"{_GIT_COMMANDS[request.verb]} {path}"
+
+
+class SshStream(asyncssh.SSHClientSession[bytes]):
+    """One channel on a pooled connection, relaying to a BackendSink."""
+
+    def __init__(self, sink: BackendSink, pool: Pool, link: Link, repo: str) -> None:
+        self.sink: BackendSink | None = sink
+        self._pool = pool
+        self._link: Link | None = link
+        self._repo = repo
+        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._status: int | None = None
+
+    # -- asyncssh callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self._chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.sink is None:
+            return
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.sink.backend_stderr(data)
+        else:
+            self.sink.backend_stdout(data)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_pause_input()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_resume_input()
+
+    def exit_status_received(self, status: int) -> None:
+        self._status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self._status = 128 + _SIGNALS.get(signal, 0)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self._status is None:  # the connection broke, or the server closed without a status
+            detail = f"channel closed without exit status ({exc or 'closed'})"
+            sink.backend_lost(BackendError(self._repo, detail))
+        else:
+            sink.backend_finished(self._status)
+
+    # -- BackendStream ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._chan is not None and not self._chan.is_closing():
+            self._chan.write(data)
+
+    def write_eof(self) -> None:
+        if self._chan is not None and not self._chan.is_closing():
+            self._chan.write_eof()
+
+    def pause_output(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def resume_output(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+    def abort(self) -> None:
+        self.sink = None
+        if self._chan is not None:
+            self._chan.close()
+        self._release()
+
+    def _release(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            self._pool.release(link)
+
+
+class SshBackend:
+    def __init__(
+        self, name: str, target: Target, max_sessions: int, idle: float, dial: float
+    ) -> None:
+        self.name = name
+        self.pool = Pool(target, max_sessions, idle, dial)
+
+    async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
+        repo = request.route.repo
+        link = await self.pool.acquire(repo)
+        assert link.conn is not None
+        stream = SshStream(sink, self.pool, link, repo)
+        env: dict[str | bytes, str | bytes] = {k: v for k, v in request.environment().items()}
+        try:
+            await link.conn.create_session(
+                lambda: stream,
+                remote_command(request),
+                env=env,
+                encoding=None,
+                window=WINDOW,
+                max_pktsize=MAX_PACKET,
+            )
+        except (OSError, asyncssh.Error) as exc:
+            stream.abort()
+            raise BackendError(repo, f"backend {self.name}: cannot open a channel: {exc}") from exc
+        except BaseException:  # cancelled: the client left while the channel was opening
+            stream.abort()
+            raise
+        return stream
+
+    async def close(self) -> None:
+        await self.pool.close()

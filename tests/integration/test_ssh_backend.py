@@ -1,0 +1,275 @@
+"""SSH backends: real OpenSSH sshd storage servers behind kilnproxy (SPEC 5)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import World, make_world
+from harness import KILNPROXY, free_port, run, seed_git, seed_hg
+from sshd import Sshd
+
+from kilnproxy.backends.local import READ_ONLY_HOOK
+
+UNAVAILABLE = (
+    r"^kilnproxy: storage for {} is unavailable, try again later \(session [0-9a-f]{{8}}\)$"
+)
+
+
+@dataclass
+class Remote:
+    world: World
+    storage1: Sshd
+    storage2: Sshd
+    site: Path
+    designs: Path
+    other: Path
+    public_key: str
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        kiln = self.world.kiln
+        argv = [*KILNPROXY, *args, "--config", str(kiln.config_path)]
+        return run(argv, env=kiln.server_env())
+
+    def add_storage(self, name: str, root: Path, *, trust: bool = True) -> Sshd:
+        storage = Sshd(root)
+        storage.authorize(self.public_key)
+        storage.start()
+        self.cli("backends", "add", name, storage.url)
+        if trust:
+            self.cli("backends", "trust", name)
+        return storage
+
+    def git_repo(self, storage: Sshd, backend: str, repo: str, files: dict[str, bytes]) -> Path:
+        path = storage.base / f"{repo}.git"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run(["git", "init", "-q", "--bare", "--initial-branch=main", str(path)])
+        seed_git(path, storage.root / f"seed-{repo.replace('/', '-')}", files)
+        self.cli("repos", "add", repo, "--vcs", "git", "--backend", backend)
+        return path
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
+    root = tmp_path_factory.mktemp("remote")
+    settings = {"timeouts": {"dial": "2s"}, "backend_ssh": {"pool_idle": "3s"}}
+    w = make_world(root / "kiln", settings)
+    env = w.kiln.server_env()
+    key = run([*KILNPROXY, "backends", "key", "--config", str(w.kiln.config_path)], env=env)
+    public = key.stdout.decode().splitlines()[-1]
+    assert public.startswith("ssh-ed25519 ")
+    r = Remote(w, Sshd(root / "s1"), Sshd(root / "s2"), Path(), Path(), Path(), public)
+    r.storage1 = r.add_storage("storage1", root / "s1")
+    r.storage2 = r.add_storage("storage2", root / "s2")
+    r.site = r.git_repo(r.storage1, "storage1", "aviato/remote-site", {"index.html": b"<h1/>\n"})
+    r.other = r.git_repo(r.storage2, "storage2", "hooli/other", {"README": b"other\n"})
+    r.designs = r.storage1.base / "aviato" / "remote-designs"
+    run(["hg", "init", str(r.designs)])
+    seed_hg(r.designs, {"logo.svg": b"<svg/>\n"})
+    # The storage server's own guard for hg pushes: the hook kilnproxy documents for operators.
+    (r.designs / ".hg" / "hgrc").write_text(READ_ONLY_HOOK)
+    r.cli("repos", "add", "aviato/remote-designs", "--vcs", "hg", "--backend", "storage1")
+    yield r
+    w.kiln.stop()
+    for storage in (r.storage1, r.storage2):
+        storage.stop()
+
+
+def rev(git_dir: Path, ref: str) -> str:
+    return run(["git", "--git-dir", str(git_dir), "rev-parse", ref]).stdout.decode().strip()
+
+
+def test_git_and_hg_through_two_storage_servers(remote: Remote, tmp_path: Path) -> None:
+    w = remote.world
+    kiln = w.kiln
+    clone = kiln.clone_with_commit(w.alice, "aviato/remote-site", tmp_path / "site", "new.txt")
+    assert (clone / "index.html").read_bytes() == b"<h1/>\n"
+    kiln.git(
+        w.alice, "-c", "protocol.version=2", "push", "-q", "origin", "HEAD:refs/heads/f", cwd=clone
+    )
+    assert rev(remote.site, "refs/heads/f") == rev(clone / ".git", "HEAD")
+    kiln.git(w.alice, "-c", "protocol.version=2", "fetch", "-q", "origin", cwd=clone)
+    assert rev(clone / ".git", "origin/f") == rev(remote.site, "refs/heads/f")
+
+    hg = tmp_path / "designs"
+    kiln.hg(w.alice, "clone", "-q", kiln.url("aviato/remote-designs"), str(hg))
+    (hg / "banner.svg").write_text("<svg>b</svg>\n")
+    kiln.hg(w.alice, "commit", "-A", "-m", "banner", cwd=hg)
+    kiln.hg(w.alice, "push", cwd=hg)
+    tip = ["hg", "log", "-r", "tip", "-T", "{node}"]
+    assert run([*tip, "-R", str(remote.designs)]).stdout == run([*tip, "-R", str(hg)]).stdout
+    kiln.hg(w.alice, "pull", "-q", cwd=hg)
+
+    # Another account's repository, on the second storage server, in the same run.
+    other = tmp_path / "other"
+    kiln.git(w.carol, "clone", "-q", kiln.url("hooli/other"), str(other))
+    assert (other / "README").read_bytes() == b"other\n"
+
+
+def test_read_only_hg_push_is_refused_by_the_backend_hook(remote: Remote, tmp_path: Path) -> None:
+    w = remote.world
+    hg = tmp_path / "designs"
+    w.kiln.hg(w.bob, "clone", "-q", w.kiln.url("aviato/remote-designs"), str(hg))
+    (hg / "bob.svg").write_text("<svg/>\n")
+    w.kiln.hg(w.bob, "commit", "-A", "-m", "bob", cwd=hg)
+    tip = ["hg", "-R", str(remote.designs), "log", "-r", "tip", "-T", "{node}"]
+    before = run(tip).stdout
+    done = w.kiln.hg(w.bob, "push", cwd=hg, check=False)
+    assert done.returncode != 0
+    text = (done.stdout + done.stderr).decode()
+    assert re.search(r"kilnproxy: you have read-only access to 'aviato/remote-designs'", text)
+    assert run(tip).stdout == before
+
+
+def test_backend_stderr_and_exit_status_reach_the_client(remote: Remote, tmp_path: Path) -> None:
+    w = remote.world
+    hook = remote.site / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'pushes are frozen for the release' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    try:
+        clone = w.kiln.clone_with_commit(w.alice, "aviato/remote-site", tmp_path / "c", "x.txt")
+        done = w.kiln.git(
+            w.alice, "push", "origin", "HEAD:refs/heads/frozen", cwd=clone, check=False
+        )
+    finally:
+        hook.unlink()
+    assert done.returncode != 0
+    assert "remote: pushes are frozen for the release" in done.stderr.decode()
+    assert "pre-receive hook declined" in done.stderr.decode()
+    # A failing backend command: its status and message come through unchanged.
+    remote.cli("repos", "add", "aviato/ghost", "--vcs", "git", "--backend", "storage1")
+    ghost = w.kiln.ssh(w.alice, "git-upload-pack 'aviato/ghost.git'")
+    assert ghost.returncode == 128
+    assert "does not appear to be a git repository" in ghost.stderr.decode()
+
+
+def test_pooling(remote: Remote, tmp_path: Path) -> None:
+    w = remote.world
+    storage = remote.add_storage("pooled", tmp_path / "pooled")
+    try:
+        remote.git_repo(storage, "pooled", "aviato/pooled", {"a.txt": b"a\n"})
+        for i in range(10):
+            w.kiln.git(w.alice, "clone", "-q", w.kiln.url("aviato/pooled"), str(tmp_path / f"s{i}"))
+        assert storage.accepted() == 1, storage.log()
+
+        def clone(i: int) -> bytes:
+            target = tmp_path / f"c{i}"
+            w.kiln.git(w.alice, "clone", "-q", w.kiln.url("aviato/pooled"), str(target))
+            return (target / "a.txt").read_bytes()
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            assert list(pool.map(clone, range(20))) == [b"a\n"] * 20
+        assert storage.accepted() <= 3, storage.accepted()
+    finally:
+        storage.stop()
+
+
+def wait_pools_closed(world: World) -> dict[str, int]:
+    deadline = time.monotonic() + 20
+    while True:
+        worker = world.kiln.wait_idle()
+        if worker["backend_connections"] == 0:
+            return worker
+        assert time.monotonic() < deadline, worker
+        time.sleep(0.2)
+
+
+def test_faults_end_one_session_and_leave_nothing_behind(remote: Remote, tmp_path: Path) -> None:
+    w = remote.world
+    before = wait_pools_closed(w)
+    backend_down(remote)
+    backend_hung(remote)
+    backend_host_key_changed(remote, tmp_path)
+    backend_killed_mid_clone(remote, tmp_path)
+    # The worker still serves: other backends, the local one, and the same backend anew.
+    kiln = w.kiln
+    kiln.git(w.alice, "clone", "-q", kiln.url("aviato/remote-site"), str(tmp_path / "after1"))
+    kiln.git(w.alice, "clone", "-q", kiln.url("aviato/website"), str(tmp_path / "after2"))
+    kiln.git(w.carol, "clone", "-q", kiln.url("hooli/big"), str(tmp_path / "after3"))
+    assert (tmp_path / "after3" / "big.bin").stat().st_size == 40 * 1024 * 1024
+    after = wait_pools_closed(w)
+    assert (after["tasks"], after["fds"]) == (before["tasks"], before["fds"])
+    assert "Traceback" not in kiln.log()
+
+
+def assert_unavailable(remote: Remote, repo: str) -> None:
+    w = remote.world
+    done = w.kiln.ssh(w.alice, f"git-upload-pack '{repo}'")
+    assert done.returncode == 1
+    assert re.match(UNAVAILABLE.format(repo), done.stderr.decode().strip()), done.stderr
+
+
+def backend_down(remote: Remote) -> None:
+    """Nothing listens on the port."""
+    remote.cli("backends", "add", "down", f"ssh://root@127.0.0.1:{free_port()}/srv")
+    remote.cli("repos", "add", "aviato/on-down", "--vcs", "git", "--backend", "down")
+    assert_unavailable(remote, "aviato/on-down")
+    remote.world.kiln.wait_for_log(r"backend down: cannot connect to 127\.0\.0\.1:\d+")
+
+
+def backend_hung(remote: Remote) -> None:
+    """The port accepts TCP (the kernel does, into the backlog) but never speaks SSH."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
+        port = silent.getsockname()[1]
+        remote.cli("backends", "add", "hung", f"ssh://root@127.0.0.1:{port}/srv")
+        remote.cli("repos", "add", "aviato/on-hung", "--vcs", "git", "--backend", "hung")
+        started = time.monotonic()
+        assert_unavailable(remote, "aviato/on-hung")
+        assert time.monotonic() - started < 6  # the 2 s dial timeout, not a hang
+
+
+def backend_host_key_changed(remote: Remote, tmp_path: Path) -> None:
+    """The server at the trusted address now presents another host key."""
+    first = remote.add_storage("changed", tmp_path / "impostor")
+    first.stop()
+    (tmp_path / "impostor" / "ssh_host_ed25519_key").unlink()
+    impostor = Sshd(tmp_path / "impostor", port=first.port)  # same address, new key
+    impostor.start()
+    try:
+        remote.git_repo(impostor, "changed", "aviato/on-changed", {"x": b"x\n"})
+        assert_unavailable(remote, "aviato/on-changed")
+        assert impostor.accepted() == 0  # refused before authenticating
+        remote.world.kiln.wait_for_log(r"backend changed: cannot connect .*(not trusted|verif)")
+    finally:
+        impostor.stop()
+
+
+def backend_killed_mid_clone(remote: Remote, tmp_path: Path) -> None:
+    """Every sshd process serving the storage connection dies in the middle of a clone."""
+    kiln = remote.world.kiln
+    big = remote.git_repo(remote.storage2, "storage2", "hooli/big", {"big.bin": random_bytes(40)})
+    run(["git", "--git-dir", str(big), "repack", "-adq"])
+    git = subprocess.Popen(
+        ["git", "clone", "-q", kiln.url("hooli/big"), str(tmp_path / "big")],
+        env=kiln.client_env(remote.world.carol), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    with git:
+        deadline = time.monotonic() + 30
+        while not any(int(r["bytes_out"]) > 2_000_000 for r in kiln.connections()):
+            assert time.monotonic() < deadline and git.poll() is None
+            time.sleep(0.02)
+        assert remote.storage2.kill_connections() > 0
+        assert git.wait(timeout=60) != 0
+        assert git.stderr is not None
+        assert b"kilnproxy: storage for hooli/big is unavailable" in git.stderr.read()
+
+
+def random_bytes(mib: int) -> bytes:
+    return os.urandom(mib * 1024 * 1024)
+
+
+def test_trust_and_key_commands_speak_one_line_errors(remote: Remote) -> None:
+    kiln = remote.world.kiln
+    argv = [*KILNPROXY, "backends", "trust", "local", "--config", str(kiln.config_path)]
+    done = run(argv, env=kiln.server_env(), check=False)
+    assert done.returncode == 2
+    expected = "kilnproxy: error: backend 'local' is not an ssh:// backend"
+    assert done.stderr.decode().strip() == expected
