@@ -50,8 +50,8 @@ def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.backend_admin import ensure_backend_key
     from kilnproxy.logs import configure
-    from kilnproxy.serve import serve
     from kilnproxy.server import ensure_host_keys
+    from master.arbiter import serve
 
     configure(config.log.format, config.log.level, config.log.file)
     for line in ensure_host_keys(config.ssh.host_keys):
@@ -59,8 +59,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     _, made = ensure_backend_key(config.backend_ssh.key)
     if made:
         print(f"generated backend key {config.backend_ssh.key}", file=sys.stderr)
-    serve(config)
-    return 0
+    return serve(config, args.config)
 
 
 def _backend_key(args: argparse.Namespace, config: Config) -> int:

@@ -13,6 +13,7 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncssh
@@ -49,6 +50,8 @@ class SessionHost:
     accepting: bool = True
     # Set whenever no session is open: what a drain waits for.
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
+    # Told the id of every session that ends (the worker reports it to the master).
+    on_close: Callable[[str], None] | None = None
 
     def opened(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -59,6 +62,8 @@ class SessionHost:
         self.sessions.pop(session.id, None)
         if not self.sessions:
             self.no_sessions.set()
+        if self.on_close is not None:
+            self.on_close(session.id)
 
 
 @dataclass(frozen=True)

@@ -63,10 +63,15 @@ class Worker:
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
 
     def stop_accepting(self) -> None:
+        """Stop accepting, and let go of the listening sockets: uvloop serves on duplicates of
+        them, and while any process holds one the kernel keeps queueing connections nobody
+        will accept (a drain must refuse them)."""
         self.host.accepting = False
         for acceptor in self._acceptors:
             acceptor.close()
         self._acceptors.clear()
+        for sock in self._sockets:
+            sock.close()
 
     async def drain(self, within: float) -> None:
         """Let every session finish; after `within` seconds cut the rest (SPEC 6)."""

@@ -29,7 +29,9 @@ class World:
     designs_tip: str
 
 
-def make_world(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> World:
+def make_world(
+    root: Path, settings: dict[str, dict[str, Any]] | None = None, env: dict[str, str] | None = None
+) -> World:
     kiln = Kiln(root, settings or {})
     alice = kiln.add_user("aviato", "alice", Role.WRITE)
     bob = kiln.add_user("aviato", "bob", Role.READ)
@@ -44,7 +46,7 @@ def make_world(root: Path, settings: dict[str, dict[str, Any]] | None = None) ->
         website, root / "seed-website", {"README.md": b"# website\n", "src/a.txt": b"a\n"}
     )
     tip = seed_hg(designs, {"logo.svg": b"<svg/>\n"})
-    kiln.start()
+    kiln.start(env=env)
     return World(kiln, alice, bob, carol, dave, stranger, website, designs, head, tip)
 
 
@@ -53,8 +55,10 @@ def new_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
     """Make worlds for a test that signals its server itself; whatever is left is killed."""
     made: list[World] = []
 
-    def make(settings: dict[str, dict[str, Any]] | None = None) -> World:
-        made.append(make_world(tmp_path / f"world{len(made)}", settings))
+    def make(
+        settings: dict[str, dict[str, Any]] | None = None, env: dict[str, str] | None = None
+    ) -> World:
+        made.append(make_world(tmp_path / f"world{len(made)}", settings, env))
         return made[-1]
 
     yield make

@@ -95,8 +95,9 @@ class Kiln:
             "ssh": {"listen": [f"127.0.0.1:{self.port}"]},
             "status": {"socket": "kilnproxy.sock", "http": f"127.0.0.1:{free_port()}"},
             "workers": {"count": 1},
-            **self.settings,
         }
+        for section, values in self.settings.items():  # a test's keys, section by section
+            settings[section] = {**settings.get(section, {}), **values}
         lines = []
         for section, values in settings.items():
             lines.append(f"[{section}]")
@@ -134,27 +135,44 @@ class Kiln:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILNPROXY_")}
         return env | {"KILNPROXY_HOME": str(self.home), "HOME": str(self.client_home)}
 
-    def start(self, argv: list[str] | None = None) -> None:
+    def start(self, argv: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 argv or [*KILNPROXY, "serve", "--config", str(self.config_path)],
-                env=self.server_env(),
+                env=self.server_env() | (env or {}),
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, as under systemd
             )
-        deadline = time.monotonic() + START_TIMEOUT
+        self.wait_ready()
+        host_key = (self.home / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+
+    def wait_ready(self, count: int | None = None, timeout: float = START_TIMEOUT) -> list[int]:
+        """Wait until `count` workers (all wanted, by default) are READY; return their pids."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(Exception):
-                self.status()
-                break
+                workers = self.status()["workers"]
+                ready = [w["pid"] for w in workers if w["state"] == "ready"]
+                wanted = count or int(self.settings.get("workers", {}).get("count", 1))
+                if len(ready) == wanted == len(workers):
+                    return ready
             time.sleep(0.05)
-        else:
-            raise AssertionError(f"serve did not start:\n{self.log()}")
-        host_key = (self.home / "ssh_host_ed25519_key.pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        raise AssertionError(f"workers not ready:\n{self.log()[-5000:]}")
+
+    def send(self, signum: int) -> None:
+        """A signal to the master."""
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def workers(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.status()["workers"]
+        return rows
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -285,6 +303,11 @@ def seed_hg(repo_path: Path, files: dict[str, bytes]) -> str:
     run(["hg", "-R", str(repo_path), "add", *[str(repo_path / n) for n in files]])
     run(["hg", "-R", str(repo_path), "commit", "-u", "Seed <seed@example.com>", "-m", "seed"])
     return run(["hg", "-R", str(repo_path), "log", "-r", "tip", "-T", "{node}"]).stdout.decode()
+
+
+def pack_bytes_received(clone: Path) -> int:
+    """How much of the pack a `git clone` in progress has written: the client's own count."""
+    return sum(p.stat().st_size for p in clone.glob(".git/objects/pack/tmp_pack_*"))
 
 
 async def hold_tcp(port: int, seconds: float) -> float:

@@ -78,8 +78,11 @@ class SshStream(asyncssh.SSHClientSession[bytes]):
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        if self._status is None:  # the connection broke, or the server closed without a status
-            detail = f"channel closed without exit status ({exc or 'closed'})"
+        if exc is not None or self._status is None:
+            # The connection broke (OpenSSH sends exit-status as soon as the command exits,
+            # while output may still be queued: a status is no proof that every byte came), or
+            # the server closed the channel without a status.
+            detail = f"channel lost ({exc or 'closed without exit status'})"
             sink.backend_lost(BackendError(self._repo, detail))
         else:
             sink.backend_finished(self._status)

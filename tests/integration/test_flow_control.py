@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 from conftest import World
-from harness import run, seed_git
+from harness import pack_bytes_received, run, seed_git
 
 SIZE = 100 * 1024 * 1024
 RSS_BOUND = 16 * 1024 * 1024
@@ -46,15 +46,15 @@ def test_stalled_client_does_not_grow_the_worker(world: World, tmp_path: Path) -
     )  # fmt: skip
     ssh = ssh_client_of(git)
     deadline = time.monotonic() + 60
-    while bytes_out(world) < 8 * 1024 * 1024:
-        assert time.monotonic() < deadline, "the clone never started sending"
-        time.sleep(0.02)
+    while pack_bytes_received(clone) < 8 * 1024 * 1024:  # the client's count: heartbeats lag
+        assert time.monotonic() < deadline, "the clone never started receiving"
+        time.sleep(0.01)
     ssh.suspend()  # the client stops reading: its socket and the SSH window fill up
     try:
-        time.sleep(1.0)
+        time.sleep(2.5)  # buffers fill, and two heartbeats bring the worker's counts up to date
         stalled_at = bytes_out(world)
         peak = rss_before
-        for _ in range(20):
+        for _ in range(25):
             peak = max(peak, kiln.worker()["rss"])
             time.sleep(0.1)
         assert bytes_out(world) - stalled_at < 4 * 1024 * 1024, "the relay kept reading"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import World, make_world
 
-FAULTY = [sys.executable, str(Path(__file__).parents[1] / "faulty_serve.py")]
+FAULT_INJECTION = Path(__file__).parents[1] / "fault_injection"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = make_world(tmp_path_factory.mktemp("faulty"))
     w.kiln.add_repo("aviato/boom", "git")
     w.kiln.stop()
-    w.kiln.start([*FAULTY, "serve", "--config", str(w.kiln.config_path)])
+    w.kiln.start(env={"PYTHONPATH": str(FAULT_INJECTION)})
     yield w
     w.kiln.stop()
 

@@ -46,7 +46,7 @@ def test_make_run_prints_commands_that_work(tmp_path: Path) -> None:
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while "listening on" not in output.read_text(errors="replace"):
+        while "workers ready" not in output.read_text(errors="replace"):
             assert make.poll() is None, output.read_text(errors="replace")
             assert time.monotonic() < deadline, output.read_text(errors="replace")
             time.sleep(0.2)

@@ -1,0 +1,81 @@
+"""The socketpair protocol between the master and a worker: small, typed, versioned.
+
+One JSON object per line, `{"v": 1, "kind": ..., ...}`. Workers say READY once they serve,
+HEARTBEAT every second with their statistics and the sessions that changed, DRAINING when they
+start draining on their own (a TERM sent to them), and SESSION_CLOSE when a session ends. The
+master says DRAIN, STOP (fast) and KILL_SESSION. A line of another version or kind is an error
+for the reader, never silently dropped. This module must never import asyncssh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+MAX_LINE = 4 * 1024 * 1024
+WORKER_BOOT_ERROR = (
+    3  # exit status of a worker that cannot start: the master must not retry forever
+)
+
+
+class Kind(enum.Enum):
+    # worker -> master
+    READY = "ready"
+    HEARTBEAT = "heartbeat"
+    DRAINING = "draining"
+    SESSION_CLOSE = "session_close"
+    # master -> worker
+    DRAIN = "drain"
+    STOP = "stop"
+    KILL_SESSION = "kill_session"
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: Kind
+    body: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": VERSION, "kind": self.kind.value, **self.body}).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    """Parse one line; raise ValueError if it is not a message of this version."""
+    data = json.loads(line)
+    if not isinstance(data, dict) or data.pop("v", None) != VERSION:
+        raise ValueError(f"not a version {VERSION} control message: {line[:80]!r}")
+    return Message(Kind(data.pop("kind")), data)
+
+
+class Channel:
+    """One end of the socketpair, as asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, sock: Any) -> Channel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
+        return cls(reader, writer)
+
+    def send(self, message: Message) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(message.encode())
+
+    async def receive(self) -> Message | None:
+        """The next message, or None when the other end has gone."""
+        try:
+            line = await self._reader.readline()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            return None
+        if not line:
+            return None
+        return decode(line)
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,394 @@
+"""The pre-fork master (SPEC 6): real `kilnproxy serve` processes receiving real signals."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import World
+from harness import KILNPROXY, run
+
+Factory = Callable[..., World]
+
+
+def title(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def held_session(w: World) -> subprocess.Popen[bytes]:
+    """An upload-pack conversation the test finishes (or not) when it likes."""
+    client = w.kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'")
+    assert client.stdout is not None
+    assert b" HEAD\x00" in client.stdout.read(200)  # the advertisement has begun
+    return client
+
+
+def finish(client: subprocess.Popen[bytes]) -> int:
+    assert client.stdin is not None
+    client.stdin.write(b"0000")
+    client.stdin.close()
+    return client.wait(timeout=20)
+
+
+def owner_of_held(w: World) -> int:
+    wait_until(lambda: any(r["repo"] for r in w.kiln.connections()), 10, "the session row")
+    row = next(r for r in w.kiln.connections() if r["repo"])
+    return int(next(x["pid"] for x in w.kiln.workers() if x["index"] == row["worker"]))
+
+
+def test_three_workers_status_and_connections(new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 3}})
+    kiln = w.kiln
+    assert kiln.proc is not None
+    assert title(kiln.proc.pid) == "kilnproxy: master"
+    workers = kiln.workers()
+    assert sorted(x["index"] for x in workers) == [0, 1, 2]
+    for worker in workers:
+        assert title(worker["pid"]) == f"kilnproxy: worker {worker['index']} (0 sessions)"
+    env = kiln.server_env()
+    status = run([*KILNPROXY, "status", "--config", str(kiln.config_path)], env=env).stdout.decode()
+    for worker in workers:
+        assert re.search(
+            rf"^\s+{worker['index']}\s+{worker['pid']}\s+0\s+\d+\s+[\d.]+ MiB$", status, re.M
+        )
+    with held_session(w) as client:
+        pid = owner_of_held(w)
+        listing = run([*KILNPROXY, "connections", "--config", str(kiln.config_path)], env=env)
+        line = listing.stdout.decode()
+        assert "aviato/alice" in line and 'key "alice\'s laptop"' in line
+        assert "git-upload-pack aviato/website" in line
+        wait_until(lambda: "(1 sessions)" in title(pid), 5, "the title to count the session")
+        assert finish(client) == 0
+
+
+def test_kill_9_fails_one_session_and_is_replaced(new_world: Factory, tmp_path: Path) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    with held_session(w) as victim_client:
+        victim = owner_of_held(w)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def clone_loop() -> int:
+            done = 0
+            while not stop.is_set():
+                target = tmp_path / f"c{done}"
+                result = kiln.git(
+                    w.alice, "clone", "-q", kiln.url("aviato/website"), str(target), check=False
+                )
+                if result.returncode != 0:
+                    failures.append(result.stderr.decode())
+                done += 1
+            return done
+
+        with ThreadPoolExecutor(1) as pool:
+            loop = pool.submit(clone_loop)
+            wait_until(
+                lambda: len([x for x in kiln.workers() if x["state"] == "ready"]) == 2
+                and victim not in [x["pid"] for x in kiln.workers()],
+                10, "a replacement",
+            )  # fmt: skip
+            replaced_in = time.monotonic() - killed_at
+            time.sleep(0.5)
+            stop.set()
+            clones = loop.result(timeout=60)
+        assert victim_client.wait(timeout=10) != 0  # only the session on the dead worker failed
+    assert failures == [] and clones > 0
+    assert replaced_in < 2.0, replaced_in
+    kiln.wait_for_log(rf"worker \d \(pid {victim}\) died with status -9")
+
+
+def test_stopped_worker_is_killed_with_its_stacks_and_the_watchdog_pauses(
+    new_world: Factory, notify: NotifyListener
+) -> None:
+    w = new_world({"workers": {"count": 2}}, env=notify.env(watchdog_usec=1_000_000))
+    kiln = w.kiln
+    notify.wait_for("READY=1")
+    victim = kiln.workers()[0]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    wait_until(
+        lambda: victim not in [x["pid"] for x in kiln.workers()], 25, "the stopped worker to go"
+    )
+    gone_after = time.monotonic() - stopped_at
+    assert 10 <= gone_after < 20, gone_after
+    kiln.wait_ready(2)
+    log = kiln.log()
+    assert re.search(rf"worker \d \(pid {victim}\) silent for \d+s: SIGABRT", log)
+    assert (
+        "Fatal Python error: Aborted" in log
+        and "File " in log.split("Fatal Python error: Aborted")[1]
+    )
+    # WATCHDOG=1 came every 0.5 s while healthy, and paused while the worker was stopped.
+    pings = notify.times("WATCHDOG=1")
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) > 5, gaps
+    assert any(t > stopped_at + gone_after for t in pings)  # and resumed after
+
+
+def test_term_finishes_the_clone_and_refuses_new_connections(new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    with held_session(w) as client:
+        owner_of_held(w)
+        kiln.send(signal.SIGTERM)
+        kiln.wait_for_log(r"drain stop of 2 workers")
+        refused = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+        assert refused.returncode == 255
+        assert "Connection refused" in refused.stderr.decode()
+        assert kiln.proc is not None and kiln.proc.poll() is None
+        assert finish(client) == 0
+    assert kiln.proc.wait(timeout=15) == 0
+
+
+def test_hup_rolling_restart_drops_nothing(new_world: Factory, tmp_path: Path) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    before = {x["pid"] for x in kiln.workers()}
+    failures: list[str] = []
+    count = iter(range(50))
+    lock = threading.Lock()
+
+    def clone_loop() -> None:
+        while True:
+            with lock:
+                i = next(count, None)
+            if i is None:
+                return
+            result = kiln.git(
+                w.alice,
+                "clone",
+                "-q",
+                kiln.url("aviato/website"),
+                str(tmp_path / f"c{i}"),
+                check=False,
+            )
+            if result.returncode != 0:
+                failures.append(result.stderr.decode())
+
+    with held_session(w) as survivor, ThreadPoolExecutor(4) as pool:
+        owner_of_held(w)
+        clients = [pool.submit(clone_loop) for _ in range(4)]
+        time.sleep(0.3)
+        kiln.send(signal.SIGHUP)
+        for client in clients:
+            client.result(timeout=300)
+        wait_until(lambda: not before & {x["pid"] for x in kiln.workers() if x["state"] == "ready"},
+                   30, "every worker to be replaced")  # fmt: skip
+        assert finish(survivor) == 0  # opened before the HUP, finished after it
+    assert failures == []
+    kiln.wait_for_log(r"rolling restart to generation 1 complete")
+
+
+def test_hup_with_a_broken_config_changes_nothing(new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    before = {x["pid"] for x in kiln.workers()}
+    good = kiln.config_path.read_text()
+    kiln.config_path.write_text(good + '[timeouts]\nidle = "forever"\n')
+    kiln.send(signal.SIGHUP)
+    kiln.wait_for_log(
+        r"reload refused, nothing changed: .*\[timeouts\] idle: 'forever' is not a duration"
+    )
+    time.sleep(1)
+    assert {x["pid"] for x in kiln.workers()} == before
+
+
+def test_term_to_one_worker_drains_it_after_its_replacement_is_up(new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    with held_session(w) as client:
+        victim = owner_of_held(w)
+        os.kill(victim, signal.SIGTERM)
+        wait_until(lambda: len([x for x in kiln.workers() if x["state"] == "ready"]) == 2
+                   and victim not in [x["pid"] for x in kiln.workers() if x["state"] == "ready"],
+                   10, "the replacement")  # fmt: skip
+        assert psutil.pid_exists(victim)  # still draining: the held session is on it
+        accepted = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+        assert accepted.returncode == 0
+        assert finish(client) == 0
+    wait_until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie",
+               10, "the drained worker to exit")  # fmt: skip
+    kiln.wait_for_log(rf"worker \d \(pid {victim}\) exited 0 after draining")
+
+
+def test_a_worker_that_cannot_boot_stops_the_master(tmp_path: Path, new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    kiln.stop()
+    (kiln.home / "ssh_host_ed25519_key").write_text("not a key\n")
+    started = time.monotonic()
+    with kiln.log_path.open("ab") as log:
+        proc = subprocess.Popen([*KILNPROXY, "serve", "--config", str(kiln.config_path)],
+                                env=kiln.server_env(), stdout=log, stderr=log)  # fmt: skip
+    assert proc.wait(timeout=30) != 0
+    assert time.monotonic() - started < 15
+    log_text = kiln.log()
+    assert "cannot boot (3 of 3 tries)" in log_text
+    assert log_text.count("host key") >= 3 and "the master gives up" in log_text
+
+
+def test_a_burst_of_signals_is_counted_exactly(new_world: Factory) -> None:
+    """100 signals in 2 s, while workers start and drain: every one acted on, in order.
+
+    They are 20 ms apart because the kernel merges a standard signal sent while the same one is
+    still pending (POSIX): on two busy cores, back-to-back signals are lost before any handler
+    of ours could run. What the master must not do is lose one it was delivered.
+    """
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    assert kiln.proc is not None
+    master = kiln.proc.pid
+    ttin, ttou, hup = signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP
+    plan = [ttin, ttin, hup, ttou, ttin, ttou, ttou, ttou] * 12 + [ttin, ttin, hup, ttin]
+    expected = 2
+    for signum in plan:
+        if signum == ttin:
+            expected += 1
+        elif signum == ttou:
+            expected = max(1, expected - 1)  # never fewer than one
+    assert (len(plan), expected) == (100, 4)
+    for signum in plan:
+        os.kill(master, signum)
+        time.sleep(0.02)
+    wait_until(lambda: kiln.log().count("received SIG") >= len(plan), 20, "every signal")
+    assert kiln.log().count("received SIG") == len(plan)
+
+    def settled() -> bool:
+        status = kiln.status()
+        workers = status["workers"]
+        current = all(x["generation"] == status["generation"] for x in workers)
+        return len(workers) == expected and current and all(x["state"] == "ready" for x in workers)
+
+    wait_until(settled, 180, f"{expected} ready workers")
+    time.sleep(1)
+    group = [
+        p for p in psutil.process_iter(["pid", "status"]) if os.getpgid(p.pid) == os.getpgid(master)
+    ]
+    assert len(group) == 1 + expected, [title(p.pid) for p in group]
+    assert not [p for p in group if p.info["status"] == psutil.STATUS_ZOMBIE]
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET of the test's own, recording what arrives and when."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def env(self, watchdog_usec: int | None = None) -> dict[str, str]:
+        env = {"NOTIFY_SOCKET": str(self.path)}
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        return env
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self) -> list[str]:
+        return [line for _, line in self.messages]
+
+    def times(self, line: str) -> list[float]:
+        return [t for t, got in self.messages if got == line]
+
+    def wait_for(self, line: str, after: int = 0, timeout: float = 30) -> int:
+        wait_until(lambda: line in self.lines()[after:], timeout, line)
+        return self.lines().index(line, after)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifyListener]:
+    listener = NotifyListener(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def test_sd_notify_ready_reloading_stopping(new_world: Factory, notify: NotifyListener) -> None:
+    w = new_world({"workers": {"count": 3}}, env=notify.env())
+    kiln = w.kiln
+    first_ready = notify.wait_for("READY=1")
+    ready_at = notify.times("READY=1")[0]
+    log = kiln.log()
+    assert log.count(") ready") >= 3  # every worker had said READY before READY=1
+    status_line = "STATUS=3 workers, 0 sessions"
+    wait_until(lambda: status_line in notify.lines(), 5, status_line)
+    kiln.send(signal.SIGHUP)
+    reloading = notify.wait_for("RELOADING=1", first_ready)
+    assert any(line.startswith("MONOTONIC_USEC=") for line in notify.lines()[reloading:])
+    notify.wait_for("READY=1", reloading)
+    kiln.send(signal.SIGTERM)
+    stopping = notify.wait_for("STOPPING=1", reloading)
+    assert kiln.proc is not None and kiln.proc.wait(timeout=15) == 0
+    assert first_ready < reloading < stopping
+    assert ready_at > 0
+
+
+def test_socket_activation_serves_on_fd_3(new_world: Factory, tmp_path: Path) -> None:
+    w = new_world({"workers": {"count": 1}})
+    kiln = w.kiln
+    kiln.stop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    adopt = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    argv = [sys.executable, "-c", adopt, str(listener.fileno()), *KILNPROXY, "serve",
+            "--config", str(kiln.config_path)]  # fmt: skip
+    with kiln.log_path.open("ab") as log:
+        kiln.proc = subprocess.Popen(argv, env=kiln.server_env(), stdout=log, stderr=log,
+                                     pass_fds=[listener.fileno()])  # fmt: skip
+    listener.close()
+    kiln.port = port  # the configured port is not used: systemd's socket is
+    kiln.wait_ready(1)
+    host_key = (kiln.home / "ssh_host_ed25519_key.pub").read_text().split()
+    kiln.known_hosts.write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    done = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+    assert done.returncode == 0 and b"refs/heads/main" in done.stdout
+    assert f"listening on 127.0.0.1:{port}" in kiln.log()
+
+
+def test_master_never_imports_asyncssh() -> None:
+    code = "import sys, master.arbiter; sys.exit('asyncssh' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
