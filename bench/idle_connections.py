@@ -13,35 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import asyncssh
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from clients import hold
 from harness import Kiln
 
 from kilnproxy.access import Role
-
-BATCH = 50
-
-
-async def hold(kiln: Kiln, key: Path, count: int) -> list[asyncssh.SSHClientConnection]:
-    connections: list[asyncssh.SSHClientConnection] = []
-    for start in range(0, count, BATCH):
-        batch = [connect(kiln, key) for _ in range(min(BATCH, count - start))]
-        connections += await asyncio.gather(*batch)
-    return connections
-
-
-async def connect(kiln: Kiln, key: Path) -> asyncssh.SSHClientConnection:
-    return await asyncssh.connect(
-        "127.0.0.1",
-        kiln.port,
-        username="git",
-        client_keys=[str(key)],
-        known_hosts=str(kiln.known_hosts),
-        agent_path=None,
-        config=None,
-    )
 
 
 def settle(kiln: Kiln, seconds: float = 2.0) -> int:
@@ -57,8 +34,8 @@ async def measure(kiln: Kiln, key: Path, count: int) -> tuple[int, int, int]:
         conn.close()
     before = await asyncio.to_thread(settle, kiln)
     connections = await hold(kiln, key, count)
-    open_sessions = kiln.worker()["sessions"]
     after = await asyncio.to_thread(settle, kiln)
+    open_sessions = kiln.worker()["sessions"]  # after settling: heartbeats lag by a second
     for conn in connections:
         conn.close()
     await asyncio.gather(*(conn.wait_closed() for conn in connections))

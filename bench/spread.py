@@ -13,29 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import asyncssh
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from clients import hold
 from harness import Kiln
 
 from kilnproxy.access import Role
 
 
-async def connect(kiln: Kiln, key: Path) -> asyncssh.SSHClientConnection:
-    return await asyncssh.connect(
-        "127.0.0.1",
-        kiln.port,
-        username="git",
-        client_keys=[str(key)],
-        known_hosts=str(kiln.known_hosts),
-        agent_path=None,
-        config=None,
-    )
-
-
-async def hold(kiln: Kiln, key: Path, count: int) -> list[int]:
-    connections = await asyncio.gather(*(connect(kiln, key) for _ in range(count)))
+async def spread(kiln: Kiln, key: Path, count: int) -> list[int]:
+    connections = await hold(kiln, key, count, batch=count)  # all at once
     await asyncio.sleep(2.5)  # two heartbeats
     shares = [int(w["sessions"]) for w in kiln.workers()]
     for conn in connections:
@@ -52,7 +39,7 @@ def main() -> None:
         kiln.start()
         try:
             started = time.monotonic()
-            shares = asyncio.run(hold(kiln, key, count))
+            shares = asyncio.run(spread(kiln, key, count))
             elapsed = time.monotonic() - started
         finally:
             kiln.stop()

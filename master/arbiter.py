@@ -36,6 +36,7 @@ from master.workers import WorkerHandle, WorkerState, spawn
 log = logging.getLogger("kilnproxy.master")
 
 HEARTBEAT_TIMEOUT = 10.0  # then SIGABRT (stacks to the log)
+BOOT_TIMEOUT = 30.0  # a worker not READY by then is killed, and counts as a failed boot
 ABORT_GRACE = 2.0  # then SIGKILL
 HEALTHY_HEARTBEAT = 3.0  # watchdog pings pause when a worker is quieter than this
 FAST_STOP_GRACE = 1.8  # SPEC 6: a fast shutdown is over within 2 s
@@ -339,7 +340,14 @@ class Master:
 
     def _check_heartbeats(self, now: float) -> None:
         for worker in self.workers:
-            if worker.state is WorkerState.STARTING or worker.proc.poll() is not None:
+            if worker.proc.poll() is not None:
+                continue
+            if worker.state is WorkerState.STARTING:
+                if now - worker.started_at > BOOT_TIMEOUT and worker.aborted_at is None:
+                    log.error("worker %d (pid %d) not ready after %.0fs: SIGKILL",
+                              worker.index, worker.pid, BOOT_TIMEOUT)  # fmt: skip
+                    worker.aborted_at = now + 3600
+                    self._signal(worker, signal.SIGKILL)
                 continue
             silent = now - worker.last_heartbeat
             if worker.aborted_at is None and silent > HEARTBEAT_TIMEOUT:

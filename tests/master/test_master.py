@@ -35,6 +35,18 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
     return time.monotonic() - started
 
 
+def gone(pid: int) -> Callable[[], bool]:
+    """Whether the process has exited (a zombie that nobody reaped yet counts as exited)."""
+
+    def check() -> bool:
+        try:
+            return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return True
+
+    return check
+
+
 def held_session(w: World) -> subprocess.Popen[bytes]:
     """An upload-pack conversation the test finishes (or not) when it likes."""
     client = w.kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'")
@@ -79,6 +91,25 @@ def test_three_workers_status_and_connections(new_world: Factory) -> None:
         assert "git-upload-pack aviato/website" in line
         wait_until(lambda: "(1 sessions)" in title(pid), 5, "the title to count the session")
         assert finish(client) == 0
+    kiln.send(signal.SIGUSR1)  # every process reopens its log
+    wait_until(lambda: kiln.log().count("reopened its log") == 3, 10, "three reopened logs")
+
+
+def test_workers_of_a_dead_master_drain_and_exit(new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    pids = [x["pid"] for x in kiln.workers()]
+    with held_session(w) as client:
+        owner = owner_of_held(w)
+        kiln.send(signal.SIGKILL)
+        assert kiln.proc is not None and kiln.proc.wait(timeout=10) == -signal.SIGKILL
+        for pid in pids:
+            if pid != owner:
+                wait_until(gone(pid), 10, "the idle worker to exit")
+        assert not gone(owner)()  # draining: its session is still running
+        assert finish(client) == 0
+    wait_until(gone(owner), 10, "the last worker to exit")
+    assert kiln.log().count("master gone, draining") == 2
 
 
 def test_kill_9_fails_one_session_and_is_replaced(new_world: Factory, tmp_path: Path) -> None:
@@ -225,12 +256,11 @@ def test_term_to_one_worker_drains_it_after_its_replacement_is_up(new_world: Fac
         wait_until(lambda: len([x for x in kiln.workers() if x["state"] == "ready"]) == 2
                    and victim not in [x["pid"] for x in kiln.workers() if x["state"] == "ready"],
                    10, "the replacement")  # fmt: skip
-        assert psutil.pid_exists(victim)  # still draining: the held session is on it
+        assert not gone(victim)()  # still draining: the held session is on it
         accepted = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
         assert accepted.returncode == 0
         assert finish(client) == 0
-    wait_until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie",
-               10, "the drained worker to exit")  # fmt: skip
+    wait_until(gone(victim), 10, "the drained worker to exit")
     kiln.wait_for_log(rf"worker \d \(pid {victim}\) exited 0 after draining")
 
 
@@ -392,3 +422,23 @@ def test_socket_activation_serves_on_fd_3(new_world: Factory, tmp_path: Path) ->
 def test_master_never_imports_asyncssh() -> None:
     code = "import sys, master.arbiter; sys.exit('asyncssh' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_kill_ends_one_session_with_the_administrator_message(new_world: Factory) -> None:
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    with held_session(w) as client, held_session(w) as bystander:
+        wait_until(lambda: len([r for r in kiln.connections() if r["repo"]]) == 2, 10, "two rows")
+        session = kiln.connections()[0]["session"]
+        argv = [*KILNPROXY, "kill", session, "--config", str(kiln.config_path)]
+        assert run(argv, env=kiln.server_env()).stdout.decode() == f"ended session {session}\n"
+        assert client.wait(timeout=10) == 1
+        assert client.stderr is not None
+        message = client.stderr.read().decode().strip()
+        assert message == f"kilnproxy: session ended by an administrator (session {session})"
+        assert finish(bystander) == 0  # the other session went on
+    kiln.wait_for_log(rf"\[{session}\] access .*exit=1 outcome=cut")
+    unknown = run([*KILNPROXY, "kill", "deadbeef", "--config", str(kiln.config_path)],
+                  env=kiln.server_env(), check=False)  # fmt: skip
+    assert unknown.returncode == 2
+    assert unknown.stderr.decode().strip() == "kilnproxy: error: no session deadbeef"
