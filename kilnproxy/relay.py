@@ -86,6 +86,9 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._early: list[bytes] = []
         self._exit_when_flushed: int | None = None
 
+    def __repr__(self) -> str:
+        return f"<Relay session {self.session.id} {self.state.value} {self._line!r}>"
+
     # -- asyncssh session callbacks -------------------------------------------------------------
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:

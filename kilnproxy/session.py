@@ -109,6 +109,9 @@ class Session(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.state.value} {self.remote}>"
+
     # -- connection lifecycle -----------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -196,16 +199,16 @@ class Session(asyncssh.SSHServer):
         if self._auth_tries > self.host.config.ssh.max_auth_tries:
             self.log.info("too many keys offered")
             return False
-        problem = policy_problem(key)
-        if problem:
-            self.log.info("refused key: %s", problem)
-            return False
-        restrict_signatures(key)
-        print_ = fingerprint(key)
-        try:
+        try:  # the isolation boundary of authentication: a failure refuses this key only
+            problem = policy_problem(key)
+            if problem:
+                self.log.info("refused key: %s", problem)
+                return False
+            restrict_signatures(key)
+            print_ = fingerprint(key)
             identity = await self.host.directory.identity_for_key(print_)
         except Exception:
-            self.log.exception("directory lookup failed for key %s", print_)
+            self.log.exception("cannot check key %s", key.get_algorithm())
             return False
         if identity is None:
             self.log.info("unknown key %s", print_)

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 import psutil
@@ -42,6 +43,14 @@ class WorkerStats:
     backend_connections: int
 
 
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Errors no task awaited (a callback of a transport or protocol): logged, never fatal."""
+    exc = context.get("exception")
+    owner = context.get("protocol") or context.get("transport") or context.get("task")
+    log.error("unhandled error in %r: %s", owner, context.get("message"),
+              exc_info=(type(exc), exc, exc.__traceback__) if exc else None)  # fmt: skip
+
+
 class Worker:
     def __init__(self, config: Config, sockets: list[socket.socket], index: int = 0) -> None:
         self.config = config
@@ -57,6 +66,7 @@ class Worker:
         )
 
     async def start(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(_log_loop_error)
         options = server_options(self.config, load_host_keys(self.config.ssh.host_keys))
         for sock in self._sockets:
             self._acceptors.append(await listen(sock, self.host, options))

@@ -8,6 +8,7 @@ local backend's pipes do.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 
 import asyncssh
@@ -131,15 +132,16 @@ class SshBackend:
         stream = SshStream(sink, self.pool, link, repo)
         env: dict[str | bytes, str | bytes] = {k: v for k, v in request.environment().items()}
         try:
-            await link.conn.create_session(
-                lambda: stream,
-                remote_command(request),
-                env=env,
-                encoding=None,
-                window=WINDOW,
-                max_pktsize=MAX_PACKET,
-            )
-        except (OSError, asyncssh.Error) as exc:
+            async with asyncio.timeout(self.pool.dial_timeout):  # a wedged sshd must not hang us
+                await link.conn.create_session(
+                    lambda: stream,
+                    remote_command(request),
+                    env=env,
+                    encoding=None,
+                    window=WINDOW,
+                    max_pktsize=MAX_PACKET,
+                )
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
             stream.abort()
             raise BackendError(repo, f"backend {self.name}: cannot open a channel: {exc}") from exc
         except BaseException:  # cancelled: the client left while the channel was opening
