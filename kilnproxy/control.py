@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("kilnproxy.control")
 
 VERSION = 1
 MAX_LINE = 4 * 1024 * 1024
@@ -68,14 +71,13 @@ class Channel:
             self._writer.write(message.encode())
 
     async def receive(self) -> Message | None:
-        """The next message, or None when the other end has gone."""
+        """The next message, or None when the other end has gone or broke the protocol."""
         try:
             line = await self._reader.readline()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            return decode(line) if line else None
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.error("control channel broken: %s", exc)
             return None
-        if not line:
-            return None
-        return decode(line)
 
     def close(self) -> None:
         self._writer.close()

@@ -81,7 +81,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self.is_shell = False
         self._stream: BackendStream | None = None
         self._task: asyncio.Task[None] | None = None
-        self._output_paused = False
+        self._output_paused = False  # the client's window is full: the backend must wait
+        self._input_paused = False  # the backend's stdin is full: the client must wait
         self._eof_pending = False
         self._early: list[bytes] = []
         self._exit_when_flushed: int | None = None
@@ -188,7 +189,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             if self._eof_pending:
                 stream.write_eof()
             assert self._chan is not None
-            self._chan.resume_reading()
+            if not self._input_paused:
+                self._chan.resume_reading()
 
     async def _connect(self) -> BackendStream:
         session = self.session
@@ -240,10 +242,12 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._chan.write_stderr(data)
 
     def backend_pause_input(self) -> None:
+        self._input_paused = True
         if self._chan is not None:
             self._chan.pause_reading()
 
     def backend_resume_input(self) -> None:
+        self._input_paused = False
         if self._chan is not None and self.state is RelayState.RUNNING:
             self._chan.resume_reading()
 
