@@ -7,21 +7,23 @@ export KILNPROXY_HOME ?= $(CURDIR)/var
 
 .PHONY: run test lint deps venv clean
 
-$(BIN)/kilnproxy: pyproject.toml setup.py
+$(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/kilnproxy
 
-# What the tests run against: OpenSSH server and client, git, Mercurial.
+# What the tests run against: OpenSSH server and client, git, Mercurial, and Debian's
+# Chromium for the dashboard test.
 deps:
 	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
-	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ]; then \
+	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ] || \
+	    ! command -v chromium >/dev/null; then \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openssh-server openssh-client git mercurial >/dev/null; \
+	    openssh-server openssh-client git mercurial chromium >/dev/null; \
 	fi
 	@# sshd's privilege separation directory, normally made by its (here unused) service.
 	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd

@@ -67,6 +67,11 @@ def format_duration(seconds: float) -> str:
     return out + (f"{secs}s" if secs else "")
 
 
+def format_uptime(seconds: float) -> str:
+    """`167h10m2s`: how `kilnproxy status` and /info show how long the server has run."""
+    return format_duration(max(1, int(seconds)))
+
+
 def parse_address(text: str) -> Address:
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
     if not match:

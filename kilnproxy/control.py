@@ -2,8 +2,9 @@
 
 One JSON object per line, `{"v": 1, "kind": ..., ...}`. Workers say READY once they serve,
 HEARTBEAT every second with their statistics and the sessions that changed, DRAINING when they
-start draining on their own (a TERM sent to them), and SESSION_CLOSE when a session ends. The
-master says DRAIN, STOP (fast) and KILL_SESSION. A line of another version or kind is an error
+start draining on their own (a TERM sent to them), SESSION_CLOSE when a session ends, and REPLY
+to a REQUEST (a task dump, a heap profile). The master says DRAIN, STOP (fast), KILL_SESSION
+and REQUEST. A line of another version or kind is an error
 for the reader, never silently dropped. This module must never import asyncssh.
 """
 
@@ -31,10 +32,12 @@ class Kind(enum.Enum):
     HEARTBEAT = "heartbeat"
     DRAINING = "draining"
     SESSION_CLOSE = "session_close"
+    REPLY = "reply"  # {"id": n, "data": ...} or {"id": n, "error": "..."}
     # master -> worker
     DRAIN = "drain"
     STOP = "stop"
     KILL_SESSION = "kill_session"
+    REQUEST = "request"  # {"id": n, "what": "tasks" | "heap", ...}
 
 
 @dataclass(frozen=True)

@@ -126,5 +126,5 @@ def _instructions(config: Config, key_path: Path, known_hosts: Path) -> list[str
         "Clone them from another shell:",
         f"  GIT_SSH_COMMAND={shlex.quote(ssh)} git clone {base}/demo/hello.git",
         f"  hg clone -e {shlex.quote(ssh)} {base}/demo/hello-hg",
-        f"Status: kilnproxy status (socket {config.status.socket})",
+        f"Dashboard: http://{config.status.http}/ (also: kilnproxy status, kilnproxy connections)",
     ]

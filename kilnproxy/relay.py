@@ -112,7 +112,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
 
     def session_started(self) -> None:
         self.state = RelayState.OPENING
-        self._task = asyncio.get_running_loop().create_task(self._open())
+        name = f"session {self.session.id}: {self._line or 'shell'}"
+        self._task = asyncio.get_running_loop().create_task(self._open(), name=name)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bytes_in += len(data)
@@ -200,7 +201,9 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             raise NoShell(identity.user, identity.account)
         self.command = command = parse_command(self._line)
         self.vcs = command.verb.vcs.value
+        started = time.perf_counter()
         route = await session.host.directory.route(identity, command.repo)
+        session.host.metrics.route_lookup.observe(time.perf_counter() - started)
         if route is None or route.access < Access.READ or route.vcs is not command.verb.vcs:
             raise NotFound(command.repo)
         if route.access < required_access(command.verb):

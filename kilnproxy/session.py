@@ -24,6 +24,7 @@ from kilnproxy.directory import Directory, Identity
 from kilnproxy.errors import CutReason
 from kilnproxy.keys import fingerprint, policy_problem
 from kilnproxy.logs import SessionLog, access_line
+from kilnproxy.metrics import WorkerMetrics
 from kilnproxy.relay import Relay
 from kilnproxy.signatures import restrict_signatures
 
@@ -52,6 +53,7 @@ class SessionHost:
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
     # Told the id of every session that ends (the worker reports it to the master).
     on_close: Callable[[str], None] | None = None
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     def opened(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -158,6 +160,9 @@ class Session(asyncssh.SSHServer):
         if relay is not None and relay.is_shell:
             verb = "shell"
         started = relay.started_at if relay else self.started_at
+        self.host.metrics.session_ended(
+            outcome, relay.bytes_in if relay else 0, relay.bytes_out if relay else 0
+        )
         access_line(
             self.id,
             {
@@ -206,7 +211,9 @@ class Session(asyncssh.SSHServer):
                 return False
             restrict_signatures(key)
             print_ = fingerprint(key)
+            started = time.perf_counter()
             identity = await self.host.directory.identity_for_key(print_)
+            self.host.metrics.auth_lookup.observe(time.perf_counter() - started)
         except Exception:
             self.log.exception("cannot check key %s", key.get_algorithm())
             return False

@@ -22,6 +22,8 @@ from kilnproxy.backends import Backends
 from kilnproxy.config import Config
 from kilnproxy.directory import open_directory
 from kilnproxy.errors import CutReason
+from kilnproxy.introspect import heap_in_use
+from kilnproxy.metrics import WorkerMetrics
 from kilnproxy.server import listen, load_host_keys, server_options
 from kilnproxy.session import CUT_GRACE, SessionHost, SessionStats
 
@@ -39,6 +41,7 @@ class WorkerStats:
     tasks: int
     fds: int
     rss: int
+    heap: int
     accepting: bool
     backend_connections: int
 
@@ -59,10 +62,17 @@ class Worker:
         self._sockets = sockets
         self._acceptors: list[asyncssh.SSHAcceptor] = []
         self._process = psutil.Process()
+        metrics = WorkerMetrics()
         self.host = SessionHost(
             config=config,
             directory=open_directory(config.directory.url, config.home),
-            backends=Backends(config.home / "state", config.backend_ssh, config.timeouts.dial),
+            backends=Backends(
+                config.home / "state",
+                config.backend_ssh,
+                config.timeouts.dial,
+                metrics.backend_dial.observe,
+            ),
+            metrics=metrics,
         )
 
     async def start(self) -> None:
@@ -139,6 +149,7 @@ class Worker:
             tasks=len(asyncio.all_tasks()),
             fds=self._process.num_fds(),
             rss=self._process.memory_info().rss,
+            heap=heap_in_use(),
             accepting=self.host.accepting,
             backend_connections=sum(
                 pool["connections"] for pool in self.host.backends.statistics().values()

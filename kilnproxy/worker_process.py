@@ -20,7 +20,7 @@ import logging
 import signal
 import socket
 import sys
-from typing import IO
+from typing import IO, Any
 
 import uvloop
 from setproctitle import setproctitle
@@ -28,6 +28,7 @@ from setproctitle import setproctitle
 from kilnproxy.config import Config, load
 from kilnproxy.control import WORKER_BOOT_ERROR, Channel, Kind, Message
 from kilnproxy.errors import OperatorError
+from kilnproxy.introspect import HeapTracer, task_dump
 from kilnproxy.logs import configure
 from kilnproxy.worker import Worker
 
@@ -47,6 +48,7 @@ class WorkerProcess:
         self._channel: Channel | None = None
         self._sent: dict[str, tuple[object, ...]] = {}
         self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._heap = HeapTracer()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,6 +114,27 @@ class WorkerProcess:
                 self._events.put_nowait("stop")
             elif message.kind is Kind.KILL_SESSION:
                 self.worker.kill_session(str(message.body.get("session")))
+            elif message.kind is Kind.REQUEST:
+                channel.send(self._answer(message.body))
+
+    def _answer(self, request: dict[str, Any]) -> Message:
+        """A task dump or a heap profile, for the status page (SPEC 7)."""
+        reply: dict[str, Any] = {"id": request.get("id")}
+        what = request.get("what")
+        try:
+            if what == "tasks":
+                # Relays run on callbacks, not tasks, while bytes flow: list sessions as well.
+                sessions = [dataclasses.asdict(row) for row in self.worker.connections()]
+                reply["data"] = {"tasks": task_dump(), "sessions": sessions}
+            elif what == "heap":
+                top, limit = int(request.get("top", 25)), float(request.get("seconds", 60))
+                stop, peek = bool(request.get("stop")), bool(request.get("peek"))
+                reply["data"] = self._heap.report(top, limit, stop, peek)
+            else:
+                reply["error"] = f"unknown request {what!r}"
+        except (TypeError, ValueError) as exc:
+            reply["error"] = f"bad request: {exc}"
+        return Message(Kind.REPLY, reply)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -124,7 +147,12 @@ class WorkerProcess:
                     self._sent[row.session] = key
                     changed.append(dataclasses.asdict(row))
             if self._channel is not None:
-                body = {"stats": dataclasses.asdict(stats), "sessions": changed}
+                body = {
+                    "stats": dataclasses.asdict(stats),
+                    "metrics": self.worker.host.metrics.snapshot(),
+                    "pools": self.worker.host.backends.statistics(),
+                    "sessions": changed,
+                }
                 self._channel.send(Message(Kind.HEARTBEAT, body))
             await asyncio.sleep(HEARTBEAT)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import os
 import signal
@@ -22,12 +23,14 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from kilnproxy.config import Address, Config, load
+from kilnproxy.config import Address, Config, format_uptime, load
 from kilnproxy.control import WORKER_BOOT_ERROR, Kind, Message
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import configure
 from kilnproxy.status_socket import serve as serve_status
 from kilnproxy.version import build_info
+from master.history import MemoryHistory, RetiredTotals
+from master.http import start as start_http
 from master.notify import Notifier
 from master.sockets import listeners
 from master.table import ConnectionTable
@@ -40,6 +43,7 @@ BOOT_TIMEOUT = 30.0  # a worker not READY by then is killed, and counts as a fai
 ABORT_GRACE = 2.0  # then SIGKILL
 HEALTHY_HEARTBEAT = 3.0  # watchdog pings pause when a worker is quieter than this
 FAST_STOP_GRACE = 1.8  # SPEC 6: a fast shutdown is over within 2 s
+REQUEST_TIMEOUT = 10.0  # a task dump or heap profile asked of a worker
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 30.0, 60.0
 MAX_BOOT_FAILURES = 3
 TICK = 0.1
@@ -48,15 +52,6 @@ TICK = 0.1
 class Stopping(enum.Enum):
     DRAIN = "drain"
     FAST = "fast"
-
-
-def format_uptime(seconds: float) -> str:
-    """`167h10m2s`, as `kilnproxy status` and /info show it."""
-    hours, rest = divmod(int(seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 class Master:
@@ -81,6 +76,10 @@ class Master:
         self._ready_announced = False
         self._reloading = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.retired = RetiredTotals()  # what workers that are gone had counted
+        self.restarts = 0  # workers that died and were replaced
+        self.memory = MemoryHistory()
+        self._request_ids = itertools.count(1)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -92,6 +91,7 @@ class Master:
             loop.add_signal_handler(handled, self._signals.put_nowait, int(handled))
         self._listeners = listeners(self.config.ssh.listen, self.config.ssh.backlog)
         status = await serve_status(self.config.status.socket, self.handle_request)
+        http = await start_http(self, self.config.status.http)
         addresses = ", ".join(str(Address(*sock.getsockname()[:2])) for sock in self._listeners)
         log.info("kilnproxy %s master %d listening on %s", build_info().version, os.getpid(),
                  addresses)  # fmt: skip
@@ -106,6 +106,7 @@ class Master:
                         getattr(self, f"handle_{signal.Signals(signum).name.lower()}")()
         finally:
             status.close()
+            await http.cleanup()
             for task in self._tasks:
                 task.cancel()
             self._close_listeners()
@@ -271,7 +272,13 @@ class Master:
                 self._on_ready(worker)
             elif message.kind is Kind.HEARTBEAT:
                 worker.stats = message.body.get("stats", {})
+                worker.metrics = message.body.get("metrics", {})
+                worker.pools = message.body.get("pools", {})
                 self.table.update(worker.pid, worker.index, message.body.get("sessions", []))
+            elif message.kind is Kind.REPLY:
+                waiter = worker.pending.pop(int(message.body.get("id", -1)), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message.body)
             elif message.kind is Kind.DRAINING and worker.state is not WorkerState.EXITED:
                 log.info("worker %d (pid %d) drains on its own", worker.index, worker.pid)
                 worker.state = WorkerState.DRAINING  # its replacement starts at once
@@ -311,12 +318,17 @@ class Master:
         worker.state = WorkerState.EXITED
         self.workers.remove(worker)
         self.table.drop_worker(worker.pid)
+        self.retired.add(worker.metrics)
+        for waiter in worker.pending.values():
+            if not waiter.done():
+                waiter.set_result({"error": f"worker {worker.index} exited"})
         if expected:
             log.info(
                 "worker %d (pid %d) exited %d after draining", worker.index, worker.pid, status
             )
             return
         log.warning("worker %d (pid %d) died with status %d", worker.index, worker.pid, status)
+        self.restarts += 1
         if not was_ready:
             self._boot_failure(worker, status)
         elif worker.ready_at is not None and time.monotonic() - worker.ready_at >= BACKOFF_RESET:
@@ -381,6 +393,7 @@ class Master:
             sessions = sum(int(w.stats.get("sessions", 0)) for w in self.workers)
             serving = sum(1 for w in self.workers if w.serving)
             self.notifier.status(f"{serving} workers, {sessions} sessions")
+            self.memory.sample([w for w in self.workers if w.serving])
             now = time.monotonic()
             if interval and now - last_ping >= interval and self.healthy() and not self.stopping:
                 self.notifier.watchdog()
@@ -401,10 +414,27 @@ class Master:
         if command == "connections":
             return {"connections": self.table.rows()}
         if command == "kill":
-            return self._kill(str(request.get("session", "")))
+            return self.kill(str(request.get("session", "")))
         return {"error": f"unknown command {command!r}"}
 
-    def _kill(self, session: str) -> dict[str, Any]:
+    async def ask(self, index: int, what: str, **args: Any) -> dict[str, Any]:
+        """Ask serving worker `index` for a task dump or heap profile; wait a bounded time."""
+        worker = next((w for w in self.workers if w.index == index and w.serving), None)
+        if worker is None or worker.channel is None:
+            return {"error": f"no worker {index}"}
+        request_id = next(self._request_ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        worker.pending[request_id] = waiter
+        worker.channel.send(Message(Kind.REQUEST, {"id": request_id, "what": what, **args}))
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await waiter
+        except TimeoutError:
+            return {"error": f"worker {index} did not answer in {REQUEST_TIMEOUT:.0f}s"}
+        finally:
+            worker.pending.pop(request_id, None)
+
+    def kill(self, session: str) -> dict[str, Any]:
         pid = self.table.owner(session)
         worker = next((w for w in self.workers if w.pid == pid), None)
         if worker is None or worker.channel is None:

@@ -7,6 +7,7 @@ now. Exits are noticed through a pidfd, without SIGCHLD handlers.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import socket
@@ -38,6 +39,9 @@ class WorkerHandle:
     ready_at: float | None = None
     last_heartbeat: float = field(default_factory=time.monotonic)
     stats: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # cumulative, from its heartbeat
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)
+    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     aborted_at: float | None = None  # when SIGABRT was sent for missed heartbeats
     pidfd: int = -1
 
@@ -58,6 +62,7 @@ class WorkerHandle:
             "sessions": int(self.stats.get("sessions", 0)),
             "sessions_total": int(self.stats.get("sessions_total", 0)),
             "rss": int(self.stats.get("rss", 0)),
+            "heap": int(self.stats.get("heap", 0)),
             "tasks": int(self.stats.get("tasks", 0)),
             "fds": int(self.stats.get("fds", 0)),
             "backend_connections": int(self.stats.get("backend_connections", 0)),

@@ -78,6 +78,7 @@ class Kiln:
         for directory in (self.home, self.client_home, self.keys):
             directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.http_port = free_port()
         self.config_path = self.home / "kilnproxy.toml"
         self.log_path = self.root / "serve.log"
         self.known_hosts = self.root / "known_hosts"
@@ -93,7 +94,7 @@ class Kiln:
     def write_config(self) -> None:
         settings: dict[str, dict[str, Any]] = {
             "ssh": {"listen": [f"127.0.0.1:{self.port}"]},
-            "status": {"socket": "kilnproxy.sock", "http": f"127.0.0.1:{free_port()}"},
+            "status": {"socket": "kilnproxy.sock", "http": f"127.0.0.1:{self.http_port}"},
             "workers": {"count": 1},
         }
         for section, values in self.settings.items():  # a test's keys, section by section

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from kilnproxy.backends.base import Backend, BackendRequest, BackendSink, BackendStream
 from kilnproxy.backends.local import LocalBackend
-from kilnproxy.backends.pool import Target
+from kilnproxy.backends.pool import Pool, Target
 from kilnproxy.backends.ssh import SshBackend
 from kilnproxy.config import BackendSshSettings
 from kilnproxy.directory.model import Route, parse_backend_url
@@ -18,8 +19,15 @@ class Backends:
     A backend whose URL changes in the directory gets a new object (and pool) on next use.
     """
 
-    def __init__(self, state_dir: Path, ssh: BackendSshSettings, dial_timeout: float) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        ssh: BackendSshSettings,
+        dial_timeout: float,
+        on_dial: Callable[[float], None] | None = None,
+    ) -> None:
         self._state_dir = state_dir
+        self._on_dial = on_dial
         self._ssh = ssh
         self._dial_timeout = dial_timeout
         self._by_key: dict[tuple[str, str], Backend] = {}
@@ -38,9 +46,14 @@ class Backends:
             return LocalBackend(name, Path(url.base), self._state_dir)
         ssh = self._ssh
         target = Target(name, url.host, url.port, url.user, ssh.key, ssh.known_hosts)
-        return SshBackend(
-            name, target, ssh.max_sessions_per_connection, ssh.pool_idle, self._dial_timeout
+        pool = Pool(
+            target,
+            ssh.max_sessions_per_connection,
+            ssh.pool_idle,
+            self._dial_timeout,
+            self._on_dial,
         )
+        return SshBackend(name, pool)
 
     def statistics(self) -> dict[str, dict[str, int]]:
         return {

@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,16 @@ class Link(asyncssh.SSHClient):
 
 
 class Pool:
-    def __init__(self, target: Target, max_sessions: int, idle: float, dial_timeout: float) -> None:
+    def __init__(
+        self,
+        target: Target,
+        max_sessions: int,
+        idle: float,
+        dial_timeout: float,
+        on_dial: Callable[[float], None] | None = None,
+    ) -> None:
         self.target = target
+        self.on_dial = on_dial  # told how long each successful dial took
         self.max_sessions = max_sessions
         self.idle = idle
         self.dial_timeout = dial_timeout
@@ -165,7 +174,10 @@ class Pool:
             link.ready.set_result(None)
             return
         link.state = LinkState.OPEN
-        log.info("backend %s: connected in %.3fs", target.name, time.monotonic() - started)
+        took = time.monotonic() - started
+        log.info("backend %s: connected in %.3fs", target.name, took)
+        if self.on_dial is not None:
+            self.on_dial(took)
         link.ready.set_result(None)
 
     async def close(self) -> None:

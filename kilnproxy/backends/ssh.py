@@ -14,7 +14,7 @@ import shlex
 import asyncssh
 
 from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
-from kilnproxy.backends.pool import Link, Pool, Target
+from kilnproxy.backends.pool import Link, Pool
 from kilnproxy.commands import Verb
 from kilnproxy.errors import BackendError
 
@@ -119,11 +119,9 @@ class SshStream(asyncssh.SSHClientSession[bytes]):
 
 
 class SshBackend:
-    def __init__(
-        self, name: str, target: Target, max_sessions: int, idle: float, dial: float
-    ) -> None:
+    def __init__(self, name: str, pool: Pool) -> None:
         self.name = name
-        self.pool = Pool(target, max_sessions, idle, dial)
+        self.pool = pool
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
         repo = request.route.repo

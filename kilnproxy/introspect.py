@@ -1,0 +1,126 @@
+"""Looking inside a running worker: its tasks with their stacks, its heap (SPEC 7).
+
+Pure reporting: nothing here changes how sessions run. Allocation tracing (tracemalloc) costs
+memory and time, so it runs only on demand and stops by itself after a time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import linecache
+import tracemalloc
+from types import FrameType
+from typing import Any
+
+HEAP_FRAMES = 25
+
+
+def _frames(task: asyncio.Task[Any]) -> list[FrameType]:
+    """The whole await chain of a suspended task, outermost first.
+
+    Task.get_stack() gives only the outermost frame of a suspended coroutine; following
+    cr_await (and a generator's gi_yieldfrom) down the chain gives the frame that waits.
+    """
+    frames: list[FrameType] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return frames or task.get_stack()
+
+
+def task_dump() -> list[dict[str, Any]]:
+    """Every asyncio task of this loop with its stack, innermost frame last (a goroutine dump)."""
+    tasks = []
+    for task in asyncio.all_tasks():
+        frames = []
+        for frame in _frames(task):
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno).strip()
+            frames.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}: {line}")
+        coro = task.get_coro()
+        tasks.append({
+            "name": task.get_name(),
+            "coro": getattr(coro, "__qualname__", repr(coro)),
+            "done": task.done(),
+            "stack": frames,
+        })  # fmt: skip
+    return sorted(tasks, key=lambda t: str(t["name"]))
+
+
+class HeapTracer:
+    """tracemalloc on demand: started by the first request, stopped after `limit` seconds."""
+
+    def __init__(self) -> None:
+        self._stop_timer: asyncio.TimerHandle | None = None
+
+    def report(self, top: int, limit: float, stop: bool, peek: bool = False) -> dict[str, Any]:
+        if stop:
+            self.stop()
+            return {"tracing": False, "sites": []}
+        if peek:  # is it tracing? without starting it
+            return {"tracing": tracemalloc.is_tracing(), "sites": []}
+        loop = asyncio.get_running_loop()
+        started = not tracemalloc.is_tracing()
+        if started:
+            tracemalloc.start(HEAP_FRAMES)
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        self._stop_timer = loop.call_later(limit, self.stop)
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        sites = [
+            {
+                "size": stat.size,
+                "count": stat.count,
+                "traceback": [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)],
+            }
+            for stat in snapshot.statistics("traceback")[:top]
+        ]
+        traced, peak = tracemalloc.get_traced_memory()
+        return {
+            "tracing": True,
+            "just_started": started,
+            "stops_in": limit,
+            "traced": traced,
+            "peak": peak,
+            "sites": sites,
+        }
+
+    def stop(self) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._stop_timer = None
+        tracemalloc.stop()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+        "fsmblks", "uordblks", "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
+def _mallinfo2() -> Any:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    function = getattr(libc, "mallinfo2", None)
+    if function is not None:
+        function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_in_use() -> int:
+    """Bytes the C allocator has handed out (Python's object arenas included), or 0 if unknown."""
+    if _MALLINFO2 is None:
+        return 0
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)

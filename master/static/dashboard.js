@@ -1,0 +1,125 @@
+// kilnproxy dashboard: polls the status server every second and draws its own SVG charts.
+"use strict";
+
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+const SVG = "http://www.w3.org/2000/svg";
+const WINDOW_SECONDS = 3600;
+const series = {};  // worker index -> samples {t, rss, heap, sessions, tasks}
+let lastSample = 0;
+
+function el(tag, attrs, text) {
+  const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function mib(bytes) { return (bytes / 1048576).toFixed(1) + " MiB"; }
+function size(bytes) {
+  if (bytes < 1024) return bytes + " B";
+  if (bytes < 1048576) return (bytes / 1024).toFixed(1) + " KiB";
+  return mib(bytes);
+}
+
+// One chart: lines of [t, value] points, a time axis for the window, the max value labelled.
+function chart(svg, lines, format) {
+  svg.replaceChildren();
+  const width = 640, height = 220, left = 56, bottom = 20, top = 8;
+  const points = lines.flatMap(line => line.points);
+  const now = Date.now() / 1000;
+  const t0 = Math.max(now - WINDOW_SECONDS, Math.min(now - 60, ...points.map(p => p[0])));
+  const vmax = Math.max(1, ...points.map(p => p[1])) * 1.1;
+  const x = t => left + (width - left - 4) * (t - t0) / Math.max(1, now - t0);
+  const y = v => height - bottom - (height - bottom - top) * v / vmax;
+  svg.append(el("svg:line", {class: "axis", x1: left, y1: y(0), x2: width, y2: y(0)}));
+  svg.append(el("svg:line", {class: "axis", x1: left, y1: top, x2: left, y2: y(0)}));
+  svg.append(el("svg:text", {x: 4, y: top + 10}, format(vmax)));
+  svg.append(el("svg:text", {x: 4, y: y(0)}, format(0)));
+  svg.append(el("svg:text", {x: left, y: height - 4}, "-" + Math.round((now - t0) / 60) + " min"));
+  svg.append(el("svg:text", {x: width - 30, y: height - 4}, "now"));
+  for (const line of lines) {
+    if (line.points.length === 0) continue;
+    const coordinates = line.points.map(([t, v]) => x(t).toFixed(1) + "," + y(v).toFixed(1)).join(" ");
+    const attrs = {points: coordinates, stroke: line.color};
+    if (line.dashed) attrs["stroke-dasharray"] = "5 4";
+    svg.append(el("svg:polyline", attrs));
+  }
+}
+
+function drawCharts() {
+  const memory = [], sessions = [], legend = document.getElementById("legend");
+  legend.replaceChildren();
+  Object.keys(series).sort((a, b) => a - b).forEach((index, i) => {
+    const color = COLORS[i % COLORS.length], samples = series[index];
+    memory.push({color, points: samples.map(s => [s.t, s.rss])});
+    memory.push({color, dashed: true, points: samples.map(s => [s.t, s.heap])});
+    sessions.push({color, points: samples.map(s => [s.t, s.sessions])});
+    const latest = samples[samples.length - 1];
+    const entry = el("span");
+    entry.append(el("i", {style: "background:" + color}),
+                 "worker " + index + (latest ? ": " + mib(latest.rss) + ", " + latest.sessions + " sessions" : ""));
+    legend.append(entry);
+  });
+  chart(document.getElementById("memory-chart"), memory, mib);
+  chart(document.getElementById("sessions-chart"), sessions, v => String(Math.round(v)));
+}
+
+async function endSession(session) {
+  const response = await fetch("/connections/" + session, {method: "DELETE"});
+  document.getElementById("status").textContent =
+    response.ok ? "ended session " + session : "could not end " + session + ": " + (await response.text());
+  await refresh();
+}
+
+function drawConnections(rows) {
+  const body = document.querySelector("#connections tbody");
+  body.replaceChildren();
+  for (const row of rows) {
+    const tr = el("tr", {"data-session": row.session});
+    const cells = [
+      [row.session, "session"], [row.worker], [row.remote_addr],
+      [(row.account || "-") + "/" + (row.user || "-")], [row.key_name || "-"],
+      [[row.verb, row.repo].filter(Boolean).join(" ") || "-"], [row.backend || "-"],
+      [Math.round(row.duration) + " s"], [size(row.bytes_in)], [size(row.bytes_out)],
+    ];
+    for (const [text, cls] of cells) tr.append(el("td", cls ? {class: cls} : {}, String(text)));
+    const button = el("button", {type: "button", title: "end this session"}, "end session");
+    button.addEventListener("click", () => endSession(row.session));
+    const cell = el("td");
+    cell.append(button);
+    tr.append(cell);
+    body.append(tr);
+  }
+  document.getElementById("sessions").textContent = String(rows.length);
+}
+
+async function refresh() {
+  const [info, memory, rows] = await Promise.all([
+    fetch("/info").then(r => r.json()),
+    fetch("/debug/memory?since=" + lastSample).then(r => r.json()),
+    fetch("/connections").then(r => r.json()),
+  ]);
+  document.getElementById("version").textContent = info.version;
+  document.getElementById("uptime").textContent = info.uptime;
+  document.getElementById("workers").textContent = String(info.workers);
+  const cutoff = Date.now() / 1000 - WINDOW_SECONDS;
+  for (const [index, samples] of Object.entries(memory.workers)) {
+    const kept = (series[index] || []).concat(samples).filter(s => s.t >= cutoff);
+    series[index] = kept;
+    for (const sample of samples) lastSample = Math.max(lastSample, sample.t);
+  }
+  drawCharts();
+  drawConnections(rows);
+}
+
+async function tick() {
+  try {
+    await refresh();
+    document.body.dataset.updated = String(Date.now());
+  } catch (error) {
+    document.getElementById("status").textContent = "status server unreachable: " + error;
+  }
+  setTimeout(tick, 1000);
+}
+
+tick();

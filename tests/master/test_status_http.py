@@ -1,0 +1,280 @@
+"""The intranet status server (SPEC 7): endpoints, metrics, profiling, and the dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import World, make_world
+from prometheus_client.parser import text_string_to_metric_families
+
+from kilnproxy.commands import Vcs
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+VERSION = re.compile(r"^\d+\.\d+\.\d+\.[0-9a-f]{7,}\.\d{8}T\d{6}Z$")
+
+
+@pytest.fixture(scope="module")
+def status_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = make_world(tmp_path_factory.mktemp("status"), {"workers": {"count": 2}})
+    yield w
+    w.kiln.stop()
+
+
+def base(w: World) -> str:
+    return f"http://127.0.0.1:{w.kiln.http_port}"
+
+
+def get(w: World, path: str, method: str = "GET") -> tuple[int, bytes]:
+    request = urllib.request.Request(base(w) + path, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return int(error.code), bytes(error.read())
+
+
+def get_json(w: World, path: str) -> Any:
+    status, body = get(w, path)
+    assert status == 200, (path, status, body)
+    return json.loads(body)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return result
+
+
+def hold(w: World) -> subprocess.Popen[bytes]:
+    client = w.kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'")
+    assert client.stdout is not None and b" HEAD\x00" in client.stdout.read(200)
+    return client
+
+
+def row_of(w: World, repo: str = "aviato/website") -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        return next((r for r in get_json(w, "/connections") if r["repo"] == repo), None)
+
+    found: dict[str, Any] = wait_for(find, 10, "the session row")
+    return found
+
+
+def test_info(status_world: World) -> None:
+    first = get_json(status_world, "/info")
+    assert VERSION.match(first["version"]), first["version"]
+    assert re.fullmatch(r"[0-9a-f]{7,}", first["commit"]) and isinstance(first["commit_count"], int)
+    assert re.fullmatch(r"\d{8}T\d{6}Z", first["build_date"])
+    assert isinstance(first["started_at"], float) and isinstance(first["now"], float)
+    assert first["now"] >= first["started_at"]
+    assert re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", first["uptime"])
+    time.sleep(2.2)
+    second = get_json(status_world, "/info")
+    assert second["now"] > first["now"] and second["uptime"] != first["uptime"]
+
+
+def test_connections_and_ending_one(status_world: World) -> None:
+    w = status_world
+    with hold(w) as client:
+        row = row_of(w)
+        expected = {
+            "session", "worker", "remote_addr", "login", "account", "user", "key_name",
+            "key_fingerprint", "repo", "vcs", "verb", "backend", "started_at", "duration",
+            "bytes_in", "bytes_out",
+        }  # fmt: skip
+        assert expected <= set(row)
+        assert (row["account"], row["user"], row["key_name"]) == (
+            "aviato",
+            "alice",
+            "alice's laptop",
+        )
+        assert (row["vcs"], row["verb"], row["backend"]) == ("git", "git-upload-pack", "local")
+        assert row["key_fingerprint"].startswith("SHA256:") and row["bytes_out"] > 0
+        status, body = get(w, f"/connections/{row['session']}", method="DELETE")
+        assert status == 200, body
+        assert client.wait(timeout=10) == 1
+        assert client.stderr is not None
+        message = client.stderr.read().decode().strip()
+    assert message == f"kilnproxy: session ended by an administrator (session {row['session']})"
+    w.kiln.wait_for_log(rf"\[{row['session']}\] access .*outcome=cut")
+
+
+def metric_values(w: World) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(w, "/metrics")
+    assert status == 200
+    values = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def test_metrics_parse_and_move_with_a_clone(status_world: World, tmp_path: Path) -> None:
+    w = status_world
+    before = metric_values(w)
+    ok = ("kilnproxy_sessions_total", (("outcome", "ok"),))
+    out = ("kilnproxy_relayed_bytes_total", (("direction", "out"),))
+    lookups = ("kilnproxy_route_lookup_seconds_count", ())
+    w.kiln.git(w.alice, "clone", "-q", w.kiln.url("aviato/website"), str(tmp_path / "c"))
+
+    def moved() -> bool:
+        now = metric_values(w)
+        return all(now.get(k, 0) > before.get(k, 0) for k in (ok, out, lookups))
+
+    wait_for(moved, 10, "the counters to move")
+    now = metric_values(w)
+    assert now[("kilnproxy_workers", ())] == 2
+    assert ("kilnproxy_worker_rss_bytes", (("worker", "0"),)) in now
+    labels = {label for key in now for label, _ in key[1]}
+    assert labels <= {"vcs", "verb", "outcome", "direction", "backend", "worker", "version", "le"}
+
+
+def test_task_dump_shows_a_waiting_session(tmp_path: Path) -> None:
+    w = make_world(tmp_path, {"timeouts": {"dial": "20s"}})
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks SSH
+            port = silent.getsockname()[1]
+            (w.kiln.home / "backend_known_hosts").touch()  # trusts nobody; the dial waits
+            with w.kiln.directory() as directory:
+                directory.add_backend("hung", f"ssh://git@127.0.0.1:{port}/srv")
+                directory.add_repo("aviato/stuck", Vcs.GIT, "hung", None)
+            with w.kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/stuck'") as client:
+                row = row_of(w, "aviato/stuck")
+                dump = get_json(w, "/debug/workers/0/tasks")
+                task = next(
+                    t for t in dump["tasks"] if t["name"].startswith(f"session {row['session']}")
+                )
+                assert any("kilnproxy/backends/pool.py" in frame for frame in task["stack"]), task
+                assert any("kilnproxy/relay.py" in frame for frame in task["stack"])
+                assert any(s["session"] == row["session"] for s in dump["sessions"])
+                client.kill()
+    finally:
+        w.kiln.stop()
+
+
+def test_heap_profile_on_demand_and_stops(status_world: World) -> None:
+    w = status_world
+    first = get_json(status_world, "/debug/workers/0/heap?seconds=2&top=10")
+    assert first["tracing"] is True
+    time.sleep(1.0)
+    second = get_json(w, "/debug/workers/0/heap?seconds=2&top=10")
+    assert second["sites"], second
+    site = second["sites"][0]
+    assert site["size"] > 0 and site["count"] > 0 and site["traceback"]
+    assert get_json(w, "/debug/workers/0/heap?stop=1") == {"tracing": False, "sites": []}
+    get_json(w, "/debug/workers/0/heap?seconds=1")
+    time.sleep(1.5)  # the time limit stops it by itself
+    assert get_json(w, "/debug/workers/0/heap?peek=1")["tracing"] is False
+
+
+def test_memory_history_holds_a_sample_per_second(status_world: World) -> None:
+    time.sleep(3.5)
+    history = get_json(status_world, "/debug/memory")["workers"]
+    assert set(history) == {"0", "1"}
+    for samples in history.values():
+        assert len(samples) >= 3
+        gaps = [b["t"] - a["t"] for a, b in zip(samples[-4:], samples[-3:], strict=False)]
+        assert all(0.7 < gap < 1.5 for gap in gaps), gaps
+        assert {"rss", "heap", "sessions", "tasks"} <= set(samples[-1])
+        assert samples[-1]["rss"] > samples[-1]["heap"] > 0
+
+
+def test_bound_to_its_address_and_malformed_requests_get_4xx(status_world: World) -> None:
+    w = status_world
+    assert w.kiln.proc is not None
+    sockets = psutil.Process(w.kiln.proc.pid).net_connections("tcp")
+    listening = [s for s in sockets if s.status == psutil.CONN_LISTEN]
+    listening = [s for s in listening if s.laddr.port == w.kiln.http_port]
+    assert [c.laddr.ip for c in listening] == ["127.0.0.1"]
+    for method, path, expected in [
+        ("DELETE", "/connections/not-hex", 400),
+        ("DELETE", "/connections/deadbeef", 404),
+        ("GET", "/debug/workers/99/tasks", 404),
+        ("GET", "/debug/workers/x/tasks", 400),
+        ("GET", "/debug/workers/0/heap?top=many", 400),
+        ("GET", "/debug/workers/0/heap?seconds=99999", 400),
+        ("GET", "/debug/memory?since=yesterday", 400),
+        ("GET", "/static/../../etc/passwd", 404),
+        ("GET", "/nothing-here", 404),
+        ("POST", "/info", 405),
+    ]:
+        status, body = get(w, path, method)
+        assert status == expected, (method, path, status, body)
+    with socket.create_connection(("127.0.0.1", w.kiln.http_port), timeout=10) as sock:
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 100_000 + b"\r\n\r\n")
+        reply = sock.recv(200)
+    assert re.match(rb"HTTP/1\.[01] 4\d\d ", reply), reply
+    assert get_json(w, "/info")["version"]  # still serving
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_dashboard_in_headless_chromium(status_world: World, tmp_path: Path) -> None:
+    w = status_world
+    with hold(w) as client:
+        row = row_of(w)
+        time.sleep(2.5)  # a few memory samples to draw
+        flags = [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+            "--window-size=1280,820", "--virtual-time-budget=5000", "--enable-logging=stderr",
+            "--v=0",
+        ]  # fmt: skip
+        env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        dom = subprocess.run([*flags, "--dump-dom", base(w) + "/"], env=env, capture_output=True,
+                             text=True, timeout=120, check=False)  # fmt: skip
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "dashboard.png"
+        subprocess.run([*flags, f"--screenshot={shot}", base(w) + "/"], env=env,
+                       capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert finish_client(client) == 0
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    html = dom.stdout
+    for chart in ("memory-chart", "sessions-chart"):
+        svg = re.search(rf'<svg id="{chart}".*?</svg>', html, re.S)
+        assert svg and re.search(r'<polyline points="[\d., ]{10,}', svg.group(0)), chart
+    assert f'data-session="{row["session"]}"' in html and "end session" in html
+    assert get_json(w, "/info")["version"] in html
+    assert shot.stat().st_size > 10_000
+
+
+def finish_client(client: subprocess.Popen[bytes]) -> int:
+    assert client.stdin is not None
+    client.stdin.write(b"0000")
+    client.stdin.close()
+    return client.wait(timeout=20)
+
+
+def test_json_logs_carry_the_session_everywhere(tmp_path: Path) -> None:
+    w = make_world(tmp_path, {"log": {"format": "json"}})
+    try:
+        w.kiln.git(w.alice, "clone", "-q", w.kiln.url("aviato/website"), str(tmp_path / "c"))
+        w.kiln.wait_for_log(r'"logger": "kilnproxy.access"')
+    finally:
+        w.kiln.stop()
+    records = [json.loads(line) for line in w.kiln.log().splitlines() if line.startswith("{")]
+    access = next(r for r in records if r["logger"] == "kilnproxy.access")
+    assert (access["repo"], access["verb"], access["outcome"], access["exit"]) == (
+        "aviato/website", "git-upload-pack", "ok", 0,
+    )  # fmt: skip
+    assert access["user"] == "alice" and access["key_name"] == "alice's laptop"
+    session = access["session"]
+    about = [r for r in records if r.get("session") == session]
+    assert {r["logger"] for r in about} >= {"kilnproxy.session", "kilnproxy.access"}
+    assert all(re.fullmatch(r"[0-9a-f]{8}", r["session"]) for r in records if "session" in r)
