@@ -185,7 +185,10 @@ def test_term_finishes_the_clone_and_refuses_new_connections(new_world: Factory)
     with held_session(w) as client:
         owner_of_held(w)
         kiln.send(signal.SIGTERM)
-        kiln.wait_for_log(r"drain stop of 2 workers")
+        # Master and workers each let go of the listening socket as they take the drain in.
+        draining = re.compile(r"worker \d draining \d+ sessions")
+        wait_until(lambda: len(draining.findall(kiln.log())) == 2, 10, "both workers draining")
+        time.sleep(0.2)
         refused = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
         assert refused.returncode == 255
         assert "Connection refused" in refused.stderr.decode()
