@@ -306,6 +306,24 @@ def seed_hg(repo_path: Path, files: dict[str, bytes]) -> str:
     return run(["hg", "-R", str(repo_path), "log", "-r", "tip", "-T", "{node}"]).stdout.decode()
 
 
+def hold_upload_pack(
+    kiln: Kiln, key: Path, repo: str = "aviato/website"
+) -> subprocess.Popen[bytes]:
+    """An upload-pack conversation, begun, that the test finishes (or not) when it likes."""
+    client = kiln.ssh_popen(key, f"git-upload-pack '{repo}.git'")
+    assert client.stdout is not None
+    assert b" HEAD\x00" in client.stdout.read(200)  # the advertisement has begun
+    return client
+
+
+def finish_upload_pack(client: subprocess.Popen[bytes]) -> int:
+    """The client says it wants nothing (a flush-pkt) and hangs up: the command exits 0."""
+    assert client.stdin is not None
+    client.stdin.write(b"0000")
+    client.stdin.close()
+    return client.wait(timeout=20)
+
+
 def pack_bytes_received(clone: Path) -> int:
     """How much of the pack a `git clone` in progress has written: the client's own count."""
     return sum(p.stat().st_size for p in clone.glob(".git/objects/pack/tmp_pack_*"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import World
-from harness import KILNPROXY, run
+from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run
 
 Factory = Callable[..., World]
 
@@ -48,18 +48,7 @@ def gone(pid: int) -> Callable[[], bool]:
 
 
 def held_session(w: World) -> subprocess.Popen[bytes]:
-    """An upload-pack conversation the test finishes (or not) when it likes."""
-    client = w.kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'")
-    assert client.stdout is not None
-    assert b" HEAD\x00" in client.stdout.read(200)  # the advertisement has begun
-    return client
-
-
-def finish(client: subprocess.Popen[bytes]) -> int:
-    assert client.stdin is not None
-    client.stdin.write(b"0000")
-    client.stdin.close()
-    return client.wait(timeout=20)
+    return hold_upload_pack(w.kiln, w.alice)
 
 
 def owner_of_held(w: World) -> int:
@@ -90,7 +79,7 @@ def test_three_workers_status_and_connections(new_world: Factory) -> None:
         assert "aviato/alice" in line and 'key "alice\'s laptop"' in line
         assert "git-upload-pack aviato/website" in line
         wait_until(lambda: "(1 sessions)" in title(pid), 5, "the title to count the session")
-        assert finish(client) == 0
+        assert finish_upload_pack(client) == 0
     kiln.send(signal.SIGUSR1)  # every process reopens its log
     wait_until(lambda: kiln.log().count("reopened its log") == 3, 10, "three reopened logs")
 
@@ -107,7 +96,7 @@ def test_workers_of_a_dead_master_drain_and_exit(new_world: Factory) -> None:
             if pid != owner:
                 wait_until(gone(pid), 10, "the idle worker to exit")
         assert not gone(owner)()  # draining: its session is still running
-        assert finish(client) == 0
+        assert finish_upload_pack(client) == 0
     wait_until(gone(owner), 10, "the last worker to exit")
     assert kiln.log().count("master gone, draining") == 2
 
@@ -193,7 +182,7 @@ def test_term_finishes_the_clone_and_refuses_new_connections(new_world: Factory)
         assert refused.returncode == 255
         assert "Connection refused" in refused.stderr.decode()
         assert kiln.proc is not None and kiln.proc.poll() is None
-        assert finish(client) == 0
+        assert finish_upload_pack(client) == 0
     assert kiln.proc.wait(timeout=15) == 0
 
 
@@ -231,7 +220,7 @@ def test_hup_rolling_restart_drops_nothing(new_world: Factory, tmp_path: Path) -
             client.result(timeout=300)
         wait_until(lambda: not before & {x["pid"] for x in kiln.workers() if x["state"] == "ready"},
                    30, "every worker to be replaced")  # fmt: skip
-        assert finish(survivor) == 0  # opened before the HUP, finished after it
+        assert finish_upload_pack(survivor) == 0  # opened before the HUP, finished after it
     assert failures == []
     kiln.wait_for_log(r"rolling restart to generation 1 complete")
 
@@ -262,7 +251,7 @@ def test_term_to_one_worker_drains_it_after_its_replacement_is_up(new_world: Fac
         assert not gone(victim)()  # still draining: the held session is on it
         accepted = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
         assert accepted.returncode == 0
-        assert finish(client) == 0
+        assert finish_upload_pack(client) == 0
     wait_until(gone(victim), 10, "the drained worker to exit")
     kiln.wait_for_log(rf"worker \d \(pid {victim}\) exited 0 after draining")
 
@@ -439,7 +428,7 @@ def test_kill_ends_one_session_with_the_administrator_message(new_world: Factory
         assert client.stderr is not None
         message = client.stderr.read().decode().strip()
         assert message == f"kilnproxy: session ended by an administrator (session {session})"
-        assert finish(bystander) == 0  # the other session went on
+        assert finish_upload_pack(bystander) == 0  # the other session went on
     kiln.wait_for_log(rf"\[{session}\] access .*exit=1 outcome=cut")
     unknown = run([*KILNPROXY, "kill", "deadbeef", "--config", str(kiln.config_path)],
                   env=kiln.server_env(), check=False)  # fmt: skip

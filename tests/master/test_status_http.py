@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import World, make_world
+from harness import finish_upload_pack, hold_upload_pack
 from prometheus_client.parser import text_string_to_metric_families
 
 from kilnproxy.commands import Vcs
@@ -62,9 +63,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def hold(w: World) -> subprocess.Popen[bytes]:
-    client = w.kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'")
-    assert client.stdout is not None and b" HEAD\x00" in client.stdout.read(200)
-    return client
+    return hold_upload_pack(w.kiln, w.alice)
 
 
 def row_of(w: World, repo: str = "aviato/website") -> dict[str, Any]:
@@ -242,7 +241,7 @@ def test_dashboard_in_headless_chromium(status_world: World, tmp_path: Path) -> 
         shot = ARTIFACTS / "dashboard.png"
         subprocess.run([*flags, f"--screenshot={shot}", base(w) + "/"], env=env,
                        capture_output=True, timeout=120, check=False)  # fmt: skip
-        assert finish_client(client) == 0
+        assert finish_upload_pack(client) == 0
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console
     html = dom.stdout
@@ -252,13 +251,6 @@ def test_dashboard_in_headless_chromium(status_world: World, tmp_path: Path) -> 
     assert f'data-session="{row["session"]}"' in html and "end session" in html
     assert get_json(w, "/info")["version"] in html
     assert shot.stat().st_size > 10_000
-
-
-def finish_client(client: subprocess.Popen[bytes]) -> int:
-    assert client.stdin is not None
-    client.stdin.write(b"0000")
-    client.stdin.close()
-    return client.wait(timeout=20)
 
 
 def test_json_logs_carry_the_session_everywhere(tmp_path: Path) -> None:
