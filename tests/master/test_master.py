@@ -153,7 +153,8 @@ def test_stopped_worker_is_killed_with_its_stacks_and_the_watchdog_pauses(
         lambda: victim not in [x["pid"] for x in kiln.workers()], 25, "the stopped worker to go"
     )
     gone_after = time.monotonic() - stopped_at
-    assert 10 <= gone_after < 20, gone_after
+    # 10 s of silence, counted from the last heartbeat, which came up to 1 s before the stop.
+    assert 9 <= gone_after < 20, gone_after
     kiln.wait_ready(2)
     log = kiln.log()
     assert re.search(rf"worker \d \(pid {victim}\) silent for \d+s: SIGABRT", log)
