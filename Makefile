@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint deps venv clean
+.PHONY: run test lint deps venv clean bench bench-quick
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ lint: venv
 
 test: deps venv lint
 	$(BIN)/pytest
+
+# Benchmarks against OpenSSH (not part of `make test`): full run, and one under 5 minutes.
+bench: deps venv
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python bench/run.py
+
+bench-quick: deps venv
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info kilnproxy/_stamp.py

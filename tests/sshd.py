@@ -25,6 +25,7 @@ class Sshd:
     root: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    extra: str = ""  # more sshd_config lines
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ class Sshd:
             "PubkeyAuthentication yes\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "PermitRootLogin prohibit-password\nAcceptEnv GIT_PROTOCOL KILNPROXY_*\n"
-            "MaxSessions 10\nLogLevel VERBOSE\n"
+            "LogLevel VERBOSE\n" + self.extra  # OpenSSH's default MaxSessions is 10
         )
 
     @property

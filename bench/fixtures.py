@@ -1,0 +1,155 @@
+"""What the benchmarks compare, set up from scratch on 127.0.0.1 every time.
+
+A: a storage server (OpenSSH sshd) cloned from directly, the physical limit.
+B: kilnproxy with the local backend serving the same repository directory.
+C: kilnproxy with that sshd as its ssh:// backend.
+D: the proxy an operator would build instead: an sshd whose ForceCommand runs
+   `ssh storage "$SSH_ORIGINAL_COMMAND"`.
+Repositories are generated deterministically (seeded bytes, fixed dates) with fast-import.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import KILNPROXY, Kiln, run
+from sshd import Sshd
+
+from kilnproxy.access import Role
+
+SEED = 20261128
+EPOCH = 1_700_000_000
+
+
+def git_repo(path: Path, commits: int, files: int, blob_size: int) -> int:
+    """A bare git repository whose history is `commits` commits, each rewriting one file with
+    incompressible bytes; returns the size of its pack."""
+    run(["git", "init", "-q", "--bare", "--initial-branch=main", str(path)])
+    rng = random.Random(SEED)
+    importer = subprocess.Popen(["git", "--git-dir", str(path), "fast-import", "--quiet"],
+                                stdin=subprocess.PIPE)  # fmt: skip
+    assert importer.stdin is not None
+    for n in range(1, commits + 1):
+        data = rng.randbytes(blob_size)
+        message = f"change {n}\n".encode()
+        parent = f"from :{2 * (n - 1)}\n".encode() if n > 1 else b""
+        importer.stdin.write(b"blob\nmark :%d\ndata %d\n%s\n" % (2 * n - 1, len(data), data))
+        importer.stdin.write(
+            b"commit refs/heads/main\nmark :%d\ncommitter Bench <bench@example.com> %d +0000\n"
+            b"data %d\n%s%sM 100644 :%d src/%03d/blob.bin\n\n"
+            % (2 * n, EPOCH + n, len(message), message, parent, 2 * n - 1, n % files)
+        )
+    importer.stdin.close()
+    assert importer.wait(timeout=600) == 0
+    return sum(p.stat().st_size for p in path.glob("objects/pack/*.pack"))
+
+
+def hg_repo(path: Path, commits: int) -> None:
+    run(["hg", "init", str(path)])
+    run(["hg", "-R", str(path), "debugbuilddag", "--new-file", f"+{commits}"])
+    run(["hg", "-R", str(path), "update", "-q", "null"])
+
+
+@dataclass
+class Paths:
+    """The four ways to the same repositories, and how a client takes each."""
+
+    root: Path
+    storage: Sshd
+    front: Sshd
+    kiln: Kiln
+    client_key: Path
+    backend_key: Path
+
+    def ssh(self, path: str) -> str:
+        """The ssh command a client uses on this path."""
+        if path == "A":
+            key, known = self.backend_key, self.kiln.home / "backend_known_hosts"
+        elif path == "D":
+            key, known = self.client_key, self.root / "front_known_hosts"
+        else:
+            return " ".join(self.kiln.ssh_argv(self.client_key))
+        return (f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
+                f"-o UserKnownHostsFile={known}")  # fmt: skip
+
+    def env(self, path: str) -> dict[str, str]:
+        return self.kiln.client_env(self.client_key) | {"GIT_SSH_COMMAND": self.ssh(path)}
+
+    def clone_argv(self, path: str, name: str, vcs: str) -> list[str]:
+        if vcs == "hg":
+            return ["hg", "clone", "-q", "-U", "-e", self.ssh(path), self.url(path, name, vcs)]
+        return ["git", "clone", "-q", "--bare", self.url(path, name, vcs)]
+
+    def url(self, path: str, name: str, vcs: str = "git") -> str:
+        suffix = ".git" if vcs == "git" else ""
+        # hg reads ssh://host/PATH as relative to the home directory: absolute is //PATH.
+        disk = f"{'/' if vcs == 'hg' else ''}{self.storage.base}/bench/{name}{suffix}"
+        if path == "A":
+            return f"ssh://root@127.0.0.1:{self.storage.port}{disk}"
+        if path == "D":
+            return f"ssh://root@127.0.0.1:{self.front.port}{disk}"
+        repo = f"bench/{name}-local" if path == "B" else f"bench/{name}"
+        return self.kiln.url(repo)
+
+
+def build(root: Path) -> Paths:
+    kiln = Kiln(root / "kiln", {"workers": {"count": 1}, "ssh": {"backlog": 4096}})
+    client_key = kiln.add_user("bench", "dev", Role.WRITE)
+    kiln.start()
+    public = run([*KILNPROXY, "backends", "key", "--config", str(kiln.config_path)],
+                 env=kiln.server_env()).stdout.decode().splitlines()[-1]  # fmt: skip
+    backend_key = kiln.home / "backend_id_ed25519"
+    storage = Sshd(root / "storage", extra="MaxStartups 2000\nMaxSessions 64\n")
+    storage.authorize(public)
+    storage.start()
+    admin = [*KILNPROXY, "--config", str(kiln.config_path)]
+    run([*admin, "backends", "add", "storage", storage.url], env=kiln.server_env())
+    run([*admin, "backends", "trust", "storage"], env=kiln.server_env())
+    front = forcecommand_proxy(root, storage, client_key, backend_key, kiln.home)
+    return Paths(root, storage, front, kiln, client_key, backend_key)
+
+
+def forcecommand_proxy(root: Path, storage: Sshd, client_key: Path, backend_key: Path,
+                       home: Path) -> Sshd:  # fmt: skip
+    """D: an sshd that relays every command to the storage server with OpenSSH's own client."""
+    relay = (f"ssh -F /dev/null -i {backend_key} -o IdentitiesOnly=yes -o BatchMode=yes "
+             f"-o UserKnownHostsFile={home / 'backend_known_hosts'} -o SendEnv=GIT_PROTOCOL "
+             f"-p {storage.port} root@127.0.0.1 \"$SSH_ORIGINAL_COMMAND\"")  # fmt: skip
+    front = Sshd(root / "front", extra=f"ForceCommand {relay}\nMaxStartups 2000\n")
+    front.authorize(Path(f"{client_key}.pub").read_text())
+    front.start()
+    host_key = front.host_key.with_suffix(".pub").read_text().split()
+    (root / "front_known_hosts").write_text(
+        f"[127.0.0.1]:{front.port} {host_key[0]} {host_key[1]}\n"
+    )
+    return front
+
+
+def add_repositories(
+    paths: Paths, large_commits: int, large_blob: int, hg_commits: int
+) -> dict[str, int]:
+    """small (~1.5 MB), large (`large_commits` x `large_blob`), and an hg repository."""
+    base = paths.storage.base / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    sizes = {
+        "small": git_repo(base / "small.git", 60, 20, 25_000),
+        "large": git_repo(base / "large.git", large_commits, 400, large_blob),
+    }
+    hg_repo(base / "designs", hg_commits)
+    admin = [*KILNPROXY, "--config", str(paths.kiln.config_path)]
+    env = paths.kiln.server_env()
+    for name, vcs, suffix in (
+        ("small", "git", ".git"),
+        ("large", "git", ".git"),
+        ("designs", "hg", ""),
+    ):
+        run(
+            [*admin, "repos", "add", f"bench/{name}", "--vcs", vcs, "--backend", "storage"], env=env
+        )
+        disk = str(base / f"{name}{suffix}")
+        run([*admin, "repos", "add", f"bench/{name}-local", "--vcs", vcs, "--backend", "local",
+             "--path", disk], env=env)  # fmt: skip
+    return sizes

@@ -1,0 +1,275 @@
+"""kilnproxy against OpenSSH, side by side, in one run: `make bench` or `make bench-quick`.
+
+Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy ssh backend,
+D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
+to A: small-clone latency, large-clone wall time, proxy CPU per GB relayed (C and D), server CPU
+per new authenticated connection (kilnproxy's one worker against sshd), memory per idle
+connection and per active session, hg clone. Writes bench/results/latest.{json,md,png}.
+
+    python bench/run.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from clients import hold
+from fixtures import Paths, add_repositories, build
+from harness import finish_upload_pack, hold_upload_pack
+from measure import clone, cpu_seconds, rss, uss
+
+from kilnproxy.version import build_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PATHS = ("A", "B", "C", "D")
+PROFILES: dict[str, dict[str, int]] = {
+    "quick": {"small_rounds": 5, "large_rounds": 2, "large_commits": 600, "large_blob": 70_000,
+              "hg_commits": 300, "hg_rounds": 3, "connections": 100, "idle": 300,
+              "sshd_idle": 50, "active": 20},
+    "full": {"small_rounds": 15, "large_rounds": 5, "large_commits": 3000, "large_blob": 70_000,
+             "hg_commits": 1000, "hg_rounds": 5, "connections": 300, "idle": 2000,
+             "sshd_idle": 200, "active": 50},
+}  # fmt: skip
+
+
+def kiln_pids(paths: Paths) -> list[int]:
+    """The proxy's own processes (master and workers; not the git and hg they run)."""
+    assert paths.kiln.proc is not None
+    return [paths.kiln.proc.pid, *(int(w["pid"]) for w in paths.kiln.workers())]
+
+
+def proxy_cpu(paths: Paths, path: str) -> float:
+    if path == "D":
+        assert paths.front.proc is not None
+        return cpu_seconds([paths.front.proc.pid], children=True)
+    return cpu_seconds(kiln_pids(paths))
+
+
+def clones(paths: Paths, name: str, vcs: str, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Clone through A, B, C, D in turn, `rounds` times; time, proxy CPU and bytes of each."""
+    runs: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+    for _ in range(rounds):
+        for path in PATHS:
+            target = paths.root / f"clone-{path}"
+            before = proxy_cpu(paths, path)
+            seconds = clone(paths.clone_argv(path, name, vcs), paths.env(path), target)
+            time.sleep(0.3)  # let per-connection processes exit and be counted
+            size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+            runs[path].append({"seconds": seconds, "cpu": proxy_cpu(paths, path) - before,
+                               "bytes": size})  # fmt: skip
+    return runs
+
+
+def median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+async def connection_cost(paths: Paths, count: int) -> dict[str, float]:
+    """Server CPU per new authenticated connection: kilnproxy's one worker against sshd."""
+    out: dict[str, float] = {}
+    for server in ("kilnproxy", "sshd"):
+        pids = kiln_pids(paths) if server == "kilnproxy" else [paths.storage.proc.pid]  # type: ignore[union-attr]
+        before = cpu_seconds(pids, children=server == "sshd")
+        started = time.perf_counter()
+        for _ in range(count // 10):
+            connections = await (hold(paths.kiln, paths.client_key, 10) if server == "kilnproxy"
+                                 else hold_sshd(paths, 10))  # fmt: skip
+            for conn in connections:
+                conn.close()
+            await asyncio.gather(*(conn.wait_closed() for conn in connections))
+        wall = time.perf_counter() - started
+        await asyncio.sleep(1.0)
+        cpu = cpu_seconds(pids, children=server == "sshd") - before
+        out[f"{server}_cpu_ms_per_conn"] = 1000 * cpu / count
+        out[f"{server}_conn_per_s"] = count / wall
+    return out
+
+
+async def hold_sshd(paths: Paths, count: int) -> list[asyncssh.SSHClientConnection]:
+    return list(await asyncio.gather(*(
+        asyncssh.connect("127.0.0.1", paths.storage.port, username="root",
+                         client_keys=[str(paths.backend_key)], agent_path=None, config=None,
+                         known_hosts=str(paths.kiln.home / "backend_known_hosts"))
+        for _ in range(count)
+    )))  # fmt: skip
+
+
+async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[str, float]:
+    worker = kiln_pids(paths)[1:]
+    before = rss(worker)
+    held = await hold(paths.kiln, paths.client_key, kiln_count)
+    await asyncio.sleep(2.0)
+    kiln_kb = (rss(worker) - before) / kiln_count / 1024
+    for conn in held:
+        conn.close()
+    assert paths.storage.proc is not None
+    listener = paths.storage.proc.pid
+    held = []
+    for _ in range(sshd_count // 10):
+        held += await hold_sshd(paths, 10)
+    await asyncio.sleep(1.0)
+    children = [c.pid for c in psutil.Process(listener).children(recursive=True)]
+    sshd_kb = uss(children) / sshd_count / 1024
+    for conn in held:
+        conn.close()
+    return {"idle_conn_kb": kiln_kb, "sshd_idle_conn_kb": sshd_kb}
+
+
+def active_memory(paths: Paths, count: int) -> float:
+    """Worker RSS per held upload-pack session through the ssh backend (both legs open)."""
+    worker = kiln_pids(paths)[1:]
+    before = rss(worker)
+    with contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(hold_upload_pack(paths.kiln, paths.client_key, "bench/small"))
+            for _ in range(count)
+        ]
+        time.sleep(2.0)
+        grown = rss(worker) - before
+        for client in clients:
+            finish_upload_pack(client)
+    return grown / count / 1024
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return (done.stdout or done.stderr).strip().splitlines()[0]
+
+    return {
+        "kilnproxy": build_info().version,
+        "python": platform.python_version(),
+        "openssh": first_line(["ssh", "-V"]),
+        "git": first_line(["git", "--version"]),
+        "hg": first_line(["hg", "--version"]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.release()}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller repositories, fewer runs")
+    profile_name = "quick" if parser.parse_args().quick else "full"
+    profile = PROFILES[profile_name]
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build(Path(tmp))
+        try:
+            sizes = add_repositories(paths, profile["large_commits"], profile["large_blob"],
+                                     profile["hg_commits"])  # fmt: skip
+            figures = measure_all(paths, profile)
+        finally:
+            paths.kiln.stop()
+            paths.storage.stop()
+            paths.front.stop()
+    figures |= {"profile": profile_name, "repository_bytes": sizes,
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - started), "versions": versions()}  # fmt: skip
+    report(figures)
+
+
+def measure_all(paths: Paths, profile: dict[str, int]) -> dict[str, Any]:
+    # Memory first, on a fresh worker: after clones, freed memory is reused and deltas shrink.
+    figures: dict[str, Any] = asyncio.run(idle_memory(paths, profile["idle"], profile["sshd_idle"]))
+    figures["active_session_kb"] = active_memory(paths, profile["active"])
+    small = clones(paths, "small", "git", profile["small_rounds"])
+    large = clones(paths, "large", "git", profile["large_rounds"])
+    hg = clones(paths, "designs", "hg", profile["hg_rounds"])
+    for label, runs in (("small_clone", small), ("large_clone", large), ("hg_clone", hg)):
+        figures[f"{label}_seconds"] = {p: median(runs[p], "seconds") for p in PATHS}
+    a = figures["large_clone_seconds"]["A"]
+    figures["large_clone_ratio_local"] = figures["large_clone_seconds"]["B"] / a
+    figures["large_clone_ratio_ssh"] = figures["large_clone_seconds"]["C"] / a
+    figures["small_clone_ratio_ssh"] = (figures["small_clone_seconds"]["C"]
+                                        / figures["small_clone_seconds"]["A"])  # fmt: skip
+    cpu_per_gb = {p: median(large[p], "cpu") / (median(large[p], "bytes") / 1e9) for p in "BCD"}
+    figures["proxy_cpu_seconds_per_gb"] = cpu_per_gb
+    figures["relay_cpu_ratio_ssh_vs_forcecommand"] = cpu_per_gb["C"] / cpu_per_gb["D"]
+    figures |= asyncio.run(connection_cost(paths, profile["connections"]))
+    figures["conn_cpu_ratio_vs_sshd"] = (figures["kilnproxy_cpu_ms_per_conn"]
+                                         / figures["sshd_cpu_ms_per_conn"])  # fmt: skip
+    return figures
+
+
+def report(figures: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(markdown(figures))
+    plot(figures, RESULTS / "latest.png")
+    print(markdown(figures))
+
+
+TARGETS = [
+    ("large_clone_ratio_local", "large clone B/A", "<= 1.05", 1.05),
+    ("large_clone_ratio_ssh", "large clone C/A", "<= 1.10", 1.10),
+    ("small_clone_ratio_ssh", "small clone C/A", "<= 1.0", 1.0),
+    ("relay_cpu_ratio_ssh_vs_forcecommand", "proxy CPU per GB, C/D", "<= 0.75", 0.75),
+    ("idle_conn_kb", "KiB per idle connection", "<= 32", 32),
+    ("active_session_kb", "KiB per active session", "<= 512", 512),
+    ("conn_cpu_ratio_vs_sshd", "CPU per new connection / sshd", "<= 0.67", 0.67),
+]
+
+
+def markdown(f: dict[str, Any]) -> str:
+    lines = [f"# kilnproxy benchmark ({f['profile']}), {f['date']}", ""]
+    lines += [f"- {k}: {v}" for k, v in f["versions"].items()]
+    lines += ["", "| figure | value | target | met |", "| --- | --- | --- | --- |"]
+    for key, label, target, bound in TARGETS:
+        value = float(f[key])
+        lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if value <= bound else 'no'} |")
+    lines += ["", "| median seconds | A direct | B local | C ssh | D ForceCommand |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for label in ("small_clone", "large_clone", "hg_clone"):
+        row = f[f"{label}_seconds"]
+        lines.append(
+            f"| {label.replace('_', ' ')} | " + " | ".join(f"{row[p]:.3f}" for p in PATHS) + " |"
+        )
+    cpu = f["proxy_cpu_seconds_per_gb"]
+    lines += ["", f"Proxy CPU seconds per GB relayed: B {cpu['B']:.2f}, C {cpu['C']:.2f}, "
+              f"D {cpu['D']:.2f}.", f"Server CPU per new connection: kilnproxy "
+              f"{f['kilnproxy_cpu_ms_per_conn']:.2f} ms, sshd {f['sshd_cpu_ms_per_conn']:.2f} ms.",
+              f"Memory per idle connection: kilnproxy {f['idle_conn_kb']:.1f} KiB, "
+              f"sshd {f['sshd_idle_conn_kb']:.1f} KiB (USS of its processes).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(f: dict[str, Any], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    colors = ["#6b7785", "#2563eb", "#16a34a", "#dc2626"]
+    for ax, label in zip(axes[:3], ("small_clone", "large_clone", "hg_clone"), strict=True):
+        row = f[f"{label}_seconds"]
+        ax.bar(PATHS, [row[p] for p in PATHS], color=colors)
+        ax.set_title(label.replace("_", " ") + " (s, median)")
+    cpu = f["proxy_cpu_seconds_per_gb"]
+    axes[3].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
+    axes[3].set_title("proxy CPU s per GB")
+    fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand")
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
