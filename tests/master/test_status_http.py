@@ -221,8 +221,8 @@ def test_bound_to_its_address_and_malformed_requests_get_4xx(status_world: World
     assert get_json(w, "/info")["version"]  # still serving
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_dashboard_in_headless_chromium(status_world: World, tmp_path: Path) -> None:
+    assert shutil.which("chromium"), "Debian's chromium is missing: `make test` installs it"
     w = status_world
     with hold(w) as client:
         row = row_of(w)
