@@ -217,13 +217,17 @@ class Master:
                 log.info("rolling restart to generation %d complete", self.generation)
 
     def _spawn_missing(self, serving: list[WorkerHandle], now: float) -> None:
+        """Fill the lowest free slots. A slot in backoff is waited for, never skipped: taking
+        the next index instead would restart a crashing worker with no backoff at all."""
         taken = {w.index for w in serving}
-        missing = (i for i in range(self.desired + len(serving)) if i not in taken)
-        for index in missing:
+        for index in range(self.desired + len(serving)):
             if len(serving) + self._spawning >= self.desired:
                 return
-            if self._not_before.get(index, 0.0) <= now:
-                self._start(index)
+            if index in taken:
+                continue
+            if self._not_before.get(index, 0.0) > now:
+                return
+            self._start(index)
 
     def _surplus(self, serving: list[WorkerHandle]) -> WorkerHandle:
         """Which worker goes: an old one whose slot has its replacement READY, else an old

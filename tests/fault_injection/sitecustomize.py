@@ -1,12 +1,15 @@
-"""One injected fault, for the isolation test only: put this directory on PYTHONPATH.
+"""Injected faults, for tests only: put this directory on PYTHONPATH.
 
 Python imports `sitecustomize` at start-up, so every worker process the master fork+execs picks
 this up. In a worker, opening the repository `aviato/boom` raises inside the session's setup,
-as a bug of ours would. The fault lives in the tests, so no client can trigger it in production.
+as a bug of ours would; with KILNPROXY_TEST_CRASH_AFTER_READY set, the worker dies half a
+second after it said READY. The faults live in the tests: no client can trigger them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 
 if "kilnproxy.worker_process" in sys.orig_argv:
@@ -23,3 +26,15 @@ if "kilnproxy.worker_process" in sys.orig_argv:
         return await _real_open(self, request, sink)
 
     LocalBackend.open = _faulty_open  # type: ignore[method-assign]
+
+    if os.environ.get("KILNPROXY_TEST_CRASH_AFTER_READY"):
+        from kilnproxy.control import Channel, Message
+
+        _real_send = Channel.send
+
+        def _send_then_crash(self: Channel, message: Message) -> None:
+            _real_send(self, message)
+            if message.kind.value == "ready":
+                asyncio.get_running_loop().call_later(0.5, os._exit, 1)
+
+        Channel.send = _send_then_crash  # type: ignore[method-assign]

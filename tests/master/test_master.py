@@ -435,3 +435,19 @@ def test_kill_ends_one_session_with_the_administrator_message(new_world: Factory
                   env=kiln.server_env(), check=False)  # fmt: skip
     assert unknown.returncode == 2
     assert unknown.stderr.decode().strip() == "kilnproxy: error: no session deadbeef"
+
+
+def test_a_worker_crashing_after_boot_is_restarted_with_backoff(new_world: Factory) -> None:
+    fault = {"PYTHONPATH": str(Path(__file__).parents[1] / "fault_injection"),
+             "KILNPROXY_TEST_CRASH_AFTER_READY": "1"}  # fmt: skip
+    w = new_world({"workers": {"count": 2}}, env=fault)
+    kiln = w.kiln
+    time.sleep(6)
+    slots = [int(i) for i in re.findall(r"started worker (\d+)", kiln.log())]
+    # Every worker dies 0.5 s after READY. Each slot waits 0.1, 0.2, 0.4, 0.8, 1.6 s before
+    # its next start, so a slot starts at most 7 times in 6 s; without backoff, or with a
+    # crashing slot skipped for a fresh index, starts pile up and indices grow.
+    assert set(slots) == {0, 1}, slots
+    assert max(slots.count(0), slots.count(1)) <= 7, slots
+    assert "died with status 1" in kiln.log()
+    assert kiln.proc is not None and kiln.proc.poll() is None  # booted fine: no giving up
