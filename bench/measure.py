@@ -5,25 +5,33 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
 
 
-def cpu_seconds(pids: Iterable[int], children: bool = False) -> float:
-    """CPU time used so far by these processes (and, with `children`, by the children they
-    have reaped: how a forking sshd's per-connection processes are counted)."""
+def _total(pids: Iterable[int], read: Callable[[psutil.Process], float]) -> float:
+    """`read` summed over the processes that still exist."""
     total = 0.0
     for pid in pids:
         try:
-            times = psutil.Process(pid).cpu_times()
+            total += read(psutil.Process(pid))
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
-        if children:
-            total += times.children_user + times.children_system
     return total
+
+
+def cpu_seconds(pids: Iterable[int], children: bool = False) -> float:
+    """CPU time used so far by these processes (and, with `children`, by the children they
+    have reaped: how a forking sshd's per-connection processes are counted)."""
+
+    def used(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        reaped = times.children_user + times.children_system if children else 0.0
+        return float(times.user + times.system + reaped)
+
+    return _total(pids, used)
 
 
 def tree(pid: int) -> list[int]:
@@ -44,21 +52,9 @@ def clone(argv: list[str], env: dict[str, str], target: Path) -> float:
 
 
 def rss(pids: Iterable[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return int(_total(pids, lambda process: process.memory_info().rss))
 
 
 def uss(pids: Iterable[int]) -> int:
     """Memory only these processes use (for forked sshd children, RSS double-counts)."""
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_full_info().uss
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return int(_total(pids, lambda process: process.memory_full_info().uss))
