@@ -53,6 +53,11 @@ class Stopping(enum.Enum):
     DRAIN = "drain"
     FAST = "fast"
 
+    @property
+    def message(self) -> Message:
+        """What every worker is told, including one that becomes ready during the stop."""
+        return Message(Kind.DRAIN if self is Stopping.DRAIN else Kind.STOP)
+
 
 class Master:
     def __init__(self, config: Config, config_arg: str | None) -> None:
@@ -173,16 +178,12 @@ class Master:
         self.stopping = mode
         self.notifier.stopping()
         self._close_listeners()  # new connections are refused from now on
-        if mode is Stopping.DRAIN:
-            self.stop_deadline = time.monotonic() + self.config.timeouts.drain + 10
-            message = Message(Kind.DRAIN)
-        else:
-            self.stop_deadline = time.monotonic() + FAST_STOP_GRACE
-            message = Message(Kind.STOP)
+        grace = self.config.timeouts.drain + 10 if mode is Stopping.DRAIN else FAST_STOP_GRACE
+        self.stop_deadline = time.monotonic() + grace
         log.info("%s stop of %d workers", mode.value, len(self.workers))
         for worker in self.workers:
             if worker.channel is not None:
-                worker.channel.send(message)
+                worker.channel.send(mode.message)
             if worker.state is not WorkerState.EXITED:
                 worker.state = WorkerState.DRAINING
 
@@ -296,9 +297,7 @@ class Master:
         self._boot_failures = 0
         log.info("worker %d (pid %d) ready", worker.index, worker.pid)
         if self.stopping is not None and worker.channel is not None:
-            worker.channel.send(
-                Message(Kind.STOP if self.stopping is Stopping.FAST else Kind.DRAIN)
-            )
+            worker.channel.send(self.stopping.message)
         if not self._ready_announced and self._all_ready():
             self._ready_announced = True
             self.notifier.ready()

@@ -29,6 +29,3 @@ class ConnectionTable:
 
     def rows(self) -> list[dict[str, Any]]:
         return sorted(self._rows.values(), key=lambda row: float(row.get("started_at", 0)))
-
-    def __len__(self) -> int:
-        return len(self._rows)

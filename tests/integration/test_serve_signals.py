@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from conftest import World
+from harness import finish_upload_pack
 
 
 def test_term_waits_for_a_clone_but_not_for_idle_connections(
@@ -34,9 +35,7 @@ def test_term_waits_for_a_clone_but_not_for_idle_connections(
         kiln.wait_for_log(r"closing idle connection for drain")
         time.sleep(0.5)
         assert kiln.proc.poll() is None, "the drain did not wait for the running command"
-        busy.stdin.write(b"0000")  # the client finishes its conversation
-        busy.stdin.close()
-        assert busy.wait(timeout=10) == 0
+        assert finish_upload_pack(busy) == 0  # the client finishes its conversation
         assert b"refs/heads/main" in busy.stdout.read()
     assert kiln.proc.wait(timeout=10) == 0
     assert re.search(r"access .*verb=git-upload-pack .*exit=0 outcome=ok", kiln.log())
