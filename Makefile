@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint deps venv clean bench bench-quick
+.PHONY: run test lint deps venv clean bench bench-quick bench-deps
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +41,14 @@ test: deps venv lint
 	$(BIN)/pytest
 
 # Benchmarks against OpenSSH (not part of `make test`): full run, and one under 5 minutes.
-bench: deps venv
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+bench: bench-deps
 	$(BIN)/python bench/run.py
 
-bench-quick: deps venv
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+bench-quick: bench-deps
 	$(BIN)/python bench/run.py --quick
+
+bench-deps: deps venv
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 
 clean:
 	rm -rf $(VENV) build *.egg-info kilnproxy/_stamp.py

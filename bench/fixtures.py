@@ -14,6 +14,7 @@ import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import KILNPROXY, Kiln, run
 from sshd import Sshd
@@ -95,8 +96,10 @@ class Paths:
         return self.kiln.url(repo)
 
 
-def build(root: Path) -> Paths:
-    kiln = Kiln(root / "kiln", {"workers": {"count": 1}, "ssh": {"backlog": 4096}})
+def build(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> Paths:
+    kiln = Kiln(
+        root / "kiln", {"workers": {"count": 1}, "ssh": {"backlog": 4096}} | (settings or {})
+    )
     client_key = kiln.add_user("bench", "dev", Role.WRITE)
     kiln.start()
     public = run([*KILNPROXY, "backends", "key", "--config", str(kiln.config_path)],
@@ -128,28 +131,33 @@ def forcecommand_proxy(root: Path, storage: Sshd, client_key: Path, backend_key:
     return front
 
 
+def register(paths: Paths, name: str, vcs: str) -> None:
+    """bench/NAME on the ssh backend (C) and bench/NAME-local on the local backend (B), both
+    the one repository on the storage server's disk."""
+    admin = [*KILNPROXY, "--config", str(paths.kiln.config_path)]
+    env = paths.kiln.server_env()
+    disk = str(paths.storage.base / "bench" / (f"{name}.git" if vcs == "git" else name))
+    run([*admin, "repos", "add", f"bench/{name}", "--vcs", vcs, "--backend", "storage"], env=env)
+    run([*admin, "repos", "add", f"bench/{name}-local", "--vcs", vcs, "--backend", "local",
+         "--path", disk], env=env)  # fmt: skip
+
+
+def add_small(paths: Paths) -> int:
+    """About 1.5 MB: 60 commits over 20 files."""
+    (paths.storage.base / "bench").mkdir(parents=True, exist_ok=True)
+    size = git_repo(paths.storage.base / "bench" / "small.git", 60, 20, 25_000)
+    register(paths, "small", "git")
+    return size
+
+
 def add_repositories(
     paths: Paths, large_commits: int, large_blob: int, hg_commits: int
 ) -> dict[str, int]:
-    """small (~1.5 MB), large (`large_commits` x `large_blob`), and an hg repository."""
+    """small, large (`large_commits` x `large_blob`), and an hg repository."""
     base = paths.storage.base / "bench"
-    base.mkdir(parents=True, exist_ok=True)
-    sizes = {
-        "small": git_repo(base / "small.git", 60, 20, 25_000),
-        "large": git_repo(base / "large.git", large_commits, 400, large_blob),
-    }
+    sizes = {"small": add_small(paths)}
+    sizes["large"] = git_repo(base / "large.git", large_commits, 400, large_blob)
+    register(paths, "large", "git")
     hg_repo(base / "designs", hg_commits)
-    admin = [*KILNPROXY, "--config", str(paths.kiln.config_path)]
-    env = paths.kiln.server_env()
-    for name, vcs, suffix in (
-        ("small", "git", ".git"),
-        ("large", "git", ".git"),
-        ("designs", "hg", ""),
-    ):
-        run(
-            [*admin, "repos", "add", f"bench/{name}", "--vcs", vcs, "--backend", "storage"], env=env
-        )
-        disk = str(base / f"{name}{suffix}")
-        run([*admin, "repos", "add", f"bench/{name}-local", "--vcs", vcs, "--backend", "local",
-             "--path", disk], env=env)  # fmt: skip
+    register(paths, "designs", "hg")
     return sizes
