@@ -1,8 +1,9 @@
 """One SSH channel relayed to one backend command: the hot path of kilnproxy.
 
 Owns the channel's command, its backend stream, its byte counts and its access line. It must
-never buffer: bytes go straight from one side to the other, and each side's back-pressure pauses
-the other (asyncssh's channel window on the client leg, the backend's own on the other).
+never buffer: bytes go from one side to the other within the pass of the event loop that
+brought them (gathered into one write each way, see `coalesce`), and each side's back-pressure
+pauses the other (asyncssh's channel window on the client leg, the backend's own on the other).
 Everything that can fail while setting up runs in one task, `_open`, which is the isolation
 boundary: whatever it raises ends this channel with one line to the client, never the worker.
 """
@@ -18,6 +19,7 @@ import asyncssh
 
 from kilnproxy.access import Access, required_access
 from kilnproxy.backends import BackendRequest, BackendStream
+from kilnproxy.coalesce import Coalescer
 from kilnproxy.commands import Command, git_protocol, parse_command
 from kilnproxy.errors import (
     BackendError,
@@ -86,6 +88,9 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._eof_pending = False
         self._early: list[bytes] = []
         self._exit_when_flushed: int | None = None
+        loop = asyncio.get_running_loop()
+        self._to_client = Coalescer(self._write_stdout, loop)
+        self._to_backend = Coalescer(self._write_stdin, loop)
 
     def __repr__(self) -> str:
         return f"<Relay session {self.session.id} {self.state.value} {self._line!r}>"
@@ -121,7 +126,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         if datatype is not None:
             return  # extended data from a client is in no git or hg protocol: not stdin
         if self._stream is not None and self.state is RelayState.RUNNING:
-            self._stream.write(data)
+            self._to_backend.add(data)
         elif self.state is RelayState.OPENING and self._chan is not None:
             # Bytes sent before the backend is up (hg says hello at once): hold this one
             # chunk and stop reading; asyncssh keeps the rest, within the channel window.
@@ -130,6 +135,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
 
     def eof_received(self) -> bool:
         if self._stream is not None and self.state is RelayState.RUNNING:
+            self._to_backend.flush()
             self._stream.write_eof()
         else:
             self._eof_pending = True
@@ -150,6 +156,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is not RelayState.EXITING and self.outcome is None:
             self.outcome = Outcome.CLIENT_GONE
+        self._to_client.discard()
         self._close_backend()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -236,13 +243,22 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self.bytes_out += len(data)
         self.session.touch()
         if self._chan is not None:
-            self._chan.write(data)
+            self._to_client.add(data)
 
     def backend_stderr(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.session.touch()
         if self._chan is not None:
+            self._to_client.flush()  # keep the order the backend wrote in
             self._chan.write_stderr(data)
+
+    def _write_stdout(self, data: bytes) -> None:
+        if self._chan is not None:
+            self._chan.write(data)
+
+    def _write_stdin(self, data: bytes) -> None:
+        if self._stream is not None:
+            self._stream.write(data)
 
     def backend_pause_input(self) -> None:
         self._input_paused = True
@@ -275,6 +291,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         chan = self._chan
         if chan is None or self.state in (RelayState.EXITING, RelayState.CLOSED):
             return
+        self._to_client.flush()
         self.state = RelayState.EXITING
         self.exit_status = status
         if chan.get_write_buffer_size() == 0:
@@ -294,6 +311,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         if self.state in (RelayState.EXITING, RelayState.CLOSED):
             return
         self.outcome = _CUT_OUTCOME[reason]
+        self._to_client.discard()
         self._close_backend()
         self.state = RelayState.EXITING
         self.exit_status = 1
@@ -302,6 +320,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._chan.exit(1)
 
     def _close_backend(self) -> None:
+        self._to_backend.discard()
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.abort()

@@ -68,6 +68,9 @@ def server_options(
             # Our own login-grace timer speaks first; this one is only a backstop.
             login_timeout=timeouts.login_grace + 10,
             allow_pty=False,
+            # No pty, so no line editing: without this every channel call goes through
+            # asyncssh's editor wrapper (`__getattr__` on each write of the hot path).
+            line_editor=False,
             agent_forwarding=False,
             x11_forwarding=False,
             password_auth=False,

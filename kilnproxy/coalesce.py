@@ -1,0 +1,50 @@
+"""Gathering the chunks that arrive in one pass of the event loop into one write.
+
+asyncssh sends every `write()` on a channel as packets of its own (it never merges two writes
+into one packet), and each packet costs a fixed amount of Python and cipher work on top of its
+bytes. A storage server's sshd sends git's output in the 8 KiB pieces `git upload-pack` writes,
+so relaying piece by piece sends the client three to four times as many packets as it needs.
+One TCP read from the backend carries dozens of those pieces, all delivered in one callback: a
+`Coalescer` collects them and hands them on, joined, once that callback is done.
+
+It must never hold bytes longer than the current pass of the loop: `add` schedules the flush
+with `call_soon`, and anything that must follow the bytes in order (stderr, EOF, the exit
+status) calls `flush` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class Coalescer:
+    __slots__ = ("_chunks", "_loop", "_scheduled", "_write")
+
+    def __init__(self, write: Callable[[bytes], None], loop: asyncio.AbstractEventLoop) -> None:
+        self._write = write
+        self._loop = loop
+        self._chunks: list[bytes] = []
+        self._scheduled = False
+
+    def add(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
+    def flush(self) -> None:
+        """Write what has been gathered now."""
+        chunks = self._chunks
+        if not chunks:
+            return
+        self._chunks = []
+        self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def discard(self) -> None:
+        """Drop what has been gathered: the other side is gone."""
+        self._chunks = []
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import asyncio
+
+from kilnproxy.coalesce import Coalescer
+
+
+async def _one_pass() -> None:
+    """Let the loop run the callbacks scheduled so far (call_soon runs on the next pass)."""
+    await asyncio.sleep(0)
+
+
+def test_chunks_of_one_pass_become_one_write() -> None:
+    asyncio.run(_chunks_of_one_pass_become_one_write())
+
+
+async def _chunks_of_one_pass_become_one_write() -> None:
+    writes: list[bytes] = []
+    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    for piece in (b"one ", b"two ", b"three"):
+        coalescer.add(piece)
+    assert writes == []  # nothing before the pass that delivered them is over
+    await _one_pass()
+    assert writes == [b"one two three"]
+    coalescer.add(b"four")
+    await _one_pass()
+    assert writes == [b"one two three", b"four"]
+
+
+def test_a_single_chunk_is_written_as_it_came() -> None:
+    asyncio.run(_a_single_chunk_is_written_as_it_came())
+
+
+async def _a_single_chunk_is_written_as_it_came() -> None:
+    writes: list[bytes] = []
+    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    chunk = b"x" * 65536
+    coalescer.add(chunk)
+    await _one_pass()
+    assert writes[0] is chunk  # no copy
+
+
+def test_flush_writes_now_and_the_scheduled_pass_writes_nothing_twice() -> None:
+    asyncio.run(_flush_writes_now_and_the_scheduled_pass_writes_nothing_twice())
+
+
+async def _flush_writes_now_and_the_scheduled_pass_writes_nothing_twice() -> None:
+    writes: list[bytes] = []
+    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    coalescer.add(b"before ")
+    coalescer.add(b"stderr")
+    coalescer.flush()
+    assert writes == [b"before stderr"]
+    await _one_pass()
+    assert writes == [b"before stderr"]
+    coalescer.flush()
+    assert writes == [b"before stderr"]
+
+
+def test_discard_drops_what_was_gathered() -> None:
+    asyncio.run(_discard_drops_what_was_gathered())
+
+
+async def _discard_drops_what_was_gathered() -> None:
+    writes: list[bytes] = []
+    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    coalescer.add(b"for a client that left")
+    coalescer.discard()
+    await _one_pass()
+    assert writes == []
+    coalescer.add(b"later")
+    await _one_pass()
+    assert writes == [b"later"]
