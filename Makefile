@@ -47,7 +47,10 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(BIN)/python bench/run.py --quick
 
+# `patch` applies bench/asyncssh-hotpath.patch to a scratch copy for --asyncssh-patch.
 bench-deps: deps venv
+	@command -v patch >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq patch >/dev/null; }
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 
 clean:

@@ -116,16 +116,17 @@ def build(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> Path
 
 
 def forcecommand_proxy(root: Path, storage: Sshd, client_key: Path, backend_key: Path,
-                       home: Path) -> Sshd:  # fmt: skip
-    """D: an sshd that relays every command to the storage server with OpenSSH's own client."""
+                       home: Path, name: str = "front") -> Sshd:  # fmt: skip
+    """D: an sshd that relays every command to the storage server with OpenSSH's own client.
+    Its host key is in `root/<name>_known_hosts`."""
     relay = (f"ssh -F /dev/null -i {backend_key} -o IdentitiesOnly=yes -o BatchMode=yes "
              f"-o UserKnownHostsFile={home / 'backend_known_hosts'} -o SendEnv=GIT_PROTOCOL "
              f"-p {storage.port} root@127.0.0.1 \"$SSH_ORIGINAL_COMMAND\"")  # fmt: skip
-    front = Sshd(root / "front", extra=f"ForceCommand {relay}\nMaxStartups 2000\n")
+    front = Sshd(root / name, extra=f"ForceCommand {relay}\nMaxStartups 2000\n")
     front.authorize(Path(f"{client_key}.pub").read_text())
     front.start()
     host_key = front.host_key.with_suffix(".pub").read_text().split()
-    (root / "front_known_hosts").write_text(
+    (root / f"{name}_known_hosts").write_text(
         f"[127.0.0.1]:{front.port} {host_key[0]} {host_key[1]}\n"
     )
     return front

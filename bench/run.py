@@ -2,11 +2,17 @@
 
 Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy ssh backend,
 D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
-to A: small-clone latency, large-clone wall time, proxy CPU per GB relayed (C and D), server CPU
-per new authenticated connection (kilnproxy's one worker against sshd), memory per idle
-connection and per active session, hg clone. Writes bench/results/latest.{json,md,png}.
+to A: small-clone latency, large-clone wall time, raw relay throughput and the proxy's CPU per
+GB relayed (bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker
+against sshd), memory per idle connection and per active session, hg clone. Writes
+bench/results/NAME.{json,md,png} (NAME is `latest` unless given).
 
-    python bench/run.py [--quick]
+    python bench/run.py [--quick] [--ciphers LIST] [--asyncssh-patch] [--name NAME]
+
+--ciphers sets kilnproxy's offered ciphers (`[ssh] encryption_algs`), to measure a cipher
+policy; --asyncssh-patch runs kilnproxy on a scratch copy of asyncssh with
+bench/asyncssh-hotpath.patch applied, to measure that proposed upstream change. Neither
+touches the installed packages.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,18 +42,21 @@ from clients import hold
 from fixtures import Paths, add_repositories, build
 from harness import finish_upload_pack, hold_upload_pack
 from measure import clone, cpu_seconds, rss, uss
+from relay import RawRelay, add_raw_relay
 
 from kilnproxy.version import build_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+ASYNCSSH_PATCH = BENCH / "asyncssh-hotpath.patch"
 PATHS = ("A", "B", "C", "D")
 PROFILES: dict[str, dict[str, int]] = {
     "quick": {"small_rounds": 5, "large_rounds": 2, "large_commits": 600, "large_blob": 70_000,
               "hg_commits": 300, "hg_rounds": 3, "connections": 100, "idle": 300,
-              "sshd_idle": 50, "active": 20},
+              "sshd_idle": 50, "active": 20, "relay_bytes": 256 << 20, "relay_rounds": 2},
     "full": {"small_rounds": 15, "large_rounds": 5, "large_commits": 3000, "large_blob": 70_000,
              "hg_commits": 1000, "hg_rounds": 5, "connections": 300, "idle": 2000,
-             "sshd_idle": 200, "active": 50},
+             "sshd_idle": 200, "active": 50, "relay_bytes": 1 << 30, "relay_rounds": 3},
 }  # fmt: skip
 
 
@@ -167,53 +177,97 @@ def versions() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller repositories, fewer runs")
-    profile_name = "quick" if parser.parse_args().quick else "full"
+    parser.add_argument("--ciphers", help="kilnproxy's [ssh] encryption_algs, comma-separated")
+    patch_help = f"run kilnproxy on asyncssh with {ASYNCSSH_PATCH.name} applied"
+    parser.add_argument("--asyncssh-patch", action="store_true", help=patch_help)
+    parser.add_argument("--name", default="latest", help="results file name (default: latest)")
+    args = parser.parse_args()
+    profile_name = "quick" if args.quick else "full"
     profile = PROFILES[profile_name]
+    settings: dict[str, dict[str, Any]] = {}
+    if args.ciphers:
+        settings["ssh"] = {"backlog": 4096, "encryption_algs": args.ciphers.split(",")}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build(Path(tmp))
+        variant = {"ciphers": args.ciphers or "default", "asyncssh": "as released"}
+        if args.asyncssh_patch:
+            # The servers are our children: they import the patched copy first.
+            os.environ["PYTHONPATH"] = str(patched_asyncssh(Path(tmp) / "patched"))
+            variant["asyncssh"] = f"with {ASYNCSSH_PATCH.name}"
+        paths = build(Path(tmp), settings)
+        raw: RawRelay | None = None
         try:
             sizes = add_repositories(paths, profile["large_commits"], profile["large_blob"],
                                      profile["hg_commits"])  # fmt: skip
-            figures = measure_all(paths, profile)
+            raw = add_raw_relay(paths, profile["relay_bytes"], settings)
+            figures = measure_all(paths, raw, profile)
         finally:
-            paths.kiln.stop()
-            paths.storage.stop()
-            paths.front.stop()
-    figures |= {"profile": profile_name, "repository_bytes": sizes,
+            for server in (paths.kiln, paths.storage, paths.front):
+                server.stop()
+            if raw is not None:
+                raw.stop()
+    figures |= {"profile": profile_name, "variant": variant, "repository_bytes": sizes,
+                "relay_bytes": profile["relay_bytes"],
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - started), "versions": versions()}  # fmt: skip
-    report(figures)
+    report(figures, args.name)
 
 
-def measure_all(paths: Paths, profile: dict[str, int]) -> dict[str, Any]:
+def patched_asyncssh(target: Path) -> Path:
+    """A copy of the installed asyncssh with the proposed patch applied; returns its parent."""
+    import asyncssh as installed
+
+    shutil.copytree(Path(installed.__file__).parent, target / "asyncssh",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    subprocess.run(["patch", "-s", "-p1", "-d", str(target), "-i", str(ASYNCSSH_PATCH)],
+                   check=True)  # fmt: skip
+    return target
+
+
+def relays(raw: RawRelay, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Relay through A, B, C, D in turn, `rounds` times."""
+    runs: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+    for _ in range(rounds):
+        for path in PATHS:
+            runs[path].append(raw.once(path))
+    return runs
+
+
+def measure_all(paths: Paths, raw: RawRelay, profile: dict[str, int]) -> dict[str, Any]:
     # Memory first, on a fresh worker: after clones, freed memory is reused and deltas shrink.
     figures: dict[str, Any] = asyncio.run(idle_memory(paths, profile["idle"], profile["sshd_idle"]))
     figures["active_session_kb"] = active_memory(paths, profile["active"])
     small = clones(paths, "small", "git", profile["small_rounds"])
     large = clones(paths, "large", "git", profile["large_rounds"])
     hg = clones(paths, "designs", "hg", profile["hg_rounds"])
-    for label, runs in (("small_clone", small), ("large_clone", large), ("hg_clone", hg)):
+    relayed = relays(raw, profile["relay_rounds"])
+    for label, runs in (("small_clone", small), ("large_clone", large), ("hg_clone", hg),
+                        ("relay", relayed)):  # fmt: skip
         figures[f"{label}_seconds"] = {p: median(runs[p], "seconds") for p in PATHS}
     a = figures["large_clone_seconds"]["A"]
     figures["large_clone_ratio_local"] = figures["large_clone_seconds"]["B"] / a
     figures["large_clone_ratio_ssh"] = figures["large_clone_seconds"]["C"] / a
     figures["small_clone_ratio_ssh"] = (figures["small_clone_seconds"]["C"]
                                         / figures["small_clone_seconds"]["A"])  # fmt: skip
-    cpu_per_gb = {p: median(large[p], "cpu") / (median(large[p], "bytes") / 1e9) for p in "BCD"}
+    gigabytes = raw.size / 1e9
+    figures["relay_mb_per_s"] = {p: raw.size / 1e6 / figures["relay_seconds"][p] for p in PATHS}
+    cpu_per_gb = {p: median(relayed[p], "cpu") / gigabytes for p in "BCD"}
     figures["proxy_cpu_seconds_per_gb"] = cpu_per_gb
     figures["relay_cpu_ratio_ssh_vs_forcecommand"] = cpu_per_gb["C"] / cpu_per_gb["D"]
+    clone_cpu = {p: median(large[p], "cpu") / (median(large[p], "bytes") / 1e9) for p in "BCD"}
+    figures["clone_cpu_seconds_per_gb"] = clone_cpu
+    figures["clone_cpu_ratio_ssh_vs_forcecommand"] = clone_cpu["C"] / clone_cpu["D"]
     figures |= asyncio.run(connection_cost(paths, profile["connections"]))
     figures["conn_cpu_ratio_vs_sshd"] = (figures["kilnproxy_cpu_ms_per_conn"]
                                          / figures["sshd_cpu_ms_per_conn"])  # fmt: skip
     return figures
 
 
-def report(figures: dict[str, Any]) -> None:
+def report(figures: dict[str, Any], name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (RESULTS / "latest.md").write_text(markdown(figures))
-    plot(figures, RESULTS / "latest.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(figures))
+    plot(figures, RESULTS / f"{name}.png")
     print(markdown(figures))
 
 
@@ -221,7 +275,7 @@ TARGETS = [
     ("large_clone_ratio_local", "large clone B/A", "<= 1.05", 1.05),
     ("large_clone_ratio_ssh", "large clone C/A", "<= 1.10", 1.10),
     ("small_clone_ratio_ssh", "small clone C/A", "<= 1.0", 1.0),
-    ("relay_cpu_ratio_ssh_vs_forcecommand", "proxy CPU per GB, C/D", "<= 0.75", 0.75),
+    ("relay_cpu_ratio_ssh_vs_forcecommand", "proxy CPU per GB relayed, C/D", "<= 0.75", 0.75),
     ("idle_conn_kb", "KiB per idle connection", "<= 32", 32),
     ("active_session_kb", "KiB per active session", "<= 512", 512),
     ("conn_cpu_ratio_vs_sshd", "CPU per new connection / sshd", "<= 0.67", 0.67),
@@ -231,21 +285,31 @@ TARGETS = [
 def markdown(f: dict[str, Any]) -> str:
     lines = [f"# kilnproxy benchmark ({f['profile']}), {f['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in f["versions"].items()]
+    variant = f["variant"]
+    lines += [f"- kilnproxy ciphers: {variant['ciphers']}; asyncssh {variant['asyncssh']}"]
     lines += ["", "| figure | value | target | met |", "| --- | --- | --- | --- |"]
     for key, label, target, bound in TARGETS:
         value = float(f[key])
         lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if value <= bound else 'no'} |")
     lines += ["", "| median seconds | A direct | B local | C ssh | D ForceCommand |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    for label in ("small_clone", "large_clone", "hg_clone"):
+    for label in ("small_clone", "large_clone", "hg_clone", "relay"):
         row = f[f"{label}_seconds"]
         lines.append(
             f"| {label.replace('_', ' ')} | " + " | ".join(f"{row[p]:.3f}" for p in PATHS) + " |"
         )
-    cpu = f["proxy_cpu_seconds_per_gb"]
-    lines += ["", f"Proxy CPU seconds per GB relayed: B {cpu['B']:.2f}, C {cpu['C']:.2f}, "
-              f"D {cpu['D']:.2f}.", f"Server CPU per new connection: kilnproxy "
-              f"{f['kilnproxy_cpu_ms_per_conn']:.2f} ms, sshd {f['sshd_cpu_ms_per_conn']:.2f} ms.",
+    cpu, clone_cpu, rate = (f["proxy_cpu_seconds_per_gb"], f["clone_cpu_seconds_per_gb"],
+                            f["relay_mb_per_s"])  # fmt: skip
+    relayed = f["relay_bytes"] / 2**20
+    lines += ["", f"Raw relay ({relayed:.0f} MiB of zeros): " + ", ".join(
+                  f"{p} {rate[p]:.0f} MB/s" for p in PATHS) + ".",
+              f"Proxy CPU seconds per GB, raw relay: B {cpu['B']:.2f}, C {cpu['C']:.2f}, "
+              f"D {cpu['D']:.2f}; during the large clone: B {clone_cpu['B']:.2f}, "
+              f"C {clone_cpu['C']:.2f}, D {clone_cpu['D']:.2f} (C/D "
+              f"{f['clone_cpu_ratio_ssh_vs_forcecommand']:.2f}).",
+              f"Server CPU per new connection: kilnproxy {f['kilnproxy_cpu_ms_per_conn']:.2f} ms "
+              f"({f['kilnproxy_conn_per_s']:.0f}/s), sshd {f['sshd_cpu_ms_per_conn']:.2f} ms "
+              f"({f['sshd_conn_per_s']:.0f}/s).",
               f"Memory per idle connection: kilnproxy {f['idle_conn_kb']:.1f} KiB, "
               f"sshd {f['sshd_idle_conn_kb']:.1f} KiB (USS of its processes).", ""]  # fmt: skip
     return "\n".join(lines)
@@ -257,15 +321,18 @@ def plot(f: dict[str, Any], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4))
     colors = ["#6b7785", "#2563eb", "#16a34a", "#dc2626"]
     for ax, label in zip(axes[:3], ("small_clone", "large_clone", "hg_clone"), strict=True):
         row = f[f"{label}_seconds"]
         ax.bar(PATHS, [row[p] for p in PATHS], color=colors)
         ax.set_title(label.replace("_", " ") + " (s, median)")
+    rate = f["relay_mb_per_s"]
+    axes[3].bar(PATHS, [rate[p] for p in PATHS], color=colors)
+    axes[3].set_title("raw relay (MB/s)")
     cpu = f["proxy_cpu_seconds_per_gb"]
-    axes[3].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
-    axes[3].set_title("proxy CPU s per GB")
+    axes[4].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
+    axes[4].set_title("proxy CPU s per GB relayed")
     fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand")
     fig.tight_layout()
     fig.savefig(target, dpi=100)

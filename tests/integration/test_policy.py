@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def server_offer(world: World) -> dict[str, list[str]]:
         match = re.search(rf"debug2: {name}: (.*)", peer)
         assert match, name
         offer[name] = match.group(1).strip().split(",")
+    chosen = re.search(r"debug1: kex: server->client cipher: (\S+)", log)
+    assert chosen, "no cipher chosen"
+    offer["chosen"] = [chosen.group(1)]
     return offer
 
 
@@ -47,10 +51,8 @@ def test_server_offers_only_the_policy(world: World) -> None:
         "ext-info-s", "kex-strict-s-v00@openssh.com",
     ]  # fmt: skip
     assert offer["host key algorithms"] == ["ssh-ed25519"]
-    assert offer["ciphers stoc"] == [
-        "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com",
-        "aes256-ctr", "aes192-ctr", "aes128-ctr",
-    ]  # fmt: skip
+    assert offer["chosen"] == ["aes128-gcm@openssh.com"]  # a stock OpenSSH client's choice
+    assert offer["ciphers stoc"] == ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
     assert all(mac.endswith("-etm@openssh.com") for mac in offer["MACs stoc"])
     assert not any(
         "sha1" in alg or "cbc" in alg or "nistp" in alg for v in offer.values() for alg in v
@@ -63,15 +65,27 @@ def test_server_offers_only_the_policy(world: World) -> None:
         "KexAlgorithms=ecdh-sha2-nistp256",
         "KexAlgorithms=diffie-hellman-group14-sha1",
         "Ciphers=aes128-cbc",
-        "MACs=hmac-sha1",
         "HostKeyAlgorithms=ssh-rsa",
     ],
 )
 def test_clients_insisting_on_weak_algorithms_cannot_connect(world: World, option: str) -> None:
-    extra = ["-o", "Ciphers=aes128-ctr"] if option.startswith("MACs") else []
-    done = ssh_with(world, "-o", option, *extra)
+    done = ssh_with(world, "-o", option)
     assert done.returncode == 255
     assert done.stdout == b""
+
+
+def test_ctr_ciphers_an_operator_adds_still_take_etm_macs_only(
+    new_world: Callable[..., World],
+) -> None:
+    """AEAD ciphers carry their own MAC, so MACs are only negotiated with CTR."""
+    ciphers = ["aes128-gcm@openssh.com", "aes128-ctr"]
+    world = new_world({"ssh": {"encryption_algs": ciphers}})
+    assert server_offer(world)["ciphers stoc"] == ciphers
+    ctr = ["-o", "Ciphers=aes128-ctr"]
+    assert ssh_with(world, *ctr, "-o", "MACs=hmac-sha2-256-etm@openssh.com").returncode == 0
+    refused = ssh_with(world, *ctr, "-o", "MACs=hmac-sha2-256")  # only the MAC differs
+    assert refused.returncode == 255
+    assert refused.stdout == b""
 
 
 def test_rsa_key_signs_with_sha2_only(world: World) -> None:

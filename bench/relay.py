@@ -1,0 +1,117 @@
+"""Raw relay throughput: a stream of zeros through each path, with no git at either end.
+
+A `zero` sshd runs `head -c SIZE /dev/zero` whatever it is asked (ForceCommand), so what is
+timed is the relay alone, not git's packing and indexing:
+
+A: `ssh zero` directly;
+B: a second kilnproxy whose local backend finds a `git` on its PATH that is that same `head`;
+C: the benchmark's kilnproxy, whose repository bench/zero lives on the zero sshd as its backend;
+D: an OpenSSH ForceCommand proxy in front of the zero sshd.
+
+The client pipes into `wc -c`, which checks that every byte came.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fixtures import Paths, forcecommand_proxy
+from harness import KILNPROXY, Kiln, run
+from measure import cpu_seconds
+from sshd import Sshd
+
+from kilnproxy.access import Role
+
+COMMAND = "git-upload-pack 'bench/zero'"  # what kilnproxy routes; the backend ignores it
+
+
+@dataclass
+class RawRelay:
+    size: int
+    source: Sshd
+    front: Sshd
+    local: Kiln  # B's kilnproxy
+    local_key: Path
+    paths: Paths
+
+    def argv(self, path: str) -> list[str]:
+        p = self.paths
+        if path == "A":
+            return [*_openssh(p.backend_key, p.kiln.home / "backend_known_hosts"),
+                    "-p", str(self.source.port), "root@127.0.0.1", "zero"]  # fmt: skip
+        if path == "D":
+            return [*_openssh(p.client_key, p.root / "front-zero_known_hosts"),
+                    "-p", str(self.front.port), "root@127.0.0.1", "zero"]  # fmt: skip
+        kiln, key = (self.local, self.local_key) if path == "B" else (p.kiln, p.client_key)
+        return [*kiln.ssh_argv(key), "-p", str(kiln.port), "git@127.0.0.1", COMMAND]
+
+    def proxy_cpu(self, path: str) -> float:
+        """CPU seconds used so far by the proxy of this path (none for A)."""
+        if path == "A":
+            return 0.0
+        if path == "D":
+            assert self.front.proc is not None
+            return cpu_seconds([self.front.proc.pid], children=True)
+        kiln = self.local if path == "B" else self.paths.kiln
+        assert kiln.proc is not None
+        return cpu_seconds([kiln.proc.pid, *(int(w["pid"]) for w in kiln.workers())])
+
+    def once(self, path: str) -> dict[str, float]:
+        """Relay `size` bytes once; wall seconds and proxy CPU seconds."""
+        before = self.proxy_cpu(path)
+        started = time.perf_counter()
+        done = subprocess.run(
+            f"{shlex.join(self.argv(path))} | wc -c",
+            shell=True, capture_output=True, timeout=600, check=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        received = int(done.stdout.strip() or 0)
+        if done.returncode != 0 or received != self.size:
+            raise RuntimeError(f"relay {path}: {received} of {self.size} bytes: {done.stderr!r}")
+        time.sleep(0.3)  # let per-connection processes exit and be counted
+        return {"seconds": seconds, "cpu": self.proxy_cpu(path) - before}
+
+    def stop(self) -> None:
+        for server in (self.local, self.source, self.front):
+            server.stop()
+
+
+def _openssh(key: Path, known_hosts: Path) -> list[str]:
+    return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}"]  # fmt: skip
+
+
+def add_raw_relay(
+    paths: Paths, size: int, settings: dict[str, dict[str, Any]] | None = None
+) -> RawRelay:
+    """Start the zero sshd, its ForceCommand proxy and B's kilnproxy; register bench/zero."""
+    root = paths.root
+    public = paths.backend_key.with_suffix(".pub").read_text()
+    source = Sshd(root / "zero", extra=f"ForceCommand head -c {size} /dev/zero\nMaxSessions 64\n")
+    source.authorize(public)
+    source.start()
+    admin = [*KILNPROXY, "--config", str(paths.kiln.config_path)]
+    env = paths.kiln.server_env()
+    run([*admin, "backends", "add", "zero", source.url], env=env)
+    run([*admin, "backends", "trust", "zero"], env=env)
+    run([*admin, "repos", "add", "bench/zero", "--vcs", "git", "--backend", "zero"], env=env)
+    front = forcecommand_proxy(root, source, paths.client_key, paths.backend_key,
+                               paths.kiln.home, name="front-zero")  # fmt: skip
+
+    fake = root / "zero-bin"
+    fake.mkdir()
+    (fake / "git").write_text(f"#!/bin/sh\nexec head -c {size} /dev/zero\n")
+    (fake / "git").chmod(0o755)
+    local = Kiln(root / "kiln-zero", {"workers": {"count": 1}} | (settings or {}))
+    local_key = local.add_user("bench", "dev", Role.WRITE)
+    run([*KILNPROXY, "--config", str(local.config_path), "repos", "add", "bench/zero",
+         "--vcs", "git", "--backend", "local", "--path", str(source.base)],
+        env=local.server_env())  # fmt: skip
+    local.start(env={"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    return RawRelay(size, source, front, local, local_key, paths)
