@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint deps venv clean bench bench-quick bench-deps
+.PHONY: run test lint deps venv clean bench bench-quick bench-profile bench-deps
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	$(BIN)/python bench/run.py --quick
+
+# Where a relaying worker's CPU goes (py-spy): bench/results/profile-C.txt.
+bench-profile: bench-deps
+	$(BIN)/python bench/profile.py --path C
 
 # `patch` applies bench/asyncssh-hotpath.patch to a scratch copy for --asyncssh-patch.
 bench-deps: deps venv

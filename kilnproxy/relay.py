@@ -275,6 +275,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self.session.log.warning("backend %s failed: %s", self.backend_name, error.detail)
         self.outcome = Outcome.BACKEND_ERROR
         if self._chan is not None and self.state is not RelayState.EXITING:
+            self._to_client.flush()  # what came before the loss, then the line about it
             self._chan.write_stderr(client_line(error.message, self.session.id).encode())
         self._finish(1)
 

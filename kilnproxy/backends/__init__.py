@@ -53,7 +53,7 @@ class Backends:
             self._dial_timeout,
             self._on_dial,
         )
-        return SshBackend(name, pool)
+        return SshBackend(name, pool, ssh.window)
 
     def statistics(self) -> dict[str, dict[str, int]]:
         return {

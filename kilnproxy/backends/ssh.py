@@ -18,8 +18,10 @@ from kilnproxy.backends.pool import Link, Pool
 from kilnproxy.commands import Verb
 from kilnproxy.errors import BackendError
 
-# Bigger than asyncssh's defaults: fewer window updates and packets per byte relayed.
-WINDOW = 8 * 1024 * 1024
+# A storage sshd reads at most 32 KiB from git per turn and sends what it has at once: with a
+# window that is never short, it sends git's 8 KiB writes as 8 KiB packets, and each packet costs
+# us a fixed amount of work. A window of a few hundred KiB ([backend_ssh] window) has it send
+# fuller packets, up to this size, without holding a transfer back on a datacenter network.
 MAX_PACKET = 256 * 1024
 _GIT_COMMANDS = {
     Verb.UPLOAD_PACK: "git-upload-pack",
@@ -119,9 +121,10 @@ class SshStream(asyncssh.SSHClientSession[bytes]):
 
 
 class SshBackend:
-    def __init__(self, name: str, pool: Pool) -> None:
+    def __init__(self, name: str, pool: Pool, window: int) -> None:
         self.name = name
         self.pool = pool
+        self.window = window
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
         repo = request.route.repo
@@ -136,7 +139,7 @@ class SshBackend:
                     remote_command(request),
                     env=env,
                     encoding=None,
-                    window=WINDOW,
+                    window=self.window,
                     max_pktsize=MAX_PACKET,
                 )
         except (OSError, TimeoutError, asyncssh.Error) as exc:

@@ -12,6 +12,7 @@ from kilnproxy.config import (
     load,
     parse_address,
     parse_duration,
+    parse_size,
 )
 from kilnproxy.errors import OperatorError
 
@@ -29,6 +30,19 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("512KiB", 524288), ("2MiB", 2 << 20), ("65536B", 65536), ("1GiB", 1 << 30)]
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "512", "512K", "512 KiB", "1.5MiB", "-1KiB", "KiB"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
 
 
 def test_addresses() -> None:
@@ -84,6 +98,8 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"log": {"format": "xml"}}, r"\[log\] format: 'xml' is not one of text, json"),
         ({"directory": {"url": "postgres://x"}}, r"\[directory\] url"),
         ({"ssh": 3}, r"\[ssh\] must be a table"),
+        ({"backend_ssh": {"window": "16KiB"}}, r"\[backend_ssh\] window: '16KiB' must be from"),
+        ({"backend_ssh": {"window": 65536}}, r"\[backend_ssh\] window: expected a string"),
     ],
 )
 def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
