@@ -3,7 +3,7 @@
 Sets up the benchmark's paths (bench/fixtures.py, bench/relay.py), relays SIZE MiB through
 path B or C once to warm up, then once more under `py-spy record`, and writes the functions that
 take the most samples, by their own time and with what they call, to
-bench/results/profile-PATH.txt.
+bench/results/profile-PATH.txt (profile-PATH-asyncssh-patch.txt with the patch).
 
     python bench/profile.py [--path C] [--mib 512] [--asyncssh-patch] [--ciphers LIST]
 """
@@ -113,7 +113,8 @@ def main() -> None:
         "",
         *table("-- with what it calls", inclusive, total),
     ]
-    target = RESULTS / f"profile-{args.path}.txt"
+    suffix = "-asyncssh-patch" if args.asyncssh_patch else ""
+    target = RESULTS / f"profile-{args.path}{suffix}.txt"
     target.write_text("\n".join(lines) + "\n")
     print(target.read_text())
 

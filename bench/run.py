@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from clients import hold
 from fixtures import Paths, add_repositories, build
-from harness import finish_upload_pack, hold_upload_pack
+from harness import Kiln, finish_upload_pack, hold_upload_pack
 from measure import clone, cpu_seconds, rss, uss
 from relay import RawRelay, add_raw_relay
 
@@ -122,6 +122,15 @@ async def hold_sshd(paths: Paths, count: int) -> list[asyncssh.SSHClientConnecti
     )))  # fmt: skip
 
 
+def settle(kiln: Kiln, timeout: float = 30.0) -> None:
+    """Wait until kilnproxy has let every session go (closing is asynchronous: memory measured
+    while connections are still being torn down would shrink under the measurement)."""
+    deadline = time.monotonic() + timeout
+    while sum(int(w["sessions"]) for w in kiln.workers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the next heartbeat
+
+
 async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[str, float]:
     worker = kiln_pids(paths)[1:]
     before = rss(worker)
@@ -130,6 +139,7 @@ async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[st
     kiln_kb = (rss(worker) - before) / kiln_count / 1024
     for conn in held:
         conn.close()
+    await asyncio.gather(*(conn.wait_closed() for conn in held))
     assert paths.storage.proc is not None
     listener = paths.storage.proc.pid
     held = []
@@ -145,6 +155,7 @@ async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[st
 
 def active_memory(paths: Paths, count: int) -> float:
     """Worker RSS per held upload-pack session through the ssh backend (both legs open)."""
+    settle(paths.kiln)
     worker = kiln_pids(paths)[1:]
     before = rss(worker)
     with contextlib.ExitStack() as stack:
@@ -235,8 +246,11 @@ def relays(raw: RawRelay, rounds: int) -> dict[str, list[dict[str, float]]]:
 
 def measure_all(paths: Paths, raw: RawRelay, profile: dict[str, int]) -> dict[str, Any]:
     # Memory first, on a fresh worker: after clones, freed memory is reused and deltas shrink.
+    active_kb = active_memory(paths, profile["active"])
+    settle(paths.kiln)
     figures: dict[str, Any] = asyncio.run(idle_memory(paths, profile["idle"], profile["sshd_idle"]))
-    figures["active_session_kb"] = active_memory(paths, profile["active"])
+    figures["active_session_kb"] = active_kb
+    settle(paths.kiln)
     small = clones(paths, "small", "git", profile["small_rounds"])
     large = clones(paths, "large", "git", profile["large_rounds"])
     hg = clones(paths, "designs", "hg", profile["hg_rounds"])

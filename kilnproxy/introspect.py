@@ -119,7 +119,8 @@ _MALLINFO2 = _mallinfo2()
 
 
 def heap_in_use() -> int:
-    """Bytes the C allocator has handed out (Python's object arenas included), or 0 if unknown."""
+    """Bytes glibc's malloc has handed out (buffers, large objects), or 0 if unknown. Python's
+    small objects live in arenas that CPython maps itself and are not counted: RSS is the whole."""
     if _MALLINFO2 is None:
         return 0
     info = _MALLINFO2()

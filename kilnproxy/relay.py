@@ -253,7 +253,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._chan.write_stderr(data)
 
     def _write_stdout(self, data: bytes) -> None:
-        if self._chan is not None:
+        # A pass later than the backend's callback: the client may have closed meanwhile.
+        if self._chan is not None and not self._chan.is_closing():
             self._chan.write(data)
 
     def _write_stdin(self, data: bytes) -> None:

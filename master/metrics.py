@@ -82,7 +82,9 @@ class MasterCollector(Collector):
     def _per_worker(self, workers: list[Any]) -> Iterator[Metric]:
         rss = GaugeMetricFamily("kilnproxy_worker_rss_bytes", "Worker RSS.", labels=["worker"])
         heap = GaugeMetricFamily(
-            "kilnproxy_worker_heap_bytes", "Worker heap in use.", labels=["worker"]
+            "kilnproxy_worker_heap_bytes",
+            "Worker malloc heap in use (buffers; not Python's small-object arenas).",
+            labels=["worker"],
         )
         sessions = GaugeMetricFamily(
             "kilnproxy_worker_sessions", "Sessions per worker.", labels=["worker"]
