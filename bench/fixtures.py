@@ -125,11 +125,24 @@ def forcecommand_proxy(root: Path, storage: Sshd, client_key: Path, backend_key:
     front = Sshd(root / name, extra=f"ForceCommand {relay}\nMaxStartups 2000\n")
     front.authorize(Path(f"{client_key}.pub").read_text())
     front.start()
-    host_key = front.host_key.with_suffix(".pub").read_text().split()
-    (root / f"{name}_known_hosts").write_text(
-        f"[127.0.0.1]:{front.port} {host_key[0]} {host_key[1]}\n"
-    )
+    write_known_hosts(front, root / f"{name}_known_hosts")
     return front
+
+
+def plain_sshd(root: Path, key: Path) -> Sshd:
+    """An sshd serving nothing but the connections made to it, for what sshd spends per
+    connection (the storage sshd also reaps kilnproxy's pooled connections when they idle out,
+    and their CPU would count). Its host key is in `root/plain_known_hosts`."""
+    sshd = Sshd(root / "plain", extra="MaxStartups 2000\n")
+    sshd.authorize(Path(f"{key}.pub").read_text())
+    sshd.start()
+    write_known_hosts(sshd, root / "plain_known_hosts")
+    return sshd
+
+
+def write_known_hosts(sshd: Sshd, path: Path) -> None:
+    host_key = sshd.host_key.with_suffix(".pub").read_text().split()
+    path.write_text(f"[127.0.0.1]:{sshd.port} {host_key[0]} {host_key[1]}\n")
 
 
 def register(paths: Paths, name: str, vcs: str) -> None:

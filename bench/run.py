@@ -39,10 +39,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from clients import hold
-from fixtures import Paths, add_repositories, build
+from fixtures import Paths, add_repositories, build, plain_sshd
 from harness import Kiln, finish_upload_pack, hold_upload_pack
 from measure import clone, cpu_seconds, rss, uss
 from relay import RawRelay, add_raw_relay
+from sshd import Sshd
 
 from kilnproxy.version import build_info
 
@@ -92,16 +93,17 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-async def connection_cost(paths: Paths, count: int) -> dict[str, float]:
+async def connection_cost(paths: Paths, plain: Sshd, count: int) -> dict[str, float]:
     """Server CPU per new authenticated connection: kilnproxy's one worker against sshd."""
     out: dict[str, float] = {}
+    assert plain.proc is not None
     for server in ("kilnproxy", "sshd"):
-        pids = kiln_pids(paths) if server == "kilnproxy" else [paths.storage.proc.pid]  # type: ignore[union-attr]
+        pids = kiln_pids(paths) if server == "kilnproxy" else [plain.proc.pid]
         before = cpu_seconds(pids, children=server == "sshd")
         started = time.perf_counter()
         for _ in range(count // 10):
             connections = await (hold(paths.kiln, paths.client_key, 10) if server == "kilnproxy"
-                                 else hold_sshd(paths, 10))  # fmt: skip
+                                 else hold_sshd(paths, plain, 10))  # fmt: skip
             for conn in connections:
                 conn.close()
             await asyncio.gather(*(conn.wait_closed() for conn in connections))
@@ -113,11 +115,11 @@ async def connection_cost(paths: Paths, count: int) -> dict[str, float]:
     return out
 
 
-async def hold_sshd(paths: Paths, count: int) -> list[asyncssh.SSHClientConnection]:
+async def hold_sshd(paths: Paths, plain: Sshd, count: int) -> list[asyncssh.SSHClientConnection]:
     return list(await asyncio.gather(*(
-        asyncssh.connect("127.0.0.1", paths.storage.port, username="root",
+        asyncssh.connect("127.0.0.1", plain.port, username="root",
                          client_keys=[str(paths.backend_key)], agent_path=None, config=None,
-                         known_hosts=str(paths.kiln.home / "backend_known_hosts"))
+                         known_hosts=str(paths.root / "plain_known_hosts"))
         for _ in range(count)
     )))  # fmt: skip
 
@@ -131,7 +133,9 @@ def settle(kiln: Kiln, timeout: float = 30.0) -> None:
     time.sleep(1.0)  # the next heartbeat
 
 
-async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[str, float]:
+async def idle_memory(
+    paths: Paths, plain: Sshd, kiln_count: int, sshd_count: int
+) -> dict[str, float]:
     worker = kiln_pids(paths)[1:]
     before = rss(worker)
     held = await hold(paths.kiln, paths.client_key, kiln_count)
@@ -140,11 +144,11 @@ async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[st
     for conn in held:
         conn.close()
     await asyncio.gather(*(conn.wait_closed() for conn in held))
-    assert paths.storage.proc is not None
-    listener = paths.storage.proc.pid
+    assert plain.proc is not None
+    listener = plain.proc.pid
     held = []
     for _ in range(sshd_count // 10):
-        held += await hold_sshd(paths, 10)
+        held += await hold_sshd(paths, plain, 10)
     await asyncio.sleep(1.0)
     children = [c.pid for c in psutil.Process(listener).children(recursive=True)]
     sshd_kb = uss(children) / sshd_count / 1024
@@ -155,6 +159,8 @@ async def idle_memory(paths: Paths, kiln_count: int, sshd_count: int) -> dict[st
 
 def active_memory(paths: Paths, count: int) -> float:
     """Worker RSS per held upload-pack session through the ssh backend (both legs open)."""
+    with hold_upload_pack(paths.kiln, paths.client_key, "bench/small") as warm_up:
+        finish_upload_pack(warm_up)  # first-use costs (imports, the first backend dial) not counted
     settle(paths.kiln)
     worker = kiln_pids(paths)[1:]
     before = rss(worker)
@@ -206,14 +212,15 @@ def main() -> None:
             os.environ["PYTHONPATH"] = str(patched_asyncssh(Path(tmp) / "patched"))
             variant["asyncssh"] = f"with {ASYNCSSH_PATCH.name}"
         paths = build(Path(tmp), settings)
+        plain = plain_sshd(paths.root, paths.backend_key)
         raw: RawRelay | None = None
         try:
             sizes = add_repositories(paths, profile["large_commits"], profile["large_blob"],
                                      profile["hg_commits"])  # fmt: skip
             raw = add_raw_relay(paths, profile["relay_bytes"], settings)
-            figures = measure_all(paths, raw, profile)
+            figures = measure_all(paths, plain, raw, profile)
         finally:
-            for server in (paths.kiln, paths.storage, paths.front):
+            for server in (paths.kiln, paths.storage, paths.front, plain):
                 server.stop()
             if raw is not None:
                 raw.stop()
@@ -244,11 +251,15 @@ def relays(raw: RawRelay, rounds: int) -> dict[str, list[dict[str, float]]]:
     return runs
 
 
-def measure_all(paths: Paths, raw: RawRelay, profile: dict[str, int]) -> dict[str, Any]:
+def measure_all(
+    paths: Paths, plain: Sshd, raw: RawRelay, profile: dict[str, int]
+) -> dict[str, Any]:
     # Memory first, on a fresh worker: after clones, freed memory is reused and deltas shrink.
     active_kb = active_memory(paths, profile["active"])
     settle(paths.kiln)
-    figures: dict[str, Any] = asyncio.run(idle_memory(paths, profile["idle"], profile["sshd_idle"]))
+    figures: dict[str, Any] = asyncio.run(
+        idle_memory(paths, plain, profile["idle"], profile["sshd_idle"])
+    )
     figures["active_session_kb"] = active_kb
     settle(paths.kiln)
     small = clones(paths, "small", "git", profile["small_rounds"])
@@ -271,7 +282,7 @@ def measure_all(paths: Paths, raw: RawRelay, profile: dict[str, int]) -> dict[st
     clone_cpu = {p: median(large[p], "cpu") / (median(large[p], "bytes") / 1e9) for p in "BCD"}
     figures["clone_cpu_seconds_per_gb"] = clone_cpu
     figures["clone_cpu_ratio_ssh_vs_forcecommand"] = clone_cpu["C"] / clone_cpu["D"]
-    figures |= asyncio.run(connection_cost(paths, profile["connections"]))
+    figures |= asyncio.run(connection_cost(paths, plain, profile["connections"]))
     figures["conn_cpu_ratio_vs_sshd"] = (figures["kilnproxy_cpu_ms_per_conn"]
                                          / figures["sshd_cpu_ms_per_conn"])  # fmt: skip
     return figures
