@@ -7,12 +7,12 @@ GB relayed (bench/relay.py), server CPU per new authenticated connection (kilnpr
 against sshd), memory per idle connection and per active session, hg clone. Writes
 bench/results/NAME.{json,md,png} (NAME is `latest` unless given).
 
-    python bench/run.py [--quick] [--ciphers LIST] [--asyncssh-patch] [--name NAME]
+    python bench/run.py [--quick] [--ciphers LIST] [--window SIZE] [--asyncssh-patch] [--name NAME]
 
---ciphers sets kilnproxy's offered ciphers (`[ssh] encryption_algs`), to measure a cipher
-policy; --asyncssh-patch runs kilnproxy on a scratch copy of asyncssh with
-bench/asyncssh-hotpath.patch applied, to measure that proposed upstream change. Neither
-touches the installed packages.
+--ciphers sets kilnproxy's offered ciphers (`[ssh] encryption_algs`) and --window its backend
+window (`[backend_ssh] window`), to measure a setting; --asyncssh-patch runs kilnproxy on a
+scratch copy of asyncssh with bench/asyncssh-hotpath.patch applied, to measure that proposed
+upstream change. Neither touches the installed packages.
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller repositories, fewer runs")
     parser.add_argument("--ciphers", help="kilnproxy's [ssh] encryption_algs, comma-separated")
+    parser.add_argument("--window", help="kilnproxy's [backend_ssh] window, e.g. 8MiB")
     patch_help = f"run kilnproxy on asyncssh with {ASYNCSSH_PATCH.name} applied"
     parser.add_argument("--asyncssh-patch", action="store_true", help=patch_help)
     parser.add_argument("--name", default="latest", help="results file name (default: latest)")
@@ -204,9 +205,12 @@ def main() -> None:
     settings: dict[str, dict[str, Any]] = {}
     if args.ciphers:
         settings["ssh"] = {"backlog": 4096, "encryption_algs": args.ciphers.split(",")}
+    if args.window:
+        settings["backend_ssh"] = {"window": args.window}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        variant = {"ciphers": args.ciphers or "default", "asyncssh": "as released"}
+        variant = {"ciphers": args.ciphers or "default", "window": args.window or "default",
+                   "asyncssh": "as released"}  # fmt: skip
         if args.asyncssh_patch:
             # The servers are our children: they import the patched copy first.
             os.environ["PYTHONPATH"] = str(patched_asyncssh(Path(tmp) / "patched"))
@@ -311,7 +315,10 @@ def markdown(f: dict[str, Any]) -> str:
     lines = [f"# kilnproxy benchmark ({f['profile']}), {f['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in f["versions"].items()]
     variant = f["variant"]
-    lines += [f"- kilnproxy ciphers: {variant['ciphers']}; asyncssh {variant['asyncssh']}"]
+    lines += [
+        f"- kilnproxy ciphers: {variant['ciphers']}; backend window: "
+        f"{variant.get('window', 'default')}; asyncssh {variant['asyncssh']}"
+    ]
     lines += ["", "| figure | value | target | met |", "| --- | --- | --- | --- |"]
     for key, label, target, bound in TARGETS:
         value = float(f[key])

@@ -10,13 +10,18 @@ async def _one_pass() -> None:
     await asyncio.sleep(0)
 
 
+def _coalescer() -> tuple[Coalescer, list[bytes]]:
+    """A coalescer on the running loop, and the list of the writes it makes."""
+    writes: list[bytes] = []
+    return Coalescer(writes.append, asyncio.get_running_loop()), writes
+
+
 def test_chunks_of_one_pass_become_one_write() -> None:
     asyncio.run(_chunks_of_one_pass_become_one_write())
 
 
 async def _chunks_of_one_pass_become_one_write() -> None:
-    writes: list[bytes] = []
-    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    coalescer, writes = _coalescer()
     for piece in (b"one ", b"two ", b"three"):
         coalescer.add(piece)
     assert writes == []  # nothing before the pass that delivered them is over
@@ -32,8 +37,7 @@ def test_a_single_chunk_is_written_as_it_came() -> None:
 
 
 async def _a_single_chunk_is_written_as_it_came() -> None:
-    writes: list[bytes] = []
-    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    coalescer, writes = _coalescer()
     chunk = b"x" * 65536
     coalescer.add(chunk)
     await _one_pass()
@@ -45,8 +49,7 @@ def test_flush_writes_now_and_the_scheduled_pass_writes_nothing_twice() -> None:
 
 
 async def _flush_writes_now_and_the_scheduled_pass_writes_nothing_twice() -> None:
-    writes: list[bytes] = []
-    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    coalescer, writes = _coalescer()
     coalescer.add(b"before ")
     coalescer.add(b"stderr")
     coalescer.flush()
@@ -62,8 +65,7 @@ def test_discard_drops_what_was_gathered() -> None:
 
 
 async def _discard_drops_what_was_gathered() -> None:
-    writes: list[bytes] = []
-    coalescer = Coalescer(writes.append, asyncio.get_running_loop())
+    coalescer, writes = _coalescer()
     coalescer.add(b"for a client that left")
     coalescer.discard()
     await _one_pass()
