@@ -90,12 +90,26 @@ def _openssh(key: Path, known_hosts: Path) -> list[str]:
 def add_raw_relay(
     paths: Paths, size: int, settings: dict[str, dict[str, Any]] | None = None
 ) -> RawRelay:
-    """Start the zero sshd, its ForceCommand proxy and B's kilnproxy; register bench/zero."""
+    """Start the zero sshd, its ForceCommand proxy and B's kilnproxy; register bench/zero.
+    If any of them fails to start, those already started are stopped."""
+    started: list[Sshd | Kiln] = []
+    try:
+        return _start_raw_relay(paths, size, settings or {}, started)
+    except BaseException:
+        for server in reversed(started):
+            server.stop()
+        raise
+
+
+def _start_raw_relay(
+    paths: Paths, size: int, settings: dict[str, dict[str, Any]], started: list[Sshd | Kiln]
+) -> RawRelay:
     root = paths.root
     public = paths.backend_key.with_suffix(".pub").read_text()
     source = Sshd(root / "zero", extra=f"ForceCommand head -c {size} /dev/zero\nMaxSessions 64\n")
     source.authorize(public)
     source.start()
+    started.append(source)
     admin = [*KILNPROXY, "--config", str(paths.kiln.config_path)]
     env = paths.kiln.server_env()
     run([*admin, "backends", "add", "zero", source.url], env=env)
@@ -103,15 +117,17 @@ def add_raw_relay(
     run([*admin, "repos", "add", "bench/zero", "--vcs", "git", "--backend", "zero"], env=env)
     front = forcecommand_proxy(root, source, paths.client_key, paths.backend_key,
                                paths.kiln.home, name="front-zero")  # fmt: skip
+    started.append(front)
 
     fake = root / "zero-bin"
     fake.mkdir()
     (fake / "git").write_text(f"#!/bin/sh\nexec head -c {size} /dev/zero\n")
     (fake / "git").chmod(0o755)
-    local = Kiln(root / "kiln-zero", {"workers": {"count": 1}} | (settings or {}))
+    local = Kiln(root / "kiln-zero", {"workers": {"count": 1}} | settings)
     local_key = local.add_user("bench", "dev", Role.WRITE)
     run([*KILNPROXY, "--config", str(local.config_path), "repos", "add", "bench/zero",
          "--vcs", "git", "--backend", "local", "--path", str(source.base)],
         env=local.server_env())  # fmt: skip
     local.start(env={"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    started.append(local)
     return RawRelay(size, source, front, local, local_key, paths)

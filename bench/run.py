@@ -216,16 +216,18 @@ def main() -> None:
             os.environ["PYTHONPATH"] = str(patched_asyncssh(Path(tmp) / "patched"))
             variant["asyncssh"] = f"with {ASYNCSSH_PATCH.name}"
         paths = build(Path(tmp), settings)
-        plain = plain_sshd(paths.root, paths.backend_key)
+        plain: Sshd | None = None
         raw: RawRelay | None = None
         try:
+            plain = plain_sshd(paths.root, paths.backend_key)
             sizes = add_repositories(paths, profile["large_commits"], profile["large_blob"],
                                      profile["hg_commits"])  # fmt: skip
             raw = add_raw_relay(paths, profile["relay_bytes"], settings)
             figures = measure_all(paths, plain, raw, profile)
         finally:
             for server in (paths.kiln, paths.storage, paths.front, plain):
-                server.stop()
+                if server is not None:
+                    server.stop()
             if raw is not None:
                 raw.stop()
     figures |= {"profile": profile_name, "variant": variant, "repository_bytes": sizes,
