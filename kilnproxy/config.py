@@ -197,7 +197,7 @@ DEFAULT_KEX = [
     "diffie-hellman-group18-sha512",
 ]
 # AES-GCM only: the client picks the cipher, and OpenSSH clients pick chacha20-poly1305 (then
-# AES-CTR) whenever it is offered. Both are AEAD and equally strong, but asyncssh builds two
+# AES-CTR) whenever it is offered. Both are AEAD and equally strong, but asyncssh builds three
 # ChaCha20 ciphers per packet: 3x the CPU of AES-GCM per packet, a third of all the relay's CPU
 # (bench/results/). Every maintained client git or hg uses has AES-GCM (OpenSSH since 6.2,
 # PuTTY/plink since 0.76, libssh2 since 1.11, Apache MINA sshd for JGit, Go's x/crypto/ssh);
