@@ -56,6 +56,22 @@ class BackendSink(Protocol):
         """Called instead of backend_finished when the storage went away mid-command."""
 
 
+class StdinBackPressure:
+    """How every backend reports its stdin filling up: the client must wait. A mixin for the
+    transport protocol a backend speaks (it comes first, so that it is the one called); the
+    protocol's `sink` is None once the relay no longer listens."""
+
+    sink: BackendSink | None
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_pause_input()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_resume_input()
+
+
 class BackendStream(Protocol):
     """One running repository command."""
 

@@ -15,7 +15,12 @@ import subprocess
 from pathlib import Path
 from typing import cast
 
-from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
+from kilnproxy.backends.base import (
+    BackendRequest,
+    BackendSink,
+    BackendStream,
+    StdinBackPressure,
+)
 from kilnproxy.commands import Verb
 from kilnproxy.errors import BackendError, ReadOnly, client_line
 
@@ -72,7 +77,7 @@ def write_hook_rc(state_dir: Path) -> Path:
     return path
 
 
-class _Process(asyncio.SubprocessProtocol):
+class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
     """Turns subprocess pipe events into sink calls; finishes once exited and drained."""
 
     def __init__(self, sink: BackendSink) -> None:
@@ -101,14 +106,6 @@ class _Process(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         self._exited = True
         self._maybe_finish()
-
-    def pause_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.backend_pause_input()
-
-    def resume_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.backend_resume_input()
 
     def _maybe_finish(self) -> None:
         if not self._exited or self._open_pipes or self.transport is None:

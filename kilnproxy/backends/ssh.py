@@ -13,7 +13,12 @@ import shlex
 
 import asyncssh
 
-from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
+from kilnproxy.backends.base import (
+    BackendRequest,
+    BackendSink,
+    BackendStream,
+    StdinBackPressure,
+)
 from kilnproxy.backends.pool import Link, Pool
 from kilnproxy.commands import Verb
 from kilnproxy.errors import BackendError
@@ -38,7 +43,7 @@ def remote_command(request: BackendRequest) -> str:
     return f"{_GIT_COMMANDS[request.verb]} {path}"
 
 
-class SshStream(asyncssh.SSHClientSession[bytes]):
+class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
     """One channel on a pooled connection, relaying to a BackendSink."""
 
     def __init__(self, sink: BackendSink, pool: Pool, link: Link, repo: str) -> None:
@@ -61,14 +66,6 @@ class SshStream(asyncssh.SSHClientSession[bytes]):
             self.sink.backend_stderr(data)
         else:
             self.sink.backend_stdout(data)
-
-    def pause_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.backend_pause_input()
-
-    def resume_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.backend_resume_input()
 
     def exit_status_received(self, status: int) -> None:
         self._status = status
