@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import KILNPROXY, Kiln, run
+from measure import cpu_seconds
 from sshd import Sshd
 
 from kilnproxy.access import Role
@@ -73,8 +74,7 @@ class Paths:
             key, known = self.client_key, self.root / "front_known_hosts"
         else:
             return " ".join(self.kiln.ssh_argv(self.client_key))
-        return (f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o BatchMode=yes "
-                f"-o UserKnownHostsFile={known}")  # fmt: skip
+        return " ".join(openssh_argv(key, known))
 
     def env(self, path: str) -> dict[str, str]:
         return self.kiln.client_env(self.client_key) | {"GIT_SSH_COMMAND": self.ssh(path)}
@@ -96,10 +96,42 @@ class Paths:
         return self.kiln.url(repo)
 
 
+def openssh_argv(key: Path, known_hosts: Path) -> list[str]:
+    """OpenSSH's client with this key and these host keys only, never asking anything."""
+    return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}"]  # fmt: skip
+
+
+def kiln_pids(kiln: Kiln) -> list[int]:
+    """The proxy's own processes (master and workers; not the git and hg they run)."""
+    assert kiln.proc is not None
+    return [kiln.proc.pid, *(int(w["pid"]) for w in kiln.workers())]
+
+
+def server_cpu(server: Kiln | Sshd) -> float:
+    """CPU seconds a server has used so far: kilnproxy's master and workers; an sshd's listener
+    and the per-connection processes it has reaped (a connection counts once it has ended)."""
+    if isinstance(server, Kiln):
+        return cpu_seconds(kiln_pids(server))
+    assert server.proc is not None
+    return cpu_seconds([server.proc.pid], children=True)
+
+
+def kiln_settings(ciphers: str | None, window: str | None) -> dict[str, dict[str, Any]]:
+    """A variant's kilnproxy settings: offered ciphers (comma-separated), backend window."""
+    settings: dict[str, dict[str, Any]] = {}
+    if ciphers:
+        settings["ssh"] = {"encryption_algs": ciphers.split(",")}
+    if window:
+        settings["backend_ssh"] = {"window": window}
+    return settings
+
+
 def build(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> Paths:
-    kiln = Kiln(
-        root / "kiln", {"workers": {"count": 1}, "ssh": {"backlog": 4096}} | (settings or {})
-    )
+    defaults: dict[str, dict[str, Any]] = {"workers": {"count": 1}, "ssh": {"backlog": 4096}}
+    for section, values in (settings or {}).items():  # a variant's keys, section by section
+        defaults[section] = defaults.get(section, {}) | values
+    kiln = Kiln(root / "kiln", defaults)
     client_key = kiln.add_user("bench", "dev", Role.WRITE)
     kiln.start()
     public = run([*KILNPROXY, "backends", "key", "--config", str(kiln.config_path)],
@@ -119,9 +151,9 @@ def forcecommand_proxy(root: Path, storage: Sshd, client_key: Path, backend_key:
                        home: Path, name: str = "front") -> Sshd:  # fmt: skip
     """D: an sshd that relays every command to the storage server with OpenSSH's own client.
     Its host key is in `root/<name>_known_hosts`."""
-    relay = (f"ssh -F /dev/null -i {backend_key} -o IdentitiesOnly=yes -o BatchMode=yes "
-             f"-o UserKnownHostsFile={home / 'backend_known_hosts'} -o SendEnv=GIT_PROTOCOL "
-             f"-p {storage.port} root@127.0.0.1 \"$SSH_ORIGINAL_COMMAND\"")  # fmt: skip
+    relay = " ".join([*openssh_argv(backend_key, home / "backend_known_hosts"),
+                      "-o", "SendEnv=GIT_PROTOCOL", "-p", str(storage.port), "root@127.0.0.1",
+                      '"$SSH_ORIGINAL_COMMAND"'])  # fmt: skip
     front = Sshd(root / name, extra=f"ForceCommand {relay}\nMaxStartups 2000\n")
     front.authorize(Path(f"{client_key}.pub").read_text())
     front.start()

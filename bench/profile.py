@@ -20,11 +20,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fixtures import build
+from fixtures import build, kiln_settings
 from relay import add_raw_relay
 from run import ASYNCSSH_PATCH, RESULTS, patched_asyncssh
 
@@ -71,9 +70,7 @@ def main() -> None:
     parser.add_argument("--ciphers", help="kilnproxy's [ssh] encryption_algs, comma-separated")
     parser.add_argument("--asyncssh-patch", action="store_true")
     args = parser.parse_args()
-    settings: dict[str, dict[str, Any]] = {}
-    if args.ciphers:
-        settings["ssh"] = {"encryption_algs": args.ciphers.split(",")}
+    settings = kiln_settings(args.ciphers, None)
     with tempfile.TemporaryDirectory() as tmp:
         if args.asyncssh_patch:
             os.environ["PYTHONPATH"] = str(patched_asyncssh(Path(tmp) / "patched"))

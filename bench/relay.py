@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fixtures import Paths, forcecommand_proxy
+from fixtures import Paths, forcecommand_proxy, openssh_argv, server_cpu
 from harness import KILNPROXY, Kiln, run
-from measure import cpu_seconds
 from sshd import Sshd
 
 from kilnproxy.access import Role
@@ -43,24 +42,18 @@ class RawRelay:
     def argv(self, path: str) -> list[str]:
         p = self.paths
         if path == "A":
-            return [*_openssh(p.backend_key, p.kiln.home / "backend_known_hosts"),
+            return [*openssh_argv(p.backend_key, p.kiln.home / "backend_known_hosts"),
                     "-p", str(self.source.port), "root@127.0.0.1", "zero"]  # fmt: skip
         if path == "D":
-            return [*_openssh(p.client_key, p.root / "front-zero_known_hosts"),
+            return [*openssh_argv(p.client_key, p.root / "front-zero_known_hosts"),
                     "-p", str(self.front.port), "root@127.0.0.1", "zero"]  # fmt: skip
         kiln, key = (self.local, self.local_key) if path == "B" else (p.kiln, p.client_key)
         return [*kiln.ssh_argv(key), "-p", str(kiln.port), "git@127.0.0.1", COMMAND]
 
     def proxy_cpu(self, path: str) -> float:
         """CPU seconds used so far by the proxy of this path (none for A)."""
-        if path == "A":
-            return 0.0
-        if path == "D":
-            assert self.front.proc is not None
-            return cpu_seconds([self.front.proc.pid], children=True)
-        kiln = self.local if path == "B" else self.paths.kiln
-        assert kiln.proc is not None
-        return cpu_seconds([kiln.proc.pid, *(int(w["pid"]) for w in kiln.workers())])
+        proxies: dict[str, Kiln | Sshd] = {"B": self.local, "C": self.paths.kiln, "D": self.front}
+        return server_cpu(proxies[path]) if path in proxies else 0.0
 
     def once(self, path: str) -> dict[str, float]:
         """Relay `size` bytes once; wall seconds and proxy CPU seconds."""
@@ -80,11 +73,6 @@ class RawRelay:
     def stop(self) -> None:
         for server in (self.local, self.source, self.front):
             server.stop()
-
-
-def _openssh(key: Path, known_hosts: Path) -> list[str]:
-    return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
-            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}"]  # fmt: skip
 
 
 def add_raw_relay(

@@ -39,9 +39,17 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from clients import hold
-from fixtures import Paths, add_repositories, build, plain_sshd
+from fixtures import (
+    Paths,
+    add_repositories,
+    build,
+    kiln_pids,
+    kiln_settings,
+    plain_sshd,
+    server_cpu,
+)
 from harness import Kiln, finish_upload_pack, hold_upload_pack
-from measure import clone, cpu_seconds, rss, uss
+from measure import clone, rss, uss
 from relay import RawRelay, add_raw_relay
 from sshd import Sshd
 
@@ -61,17 +69,8 @@ PROFILES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
-def kiln_pids(paths: Paths) -> list[int]:
-    """The proxy's own processes (master and workers; not the git and hg they run)."""
-    assert paths.kiln.proc is not None
-    return [paths.kiln.proc.pid, *(int(w["pid"]) for w in paths.kiln.workers())]
-
-
 def proxy_cpu(paths: Paths, path: str) -> float:
-    if path == "D":
-        assert paths.front.proc is not None
-        return cpu_seconds([paths.front.proc.pid], children=True)
-    return cpu_seconds(kiln_pids(paths))
+    return server_cpu(paths.front if path == "D" else paths.kiln)
 
 
 def clones(paths: Paths, name: str, vcs: str, rounds: int) -> dict[str, list[dict[str, float]]]:
@@ -96,10 +95,9 @@ def median(runs: list[dict[str, float]], key: str) -> float:
 async def connection_cost(paths: Paths, plain: Sshd, count: int) -> dict[str, float]:
     """Server CPU per new authenticated connection: kilnproxy's one worker against sshd."""
     out: dict[str, float] = {}
-    assert plain.proc is not None
     for server in ("kilnproxy", "sshd"):
-        pids = kiln_pids(paths) if server == "kilnproxy" else [plain.proc.pid]
-        before = cpu_seconds(pids, children=server == "sshd")
+        measured = paths.kiln if server == "kilnproxy" else plain
+        before = server_cpu(measured)
         started = time.perf_counter()
         for _ in range(count // 10):
             connections = await (hold(paths.kiln, paths.client_key, 10) if server == "kilnproxy"
@@ -109,7 +107,7 @@ async def connection_cost(paths: Paths, plain: Sshd, count: int) -> dict[str, fl
             await asyncio.gather(*(conn.wait_closed() for conn in connections))
         wall = time.perf_counter() - started
         await asyncio.sleep(1.0)
-        cpu = cpu_seconds(pids, children=server == "sshd") - before
+        cpu = server_cpu(measured) - before
         out[f"{server}_cpu_ms_per_conn"] = 1000 * cpu / count
         out[f"{server}_conn_per_s"] = count / wall
     return out
@@ -136,7 +134,7 @@ def settle(kiln: Kiln, timeout: float = 30.0) -> None:
 async def idle_memory(
     paths: Paths, plain: Sshd, kiln_count: int, sshd_count: int
 ) -> dict[str, float]:
-    worker = kiln_pids(paths)[1:]
+    worker = kiln_pids(paths.kiln)[1:]
     before = rss(worker)
     held = await hold(paths.kiln, paths.client_key, kiln_count)
     await asyncio.sleep(2.0)
@@ -162,7 +160,7 @@ def active_memory(paths: Paths, count: int) -> float:
     with hold_upload_pack(paths.kiln, paths.client_key, "bench/small") as warm_up:
         finish_upload_pack(warm_up)  # first-use costs (imports, the first backend dial) not counted
     settle(paths.kiln)
-    worker = kiln_pids(paths)[1:]
+    worker = kiln_pids(paths.kiln)[1:]
     before = rss(worker)
     with contextlib.ExitStack() as stack:
         clients = [
@@ -202,11 +200,7 @@ def main() -> None:
     args = parser.parse_args()
     profile_name = "quick" if args.quick else "full"
     profile = PROFILES[profile_name]
-    settings: dict[str, dict[str, Any]] = {}
-    if args.ciphers:
-        settings["ssh"] = {"backlog": 4096, "encryption_algs": args.ciphers.split(",")}
-    if args.window:
-        settings["backend_ssh"] = {"window": args.window}
+    settings = kiln_settings(args.ciphers, args.window)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         variant = {"ciphers": args.ciphers or "default", "window": args.window or "default",
