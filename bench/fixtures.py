@@ -20,7 +20,7 @@ from harness import KILNPROXY, Kiln, run
 from measure import cpu_seconds
 from sshd import Sshd
 
-from kilnproxy.access import Role
+from kilnproxy.policy.access import Role
 
 SEED = 20261128
 EPOCH = 1_700_000_000

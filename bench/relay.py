@@ -25,7 +25,7 @@ from fixtures import Paths, forcecommand_proxy, openssh_argv, server_cpu
 from harness import KILNPROXY, Kiln, run
 from sshd import Sshd
 
-from kilnproxy.access import Role
+from kilnproxy.policy.access import Role
 
 COMMAND = "git-upload-pack 'bench/zero'"  # what kilnproxy routes; the backend ignores it
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from clients import hold
 from harness import Kiln
 
-from kilnproxy.access import Role
+from kilnproxy.policy.access import Role
 
 
 async def spread(kiln: Kiln, key: Path, count: int) -> list[int]:

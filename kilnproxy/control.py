@@ -11,6 +11,7 @@ for the reader, never silently dropped. This module must never import asyncssh.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import json
 import logging
@@ -24,6 +25,23 @@ MAX_LINE = 4 * 1024 * 1024
 WORKER_BOOT_ERROR = (
     3  # exit status of a worker that cannot start: the master must not retry forever
 )
+
+
+# Seconds: from a sub-millisecond SQLite lookup to a slow backend handshake.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.total}
 
 
 class Kind(enum.Enum):

@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kilnproxy.metrics import BUCKETS
+from kilnproxy.control import BUCKETS
 from kilnproxy.version import build_info
 
 if TYPE_CHECKING:

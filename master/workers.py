@@ -77,7 +77,7 @@ async def spawn(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [sock.fileno() for sock in listeners]
     argv = [
-        sys.executable, "-m", "kilnproxy.worker_process", "--index", str(index),
+        sys.executable, "-m", "kilnproxy.worker.process", "--index", str(index),
         "--listen-fds", ",".join(map(str, fds)), "--control-fd", str(theirs.fileno()),
     ]  # fmt: skip
     if config is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from harness import Kiln, keygen, seed_git, seed_hg
 
-from kilnproxy.access import Access, Role
+from kilnproxy.policy.access import Access, Role
 
 
 @dataclass

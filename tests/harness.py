@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kilnproxy.access import Role
-from kilnproxy.admin import add_repo
+from kilnproxy.cli.admin import add_repo
 from kilnproxy.directory import SqliteDirectory, open_directory
-from kilnproxy.keys import parse_public_key
+from kilnproxy.policy.access import Role
+from kilnproxy.ssh.keys import parse_public_key
 from kilnproxy.status_socket import request
 
 KILNPROXY = [sys.executable, "-m", "kilnproxy"]

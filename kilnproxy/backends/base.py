@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from kilnproxy.access import Access
-from kilnproxy.commands import Verb
 from kilnproxy.directory.model import Identity, Route
 from kilnproxy.errors import BackendError
+from kilnproxy.policy.access import Access
+from kilnproxy.policy.commands import Verb
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from kilnproxy.backends.base import (
     BackendStream,
     StdinBackPressure,
 )
-from kilnproxy.commands import Verb
 from kilnproxy.errors import BackendError, ReadOnly, client_line
+from kilnproxy.policy.commands import Verb
 
 _GIT_SUBCOMMAND = {
     Verb.UPLOAD_PACK: "upload-pack",

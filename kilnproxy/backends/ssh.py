@@ -20,8 +20,8 @@ from kilnproxy.backends.base import (
     StdinBackPressure,
 )
 from kilnproxy.backends.pool import Link, Pool
-from kilnproxy.commands import Verb
 from kilnproxy.errors import BackendError
+from kilnproxy.policy.commands import Verb
 
 # A storage sshd reads at most 32 KiB from git per turn and sends what it has at once: with a
 # window that is never short, it sends git's 8 KiB writes as 8 KiB packets, and each packet costs

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
-from kilnproxy.access import Access, Role
-from kilnproxy.commands import Vcs
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Vcs
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -30,6 +30,15 @@ class Identity:
     role: Role
     key_name: str
     fingerprint: str
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An OpenSSH public key as the directory stores it (parsed by `ssh.keys`)."""
+
+    algorithm: str
+    fingerprint: str  # SHA256:...
+    openssh: str  # "ALGORITHM BASE64", without comment
 
 
 @dataclass(frozen=True)

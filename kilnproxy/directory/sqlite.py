@@ -12,17 +12,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from kilnproxy.access import Access, Role, effective_access
-from kilnproxy.commands import Vcs
 from kilnproxy.directory.model import (
     Identity,
+    PublicKey,
     Route,
     check_name,
     default_repo_path,
     parse_backend_url,
 )
 from kilnproxy.errors import OperatorError
-from kilnproxy.keys import PublicKey
+from kilnproxy.policy.access import Access, Role, effective_access
+from kilnproxy.policy.commands import Vcs
 
 SCHEMA_VERSION = 1
 SCHEMA = """

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 
-if "kilnproxy.worker_process" in sys.orig_argv:
+if "kilnproxy.worker.process" in sys.orig_argv:
     from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
     from kilnproxy.backends.local import LocalBackend
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import World
 
-from kilnproxy.access import Role
-from kilnproxy.keys import parse_public_key
+from kilnproxy.policy.access import Role
+from kilnproxy.ssh.keys import parse_public_key
 
 
 def ssh_with(

@@ -20,7 +20,7 @@ from conftest import World, make_world
 from harness import finish_upload_pack, hold_upload_pack
 from prometheus_client.parser import text_string_to_metric_families
 
-from kilnproxy.commands import Vcs
+from kilnproxy.policy.commands import Vcs
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

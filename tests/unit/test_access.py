@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from kilnproxy.access import Access, Role, effective_access, required_access
-from kilnproxy.commands import Verb
+from kilnproxy.policy.access import Access, Role, effective_access, required_access
+from kilnproxy.policy.commands import Verb
 
 
 @pytest.mark.parametrize(

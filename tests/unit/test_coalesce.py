@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from kilnproxy.coalesce import Coalescer
+from kilnproxy.ssh.coalesce import Coalescer
 
 
 async def _one_pass() -> None:

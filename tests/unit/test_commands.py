@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from kilnproxy.commands import Command, Vcs, Verb, git_protocol, parse_command, repo_name
 from kilnproxy.errors import BadCommand
+from kilnproxy.policy.commands import Command, Vcs, Verb, git_protocol, parse_command, repo_name
 
 
 @pytest.mark.parametrize(

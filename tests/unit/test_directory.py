@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from kilnproxy.access import Access, Role
-from kilnproxy.commands import Vcs
 from kilnproxy.directory import SqliteDirectory, open_directory
-from kilnproxy.directory.model import Identity
+from kilnproxy.directory.model import Identity, PublicKey
 from kilnproxy.errors import OperatorError
-from kilnproxy.keys import PublicKey
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Vcs
 
 
 def key(n: int) -> PublicKey:

@@ -6,13 +6,13 @@ Accepted: ed25519, ecdsa, rsa of at least 2048 bits (and their security-key vari
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from kilnproxy.directory.model import PublicKey
 from kilnproxy.errors import OperatorError
 
 MIN_RSA_BITS = 2048
@@ -25,13 +25,6 @@ _ALLOWED = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
     "ssh-rsa",
 )
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    algorithm: str
-    fingerprint: str  # SHA256:...
-    openssh: str  # "ALGORITHM BASE64", without comment
 
 
 def policy_problem(key: asyncssh.SSHKey) -> str | None:

@@ -16,7 +16,7 @@ from kilnproxy.config import Config
 from kilnproxy.directory import SqliteDirectory
 from kilnproxy.directory.model import parse_backend_url
 from kilnproxy.errors import OperatorError
-from kilnproxy.keys import write_new_key
+from kilnproxy.ssh.keys import write_new_key
 
 
 def ensure_backend_key(path: Path) -> tuple[asyncssh.SSHKey, bool]:

@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kilnproxy.access import Access, Role
-from kilnproxy.commands import Vcs, repo_name
 from kilnproxy.directory import SqliteDirectory
 from kilnproxy.directory.model import check_name, default_repo_path, parse_backend_url
 from kilnproxy.errors import BadCommand, OperatorError
-from kilnproxy.keys import parse_public_key
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Vcs, repo_name
+from kilnproxy.ssh.keys import parse_public_key
 
 INIT_TIMEOUT = 60
 

@@ -22,10 +22,10 @@ from kilnproxy.backends import Backends
 from kilnproxy.config import Config
 from kilnproxy.directory import open_directory
 from kilnproxy.errors import CutReason
-from kilnproxy.introspect import heap_in_use
-from kilnproxy.metrics import WorkerMetrics
-from kilnproxy.server import listen, load_host_keys, server_options
-from kilnproxy.session import CUT_GRACE, SessionHost, SessionStats
+from kilnproxy.ssh.server import listen, load_host_keys, server_options
+from kilnproxy.ssh.session import CUT_GRACE, SessionHost, SessionStats
+from kilnproxy.worker.introspect import heap_in_use
+from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
 SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s

@@ -22,11 +22,11 @@ from kilnproxy.backends import Backends
 from kilnproxy.config import Config, format_duration
 from kilnproxy.directory import Directory, Identity
 from kilnproxy.errors import CutReason
-from kilnproxy.keys import fingerprint, policy_problem
 from kilnproxy.logs import SessionLog, access_line
-from kilnproxy.metrics import WorkerMetrics
-from kilnproxy.relay import Relay
-from kilnproxy.signatures import restrict_signatures
+from kilnproxy.ssh.keys import fingerprint, policy_problem
+from kilnproxy.ssh.relay import Relay
+from kilnproxy.ssh.signatures import restrict_signatures
+from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.session")
 

@@ -17,10 +17,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
-from kilnproxy.access import Access, required_access
 from kilnproxy.backends import BackendRequest, BackendStream
-from kilnproxy.coalesce import Coalescer
-from kilnproxy.commands import Command, git_protocol, parse_command
 from kilnproxy.errors import (
     BackendError,
     BadCommand,
@@ -31,9 +28,12 @@ from kilnproxy.errors import (
     ReadOnly,
     client_line,
 )
+from kilnproxy.policy.access import Access, required_access
+from kilnproxy.policy.commands import Command, git_protocol, parse_command
+from kilnproxy.ssh.coalesce import Coalescer
 
 if TYPE_CHECKING:
-    from kilnproxy.session import Session
+    from kilnproxy.ssh.session import Session
 
 
 class RelayState(enum.Enum):

@@ -14,9 +14,9 @@ import asyncssh
 
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
-from kilnproxy.keys import write_new_key
-from kilnproxy.session import Session, SessionHost
-from kilnproxy.signatures import ALLOWED_SIGNATURES, SIGNATURE_ALGS
+from kilnproxy.ssh.keys import write_new_key
+from kilnproxy.ssh.session import Session, SessionHost
+from kilnproxy.ssh.signatures import ALLOWED_SIGNATURES, SIGNATURE_ALGS
 
 log = logging.getLogger("kilnproxy.server")
 

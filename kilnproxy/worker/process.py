@@ -6,7 +6,7 @@ a HEARTBEAT every second, DRAINING when a TERM reaches it directly. It drains wh
 when its master is gone. A worker that cannot start exits with WORKER_BOOT_ERROR, so the master
 stops instead of restarting it forever.
 
-    python -m kilnproxy.worker_process --index N --listen-fds 3,4 --control-fd 5 [--config P]
+    python -m kilnproxy.worker.process --index N --listen-fds 3,4 --control-fd 5 [--config P]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from setproctitle import setproctitle
 from kilnproxy.config import Config, load
 from kilnproxy.control import WORKER_BOOT_ERROR, Channel, Kind, Message
 from kilnproxy.errors import OperatorError
-from kilnproxy.introspect import HeapTracer, task_dump
 from kilnproxy.logs import configure
-from kilnproxy.worker import Worker
+from kilnproxy.worker.introspect import HeapTracer, task_dump
+from kilnproxy.worker.service import Worker
 
 log = logging.getLogger("kilnproxy.worker")
 HEARTBEAT = 1.0

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from kilnproxy import admin
+from kilnproxy.cli import admin
 from kilnproxy.config import Config, declarations, load
 from kilnproxy.errors import OperatorError
 from kilnproxy.version import build_info
@@ -48,9 +48,9 @@ def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from kilnproxy.backend_admin import ensure_backend_key
+    from kilnproxy.cli.backend_admin import ensure_backend_key
     from kilnproxy.logs import configure
-    from kilnproxy.server import ensure_host_keys
+    from kilnproxy.ssh.server import ensure_host_keys
     from master.arbiter import serve
 
     configure(config.log.format, config.log.level, config.log.file)
@@ -63,13 +63,13 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def _backend_key(args: argparse.Namespace, config: Config) -> int:
-    from kilnproxy.backend_admin import show_key
+    from kilnproxy.cli.backend_admin import show_key
 
     return _print(show_key(config))
 
 
 def _backend_trust(args: argparse.Namespace, config: Config) -> int:
-    from kilnproxy.backend_admin import trust
+    from kilnproxy.cli.backend_admin import trust
     from kilnproxy.directory import open_directory
 
     directory = open_directory(config.directory.url, config.home)
@@ -85,8 +85,8 @@ def _version(args: argparse.Namespace, config: Config) -> int:
 
 def _status_request(command: str) -> Action:
     def action(args: argparse.Namespace, config: Config) -> int:
+        from kilnproxy.cli.statusview import render
         from kilnproxy.status_socket import request
-        from kilnproxy.statusview import render
 
         reply = request(
             config.status.socket,
@@ -113,7 +113,7 @@ def _show_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
-    from kilnproxy.demo import seed
+    from kilnproxy.cli.demo import seed
 
     return _print(seed(config))
 

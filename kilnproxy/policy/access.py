@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from kilnproxy.commands import Verb
+from kilnproxy.policy.commands import Verb
 
 
 class Role(enum.Enum):

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import asyncssh
 
-from kilnproxy.access import Role
-from kilnproxy.admin import init_repository, run_tool
-from kilnproxy.commands import Vcs
+from kilnproxy.cli.admin import init_repository, run_tool
 from kilnproxy.config import Config
 from kilnproxy.directory import SqliteDirectory, open_directory
 from kilnproxy.directory.model import default_repo_path, parse_backend_url
 from kilnproxy.errors import OperatorError
-from kilnproxy.keys import parse_public_key, write_new_key
-from kilnproxy.server import ensure_host_keys
+from kilnproxy.policy.access import Role
+from kilnproxy.policy.commands import Vcs
+from kilnproxy.ssh.keys import parse_public_key, write_new_key
+from kilnproxy.ssh.server import ensure_host_keys
 
 ACCOUNT = "demo"
 USER = "demo"

@@ -1,5 +1,0 @@
-import sys
-
-from kilnproxy.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from kilnproxy.cli.main import main
+
+sys.exit(main())
