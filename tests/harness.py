@@ -27,7 +27,7 @@ from kilnproxy.policy.access import Role
 from kilnproxy.ssh.keys import parse_public_key
 from kilnproxy.status_socket import request
 
-KILNPROXY = [sys.executable, "-m", "kilnproxy"]
+KILNPROXY = [sys.executable, "-m", "kilnproxy.cli"]
 START_TIMEOUT = 20.0
 
 
