@@ -3,6 +3,8 @@
 Without this test a package move is cosmetic: a new cycle or a dependency pointing the wrong way
 must fail the suite. Every import counts, wherever it stands: one under `TYPE_CHECKING` (a type
 is a dependency) and one inside a function (a lazy import still ties the modules together).
+Importing `a.b.c` is a dependency on that module, not on the packages `a` and `a.b` Python runs
+first: else every `__init__` that re-exports its package's modules would make a cycle.
 The analysis is two pure functions over a module graph, `cycles` and `violations`, tested on
 synthetic graphs and on a temporary package, so the checks can be seen to fail.
 """
