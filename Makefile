@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint deps venv clean bench bench-quick bench-profile bench-deps
+.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-deps
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ lint: venv
 
 test: deps venv lint
 	$(BIN)/pytest
+
+# README.md's configuration block, written from the settings kilnproxy/config.py declares (a unit
+# test fails while they differ).
+readme: venv
+	$(BIN)/python -c 'import pathlib, kilnproxy.config as c; p = pathlib.Path("README.md"); \
+	  p.write_text(c.with_reference(p.read_text()))'
 
 # Benchmarks against OpenSSH (not part of `make test`): full run, and one under 5 minutes.
 bench: bench-deps

@@ -1,16 +1,19 @@
 """Configuration (SPEC 8): every setting declared once, loaded from one TOML file.
 
 Each setting is a field of a frozen section dataclass; its metadata holds the parser, the default
-as it would be written in the file, and the help text. The loader, `kilnproxy config` and the docs
-all read these declarations. Loading has no side effects: it reads one file and returns a value.
+as it would be written in the file, and the help text. The loader, `kilnproxy config` and the
+README's configuration block (`reference`; `make readme` writes it, a unit test compares) all read
+these declarations. Loading has no side effects: it reads one file and returns a value.
 This module must never import asyncssh (the master loads configuration too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import textwrap
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -255,7 +258,9 @@ class BackendSshSettings:
     max_sessions_per_connection: int = setting(
         positive_int, 8, "Channels on one pooled backend connection."
     )
-    pool_idle: float = setting(duration, "60s", "Idle pooled backend connections close after.")
+    pool_idle: float = setting(
+        duration, "60s", "How long an idle pooled backend connection stays open."
+    )
     window: int = setting(
         window_size,
         "512KiB",
@@ -273,9 +278,11 @@ class StatusSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    format: str = setting(choice("text", "json"), "text", "Log line format.")
+    format: str = setting(choice("text", "json"), "text", "Log line format: text or json.")
     level: str = setting(
-        choice("debug", "info", "warning", "error"), "info", "Lowest level logged."
+        choice("debug", "info", "warning", "error"),
+        "info",
+        "Lowest level logged: debug, info, warning or error.",
     )
     file: Path | None = setting(optional_path, "", "Log file; empty means standard error.")
 
@@ -309,6 +316,45 @@ def declarations() -> Iterator[tuple[str, dataclasses.Field[Any]]]:
     for section, cls in _SECTIONS.items():
         for item in dataclasses.fields(cls):
             yield section, item
+
+
+# -- the reference: what `kilnproxy config` prints and the README shows ----------------------------
+
+README_BEGIN = "<!-- generated from kilnproxy/config.py by `make readme`: edit it there -->"
+README_END = "<!-- end of the generated configuration -->"
+_WIDTH = 100
+
+
+def _toml_lines(name: str, default: object) -> list[str]:
+    """`name = default` in TOML (JSON's strings and arrays are TOML's): long arrays one per line."""
+    line = f"{name} = {json.dumps(default)}"
+    if len(line) <= _WIDTH or not isinstance(default, list):
+        return [line]
+    return [f"{name} = [", *(f"    {json.dumps(item)}," for item in default), "]"]
+
+
+def reference() -> str:
+    """Every setting as a TOML file of the defaults, each after its help as a comment."""
+    lines: list[str] = []
+    current = ""
+    for section, item in declarations():
+        if section != current:
+            lines += ["", f"[{section}]"] if lines else [f"[{section}]"]
+            current = section
+        lines += textwrap.wrap(
+            item.metadata["help"], _WIDTH, initial_indent="# ", subsequent_indent="# "
+        )
+        lines += _toml_lines(item.name, item.metadata["default"])
+    return "\n".join(lines) + "\n"
+
+
+def with_reference(readme: str) -> str:
+    """The README with the reference as the TOML block between its two markers."""
+    before, begin, rest = readme.partition(README_BEGIN + "\n")
+    _, end, after = rest.partition(README_END)
+    if not begin or not end:
+        raise ValueError(f"the README lacks the lines {README_BEGIN} and {README_END}")
+    return f"{before}{begin}```toml\n{reference()}```\n{end}{after}"
 
 
 def home_from_env(environ: dict[str, str] | None = None) -> Path:

@@ -43,7 +43,7 @@ class Backends:
     def _make(self, name: str, url_text: str) -> Backend:
         url = parse_backend_url(url_text)
         if url.scheme == "local":
-            return LocalBackend(name, Path(url.base), self._state_dir)
+            return LocalBackend(name, self._state_dir)  # a route's path has the base in it
         ssh = self._ssh
         target = Target(name, url.host, url.port, url.user, ssh.key, ssh.known_hosts)
         pool = Pool(

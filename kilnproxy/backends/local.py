@@ -24,11 +24,6 @@ from kilnproxy.backends.base import (
 from kilnproxy.errors import BackendError, ReadOnly, client_line
 from kilnproxy.policy.commands import Verb
 
-_GIT_SUBCOMMAND = {
-    Verb.UPLOAD_PACK: "upload-pack",
-    Verb.RECEIVE_PACK: "receive-pack",
-    Verb.UPLOAD_ARCHIVE: "upload-archive",
-}
 # What the backend processes inherit from the proxy's own environment.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "HGRCPATH", "GIT_CONFIG_NOSYSTEM")
 
@@ -50,7 +45,8 @@ def command_argv(request: BackendRequest) -> list[str]:
     path = request.route.path
     if request.verb is Verb.HG_SERVE:
         return ["hg", "-R", path, "serve", "--stdio"]
-    return ["git", _GIT_SUBCOMMAND[request.verb], path]
+    # `git upload-pack`, not `git-upload-pack`: git finds its own helpers, PATH may not have them.
+    return ["git", request.verb.value.removeprefix("git-"), path]
 
 
 def command_env(request: BackendRequest, hook_rc: Path) -> dict[str, str]:
@@ -161,9 +157,8 @@ class LocalStream:
 
 
 class LocalBackend:
-    def __init__(self, name: str, base: Path, state_dir: Path) -> None:
+    def __init__(self, name: str, state_dir: Path) -> None:
         self.name = name
-        self.base = base
         self.hook_rc = write_hook_rc(state_dir)
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:

@@ -61,7 +61,8 @@ class Link(asyncssh.SSHClient):
         self.state = LinkState.DIALING
         self.active = 0
         self.conn: asyncssh.SSHClientConnection | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Done when the dial is over: None, or why it failed (each waiter names its own repo).
+        self.ready: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.idle_timer: asyncio.TimerHandle | None = None
         self.dial_task: asyncio.Task[None] | None = None
 
@@ -105,16 +106,13 @@ class Pool:
             link.idle_timer = None
         try:
             # Shielded: one waiter giving up must not cancel the dial the others wait for.
-            await asyncio.shield(link.ready)
-        except BackendError as exc:
-            self.release(link)
-            raise BackendError(repo, exc.detail) from None
+            failure = await asyncio.shield(link.ready)
         except BaseException:
             self.release(link)
             raise
         if link.state is not LinkState.OPEN:
             self.release(link)
-            raise BackendError(repo, f"backend {self.target.name}: connection closed")
+            raise BackendError(repo, failure or f"backend {self.target.name}: connection closed")
         return link
 
     def release(self, link: Link) -> None:
@@ -165,8 +163,7 @@ class Pool:
             log.warning("backend %s: cannot connect to %s:%d: %s",
                         target.name, target.host, target.port, detail)  # fmt: skip
             self.drop(link)
-            link.ready.set_exception(BackendError("", f"backend {target.name}: {detail}"))
-            link.ready.exception()  # retrieved: waiters read it through the shield
+            link.ready.set_result(f"backend {target.name}: {detail}")
             return
         finally:
             link.dial_task = None

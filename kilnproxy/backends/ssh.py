@@ -28,11 +28,6 @@ from kilnproxy.policy.commands import Verb
 # us a fixed amount of work. A window of a few hundred KiB ([backend_ssh] window) has it send
 # fuller packets, up to this size, without holding a transfer back on a datacenter network.
 MAX_PACKET = 256 * 1024
-_GIT_COMMANDS = {
-    Verb.UPLOAD_PACK: "git-upload-pack",
-    Verb.RECEIVE_PACK: "git-receive-pack",
-    Verb.UPLOAD_ARCHIVE: "git-upload-archive",
-}
 _SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ABRT": 6, "KILL": 9, "SEGV": 11, "PIPE": 13, "TERM": 15}
 
 
@@ -40,7 +35,7 @@ def remote_command(request: BackendRequest) -> str:
     path = shlex.quote(request.route.path)
     if request.verb is Verb.HG_SERVE:
         return f"hg -R {path} serve --stdio"
-    return f"{_GIT_COMMANDS[request.verb]} {path}"
+    return f"{request.verb.value} {path}"  # a git verb is the command's name
 
 
 class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from kilnproxy.cli import admin
-from kilnproxy.config import Config, declarations, load
+from kilnproxy.config import Config, load, reference
 from kilnproxy.errors import OperatorError
 from kilnproxy.version import build_info
 
@@ -101,15 +101,7 @@ def _status_request(command: str) -> Action:
 
 
 def _show_config(args: argparse.Namespace, config: Config) -> int:
-    lines = []
-    section_seen = ""
-    for section, item in declarations():
-        if section != section_seen:
-            lines.append(f"[{section}]")
-            section_seen = section
-        default = json.dumps(item.metadata["default"])
-        lines.append(f"{item.name} = {default}  # {item.metadata['help']}")
-    return _print(lines)
+    return _print(reference().splitlines())
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:

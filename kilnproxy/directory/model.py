@@ -43,7 +43,7 @@ class PublicKey:
 
 @dataclass(frozen=True)
 class BackendUrl:
-    scheme: str  # "local" (later "ssh")
+    scheme: str  # "local" or "ssh"
     base: PurePosixPath
     user: str = ""
     host: str = ""

@@ -49,10 +49,6 @@ class Command:
     verb: Verb
     repo: str  # ACCOUNT/NAME, normalised
 
-    @property
-    def account(self) -> str:
-        return self.repo.split("/", 1)[0]
-
 
 def parse_command(line: str) -> Command:
     """Parse what the client asked to exec; raise BadCommand for anything not in SPEC 3."""

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from harness import KILNPROXY, keygen, run
 
+from kilnproxy.config import reference
+
 # ssh-keygen no longer makes dsa keys; this one is a valid public key of the kind refused.
 DSA_KEY = (
     b"ssh-dss AAAAB3NzaC1kc3MAAACBAP1/U4EddRIpUt9KnC7s5Of2EbdSPO9EAMMeP4C2USZpRV1AIlH7"
@@ -138,6 +140,18 @@ def test_version_is_stamped(cli: tuple[Path, dict[str, str]]) -> None:
     _, env = cli
     out = kp(env, "version").stdout.decode().strip()
     assert re.fullmatch(r"\d+\.\d+\.\d+\.[0-9a-f]{7,}\.\d{8}T\d{6}Z", out), out
+
+
+def test_config_prints_the_reference_a_file_can_start_from(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    _, env = cli
+    done = kp(env, "config")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == reference()
+    written = tmp_path / "kilnproxy.toml"
+    written.write_bytes(done.stdout)
+    assert kp(env, "repos", "list", "--config", str(written)).returncode == 0
 
 
 def test_status_without_server_is_one_line(cli: tuple[Path, dict[str, str]]) -> None:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from kilnproxy.config import (
+    README_BEGIN,
+    README_END,
     Address,
     declarations,
     format_duration,
@@ -13,6 +16,8 @@ from kilnproxy.config import (
     parse_address,
     parse_duration,
     parse_size,
+    reference,
+    with_reference,
 )
 from kilnproxy.errors import OperatorError
 
@@ -105,3 +110,33 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
 def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
     with pytest.raises(OperatorError, match=message):
         from_mapping(raw, tmp_path)
+
+
+def test_the_reference_is_every_default_as_toml(tmp_path: Path) -> None:
+    """`kilnproxy config` and the README print the reference: loaded, it is the defaults."""
+    text = reference()
+    raw = tomllib.loads(text)
+    declared = {(section, item.name) for section, item in declarations()}
+    assert {(section, name) for section, table in raw.items() for name in table} == declared
+    assert from_mapping(raw, tmp_path) == from_mapping({}, tmp_path)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "# Channel window on the backend leg" in text  # help is a comment above its setting
+
+
+def test_readme_shows_every_setting_as_declared() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme == with_reference(readme), (
+        "README.md's configuration block differs from the settings of kilnproxy/config.py: "
+        "run `make readme`"
+    )
+
+
+def test_with_reference_replaces_only_the_block_between_the_markers() -> None:
+    readme = f"# Title\n\n{README_BEGIN}\n```toml\n[old]\n```\n{README_END}\n\nMore.\n"
+    updated = with_reference(readme)
+    assert updated == (
+        f"# Title\n\n{README_BEGIN}\n```toml\n{reference()}```\n{README_END}\n\nMore.\n"
+    )
+    assert with_reference(updated) == updated
+    with pytest.raises(ValueError, match="lacks the lines"):
+        with_reference("# Title\n")

@@ -1,0 +1,46 @@
+"""What each backend runs for each verb: the argv of a local process, the command of an ssh one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kilnproxy.backends.base import BackendRequest
+from kilnproxy.backends.local import command_argv, command_env
+from kilnproxy.backends.ssh import remote_command
+from kilnproxy.directory.model import Identity, Route
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Vcs, Verb
+
+
+def _request(verb: Verb, path: str, git_protocol: str | None = None) -> BackendRequest:
+    route = Route("aviato/website", verb.vcs, "local", "local:///srv", path, Access.READ)
+    identity = Identity("aviato", "richard", Role.WRITE, "laptop", "SHA256:x")
+    return BackendRequest("3f9c2a1b", verb, route, identity, git_protocol)
+
+
+@pytest.mark.parametrize(
+    ("verb", "argv", "command"),
+    [
+        (Verb.UPLOAD_PACK, ["git", "upload-pack"], "git-upload-pack"),
+        (Verb.RECEIVE_PACK, ["git", "receive-pack"], "git-receive-pack"),
+        (Verb.UPLOAD_ARCHIVE, ["git", "upload-archive"], "git-upload-archive"),
+        (Verb.HG_SERVE, ["hg", "-R"], "hg -R"),
+    ],
+)
+def test_each_verb_runs_its_command(verb: Verb, argv: list[str], command: str) -> None:
+    path = "/srv/aviato/web site"
+    tail = ["serve", "--stdio"] if verb.vcs is Vcs.HG else []
+    assert command_argv(_request(verb, path)) == [*argv, path, *tail]
+    assert remote_command(_request(verb, path)) == " ".join([command, f"'{path}'", *tail])
+
+
+def test_the_environment_names_the_session_and_only_hg_gets_the_hook(tmp_path: Path) -> None:
+    hook = tmp_path / "hg-read-only.rc"
+    git = command_env(_request(Verb.UPLOAD_PACK, "/srv/a.git", "version=2"), hook)
+    assert (git["KILNPROXY_SESSION"], git["KILNPROXY_ACCESS"]) == ("3f9c2a1b", "read")
+    assert (git["KILNPROXY_REPO"], git["GIT_PROTOCOL"]) == ("aviato/website", "version=2")
+    assert str(hook) not in git.get("HGRCPATH", "")
+    hg = command_env(_request(Verb.HG_SERVE, "/srv/a"), hook)
+    assert hg["HGRCPATH"].endswith(str(hook)) and "GIT_PROTOCOL" not in hg
