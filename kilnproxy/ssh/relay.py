@@ -22,11 +22,11 @@ from kilnproxy.errors import (
     BackendError,
     BadCommand,
     ClientError,
+    ClientFacing,
     CutReason,
     NoShell,
     NotFound,
     ReadOnly,
-    client_line,
 )
 from kilnproxy.policy.access import Access, required_access
 from kilnproxy.policy.commands import Command, git_protocol, parse_command
@@ -229,13 +229,12 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         )
         return await session.host.backends.for_route(route).open(request, self)
 
-    def _refuse(self, error: ClientError | BackendError, outcome: Outcome) -> None:
+    def _refuse(self, error: ClientFacing, outcome: Outcome) -> None:
         if self._chan is None or self.state is not RelayState.OPENING:
             return
         self.outcome = outcome
-        self._chan.write_stderr(client_line(error.message, self.session.id).encode())
-        status = error.exit_status if isinstance(error, ClientError) else 1
-        self._finish(status)
+        self._chan.write_stderr(error.client_line(self.session.id).encode())
+        self._finish(error.exit_status)
 
     # -- the backend's side (BackendSink) --------------------------------------------------------
 
@@ -277,8 +276,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self.outcome = Outcome.BACKEND_ERROR
         if self._chan is not None and self.state is not RelayState.EXITING:
             self._to_client.flush()  # what came before the loss, then the line about it
-            self._chan.write_stderr(client_line(error.message, self.session.id).encode())
-        self._finish(1)
+            self._chan.write_stderr(error.client_line(self.session.id).encode())
+        self._finish(error.exit_status)
 
     def backend_finished(self, exit_status: int) -> None:
         self._stream = None
@@ -316,10 +315,10 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._to_client.discard()
         self._close_backend()
         self.state = RelayState.EXITING
-        self.exit_status = 1
+        self.exit_status = reason.exit_status
         if self._chan is not None:
-            self._chan.write_stderr(client_line(reason.value, self.session.id).encode())
-            self._chan.exit(1)
+            self._chan.write_stderr(reason.client_line(self.session.id).encode())
+            self._chan.exit(reason.exit_status)
 
     def _close_backend(self) -> None:
         self._to_backend.discard()
