@@ -149,8 +149,8 @@ class WorkerProcess:
             if self._channel is not None:
                 body = {
                     "stats": dataclasses.asdict(stats),
-                    "metrics": self.worker.host.metrics.snapshot(),
-                    "pools": self.worker.host.backends.statistics(),
+                    "metrics": self.worker.metrics.snapshot(),
+                    "pools": self.worker.backends.statistics(),
                     "sessions": changed,
                 }
                 self._channel.send(Message(Kind.HEARTBEAT, body))

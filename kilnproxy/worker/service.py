@@ -23,6 +23,7 @@ from kilnproxy.config import Config
 from kilnproxy.directory import open_directory
 from kilnproxy.errors import CutReason
 from kilnproxy.ssh.server import listen, load_host_keys, server_options
+from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost, SessionStats
 from kilnproxy.worker.introspect import heap_in_use
 from kilnproxy.worker.metrics import WorkerMetrics
@@ -62,18 +63,16 @@ class Worker:
         self._sockets = sockets
         self._acceptors: list[asyncssh.SSHAcceptor] = []
         self._process = psutil.Process()
-        metrics = WorkerMetrics()
-        self.host = SessionHost(
-            config=config,
-            directory=open_directory(config.directory.url, config.home),
-            backends=Backends(
-                config.home / "state",
-                config.backend_ssh,
-                config.timeouts.dial,
-                metrics.backend_dial.observe,
-            ),
-            metrics=metrics,
+        # The worker's own: its sessions see them only through the Protocols of `Services`.
+        self.metrics = WorkerMetrics()
+        self.directory = open_directory(config.directory.url, config.home)
+        self.backends = Backends(
+            config.home / "state",
+            config.backend_ssh,
+            config.timeouts.dial,
+            self.metrics.backend_dial.observe,
         )
+        self.host = SessionHost(config, Services(self.directory, self.backends, self.metrics))
 
     async def start(self) -> None:
         asyncio.get_running_loop().set_exception_handler(_log_loop_error)
@@ -133,8 +132,8 @@ class Worker:
 
     async def close(self) -> None:
         self.stop_accepting()
-        await self.host.backends.close()
-        self.host.directory.close()
+        await self.backends.close()
+        self.directory.close()
 
     def connections(self) -> list[SessionStats]:
         return [session.statistics() for session in self.host.sessions.values()]
@@ -152,6 +151,6 @@ class Worker:
             heap=heap_in_use(),
             accepting=self.host.accepting,
             backend_connections=sum(
-                pool["connections"] for pool in self.host.backends.statistics().values()
+                pool["connections"] for pool in self.backends.statistics().values()
             ),
         )
