@@ -2,6 +2,7 @@
 
 - ClientError: the client asked for something it may not have (bad command, denied).
 - BackendError: the storage behind us failed (unreachable, timed out).
+- DirectoryUnavailable: the directory behind us failed; nobody can be let in until it is back.
 - OperatorError: the configuration or an admin command is wrong.
 
 Every client-facing error, and every reason for cutting a session, knows the one line the
@@ -103,6 +104,21 @@ class BackendError(KilnproxyError):
     @property
     def message(self) -> str:
         return f"storage for {self.repo} is unavailable, try again later"
+
+    def client_line(self, session_id: str) -> str:
+        return client_line(self.message, session_id)
+
+
+class DirectoryUnavailable(KilnproxyError):
+    """The directory cannot be asked (down, unreachable, too slow): the client is told to come
+    back later, and no access is decided, neither granted nor denied (SPEC 2)."""
+
+    exit_status = 1
+    message = "service temporarily unavailable, try again later"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
     def client_line(self, session_id: str) -> str:
         return client_line(self.message, session_id)

@@ -34,6 +34,7 @@ from kilnproxy.errors import (
     ClientError,
     ClientFacing,
     CutReason,
+    DirectoryUnavailable,
     NoShell,
     NotFound,
     ReadOnly,
@@ -60,6 +61,7 @@ class Outcome(enum.Enum):
     DENIED = "denied"
     BAD_COMMAND = "bad-command"
     BACKEND_ERROR = "backend-error"
+    UNAVAILABLE = "unavailable"  # the directory could not be asked
     INTERNAL_ERROR = "internal-error"
     TIMEOUT = "timeout"
     CUT = "cut"
@@ -91,7 +93,9 @@ class RelayOwner(Protocol):
 
     @property
     def identity(self) -> Identity | None:
-        """The verified identity: set before any channel can run a command."""
+        """The verified identity, set before any channel can run a command; None only when
+        the key was let in because the directory could not be asked (the command is then
+        refused as unavailable)."""
         ...
 
     def touch(self) -> None:
@@ -271,6 +275,9 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         except BackendError as exc:
             log.warning("backend %s failed: %s", self._backend or "", exc.detail)
             self._refuse(exc, Outcome.BACKEND_ERROR)
+        except DirectoryUnavailable as exc:
+            log.info("directory unavailable: %s", exc.detail)
+            self._refuse(exc, Outcome.UNAVAILABLE)
         except Exception:
             log.exception("internal error while opening %r", self._line)
             self._refuse(ClientError("internal error"), Outcome.INTERNAL_ERROR)
@@ -294,7 +301,9 @@ class Relay(asyncssh.SSHServerSession[bytes]):
     async def _connect(self) -> BackendStream:
         owner, services = self._owner, self._services
         identity = owner.identity
-        assert identity is not None and self._chan is not None
+        assert self._chan is not None
+        if identity is None:
+            raise DirectoryUnavailable("the directory was down when the key was offered")
         if self._shell or self._line is None:
             raise NoShell(identity.user, identity.account)
         self._command = command = parse_command(self._line)

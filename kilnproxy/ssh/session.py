@@ -22,7 +22,7 @@ import asyncssh
 
 from kilnproxy.config import Config, format_duration
 from kilnproxy.directory import Identity
-from kilnproxy.errors import CutReason
+from kilnproxy.errors import CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog, access_line
 from kilnproxy.ssh.keys import fingerprint, policy_problem
 from kilnproxy.ssh.relay import Outcome, Relay, RelayStats
@@ -147,6 +147,10 @@ class Session(asyncssh.SSHServer):
         self._loop = asyncio.get_running_loop()
         self._last_activity = self._loop.time()
         self._candidate: Identity | None = None
+        # The directory could not be asked when the last key was offered: that key is let in
+        # so that the client can be told so (SPEC 2); it gets no identity, and so no access.
+        self._unavailable: DirectoryUnavailable | None = None
+        self.directory_unavailable = False
         self._auth_tries = 0
         self._had_relay = False
         self._conn: asyncssh.SSHServerConnection | None = None
@@ -188,6 +192,8 @@ class Session(asyncssh.SSHServer):
         if self.cut_reason is not None:
             timed_out = self.cut_reason is CutReason.LOGIN_GRACE
             outcome = Outcome.TIMEOUT if timed_out else Outcome.CUT
+        elif self.directory_unavailable:
+            outcome = Outcome.UNAVAILABLE
         elif self.identity is None:
             outcome = Outcome.AUTH_FAILED
         else:
@@ -226,7 +232,7 @@ class Session(asyncssh.SSHServer):
         signature right after this returns, so when auth_completed() runs, the candidate is
         the identity of the key whose signature was verified, and of no other.
         """
-        self._candidate = None
+        self._candidate = self._unavailable = None
         self._auth_tries += 1
         if self._auth_tries > self.host.config.ssh.max_auth_tries:
             self.log.info("too many keys offered")
@@ -242,6 +248,9 @@ class Session(asyncssh.SSHServer):
             services = self.host.services
             identity = await services.directory.identity_for_key(print_)
             services.metrics.auth_lookup.observe(time.perf_counter() - started)
+        except DirectoryUnavailable as exc:
+            self._unavailable = exc  # no await follows: this is the key asyncssh verifies
+            return True
         except Exception:
             self.log.exception("cannot check key %s", key.get_algorithm())
             return False
@@ -252,11 +261,16 @@ class Session(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        self.state = SessionState.AUTHENTICATED
+        self._timers.pop("login_grace").cancel()
+        if self._unavailable is not None:
+            self.directory_unavailable = True
+            self.log.info("key verified while the directory is unavailable: %s",
+                          self._unavailable.detail)  # fmt: skip
+            return
         identity = self._candidate
         assert identity is not None, "asyncssh completed auth without a validated key"
         self.identity = identity
-        self.state = SessionState.AUTHENTICATED
-        self._timers.pop("login_grace").cancel()
         self.log.info(
             "authenticated %s/%s as %s with key %r %s",
             identity.account,

@@ -17,7 +17,7 @@ import pytest
 
 from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
 from kilnproxy.directory import Identity, Route
-from kilnproxy.errors import BackendError, CutReason
+from kilnproxy.errors import BackendError, CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Command, Vcs, Verb
@@ -481,3 +481,28 @@ def test_a_bug_while_opening_ends_this_channel_only(caplog: pytest.LogCaptureFix
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert getattr(record, "session", None) == SESSION
     assert record.exc_info is not None and "the directory's bug" in str(record.exc_info[1])
+
+
+UNAVAILABLE_LINE = (
+    f"kilnproxy: service temporarily unavailable, try again later (session {SESSION})\n".encode()
+)
+
+
+@pytest.mark.parametrize("line", [UPLOAD, None])
+def test_a_directory_down_at_the_route_or_at_the_key_is_one_line_and_exit_1(
+    line: str | None,
+) -> None:
+    async def body() -> None:
+        rig = Rig(website())
+        if line is None:  # the key was let in while the directory was down: no identity
+            rig.owner.identity = None
+        else:
+            rig.directory.error = DirectoryUnavailable("connection refused")
+        rig.start(line)
+        await settle()
+        assert rig.chan.sent == [("err", UNAVAILABLE_LINE), ("exit", 1)]
+        assert rig.backend.requests == []
+        rig.relay.connection_lost(None)
+        assert rig.owner.closed[0].outcome is Outcome.UNAVAILABLE
+
+    asyncio.run(body())
