@@ -159,7 +159,7 @@ def test_task_dump_shows_a_waiting_session(tmp_path: Path) -> None:
                     t for t in dump["tasks"] if t["name"].startswith(f"session {row['session']}")
                 )
                 assert any("kilnproxy/backends/pool.py" in frame for frame in task["stack"]), task
-                assert any("kilnproxy/relay.py" in frame for frame in task["stack"])
+                assert any("kilnproxy/ssh/relay.py" in frame for frame in task["stack"])
                 assert any(s["session"] == row["session"] for s in dump["sessions"])
                 client.kill()
     finally:
