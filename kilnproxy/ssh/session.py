@@ -20,6 +20,7 @@ import asyncssh
 
 from kilnproxy.backends import Backends
 from kilnproxy.config import Config, format_duration
+from kilnproxy.control import SessionStats
 from kilnproxy.directory import Directory, Identity
 from kilnproxy.errors import CutReason
 from kilnproxy.logs import SessionLog, access_line
@@ -66,28 +67,6 @@ class SessionHost:
             self.no_sessions.set()
         if self.on_close is not None:
             self.on_close(session.id)
-
-
-@dataclass(frozen=True)
-class SessionStats:
-    """One row of the connection table (SPEC 7)."""
-
-    session: str
-    remote_addr: str
-    login: str
-    account: str | None
-    user: str | None
-    key_name: str | None
-    key_fingerprint: str | None
-    repo: str | None
-    vcs: str | None
-    verb: str | None
-    backend: str | None
-    started_at: float
-    duration: float
-    bytes_in: int
-    bytes_out: int
-    state: str
 
 
 class Session(asyncssh.SSHServer):
