@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from kilnproxy.config import Config, format_duration
+from kilnproxy.control import SessionStats
 from kilnproxy.directory import Identity
 from kilnproxy.errors import CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog, access_line
@@ -65,28 +66,6 @@ class SessionHost:
             self.no_sessions.set()
         if self.on_close is not None:
             self.on_close(session.id)
-
-
-@dataclass(frozen=True)
-class SessionStats:
-    """One row of the connection table (SPEC 7)."""
-
-    session: str
-    remote_addr: str
-    login: str
-    account: str | None
-    user: str | None
-    key_name: str | None
-    key_fingerprint: str | None
-    repo: str | None
-    vcs: str | None
-    verb: str | None
-    backend: str | None
-    started_at: float
-    duration: float
-    bytes_in: int
-    bytes_out: int
-    state: str
 
 
 def _who(identity: Identity | None) -> tuple[str | None, str | None, str | None, str | None]:

@@ -1,8 +1,9 @@
 """A worker: serves SSH on the sockets it is handed, until it is told to drain or stop.
 
 The worker is the unit the master starts (SPEC 6). It owns its sessions, its directory handle
-and its backend connections, and reports `statistics()`. It knows nothing of supervision: it
-serves on whatever sockets it is given and drains when asked.
+and its backend connections, and reports `statistics()` (the `control.WorkerStats` of its
+heartbeat). It knows nothing of supervision: it serves on whatever sockets it is given and drains
+when asked.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
@@ -20,31 +20,17 @@ import psutil
 
 from kilnproxy.backends import Backends
 from kilnproxy.config import Config
+from kilnproxy.control import PoolStats, SessionStats, WorkerStats
 from kilnproxy.directory import open_directory
 from kilnproxy.errors import CutReason
 from kilnproxy.ssh.server import listen, load_host_keys, server_options
 from kilnproxy.ssh.services import Services
-from kilnproxy.ssh.session import CUT_GRACE, SessionHost, SessionStats
+from kilnproxy.ssh.session import CUT_GRACE, SessionHost
 from kilnproxy.worker.introspect import heap_in_use
 from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
 SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    index: int
-    pid: int
-    started_at: float
-    sessions: int
-    sessions_total: int
-    tasks: int
-    fds: int
-    rss: int
-    heap: int
-    accepting: bool
-    backend_connections: int
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -150,7 +136,12 @@ class Worker:
             rss=self._process.memory_info().rss,
             heap=heap_in_use(),
             accepting=self.host.accepting,
-            backend_connections=sum(
-                pool["connections"] for pool in self.backends.statistics().values()
-            ),
+            backend_connections=sum(p.connections for p in self.pool_statistics().values()),
         )
+
+    def pool_statistics(self) -> dict[str, PoolStats]:
+        """Each backend's pool of SSH connections, by backend name."""
+        return {
+            name: PoolStats(pool["connections"], pool["channels"], pool["dials"])
+            for name, pool in self.backends.statistics().items()
+        }
