@@ -26,22 +26,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from kilnproxy import control
 from kilnproxy.config import Config, load
-from kilnproxy.control import (
-    WORKER_BOOT_ERROR,
-    Drain,
-    Draining,
-    HeapProfileRequest,
-    Heartbeat,
-    KillSession,
-    MasterMessage,
-    Ready,
-    Reply,
-    SessionClosed,
-    Stop,
-    TaskDumpRequest,
-    WorkerMessage,
-)
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import configure
 from master.actions import NoSession, NoWorker, WorkerExited, WorkerFailed, WorkerTimeout
@@ -66,9 +52,9 @@ class Stopping(enum.Enum):
     FAST = "fast"
 
     @property
-    def message(self) -> MasterMessage:
+    def message(self) -> control.MasterMessage:
         """What every worker is told, including one that becomes ready during the stop."""
-        return Drain() if self is Stopping.DRAIN else Stop()
+        return control.Drain() if self is Stopping.DRAIN else control.Stop()
 
 
 class Supervisor:
@@ -267,7 +253,7 @@ class Supervisor:
         log.info("draining worker %d (pid %d)", worker.index, worker.pid)
         worker.state = WorkerState.DRAINING
         if worker.channel is not None:
-            worker.channel.send(Drain())
+            worker.channel.send(control.Drain())
 
     # -- what workers say, and how they end --------------------------------------------------------
 
@@ -277,20 +263,20 @@ class Supervisor:
             worker.last_heartbeat = time.monotonic()
             self._on_message(worker, message)
 
-    def _on_message(self, worker: WorkerHandle, message: WorkerMessage) -> None:
+    def _on_message(self, worker: WorkerHandle, message: control.WorkerMessage) -> None:
         match message:
-            case Ready():
+            case control.Ready():
                 self._on_ready(worker)
-            case Heartbeat():
+            case control.Heartbeat():
                 self.board.heard(worker, message)
-            case Reply():
+            case control.Reply():
                 waiter = worker.pending.pop(message.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
-            case Draining() if worker.state is not WorkerState.EXITED:
+            case control.Draining() if worker.state is not WorkerState.EXITED:
                 log.info("worker %d (pid %d) drains on its own", worker.index, worker.pid)
                 worker.state = WorkerState.DRAINING  # its replacement starts at once
-            case SessionClosed():
+            case control.SessionClosed():
                 self.board.session_closed(message.session)
 
     def _on_ready(self, worker: WorkerHandle) -> None:
@@ -340,7 +326,11 @@ class Supervisor:
 
     def _boot_failure(self, worker: WorkerHandle, status: int) -> None:
         self._boot_failures += 1
-        reason = "cannot boot" if status == WORKER_BOOT_ERROR else f"exited {status} while booting"
+        reason = (
+            "cannot boot"
+            if status == control.WORKER_BOOT_ERROR
+            else f"exited {status} while booting"
+        )
         log.error("worker %d %s (%d of %d tries)", worker.index, reason,
                   self._boot_failures, MAX_BOOT_FAILURES)  # fmt: skip
         if self._boot_failures >= MAX_BOOT_FAILURES and self.stopping is None:
@@ -385,23 +375,27 @@ class Supervisor:
         worker = next((w for w in self.workers if w.pid == pid), None)
         if worker is None or worker.channel is None:
             raise NoSession(session)
-        worker.channel.send(KillSession(session))
+        worker.channel.send(control.KillSession(session))
 
     async def dump_tasks(self, index: int) -> dict[str, Any]:
-        return await self._ask(index, TaskDumpRequest)
+        return await self._ask(index, control.TaskDumpRequest)
 
     async def profile_heap(
         self, index: int, top: int, seconds: float, stop: bool, peek: bool
     ) -> dict[str, Any]:
-        return await self._ask(index, lambda i: HeapProfileRequest(i, top, seconds, stop, peek))
+        return await self._ask(
+            index, lambda i: control.HeapProfileRequest(i, top, seconds, stop, peek)
+        )
 
-    async def _ask(self, index: int, request: Callable[[int], MasterMessage]) -> dict[str, Any]:
+    async def _ask(
+        self, index: int, request: Callable[[int], control.MasterMessage]
+    ) -> dict[str, Any]:
         """Ask serving worker `index` (the request is made with its id); wait a bounded time."""
         worker = next((w for w in self.workers if w.index == index and w.serving), None)
         if worker is None or worker.channel is None:
             raise NoWorker(index)
         request_id = next(self._request_ids)
-        waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[control.Reply] = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = waiter
         worker.channel.send(request(request_id))
         try:

@@ -27,22 +27,8 @@ from typing import IO
 import uvloop
 from setproctitle import setproctitle
 
+from kilnproxy import control
 from kilnproxy.config import Config, load
-from kilnproxy.control import (
-    WORKER_BOOT_ERROR,
-    Drain,
-    Draining,
-    HeapProfileRequest,
-    Heartbeat,
-    KillSession,
-    Ready,
-    Reply,
-    SessionClosed,
-    SessionStats,
-    Stop,
-    TaskDumpRequest,
-    ToMaster,
-)
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import configure
 from kilnproxy.worker.introspect import HeapTracer, task_dump
@@ -60,9 +46,9 @@ class Event(enum.Enum):
     """What the worker's loop acts on: its own signals, and what its master says."""
 
     DRAIN = "drain"  # TERM or QUIT reached this worker: drain, and tell the master so
-    TOLD_TO_DRAIN = "told to drain"  # the master said Drain
+    TOLD_TO_DRAIN = "told to drain"  # the master said control.Drain
     ORPHANED = "orphaned"  # the master is gone: drain
-    STOP = "stop"  # INT, or the master said Stop: cut every session now
+    STOP = "stop"  # INT, or the master said control.Stop: cut every session now
     REOPEN = "reopen"  # USR1: reopen the log file
 
 
@@ -75,11 +61,11 @@ SIGNALS = {
 
 
 class WorkerProcess:
-    def __init__(self, config: Config, worker: Worker, control: socket.socket) -> None:
+    def __init__(self, config: Config, worker: Worker, control_sock: socket.socket) -> None:
         self.config = config
         self.worker = worker
-        self._control_sock = control
-        self._channel: ToMaster | None = None
+        self._control_sock = control_sock
+        self._channel: control.ToMaster | None = None
         self._sent: dict[str, tuple[object, ...]] = {}
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._heap = HeapTracer()
@@ -89,10 +75,10 @@ class WorkerProcess:
         for signum, event in SIGNALS.items():
             loop.add_signal_handler(signum, self._events.put_nowait, event)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's signal, not ours
-        self._channel = channel = await ToMaster.open(self._control_sock)
+        self._channel = channel = await control.ToMaster.open(self._control_sock)
         self.worker.host.on_close = self._session_closed
         await self.worker.start()
-        channel.send(Ready(pid=self.worker.statistics().pid))
+        channel.send(control.Ready(pid=self.worker.statistics().pid))
         tasks = [
             asyncio.create_task(self._heartbeat(channel)),
             asyncio.create_task(self._listen(channel)),
@@ -117,7 +103,7 @@ class WorkerProcess:
                 await self.worker.shutdown()
                 return
             if event is Event.DRAIN and self._channel is not None:
-                self._channel.send(Draining())
+                self._channel.send(control.Draining())
             await self._drain_unless_hurried()
             return
 
@@ -133,7 +119,7 @@ class WorkerProcess:
                 await self.worker.shutdown()
                 return
 
-    async def _listen(self, channel: ToMaster) -> None:
+    async def _listen(self, channel: control.ToMaster) -> None:
         """Messages from the master; its end closing means the master is gone."""
         while True:
             message = await channel.receive()
@@ -142,33 +128,35 @@ class WorkerProcess:
                     log.warning("worker %d: master gone, draining", self.worker.index)
                     self._events.put_nowait(Event.ORPHANED)
                     return
-                case Drain():
+                case control.Drain():
                     self._events.put_nowait(Event.TOLD_TO_DRAIN)
-                case Stop():
+                case control.Stop():
                     self._events.put_nowait(Event.STOP)
-                case KillSession(session=session):
+                case control.KillSession(session=session):
                     self.worker.kill_session(session)
-                case TaskDumpRequest() | HeapProfileRequest():
+                case control.TaskDumpRequest() | control.HeapProfileRequest():
                     channel.send(self._answer(message))
 
-    def _answer(self, request: TaskDumpRequest | HeapProfileRequest) -> Reply:
+    def _answer(
+        self, request: control.TaskDumpRequest | control.HeapProfileRequest
+    ) -> control.Reply:
         """A task dump or a heap profile, for the status page (SPEC 7)."""
         try:  # the isolation boundary of one request: a failure is its reply, not the worker's
-            if isinstance(request, TaskDumpRequest):
+            if isinstance(request, control.TaskDumpRequest):
                 # Relays run on callbacks, not tasks, while bytes flow: list sessions as well.
                 sessions = [dataclasses.asdict(row) for row in self.worker.connections()]
-                return Reply(request.id, data={"tasks": task_dump(), "sessions": sessions})
+                return control.Reply(request.id, data={"tasks": task_dump(), "sessions": sessions})
             report = self._heap.report(request.top, request.seconds, request.stop, request.peek)
-            return Reply(request.id, data=report)
+            return control.Reply(request.id, data=report)
         except Exception as exc:
             log.exception("worker %d cannot answer %s", self.worker.index, request.kind.value)
-            return Reply(request.id, error=f"worker {self.worker.index} failed: {exc}")
+            return control.Reply(request.id, error=f"worker {self.worker.index} failed: {exc}")
 
-    async def _heartbeat(self, channel: ToMaster) -> None:
+    async def _heartbeat(self, channel: control.ToMaster) -> None:
         while True:
             stats = self.worker.statistics()
             setproctitle(title(self.worker.index, stats.sessions))
-            beat = Heartbeat(
+            beat = control.Heartbeat(
                 stats=stats,
                 metrics=self.worker.metrics.snapshot(),
                 pools=self.worker.pool_statistics(),
@@ -177,7 +165,7 @@ class WorkerProcess:
             channel.send(beat)
             await asyncio.sleep(HEARTBEAT)
 
-    def _changed_sessions(self) -> tuple[SessionStats, ...]:
+    def _changed_sessions(self) -> tuple[control.SessionStats, ...]:
         """The rows the master has not seen as they are now."""
         changed = []
         for row in self.worker.connections():
@@ -190,7 +178,7 @@ class WorkerProcess:
     def _session_closed(self, session_id: str) -> None:
         self._sent.pop(session_id, None)
         if self._channel is not None:
-            self._channel.send(SessionClosed(session_id))
+            self._channel.send(control.SessionClosed(session_id))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -217,21 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         configure(config.log.format, config.log.level, config.log.file)
         faulthandler.enable(file=fault_log(config), all_threads=True)
         sockets = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")]
-        control = socket.socket(fileno=args.control_fd)
-        for sock in (*sockets, control):
+        control_sock = socket.socket(fileno=args.control_fd)
+        for sock in (*sockets, control_sock):
             sock.set_inheritable(False)  # never into git, hg or ssh children
         worker = Worker(config, sockets, args.index)
     except (OperatorError, OSError, ValueError) as exc:
         print(f"kilnproxy: worker {args.index} cannot start: {exc}", file=sys.stderr)
-        return WORKER_BOOT_ERROR
+        return control.WORKER_BOOT_ERROR
     try:
-        uvloop.run(WorkerProcess(config, worker, control).run())
+        uvloop.run(WorkerProcess(config, worker, control_sock).run())
     except OperatorError as exc:  # raised by Worker.start: host keys, algorithms
         log.error("worker %d cannot start: %s", args.index, exc)
-        return WORKER_BOOT_ERROR
+        return control.WORKER_BOOT_ERROR
     finally:
         with contextlib.suppress(OSError):
-            control.close()
+            control_sock.close()
     return 0
 
 
