@@ -49,13 +49,17 @@ def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.backend_admin import ensure_backend_key
-    from kilnproxy.directory import check_schema
+    from kilnproxy.directory import DirectoryUnreachable, check_schema
     from kilnproxy.logs import configure
     from kilnproxy.ssh.server import ensure_host_keys
     from master.arbiter import serve
 
-    # Before anything starts: a schema this kilnproxy does not speak is one line, exit 2.
-    check_schema(config.directory.url, config.home, config.timeouts.dial)
+    # Before anything starts: a schema this kilnproxy does not speak is one line, exit 2. A
+    # database that is down is no reason not to start: sessions are refused until it is back.
+    try:
+        check_schema(config.directory.url, config.home, config.timeouts.dial)
+    except DirectoryUnreachable as exc:
+        print(f"kilnproxy: warning: {exc}; starting anyway", file=sys.stderr)
     configure(config.log.format, config.log.level, config.log.file)
     for line in ensure_host_keys(config.ssh.host_keys):
         print(line, file=sys.stderr)

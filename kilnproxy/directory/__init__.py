@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Protocol
 
 from kilnproxy.config import Config
-from kilnproxy.directory.model import DirectoryStats, DirectoryUnavailable, Identity, Route
+from kilnproxy.directory.model import (
+    DirectoryStats,
+    DirectoryUnavailable,
+    DirectoryUnreachable,
+    Identity,
+    Route,
+)
 from kilnproxy.directory.sqlite import SqliteDirectory
 from kilnproxy.directory.store import DirectoryStore
 
@@ -74,7 +80,8 @@ def directory_for(config: Config, *, prepare: bool = True) -> DirectoryStore:
 def check_schema(url: str, home: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
     """For `serve`, before the master starts: the schema must be the one this kilnproxy
     speaks. An empty database gets it; any other version raises OperatorError with one line
-    naming `kilnproxy db upgrade`, as does a database that cannot be reached."""
+    naming `kilnproxy db upgrade`. A database that cannot be reached raises
+    DirectoryUnreachable (an OperatorError), which `serve` may choose to outlive."""
     directory = open_directory(url, home, timeout=timeout, pool_size=1, prepare=False)
     try:
         directory.prepare()
@@ -96,6 +103,7 @@ __all__ = [
     "DirectoryStats",
     "DirectoryStore",
     "DirectoryUnavailable",
+    "DirectoryUnreachable",
     "Identity",
     "Route",
     "SqliteDirectory",

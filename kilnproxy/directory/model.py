@@ -35,6 +35,12 @@ class DirectoryUnavailable(KilnproxyError):
         self.detail = detail
 
 
+class DirectoryUnreachable(OperatorError):
+    """The admin side could not connect to the directory's database. An admin command stops
+    (one line, exit 2); `serve` starts anyway, so that a host booted during a database outage
+    serves as soon as the database is back, without an operator."""
+
+
 @dataclass(frozen=True)
 class DirectoryStats:
     """A snapshot of one process's directory handle, for the status page and /metrics."""

@@ -106,15 +106,14 @@ class LookupPool:
         self, conn: psycopg.AsyncConnection[Any], statement: str, params: Params
     ) -> Row | None:
         self._in_use += 1
-        healthy = False
         try:
             cursor = await conn.execute(to_pyformat(statement), params, prepare=False)
-            row = await cursor.fetchone()
-            healthy = conn.info.transaction_status == pq.TransactionStatus.IDLE
-            return row
+            return await cursor.fetchone()
         finally:
             self._in_use -= 1
-            if healthy and not self._closed:
+            # Kept after an SQL error too (autocommit leaves it idle), never mid-statement.
+            idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
+            if idle and not conn.broken and not self._closed:
                 self._idle.append(conn)
             else:
                 self._discard(conn)

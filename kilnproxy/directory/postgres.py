@@ -25,6 +25,7 @@ from psycopg import conninfo as libpq
 
 from kilnproxy.config import scrub
 from kilnproxy.directory import schema
+from kilnproxy.directory.model import DirectoryUnreachable
 from kilnproxy.directory.pgpool import LookupPool
 from kilnproxy.directory.schema import Dialect
 from kilnproxy.directory.sql import to_pyformat
@@ -160,9 +161,8 @@ class PostgresDirectory(DirectoryStore):
         try:
             conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
-            raise OperatorError(
-                f"cannot reach directory {self.where}: {self._describe(exc)}"
-            ) from None
+            detail = self._describe(exc)
+            raise DirectoryUnreachable(f"cannot reach directory {self.where}: {detail}") from None
         admin = PostgresAdmin(conn, self._url)
         if self._prepare:
             try:

@@ -3,6 +3,7 @@ hosts sharing one database, and a database that goes away and comes back."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,4 +81,29 @@ def test_serve_outlives_a_directory_outage(
     kiln.git(world.alice, "clone", "-q", url, str(clone))
     assert (clone / "README.md").exists()
     kiln.wait_for_log(r"directory \S+ is back after \d+s, \d+ lookups refused")
+    assert pg_cluster.password not in kiln.log()
+
+
+def test_serve_starts_while_the_directory_is_down_and_serves_once_it_is_back(
+    world: World, pg_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A host that boots during a database outage must not need an operator afterwards (under
+    systemd, a start that fails five times in a row is never retried)."""
+    kiln = world.kiln
+    assert kiln.stop() == 0
+    pg_cluster.stop()
+    try:
+        kiln.start()
+        assert re.search(
+            r"^kilnproxy: warning: cannot reach directory postgresql://kilnproxy:\*\*\*@\S+: "
+            r".*; starting anyway$",
+            kiln.log(),
+            re.M,
+        ), kiln.log()
+        failed = kiln.git(world.alice, "ls-remote", kiln.url("aviato/website"), check=False)
+        assert failed.returncode != 0
+    finally:
+        pg_cluster.start()
+    out = kiln.git(world.alice, "ls-remote", kiln.url("aviato/website")).stdout.decode()
+    assert out.split()[0] == world.website_head
     assert pg_cluster.password not in kiln.log()
