@@ -15,15 +15,16 @@ $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 
 venv: $(BIN)/kilnproxy
 
-# What the tests run against: OpenSSH server and client, git, Mercurial, and Debian's
-# Chromium for the dashboard test.
+# What the tests run against: OpenSSH server and client, git, Mercurial, Debian's Chromium
+# for the dashboard test, and PostgreSQL (the tests run their own throwaway cluster with its
+# binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used).
 deps:
 	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
 	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ] || \
-	    ! command -v chromium >/dev/null; then \
+	    ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openssh-server openssh-client git mercurial chromium >/dev/null; \
+	    openssh-server openssh-client git mercurial chromium postgresql >/dev/null; \
 	fi
 	@# sshd's privilege separation directory, normally made by its (here unused) service.
 	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 from kilnproxy.errors import OperatorError
 
@@ -170,11 +171,46 @@ def worker_count(raw: object, home: Path) -> int:
     return positive_int(raw, home)
 
 
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^@/?#]*)@")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a libpq URL carries, in its user part or as `?password=`, raw and
+    percent-decoded, longest first. libpq ends the user part at the first `@` or `/`."""
+    found = []
+    userinfo = _USERINFO.match(url)
+    if userinfo and ":" in userinfo.group(1):
+        found.append(userinfo.group(1).partition(":")[2])
+    _, _, query = url.partition("?")
+    for pair in query.split("&"):
+        key, sep, value = pair.partition("=")
+        if sep and unquote(key) == "password":
+            found.append(value)
+    secrets = {text for raw in found for text in (raw, unquote(raw)) if text}
+    return sorted(secrets, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message, a log line, the URL itself) with the URL's passwords as ***."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
 def directory_url(raw: object, home: Path) -> str:
+    """`sqlite:PATH` (relative to KILNPROXY_HOME) or a libpq URL, kept as written: libpq parses
+    it when the directory is opened, with the PG* environment and ~/.pgpass (SPEC 8)."""
     text = _string(raw)
+    if text.startswith(("postgresql://", "postgres://")):
+        if any(c.isspace() or ord(c) < 32 for c in text):
+            raise ValueError(f"{scrub(text, text)!r}: a URL has no spaces or control characters")
+        return text
     scheme, sep, rest = text.partition(":")
     if scheme != "sqlite" or not sep or not rest:
-        raise ValueError(f"{text!r} is not a directory URL like sqlite:kilnproxy.db")
+        raise ValueError(
+            f"{scrub(text, text)!r} is not a directory URL like sqlite:kilnproxy.db "
+            "or postgresql://USER@HOST:5432/DBNAME"
+        )
     return f"sqlite:{home / rest}"
 
 
@@ -248,7 +284,16 @@ class TimeoutSettings:
 
 @dataclass(frozen=True)
 class DirectorySettings:
-    url: str = setting(directory_url, "sqlite:kilnproxy.db", "Where accounts, keys, repos live.")
+    url: str = setting(
+        directory_url,
+        "sqlite:kilnproxy.db",
+        "Where accounts, keys, repos live: sqlite:PATH, or a PostgreSQL URL "
+        "postgresql://USER@HOST:5432/DBNAME shared by several proxy hosts (libpq's own: "
+        "?sslmode=, PG* variables and ~/.pgpass apply; keep the password out of this file).",
+    )
+    pool_size: int = setting(
+        positive_int, 4, "PostgreSQL connections per worker, for concurrent lookups."
+    )
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"ssh": {"listen": "127.0.0.1:22"}}, r"\[ssh\] listen: expected a list of strings"),
         ({"workers": {"count": True}}, r"\[workers\] count"),
         ({"log": {"format": "xml"}}, r"\[log\] format: 'xml' is not one of text, json"),
-        ({"directory": {"url": "postgres://x"}}, r"\[directory\] url"),
+        ({"directory": {"url": "mysql://x"}}, r"\[directory\] url: .mysql://x. is not a"),
         ({"ssh": 3}, r"\[ssh\] must be a table"),
         ({"backend_ssh": {"window": "16KiB"}}, r"\[backend_ssh\] window: '16KiB' must be from"),
         ({"backend_ssh": {"window": 65536}}, r"\[backend_ssh\] window: expected a string"),
