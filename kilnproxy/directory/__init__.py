@@ -18,13 +18,13 @@ from typing import Protocol
 from kilnproxy.config import Config
 from kilnproxy.directory.model import (
     DirectoryStats,
-    DirectoryUnavailable,
     DirectoryUnreachable,
     Identity,
     Route,
 )
 from kilnproxy.directory.sqlite import SqliteDirectory
 from kilnproxy.directory.store import DirectoryStore
+from kilnproxy.errors import DirectoryUnavailable
 
 DEFAULT_TIMEOUT = 10.0  # [timeouts] dial's default
 DEFAULT_POOL_SIZE = 4  # [directory] pool_size's default

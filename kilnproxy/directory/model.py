@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
-from kilnproxy.errors import KilnproxyError, OperatorError
+from kilnproxy.errors import OperatorError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs
 
@@ -19,20 +19,6 @@ def check_name(kind: str, name: str) -> str:
     if not _NAME.fullmatch(name) or ".." in name:
         raise OperatorError(f"invalid {kind} name {name!r} (letters, digits, . _ -; max 64)")
     return name
-
-
-class DirectoryUnavailable(KilnproxyError):
-    """A lookup got no answer: the directory is unreachable, too slow, or broken.
-
-    Nobody's fault that the client could fix: the session tells the client to try again later
-    (SPEC 2). `detail` is for the log and never holds a password.
-    """
-
-    message = "service temporarily unavailable, try again later"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
 
 
 class DirectoryUnreachable(OperatorError):

@@ -30,9 +30,9 @@ import psycopg
 from psycopg import pq
 
 from kilnproxy.config import format_duration
-from kilnproxy.directory.model import DirectoryUnavailable
 from kilnproxy.directory.sql import to_pyformat
 from kilnproxy.directory.store import Params, Row
+from kilnproxy.errors import DirectoryUnavailable
 
 Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
 

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kilnproxy.directory.model import DirectoryUnavailable
 from kilnproxy.directory.schema import Dialect
 from kilnproxy.directory.store import Conflict, DirectoryStore, Params, Row, seed_local_backend
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import DirectoryUnavailable, OperatorError
 
 BUSY_TIMEOUT = 5.0  # a writer holds the lock for milliseconds; a migration a little longer
 

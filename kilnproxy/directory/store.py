@@ -19,7 +19,6 @@ from kilnproxy.directory import schema, sql
 from kilnproxy.directory.health import Outage
 from kilnproxy.directory.model import (
     DirectoryStats,
-    DirectoryUnavailable,
     Identity,
     PublicKey,
     Route,
@@ -28,7 +27,7 @@ from kilnproxy.directory.model import (
     parse_backend_url,
 )
 from kilnproxy.directory.schema import SchemaDb
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import DirectoryUnavailable, OperatorError
 from kilnproxy.policy.access import Access, Role, effective_access
 from kilnproxy.policy.commands import Vcs
 

@@ -21,7 +21,7 @@ import psutil
 from kilnproxy.backends import Backends
 from kilnproxy.config import Config
 from kilnproxy.control import PoolStats, SessionStats, WorkerStats
-from kilnproxy.directory import open_directory
+from kilnproxy.directory import directory_for
 from kilnproxy.errors import CutReason
 from kilnproxy.ssh.server import listen, load_host_keys, server_options
 from kilnproxy.ssh.services import Services
@@ -51,7 +51,7 @@ class Worker:
         self._process = psutil.Process()
         # The worker's own: its sessions see them only through the Protocols of `Services`.
         self.metrics = WorkerMetrics()
-        self.directory = open_directory(config.directory.url, config.home)
+        self.directory = directory_for(config)
         self.backends = Backends(
             config.home / "state",
             config.backend_ssh,
