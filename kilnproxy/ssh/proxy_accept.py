@@ -11,7 +11,8 @@ Rules: a connection that is refused, malformed, truncated, oversized or too slow
 one log line (at most `LOG_BURST` such lines a second), never an exception out of this module;
 at most `PENDING_LIMIT` connections wait for their header at once (beyond that the worker stops
 accepting and the kernel's listen queue holds the rest). It never speaks SSH: what happens after
-the hand-off is asyncssh's and the session's.
+the hand-off is asyncssh's and the session's (whose login grace starts then, at most
+`proxy_timeout` after the TCP accept).
 """
 
 from __future__ import annotations

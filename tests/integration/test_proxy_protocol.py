@@ -258,7 +258,13 @@ def test_sessions_behind_the_balancer_leave_nothing_behind(proxied: World) -> No
 
 
 def test_require_closes_connections_without_a_header(tmp_path: Path) -> None:
-    world = make_world(tmp_path / "require", {"ssh": {**BALANCED, "proxy_protocol": "require"}})
+    """Two workers accept from one queue: the one that loses a race for a connection sees
+    EAGAIN and waits for the next."""
+    settings: dict[str, dict[str, Any]] = {
+        "ssh": {**BALANCED, "proxy_protocol": "require"},
+        "workers": {"count": 2},
+    }
+    world = make_world(tmp_path / "require", settings)
     try:
         kiln = world.kiln
         before = len(refused_lines(world))
@@ -266,9 +272,13 @@ def test_require_closes_connections_without_a_header(tmp_path: Path) -> None:
         assert direct.returncode == 255
         wait_for_refusal(world, before, r"no PROXY header \(proxy_protocol is 'require'\)$")
         with balancer(world, build_v2(CLIENT, ("127.0.0.1", kiln.port))) as relay:
-            reply = ssh_via(world, relay.port, "git-upload-pack 'aviato/website'")
-        assert reply.returncode == 0, reply.stderr
-        kiln.wait_for_log(r"access .*remote=203\.0\.113\.7:40000 .*verb=git-upload-pack")
+            for _ in range(4):
+                reply = ssh_via(world, relay.port, "git-upload-pack 'aviato/website'")
+                assert reply.returncode == 0, reply.stderr
+        access = r"access .*remote=(\S+) .*verb=git-upload-pack"
+        remotes = wait_for(lambda: len(r := re.findall(access, kiln.log())) == 4 and r)
+        assert remotes == ["203.0.113.7:40000"] * 4
+        assert "Traceback" not in kiln.log()
     finally:
         world.kiln.stop()
 
