@@ -10,6 +10,7 @@ This module must never import asyncssh (the master loads configuration too).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -24,6 +25,9 @@ from urllib.parse import unquote
 from kilnproxy.errors import OperatorError
 
 CONFIG_NAME = "kilnproxy.toml"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Address(NamedTuple):
@@ -151,6 +155,17 @@ def names(raw: object, home: Path) -> tuple[str, ...]:
     return tuple(items)
 
 
+def networks(raw: object, home: Path) -> tuple[Network, ...]:
+    """CIDRs like `10.0.0.0/8` or `2001:db8::/32`; a bare address is one host."""
+    out = []
+    for item in _string_list(raw):
+        try:
+            out.append(ipaddress.ip_network(item.strip()))
+        except ValueError as exc:  # host bits set, or not an address: say which entry
+            raise ValueError(f"{item!r} is not a network like 10.0.0.0/8 ({exc})") from None
+    return tuple(out)
+
+
 def window_size(raw: object, home: Path) -> int:
     """An SSH channel window: at least one 32 KiB packet, at most what the protocol carries."""
     size = parse_size(_string(raw))
@@ -266,6 +281,27 @@ class SshSettings:
     mac_algs: tuple[str, ...] = setting(names, DEFAULT_MACS, "MACs offered (encrypt-then-MAC).")
     max_channels: int = setting(positive_int, 10, "Concurrent channels on one connection.")
     max_auth_tries: int = setting(positive_int, 6, "Public keys a client may offer per connection.")
+    proxy_protocol: str = setting(
+        choice("off", "optional", "require"),
+        "off",
+        "PROXY protocol (v1 and v2) from a load balancer: `optional` also serves clients that "
+        "connect directly, `require` closes every connection without a header.",
+    )
+    proxy_allowed: tuple[Network, ...] = setting(
+        networks, [], "Networks (CIDR) of the load balancers that may send a PROXY header."
+    )
+    proxy_timeout: float = setting(
+        duration, "5s", "How long a connection may take to send its whole PROXY header."
+    )
+
+    def problem(self) -> str | None:
+        """What is wrong across settings of this section, if anything."""
+        if self.proxy_protocol != "off" and not self.proxy_allowed:
+            return (
+                f"proxy_allowed: the load balancers' networks are needed when "
+                f"proxy_protocol is {self.proxy_protocol!r}"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -451,5 +487,9 @@ def from_mapping(raw: dict[str, Any], home: Path, source: Path | None = None) ->
                 values[item.name] = item.metadata["parser"](value, home)
             except ValueError as exc:
                 raise OperatorError(f"{where}[{name}] {item.name}: {exc}") from None
-        sections[name] = cls(**values)
+        section = cls(**values)
+        problem = section.problem() if hasattr(section, "problem") else None
+        if problem:
+            raise OperatorError(f"{where}[{name}] {problem}")
+        sections[name] = section
     return Config(home=home, source=source, **sections)

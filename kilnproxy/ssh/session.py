@@ -142,7 +142,8 @@ class Session(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
-        peer = conn.get_extra_info("peername") or ("?", 0)
+        # The client's address from a PROXY header if a load balancer sent one (proxy_accept).
+        peer = conn.get_extra_info("proxy_source") or conn.get_extra_info("peername") or ("?", 0)
         self.remote = f"{peer[0]}:{peer[1]}"
         self.host.opened(self)
         timeouts = self.host.config.timeouts
