@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-deps
+.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-lookup bench-deps
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	$(BIN)/python bench/run.py --quick
+
+# The cost of a directory lookup alone, SQLite against PostgreSQL: bench/results/lookup.json.
+bench-lookup: bench-deps
+	$(BIN)/python bench/lookup.py
 
 # Where a relaying worker's CPU goes (py-spy): bench/results/profile-C.txt.
 bench-profile: bench-deps
