@@ -119,6 +119,12 @@ def duration(raw: object, home: Path) -> float:
     return parse_duration(_string(raw))
 
 
+def duration_or_zero(raw: object, home: Path) -> float:
+    """A duration, or `0s` for none."""
+    text = _string(raw).strip()
+    return 0.0 if re.fullmatch(r"0+(ms|s|m|h|d)", text) else parse_duration(text)
+
+
 def address(raw: object, home: Path) -> Address:
     return parse_address(_string(raw))
 
@@ -316,6 +322,13 @@ class TimeoutSettings:
     idle: float = setting(duration, "10m", "A session without a byte in either direction.")
     max_session: float = setting(duration, "6h", "The longest any session may last.")
     drain: float = setting(duration, "10m", "How long a drain waits before cutting sessions.")
+    drain_notice: float = setting(
+        duration_or_zero,
+        "0s",
+        "On TERM, how long to go on serving while failing load-balancer health checks (PROXY "
+        "LOCAL connections are closed) before the listener closes: above HAProxy's fall x "
+        "inter, so that no connection is queued on a closing socket. Needs proxy_protocol.",
+    )
 
 
 @dataclass(frozen=True)

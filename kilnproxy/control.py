@@ -167,6 +167,7 @@ class Kind(enum.Enum):
     REPLY = "reply"
     # master -> worker
     DRAIN = "drain"
+    DRAIN_NOTICE = "drain_notice"
     STOP = "stop"
     KILL_SESSION = "kill_session"
     TASK_DUMP = "task_dump"
@@ -221,6 +222,14 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class DrainNotice:
+    """A drain is coming: go on serving, but fail the load balancer's health checks, so that
+    it sends no more connections before the listening socket closes."""
+
+    kind: ClassVar[Kind] = Kind.DRAIN_NOTICE
+
+
+@dataclass(frozen=True)
 class Stop:
     kind: ClassVar[Kind] = Kind.STOP
 
@@ -248,7 +257,9 @@ class HeapProfileRequest:
 
 
 WorkerMessage: TypeAlias = Ready | Heartbeat | Draining | SessionClosed | Reply
-MasterMessage: TypeAlias = Drain | Stop | KillSession | TaskDumpRequest | HeapProfileRequest
+MasterMessage: TypeAlias = (
+    Drain | DrainNotice | Stop | KillSession | TaskDumpRequest | HeapProfileRequest
+)
 Message: TypeAlias = WorkerMessage | MasterMessage
 
 

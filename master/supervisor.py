@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kilnproxy import control
-from kilnproxy.config import Config, load
+from kilnproxy.config import Config, format_duration, load
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import configure
 from master.actions import NoSession, NoWorker, WorkerExited, WorkerFailed, WorkerTimeout
@@ -48,12 +48,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.
 
 
 class Stopping(enum.Enum):
+    NOTICE = "notice"  # serving on, failing health checks, for [timeouts] drain_notice
     DRAIN = "drain"
     FAST = "fast"
 
     @property
     def message(self) -> control.MasterMessage:
         """What every worker is told, including one that becomes ready during the stop."""
+        if self is Stopping.NOTICE:
+            return control.DrainNotice()
         return control.Drain() if self is Stopping.DRAIN else control.Stop()
 
 
@@ -117,10 +120,12 @@ class Supervisor:
     # -- signals -----------------------------------------------------------------------------------
 
     def handle_sigterm(self) -> None:
-        if self.stopping is None:
-            self._begin_stop(Stopping.DRAIN)
-        else:
+        if self.stopping is not None:
             self._begin_stop(Stopping.FAST)  # a second TERM
+        elif self.config.timeouts.drain_notice > 0:
+            self._begin_notice(self.config.timeouts.drain_notice)
+        else:
+            self._begin_stop(Stopping.DRAIN)
 
     handle_sigquit = handle_sigterm
 
@@ -158,6 +163,19 @@ class Supervisor:
         for worker in self.workers:
             self._signal(worker, signal.SIGUSR1)
 
+    def _begin_notice(self, seconds: float) -> None:
+        """Keep the listeners open and serving while the load balancer's health checks fail,
+        so that it stops sending connections here; then drain (`reconcile`). Closing at once
+        would reset the connections queued on the socket, which a balancer cannot retry."""
+        self.stopping = Stopping.NOTICE
+        self.board.stopping = True
+        self.notifier.stopping()
+        self.stop_deadline = time.monotonic() + seconds  # when the drain proper begins
+        log.info("drain in %s: failing health checks meanwhile", format_duration(seconds))
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.send(control.DrainNotice())
+
     def _begin_stop(self, mode: Stopping) -> None:
         if self.stopping is Stopping.FAST:
             return
@@ -184,6 +202,10 @@ class Supervisor:
     def reconcile(self) -> None:
         now = time.monotonic()
         self._check_heartbeats(now)
+        if self.stopping is Stopping.NOTICE:
+            if now >= self.stop_deadline:
+                self._begin_stop(Stopping.DRAIN)
+            return
         if self.stopping is not None:
             if now > self.stop_deadline:
                 for worker in self.workers:

@@ -114,6 +114,11 @@ def decide(
     return Admit(seen.source)
 
 
+def is_health_check(seen: ProxyHeader | TimedOut | None) -> bool:
+    """A balancer's own connection (v2 LOCAL, v1 UNKNOWN): its health check, not a client."""
+    return isinstance(seen, ProxyHeader) and seen.source is None
+
+
 def format_address(address: Address) -> str:
     return f"{address[0]}:{address[1]}"
 
@@ -164,8 +169,15 @@ class ProxyListener(asyncio.AbstractServer):
     asyncssh wraps it in an `SSHAcceptor`, so the worker closes it like any other listener.
     """
 
-    def __init__(self, sock: socket.socket, settings: SshSettings, hand_off: HandOff) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        settings: SshSettings,
+        hand_off: HandOff,
+        failing_health_checks: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._sock = sock
+        self._failing_health_checks = failing_health_checks
         self._mode = ProxyMode(settings.proxy_protocol)
         self._allowed = settings.proxy_allowed
         self._timeout = settings.proxy_timeout
@@ -203,15 +215,14 @@ class ProxyListener(asyncio.AbstractServer):
         await asyncio.Future()  # until cancelled, as asyncio.Server.serve_forever
 
     def close(self) -> None:
-        """Stop accepting, and close connections still waiting for their header: a drain
-        waits for sessions, and these are not sessions yet."""
+        """Stop accepting. Connections already accepted still get their header read and are
+        handed on (within `proxy_timeout`): a balancer has sent them to this host, and cannot
+        send them elsewhere once the TCP connection is up. `wait_closed` waits for them."""
         self._serving = False
         self._pause()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        for task in self._pending:
-            task.cancel()
 
     async def wait_closed(self) -> None:
         if self._pending:
@@ -289,6 +300,10 @@ class ProxyListener(asyncio.AbstractServer):
             decision = decide(self._mode, allowed, seen, self._timeout)
             if isinstance(decision, Refuse):
                 self._refuse(conn, peer, decision.reason)
+                return
+            if self._failing_health_checks() and is_health_check(seen):
+                log.debug("health check from %s failed on purpose: a drain is coming",
+                          format_address(peer))  # fmt: skip
                 return
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             if isinstance(seen, ProxyHeader):

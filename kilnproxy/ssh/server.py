@@ -104,7 +104,9 @@ async def listen(
         options, server_factory=lambda: Session(host)
     )
     sock.listen(ssh.backlog)
-    listener = ProxyListener(sock, ssh, partial(_serve_accepted, options))
+    listener = ProxyListener(
+        sock, ssh, partial(_serve_accepted, options), lambda: host.failing_health_checks
+    )
     await listener.start_serving()
     return asyncssh.SSHAcceptor(listener, options)
 

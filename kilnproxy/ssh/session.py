@@ -33,6 +33,7 @@ from kilnproxy.ssh.signatures import restrict_signatures
 log = logging.getLogger("kilnproxy.session")
 
 CUT_GRACE = 5.0  # after a cut, how long the client gets to read its message before we hang up
+DRAIN_COMMAND_GRACE = 5.0  # in a drain, how long a connection may take to send its first command
 
 
 class SessionState(enum.Enum):
@@ -50,6 +51,9 @@ class SessionHost:
     sessions: dict[str, Session] = field(default_factory=dict)
     total: int = 0
     accepting: bool = True
+    # A drain is coming (control.DrainNotice): load-balancer health checks are failed on
+    # purpose while sessions are still served.
+    failing_health_checks: bool = False
     # Set whenever no session is open: what a drain waits for.
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
     # Told the id of every session that ends (the worker reports it to the master).
@@ -146,6 +150,8 @@ class Session(asyncssh.SSHServer):
         peer = conn.get_extra_info("proxy_source") or conn.get_extra_info("peername") or ("?", 0)
         self.remote = f"{peer[0]}:{peer[1]}"
         self.host.opened(self)
+        if not self.host.accepting:  # handed over by a listener that was closing: drain it too
+            self.draining = True
         timeouts = self.host.config.timeouts
         self._timers["login_grace"] = self._loop.call_later(
             timeouts.login_grace, self.cut, CutReason.LOGIN_GRACE
@@ -243,6 +249,8 @@ class Session(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.state = SessionState.AUTHENTICATED
         self._timers.pop("login_grace").cancel()
+        if self.draining:  # authenticated during a drain: its first command is still served
+            self._await_first_command()
         if self._unavailable is not None:
             self.directory_unavailable = True
             self.log.info("key verified while the directory is unavailable: %s",
@@ -283,13 +291,27 @@ class Session(asyncssh.SSHServer):
             self._conn.close()
 
     def drain(self) -> None:
-        """Let running commands finish, then hang up; a connection running none goes now.
+        """Let running commands finish, then hang up; a connection idle after a command goes now.
 
-        A connection still authenticating may finish and run its command: its client
-        connected before the drain began, so it is served, not refused.
+        A connection that has not yet sent its first command (still authenticating, or just
+        authenticated: a client opens its channel a few milliseconds after) may still run it:
+        its client connected before the drain began, so it is served, not refused. It has
+        DRAIN_COMMAND_GRACE to ask.
         """
         self.draining = True
-        if self.state is SessionState.AUTHENTICATED and not self.relays and self._conn:
+        if self.state is SessionState.AUTHENTICATED and not self.relays:
+            if self._had_relay:
+                self._close_for_drain()
+            else:
+                self._await_first_command()
+
+    def _await_first_command(self) -> None:
+        self._timers["drain_grace"] = self._loop.call_later(
+            DRAIN_COMMAND_GRACE, self._close_for_drain
+        )
+
+    def _close_for_drain(self) -> None:
+        if not self.relays and self._conn is not None:
             self.log.info("closing idle connection for drain")
             self._conn.close()
 

@@ -130,6 +130,8 @@ class WorkerProcess:
                     return
                 case control.Drain():
                     self._events.put_nowait(Event.TOLD_TO_DRAIN)
+                case control.DrainNotice():
+                    self.worker.drain_notice()
                 case control.Stop():
                     self._events.put_nowait(Event.STOP)
                 case control.KillSession(session=session):

@@ -9,6 +9,7 @@ when asked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ class Worker:
         self.started_at = time.time()
         self._sockets = sockets
         self._acceptors: list[asyncssh.SSHAcceptor] = []
+        self._closing: list[asyncssh.SSHAcceptor] = []  # closed, maybe still handing over
         self._process = psutil.Process()
         # The worker's own: its sessions see them only through the Protocols of `Services`.
         self.metrics = WorkerMetrics()
@@ -67,6 +69,11 @@ class Worker:
             self._acceptors.append(await listen(sock, self.host, options))
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
 
+    def drain_notice(self) -> None:
+        """A drain is coming: serve on, but fail the load balancer's health checks now."""
+        self.host.failing_health_checks = True
+        log.info("worker %d fails health checks: a drain is coming", self.index)
+
     def stop_accepting(self) -> None:
         """Stop accepting, and let go of the listening sockets: uvloop serves on duplicates of
         them, and while any process holds one the kernel keeps queueing connections nobody
@@ -74,13 +81,14 @@ class Worker:
         self.host.accepting = False
         for acceptor in self._acceptors:
             acceptor.close()
-        self._acceptors.clear()
+        self._closing, self._acceptors = self._acceptors, []
         for sock in self._sockets:
             sock.close()
 
     async def drain(self, within: float) -> None:
         """Let every session finish; after `within` seconds cut the rest (SPEC 6)."""
         self.stop_accepting()
+        await self._handed_over()
         log.info("worker %d draining %d sessions", self.index, len(self.host.sessions))
         for session in list(self.host.sessions.values()):
             session.drain()
@@ -104,6 +112,16 @@ class Worker:
             return False
         session.cut(CutReason.ADMIN)
         return True
+
+    async def _handed_over(self) -> None:
+        """Wait until connections accepted before the listeners closed have become sessions
+        (a PROXY header still being read; bounded by `proxy_timeout`)."""
+        if not self._closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.ssh.proxy_timeout + 1):
+                await asyncio.gather(*(acceptor.wait_closed() for acceptor in self._closing))
+        self._closing = []
 
     async def _sessions_ended(self, within: float) -> bool:
         """Wait up to `within` seconds for the last session to end; say whether it did."""

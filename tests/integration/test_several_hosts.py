@@ -61,7 +61,8 @@ def host_settings(pg_url: str) -> dict[str, dict[str, object]]:
         "directory": {"url": pg_url},
         "ssh": {"proxy_protocol": "optional", "proxy_allowed": ["127.0.0.1/32"]},
         "workers": {"count": 2},
-        "timeouts": {"drain": "60s", "dial": "3s"},
+        # HAProxy checks every second and needs two failures (docs/haproxy.cfg): 3 s of notice.
+        "timeouts": {"drain": "60s", "dial": "3s", "drain_notice": "3s"},
     }
 
 
@@ -229,21 +230,21 @@ def test_a_directory_outage_keeps_running_clones_and_refuses_new_ones_until_it_i
 ) -> None:
     c = two_hosts
     first = c.hosts[0]
-    running = first.ssh_popen(c.alice, "git-upload-pack 'aviato/website.git'")
-    assert running.stdout is not None
-    assert b" HEAD\x00" in running.stdout.read(200)  # authenticated and routed
-    pg_cluster.stop()
-    try:
-        started = time.monotonic()
-        refused = run(["git", "ls-remote", c.front.url("aviato/website")], env=c.client_env,
-                      check=False, timeout=30)  # fmt: skip
-        took = time.monotonic() - started
-        assert refused.returncode != 0
-        assert UNAVAILABLE in refused.stderr, refused.stderr
-        assert took < 3.0 + 5.0  # [timeouts] dial, plus an SSH handshake on a busy machine
-        assert finish_upload_pack(running) == 0  # the session that was running goes on
-    finally:
-        pg_cluster.start()
+    with first.ssh_popen(c.alice, "git-upload-pack 'aviato/website.git'") as running:
+        assert running.stdout is not None
+        assert b" HEAD\x00" in running.stdout.read(200)  # authenticated and routed
+        pg_cluster.stop()
+        try:
+            started = time.monotonic()
+            refused = run(["git", "ls-remote", c.front.url("aviato/website")],
+                          env=c.client_env, check=False, timeout=30)  # fmt: skip
+            took = time.monotonic() - started
+            assert refused.returncode != 0
+            assert UNAVAILABLE in refused.stderr, refused.stderr
+            assert took < 3.0 + 5.0  # [timeouts] dial, plus an SSH handshake on a busy machine
+            assert finish_upload_pack(running) == 0  # the session that was running goes on
+        finally:
+            pg_cluster.start()
     back = run(["git", "ls-remote", c.front.url("aviato/website")], env=c.client_env)
     assert b"refs/heads/main" in back.stdout
     for host in c.hosts:  # said once, not per connection

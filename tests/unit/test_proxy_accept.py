@@ -25,6 +25,7 @@ from kilnproxy.ssh.proxy_accept import (
     Refuse,
     TimedOut,
     decide,
+    is_health_check,
     peer_allowed,
     refuse_at_accept,
 )
@@ -260,12 +261,18 @@ def test_pending_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         await until(lambda: listener.statistics().accepted == 3)
         assert listener.statistics().pending == 2
         assert listener.statistics().refused == 0  # a peer that closes at once is not refused
-        listener.close()  # the rest are closed: they never became sessions
-        for reader, writer in silent:
-            assert await asyncio.wait_for(reader.read(), 5) == b""
+        listener.close()  # stops accepting; those already accepted are still handed on
+        assert not listener.is_serving()
+        assert listener.statistics().pending == 2
+        for number, (reader, writer) in enumerate(silent):
+            writer.write(build_v1(CLIENT, ("10.0.0.1", 22)) + f"SSH {number}".encode())
+            writer.write_eof()
+        await until(lambda: len(received) == 2)
+        for _, writer in silent:
             writer.close()
 
-    serve(scenario, settings(timeout="30s"))
+    received = serve(scenario, settings(timeout="30s"))
+    assert sorted(received) == [(CLIENT, b"SSH 0"), (CLIENT, b"SSH 1")]
 
 
 def test_a_stalled_header_does_not_spin_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,3 +291,13 @@ def test_a_stalled_header_does_not_spin_the_loop(monkeypatch: pytest.MonkeyPatch
 
     serve(scenario, settings(timeout="500ms"))
     assert 1 <= len(looks) <= 3, len(looks)
+
+
+def test_a_health_check_is_a_header_without_a_client() -> None:
+    local = parse(build_v2(None))
+    unknown = parse(build_v1(None))
+    client = parse(build_v2(("203.0.113.7", 40000), ("127.0.0.1", 22)))
+    assert isinstance(local, ProxyHeader) and is_health_check(local)
+    assert isinstance(unknown, ProxyHeader) and is_health_check(unknown)
+    assert isinstance(client, ProxyHeader) and not is_health_check(client)
+    assert not is_health_check(None) and not is_health_check(TimedOut(0))
