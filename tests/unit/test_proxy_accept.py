@@ -264,7 +264,7 @@ def test_pending_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         listener.close()  # stops accepting; those already accepted are still handed on
         assert not listener.is_serving()
         assert listener.statistics().pending == 2
-        for number, (reader, writer) in enumerate(silent):
+        for number, (_, writer) in enumerate(silent):
             writer.write(build_v1(CLIENT, ("10.0.0.1", 22)) + f"SSH {number}".encode())
             writer.write_eof()
         await until(lambda: len(received) == 2)
