@@ -29,6 +29,14 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+class QuietSessionLog(SessionLog):
+    """The log of a session nobody needs to read about (a load balancer's health check, every
+    second): below warnings, its lines go out at debug level."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level < logging.WARNING else level, msg, *args, **kwargs)
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{stamp}.{int(record.msecs):03d}Z"
@@ -77,8 +85,10 @@ def render_fields(fields: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
-def access_line(session_id: str, fields: Mapping[str, object]) -> None:
-    ACCESS.info("access %s", render_fields(fields), extra={"session": session_id, "fields": fields})
+def access_line(session_id: str, fields: Mapping[str, object], level: int = logging.INFO) -> None:
+    ACCESS.log(
+        level, "access %s", render_fields(fields), extra={"session": session_id, "fields": fields}
+    )
 
 
 def configure(fmt: str, level: str, file: Path | None) -> logging.Handler:

@@ -32,7 +32,9 @@ from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyH
 log = logging.getLogger("kilnproxy.proxy")
 
 Address = tuple[str, int]
-HandOff = Callable[[socket.socket, Address | None], Awaitable[None]]
+# The accepted socket, the client's address from the header, and whether it is a balancer's
+# health check rather than a client.
+HandOff = Callable[[socket.socket, Address | None, bool], Awaitable[None]]
 
 PENDING_LIMIT = 256  # connections of one worker waiting for their header at once
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
@@ -310,7 +312,7 @@ class ProxyListener(asyncio.AbstractServer):
                 _consume(conn, seen.length)
             handed = True
             self._admitted += 1
-            await self._hand_off(conn, decision.source)
+            await self._hand_off(conn, decision.source, is_health_check(seen))
         except ProxyHeaderError as exc:
             self._refuse(conn, peer, str(exc))
         except OSError as exc:  # reset by the peer while we looked, or the hand-off failed

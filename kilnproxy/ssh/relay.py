@@ -68,6 +68,7 @@ class Outcome(enum.Enum):
     CLIENT_GONE = "client-gone"
     AUTH_FAILED = "auth-failed"  # a connection only: it never authenticated
     NO_COMMAND = "no-command"  # a connection only: it authenticated and ran nothing
+    HEALTH_CHECK = "health-check"  # a connection only: a load balancer's (PROXY LOCAL)
 
 
 _CUT_OUTCOME = {

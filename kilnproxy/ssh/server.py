@@ -112,7 +112,10 @@ async def listen(
 
 
 async def _serve_accepted(
-    options: asyncssh.SSHServerConnectionOptions, sock: socket.socket, source: Address | None
+    options: asyncssh.SSHServerConnectionOptions,
+    sock: socket.socket,
+    source: Address | None,
+    health_check: bool,
 ) -> None:
     """Run SSH on a connection `ProxyListener` accepted, as asyncssh.listen's own server
     would; the client's address from the header goes along as the connection's
@@ -123,6 +126,8 @@ async def _serve_accepted(
         conn = asyncssh.SSHServerConnection(loop, options)
         if source is not None:
             conn.set_extra_info(proxy_source=source)
+        if health_check:  # the session logs it at debug level only: it is no client's
+            conn.set_extra_info(health_check=True)
         return conn
 
     await loop.connect_accepted_socket(connection, sock)

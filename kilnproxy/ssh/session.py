@@ -24,7 +24,7 @@ from kilnproxy.config import Config, format_duration
 from kilnproxy.control import SessionStats
 from kilnproxy.directory import Identity
 from kilnproxy.errors import CutReason, DirectoryUnavailable
-from kilnproxy.logs import SessionLog, access_line
+from kilnproxy.logs import QuietSessionLog, SessionLog, access_line
 from kilnproxy.ssh.keys import fingerprint, policy_problem
 from kilnproxy.ssh.relay import Outcome, Relay, RelayStats
 from kilnproxy.ssh.services import Services
@@ -118,7 +118,8 @@ class Session(asyncssh.SSHServer):
     def __init__(self, host: SessionHost) -> None:
         self.host = host
         self.id = secrets.token_hex(4)
-        self.log = SessionLog(log, self.id)
+        self.log: SessionLog = SessionLog(log, self.id)
+        self.health_check = False  # a load balancer's, not a client's: logged at debug level
         self.state = SessionState.CONNECTING
         self.remote = ""
         self.login = ""
@@ -149,6 +150,9 @@ class Session(asyncssh.SSHServer):
         # The client's address from a PROXY header if a load balancer sent one (proxy_accept).
         peer = conn.get_extra_info("proxy_source") or conn.get_extra_info("peername") or ("?", 0)
         self.remote = f"{peer[0]}:{peer[1]}"
+        self.health_check = bool(conn.get_extra_info("health_check"))
+        if self.health_check:
+            self.log = QuietSessionLog(log, self.id)
         self.host.opened(self)
         if not self.host.accepting:  # handed over by a listener that was closing: drain it too
             self.draining = True
@@ -175,7 +179,9 @@ class Session(asyncssh.SSHServer):
 
     def _log_without_command(self, exc: Exception | None) -> None:
         """The access line of a connection that never ran a command (SPEC 4: every session)."""
-        if self.cut_reason is not None:
+        if self.health_check:
+            outcome = Outcome.HEALTH_CHECK
+        elif self.cut_reason is not None:
             timed_out = self.cut_reason is CutReason.LOGIN_GRACE
             outcome = Outcome.TIMEOUT if timed_out else Outcome.CUT
         elif self.directory_unavailable:
@@ -200,7 +206,7 @@ class Session(asyncssh.SSHServer):
             connected_at=self.started_at,
             now=time.time(),
         )
-        access_line(self.id, fields)
+        access_line(self.id, fields, logging.DEBUG if self.health_check else logging.INFO)
 
     # -- authentication: public key only, identity only from the verified key -------------------
 
@@ -249,6 +255,9 @@ class Session(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.state = SessionState.AUTHENTICATED
         self._timers.pop("login_grace").cancel()
+        if self.health_check:  # a balancer's connection that logs in is someone's: log it
+            self.health_check = False
+            self.log = SessionLog(log, self.id)
         if self.draining:  # authenticated during a drain: its first command is still served
             self._await_first_command()
         if self._unavailable is not None:

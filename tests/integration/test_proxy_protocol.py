@@ -198,6 +198,19 @@ def test_direct_client_and_health_checks_use_the_peers_address(proxied: World) -
     assert len(remotes) == 2 and all(r.startswith("127.0.0.1:") for r in remotes), remotes
 
 
+def test_a_health_check_is_served_and_not_logged_as_a_failed_login(proxied: World) -> None:
+    kiln = proxied.kiln
+    before = kiln.log().count(" access ")
+    # HAProxy's check: a LOCAL header, the banner read, and the connection closed.
+    with (
+        balancer(proxied, build_v2(None)) as relay,
+        socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock,
+    ):
+        assert sock.recv(100).startswith(b"SSH-2.0-kilnproxy")
+    kiln.wait_idle()
+    assert kiln.log().count(" access ") == before  # at debug level only: one a second is noise
+
+
 def test_a_client_that_waits_for_the_banner_is_served_after_the_timeout(proxied: World) -> None:
     """Optional mode: no byte at all is not a header; after proxy_timeout we speak first."""
     with socket.create_connection(("127.0.0.1", proxied.kiln.port), timeout=10) as sock:

@@ -160,7 +160,9 @@ def serve(
     """Run `scenario` against a listener on uvloop; the hand-off records what SSH would get."""
     received: Received = []
 
-    async def hand_off(conn: socket.socket, source: tuple[str, int] | None) -> None:
+    async def hand_off(
+        conn: socket.socket, source: tuple[str, int] | None, health_check: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
         with conn:
             data = b""
