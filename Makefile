@@ -17,14 +17,16 @@ venv: $(BIN)/kilnproxy
 
 # What the tests run against: OpenSSH server and client, git, Mercurial, Debian's Chromium
 # for the dashboard test, and PostgreSQL (the tests run their own throwaway cluster with its
-# binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used).
+# binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used), and HAProxy
+# for the two-host test (started by the test on loopback, never as a service).
 deps:
 	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
 	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ] || \
-	    ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	    ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	    ! command -v haproxy >/dev/null; then \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openssh-server openssh-client git mercurial chromium postgresql >/dev/null; \
+	    openssh-server openssh-client git mercurial chromium postgresql haproxy >/dev/null; \
 	fi
 	@# sshd's privilege separation directory, normally made by its (here unused) service.
 	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd
