@@ -3,8 +3,9 @@
 `Directory` is what the SSH server needs. Two stores provide it with one behaviour (`store`)
 and one schema ladder (`schema`): SQLite, embedded (`sqlite:PATH`), and PostgreSQL, shared by
 several proxy hosts (`postgresql://...`). Lookups are async and never cached: a change made by
-the admin CLI on any host is seen by the next lookup on every host. A lookup that gets no
-answer within its timeout raises DirectoryUnavailable; it never hangs.
+the admin CLI on any host is seen by the next lookup on every host. A PostgreSQL lookup that
+gets no answer within its timeout raises DirectoryUnavailable; a SQLite one runs inline,
+bounded by SQLite's busy timeout.
 
 This package must never import asyncssh or the worker; psycopg is imported only when a
 PostgreSQL URL is opened.

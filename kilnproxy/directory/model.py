@@ -29,7 +29,7 @@ class DirectoryUnreachable(OperatorError):
 
 @dataclass(frozen=True)
 class DirectoryStats:
-    """A snapshot of one process's directory handle, for the status page and /metrics."""
+    """A snapshot of one process's directory handle (its pool, lookups, failures, outage)."""
 
     store: str  # "sqlite" or "postgresql"
     pool_size: int  # connections this process may hold (1 for SQLite)

@@ -1,7 +1,8 @@
 """A worker's few PostgreSQL connections for lookups, each lookup bounded by a deadline.
 
-Owns at most `size` psycopg AsyncConnections (autocommit: a lookup is one statement, one round
-trip, no BEGIN) and the rule that no lookup outlives its timeout. Rules:
+Owns at most `size` busy psycopg AsyncConnections, and as many lookups being given up
+(autocommit: a lookup is one statement, one round trip, no BEGIN), and the rule that no lookup
+outlives its timeout. Rules:
 
 - A lookup gets its answer or DirectoryUnavailable within `timeout`, whatever the database
   does: refuses connections, never answers (a stopped server, a black-holed network), or errors.
@@ -56,15 +57,37 @@ class LookupPool:
         return self.size, self._open, self._in_use
 
     async def one(self, statement: str, params: Params) -> Row | None:
-        """Run one statement on one connection; its first row, or None."""
+        """Run one statement on one connection; its first row, or None.
+
+        The slot is the caller's, not the task's: a lookup given up at its deadline frees its
+        slot at once, while psycopg cancels the statement in the background (that can take
+        seconds on a server that stopped answering). At most `size` lookups are being given
+        up at a time: a new one waits, within its own deadline, for one of them to end.
+        """
         if self._closed:
             raise DirectoryUnavailable("the directory handle is closed")
-        task = asyncio.ensure_future(self._one(statement, params))
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.size)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
-            done, _ = await asyncio.wait((task,), timeout=self.timeout)
-        except asyncio.CancelledError:
-            self._abandon(task)
-            raise
+            async with asyncio.timeout_at(deadline):
+                while len(self._abandoned) >= self.size:
+                    await asyncio.wait(self._abandoned, return_when=asyncio.FIRST_COMPLETED)
+                await self._slots.acquire()
+        except TimeoutError:
+            raise DirectoryUnavailable(
+                f"no answer within {format_duration(self.timeout)}"
+            ) from None
+        try:
+            task = asyncio.ensure_future(self._one(statement, params))
+            try:
+                done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
+            except asyncio.CancelledError:
+                self._abandon(task)
+                raise
+        finally:
+            self._slots.release()
         if not done:
             self._abandon(task)
             raise DirectoryUnavailable(f"no answer within {format_duration(self.timeout)}")
@@ -81,21 +104,18 @@ class LookupPool:
             task.exception()  # retrieved: a lookup nobody waits for is no loop error
 
     async def _one(self, statement: str, params: Params) -> Row | None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.size)
-        async with self._slots:
-            try:
-                if self._idle:
-                    conn = self._idle.pop()
-                    try:
-                        return await self._run(conn, statement, params)
-                    except psycopg.OperationalError:
-                        if not conn.broken:
-                            raise
-                        # The server closed it while it sat idle: one more try on a new one.
-                return await self._run(await self._new_connection(), statement, params)
-            except (psycopg.Error, OSError) as exc:
-                raise DirectoryUnavailable(self._describe(exc)) from None
+        try:
+            if self._idle:
+                conn = self._idle.pop()
+                try:
+                    return await self._run(conn, statement, params)
+                except psycopg.OperationalError:
+                    if not conn.broken:
+                        raise
+                    # The server closed it while it sat idle: one more try on a new one.
+            return await self._run(await self._new_connection(), statement, params)
+        except (psycopg.Error, OSError) as exc:
+            raise DirectoryUnavailable(self._describe(exc)) from None
 
     async def _new_connection(self) -> psycopg.AsyncConnection[Any]:
         conn = await self._connect()

@@ -310,15 +310,15 @@ class ProxyListener(asyncio.AbstractServer):
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             if isinstance(seen, ProxyHeader):
                 _consume(conn, seen.length)
-            handed = True
-            self._admitted += 1
             await self._hand_off(conn, decision.source, is_health_check(seen))
+            handed = True  # the socket is asyncssh's from here
+            self._admitted += 1
         except ProxyHeaderError as exc:
             self._refuse(conn, peer, str(exc))
         except OSError as exc:  # reset by the peer while we looked, or the hand-off failed
             self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")
         finally:
-            if not handed:
+            if not handed:  # whatever went wrong, ours to close (a second close is harmless)
                 conn.close()
 
     async def _read_header(self, conn: socket.socket) -> ProxyHeader | TimedOut | Silent | None:
@@ -327,8 +327,9 @@ class ProxyListener(asyncio.AbstractServer):
         deadline = self._loop.time() + self._timeout
         need, received = 1, 0
         while True:
-            # Readable only once `need` bytes are buffered (or at EOF): no wake-up per byte of
-            # a slow header, and none at all for bytes we have already looked at.
+            # Readable only once `need` bytes are buffered (or at EOF): a v2 header, whose
+            # length is known after 16 bytes, wakes us twice; a v1 line, whose end is not known
+            # before it comes, once per new byte at most; bytes already seen never again.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
             if not await self._readable(conn, deadline):
                 return TimedOut(received)

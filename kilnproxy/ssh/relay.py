@@ -277,7 +277,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             log.warning("backend %s failed: %s", self._backend or "", exc.detail)
             self._refuse(exc, Outcome.BACKEND_ERROR)
         except DirectoryUnavailable as exc:
-            log.info("directory unavailable: %s", exc.detail)
+            log.debug("directory unavailable: %s", exc.detail)  # the store says so, once
             self._refuse(exc, Outcome.UNAVAILABLE)
         except Exception:
             log.exception("internal error while opening %r", self._line)

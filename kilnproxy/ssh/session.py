@@ -33,7 +33,9 @@ from kilnproxy.ssh.signatures import restrict_signatures
 log = logging.getLogger("kilnproxy.session")
 
 CUT_GRACE = 5.0  # after a cut, how long the client gets to read its message before we hang up
-DRAIN_COMMAND_GRACE = 5.0  # in a drain, how long a connection may take to send its first command
+# A connection that may run one command only (it drains, or the directory is unavailable):
+# how long it may take to ask for it after authenticating.
+FIRST_COMMAND_GRACE = 5.0
 
 
 class SessionState(enum.Enum):
@@ -258,13 +260,15 @@ class Session(asyncssh.SSHServer):
         if self.health_check:  # a balancer's connection that logs in is someone's: log it
             self.health_check = False
             self.log = SessionLog(log, self.id)
+        if self._unavailable is not None:
+            # Let in only to be told so: one command (refused), then hang up, as in a drain.
+            self.directory_unavailable = True
+            self.log.debug("key verified while the directory is unavailable: %s",
+                           self._unavailable.detail)  # fmt: skip
+            self._await_first_command()
+            return
         if self.draining:  # authenticated during a drain: its first command is still served
             self._await_first_command()
-        if self._unavailable is not None:
-            self.directory_unavailable = True
-            self.log.info("key verified while the directory is unavailable: %s",
-                          self._unavailable.detail)  # fmt: skip
-            return
         identity = self._candidate
         assert identity is not None, "asyncssh completed auth without a validated key"
         self.identity = identity
@@ -282,7 +286,7 @@ class Session(asyncssh.SSHServer):
     def session_requested(self) -> Relay | bool:
         if self.cut_reason is not None or len(self.relays) >= self.host.config.ssh.max_channels:
             return False
-        if self.draining and self._had_relay:
+        if self._one_command and self._had_relay:
             return False  # one more command on a draining connection: the client reconnects
         relay = Relay(self, self.host.services)
         self.relays.add(relay)
@@ -296,8 +300,14 @@ class Session(asyncssh.SSHServer):
         self._log_access(stats.outcome, stats)
         self.relays.discard(relay)
         self.touch()
-        if (self.cut_reason or self.draining) and not self.relays and self._conn is not None:
+        if (self.cut_reason or self._one_command) and not self.relays and self._conn is not None:
             self._conn.close()
+
+    @property
+    def _one_command(self) -> bool:
+        """At most one command on this connection, then hang up: it drains, or it was let in
+        only to be told that the directory is unavailable."""
+        return self.draining or self.directory_unavailable
 
     def drain(self) -> None:
         """Let running commands finish, then hang up; a connection idle after a command goes now.
@@ -305,7 +315,7 @@ class Session(asyncssh.SSHServer):
         A connection that has not yet sent its first command (still authenticating, or just
         authenticated: a client opens its channel a few milliseconds after) may still run it:
         its client connected before the drain began, so it is served, not refused. It has
-        DRAIN_COMMAND_GRACE to ask.
+        FIRST_COMMAND_GRACE to ask.
         """
         self.draining = True
         if self.state is SessionState.AUTHENTICATED and not self.relays:
@@ -315,14 +325,23 @@ class Session(asyncssh.SSHServer):
                 self._await_first_command()
 
     def _await_first_command(self) -> None:
-        self._timers["drain_grace"] = self._loop.call_later(
-            DRAIN_COMMAND_GRACE, self._close_for_drain
-        )
+        """Hang up unless a command comes within FIRST_COMMAND_GRACE (scheduled once)."""
+        if "first_command" not in self._timers:
+            self._timers["first_command"] = self._loop.call_later(
+                FIRST_COMMAND_GRACE, self._close_if_idle
+            )
 
     def _close_for_drain(self) -> None:
         if not self.relays and self._conn is not None:
             self.log.info("closing idle connection for drain")
             self._conn.close()
+
+    def _close_if_idle(self) -> None:
+        if self.directory_unavailable and not self._had_relay and self._conn is not None:
+            self.log.debug("no command while the directory is unavailable: closing")
+            self._conn.close()
+        else:
+            self._close_for_drain()
 
     # -- timeouts and cuts ------------------------------------------------------------------------
 

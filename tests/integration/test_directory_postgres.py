@@ -91,9 +91,9 @@ def test_a_hung_database_is_unavailable_within_the_timeout(
         assert (await lookup(store))[0] is not None
         with pg_cluster.frozen():
             detail, took = await refused(store)
-            assert detail == "no answer within 1s" and 0.9 < took < 1.5, (detail, took)
+            assert detail == "no answer within 1s" and 0.9 < took < 3.0, (detail, took)
             _, took = await refused(store)  # no connection to be had either: the same bound
-            assert took < 1.5
+            assert took < 3.0  # the timeout (1s), and slack for a loaded machine
         found, took = await lookup(store)
         assert found is not None and took < 1.0
         await store.aclose()  # waits for the abandoned lookups to let go of their connections

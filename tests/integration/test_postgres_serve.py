@@ -14,6 +14,10 @@ from harness import KILNPROXY, Kiln, run
 from postgres import Cluster
 
 Factory = Callable[..., World]
+# SPEC 2: what a client is told while the directory cannot be asked.
+UNAVAILABLE = re.compile(
+    rb"^kilnproxy: service temporarily unavailable, try again later \(session [0-9a-f]{8}\)$", re.M
+)
 
 
 @pytest.fixture
@@ -73,6 +77,7 @@ def test_serve_outlives_a_directory_outage(
         started = time.monotonic()
         failed = kiln.git(world.alice, "ls-remote", url, check=False)
         assert failed.returncode != 0 and time.monotonic() - started < 10
+        assert UNAVAILABLE.search(failed.stderr), failed.stderr
         assert kiln.proc is not None and kiln.proc.poll() is None
         kiln.wait_for_log(r"directory postgresql://kilnproxy:\*\*\*@\S+ is unavailable: ")
     finally:
@@ -102,6 +107,7 @@ def test_serve_starts_while_the_directory_is_down_and_serves_once_it_is_back(
         ), kiln.log()
         failed = kiln.git(world.alice, "ls-remote", kiln.url("aviato/website"), check=False)
         assert failed.returncode != 0
+        assert UNAVAILABLE.search(failed.stderr), failed.stderr
     finally:
         pg_cluster.start()
     out = kiln.git(world.alice, "ls-remote", kiln.url("aviato/website")).stdout.decode()

@@ -215,13 +215,10 @@ def test_a_key_removed_on_one_host_is_refused_by_the_other_within_a_second(
     run([*KILNPROXY, "keys", "remove", fingerprint, "--config", str(first.config_path)],
         env=first.server_env())  # fmt: skip
     removed_at = time.monotonic()
-    while True:
-        attempt = second.ssh(c.alice, "git-upload-pack 'aviato/website'", input=b"0000")
-        refused_after = time.monotonic() - removed_at
-        if attempt.returncode == 255 and b"Permission denied (publickey)" in attempt.stderr:
-            break
-        assert refused_after < 1.0, f"still served {refused_after:.2f}s after the key was removed"
-    assert refused_after < 1.0
+    # Nothing is cached: the very next connection to the other host is refused.
+    attempt = second.ssh(c.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+    refused_after = time.monotonic() - removed_at
+    assert attempt.returncode == 255 and b"Permission denied (publickey)" in attempt.stderr
     print(f"revoked key refused on the other host after {refused_after * 1000:.0f} ms")
 
 
@@ -235,17 +232,19 @@ def test_a_directory_outage_keeps_running_clones_and_refuses_new_ones_until_it_i
         assert b" HEAD\x00" in running.stdout.read(200)  # authenticated and routed
         pg_cluster.stop()
         try:
-            started = time.monotonic()
-            refused = run(["git", "ls-remote", c.front.url("aviato/website")],
-                          env=c.client_env, check=False, timeout=30)  # fmt: skip
-            took = time.monotonic() - started
-            assert refused.returncode != 0
-            assert UNAVAILABLE in refused.stderr, refused.stderr
-            assert took < 3.0 + 5.0  # [timeouts] dial, plus an SSH handshake on a busy machine
+            for _ in range(3):  # several clients, each told; the log says it once
+                started = time.monotonic()
+                refused = run(["git", "ls-remote", c.front.url("aviato/website")],
+                              env=c.client_env, check=False, timeout=30)  # fmt: skip
+                took = time.monotonic() - started
+                assert refused.returncode != 0
+                assert UNAVAILABLE in refused.stderr, refused.stderr
+                assert took < 3.0 + 5.0  # [timeouts] dial, and an SSH handshake on a busy machine
             assert finish_upload_pack(running) == 0  # the session that was running goes on
         finally:
             pg_cluster.start()
     back = run(["git", "ls-remote", c.front.url("aviato/website")], env=c.client_env)
     assert b"refs/heads/main" in back.stdout
-    for host in c.hosts:  # said once, not per connection
-        assert host.log().count("directory unavailable") <= 2 * 2  # per worker, at most
+    for host in c.hosts:  # said when it went down and when it came back, not per connection
+        said = re.findall(r"directory \S+ (?:is|still) unavailable", host.log())
+        assert len(said) <= 2, said  # one line per worker (two workers) for the whole outage
