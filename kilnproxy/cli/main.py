@@ -10,15 +10,21 @@ import argparse
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from kilnproxy.cli import admin
-from kilnproxy.config import Config, load, reference
+from kilnproxy.config import Config, format_duration, load, reference, scrub
 from kilnproxy.errors import OperatorError
 from kilnproxy.version import build_info
 
 Action = Callable[[argparse.Namespace, Config], int]
+T = TypeVar("T")
+
+# An admin command's whole conversation with the directory, in `[timeouts] dial`s: a database
+# that accepts connections and never answers (stopped, or wedged) must not hang an operator.
+ADMIN_DIALS = 6
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -32,17 +38,51 @@ def _print(lines: Sequence[str]) -> int:
     return 0
 
 
+def _within(seconds: float, config: Config, work: Callable[[], T]) -> T:
+    """Run `work`, which talks to the directory with blocking calls, for at most `seconds`.
+
+    libpq has no read timeout of its own, and a server's statement_timeout cannot fire when
+    the server is stopped; so the work runs in a daemon thread, and past the deadline the
+    command gives up with one line (DirectoryUnreachable) and leaves the thread to the exit.
+    """
+    from kilnproxy.directory import DirectoryUnreachable
+
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # carried to the caller's thread, raised there
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="directory", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        url = config.directory.url
+        raise DirectoryUnreachable(
+            f"directory {scrub(url, url)} did not answer within {format_duration(seconds)}"
+        )
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
     """An admin command: open the directory, run `work` with the named arguments, print."""
 
     def action(args: argparse.Namespace, config: Config) -> int:
         from kilnproxy.directory import directory_for
 
-        directory = directory_for(config)
-        try:
-            return _print(work(directory, *(getattr(args, n) for n in names)))
-        finally:
-            directory.close()
+        def run() -> list[str]:
+            directory = directory_for(config)
+            try:
+                return work(directory, *(getattr(args, n) for n in names))
+            finally:
+                directory.close()
+
+        return _print(_within(ADMIN_DIALS * config.timeouts.dial, config, run))
 
     return action
 
@@ -57,7 +97,11 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     # Before anything starts: a schema this kilnproxy does not speak is one line, exit 2. A
     # database that is down is no reason not to start: sessions are refused until it is back.
     try:
-        check_schema(config.directory.url, config.home, config.timeouts.dial)
+        _within(
+            ADMIN_DIALS * config.timeouts.dial,
+            config,
+            lambda: check_schema(config.directory.url, config.home, config.timeouts.dial),
+        )
     except DirectoryUnreachable as exc:
         print(f"kilnproxy: warning: {exc}; starting anyway", file=sys.stderr)
     configure(config.log.format, config.log.level, config.log.file)
@@ -89,7 +133,10 @@ def _backend_trust(args: argparse.Namespace, config: Config) -> int:
 def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.directory import upgrade_schema
 
-    return _print(upgrade_schema(config.directory.url, config.home, config.timeouts.dial))
+    def run() -> list[str]:
+        return upgrade_schema(config.directory.url, config.home, config.timeouts.dial)
+
+    return _print(_within(ADMIN_DIALS * config.timeouts.dial, config, run))
 
 
 def _version(args: argparse.Namespace, config: Config) -> int:

@@ -7,14 +7,17 @@ import contextlib
 import os
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 from harness import KILNPROXY, run
+from postgres import Cluster
 
-from kilnproxy.cli.main import main
-from kilnproxy.directory import check_schema
+from kilnproxy.cli.main import _within, main
+from kilnproxy.config import from_mapping
+from kilnproxy.directory import DirectoryUnreachable, check_schema
 from kilnproxy.directory import schema as ladder
 
 
@@ -134,3 +137,41 @@ def test_an_unreachable_directory_stops_an_admin_command_in_one_line(tmp_path: P
             "kilnproxy: error: cannot reach directory postgresql://kilnproxy:***@127.0.0.1:1/kiln"
         ), lines
         assert "hunter2" not in lines[0]
+
+
+def test_a_database_that_never_answers_stops_an_admin_command_at_its_deadline(
+    tmp_path: Path, pg_cluster: Cluster, pg_url: str
+) -> None:
+    home = tmp_path / "var"
+    home.mkdir()
+    (home / "kilnproxy.toml").write_text(
+        f'[directory]\nurl = "{pg_url}"\n[timeouts]\ndial = "1s"\n'
+    )
+    assert kp(home, "db", "upgrade").returncode == 0
+    with pg_cluster.frozen():  # accepts connections, answers nothing
+        started = time.monotonic()
+        done = kp(home, "accounts", "add", "hooli")
+        took = time.monotonic() - started
+    assert done.returncode == 2
+    (line,) = done.stderr.decode().splitlines()
+    # libpq's connect_timeout gives up first here; a server that hangs after the connection
+    # is up meets the command's own deadline (test_an_admin_command_has_a_deadline).
+    assert line.startswith("kilnproxy: error: cannot reach directory postgresql://kilnproxy:***@")
+    assert pg_cluster.password not in line
+    assert took < 15
+
+
+def test_an_admin_command_has_a_deadline(tmp_path: Path) -> None:
+    config = from_mapping(
+        {"directory": {"url": "postgresql://kilnproxy:hunter2@db.internal/kiln"}}, tmp_path
+    )
+    started = time.monotonic()
+    with pytest.raises(DirectoryUnreachable) as raised:
+        _within(0.3, config, lambda: time.sleep(5))  # blocking I/O that never ends
+    assert 0.3 <= time.monotonic() - started < 2
+    assert str(raised.value) == (
+        "directory postgresql://kilnproxy:***@db.internal/kiln did not answer within 300ms"
+    )
+    with pytest.raises(ZeroDivisionError):  # what the work raises reaches the caller
+        _within(5, config, lambda: 1 // 0)
+    assert _within(5, config, lambda: ["done"]) == ["done"]
