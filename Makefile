@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-deps
+.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-lookup bench-deps
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +15,16 @@ $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 
 venv: $(BIN)/kilnproxy
 
-# What the tests run against: OpenSSH server and client, git, Mercurial, and Debian's
-# Chromium for the dashboard test.
+# What the tests run against: OpenSSH server and client, git, Mercurial, Debian's Chromium
+# for the dashboard test, and PostgreSQL (the tests run their own throwaway cluster with its
+# binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used).
 deps:
 	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
 	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ] || \
-	    ! command -v chromium >/dev/null; then \
+	    ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openssh-server openssh-client git mercurial chromium >/dev/null; \
+	    openssh-server openssh-client git mercurial chromium postgresql >/dev/null; \
 	fi
 	@# sshd's privilege separation directory, normally made by its (here unused) service.
 	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd
@@ -52,6 +53,10 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	$(BIN)/python bench/run.py --quick
+
+# The cost of a directory lookup alone, SQLite against PostgreSQL: bench/results/lookup.json.
+bench-lookup: bench-deps
+	$(BIN)/python bench/lookup.py
 
 # Where a relaying worker's CPU goes (py-spy): bench/results/profile-C.txt.
 bench-profile: bench-deps

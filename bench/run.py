@@ -4,7 +4,9 @@ Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy
 D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
 to A: small-clone latency, large-clone wall time, raw relay throughput and the proxy's CPU per
 GB relayed (bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker
-against sshd), memory per idle connection and per active session, hg clone. Writes
+against sshd), memory per idle connection and per active session, hg clone, and the cost of a
+directory lookup (bench/lookup.py: TCP connect to authenticated, SQLite against PostgreSQL).
+Writes
 bench/results/NAME.{json,md,png} (NAME is `latest` unless given).
 
     python bench/run.py [--quick] [--ciphers LIST] [--window SIZE] [--asyncssh-patch] [--name NAME]
@@ -49,6 +51,7 @@ from fixtures import (
     server_cpu,
 )
 from harness import Kiln, finish_upload_pack, hold_upload_pack
+from lookup import measure_lookups
 from measure import clone, rss, uss
 from relay import RawRelay, add_raw_relay
 from sshd import Sshd
@@ -62,10 +65,12 @@ PATHS = ("A", "B", "C", "D")
 PROFILES: dict[str, dict[str, int]] = {
     "quick": {"small_rounds": 5, "large_rounds": 2, "large_commits": 600, "large_blob": 70_000,
               "hg_commits": 300, "hg_rounds": 3, "connections": 100, "idle": 300,
-              "sshd_idle": 50, "active": 20, "relay_bytes": 256 << 20, "relay_rounds": 2},
+              "sshd_idle": 50, "active": 20, "relay_bytes": 256 << 20, "relay_rounds": 2,
+              "lookups": 200},
     "full": {"small_rounds": 15, "large_rounds": 5, "large_commits": 3000, "large_blob": 70_000,
              "hg_commits": 1000, "hg_rounds": 5, "connections": 300, "idle": 2000,
-             "sshd_idle": 200, "active": 50, "relay_bytes": 1 << 30, "relay_rounds": 3},
+             "sshd_idle": 200, "active": 50, "relay_bytes": 1 << 30, "relay_rounds": 3,
+             "lookups": 1000},
 }  # fmt: skip
 
 
@@ -224,6 +229,8 @@ def main() -> None:
                     server.stop()
             if raw is not None:
                 raw.stop()
+    with tempfile.TemporaryDirectory() as tmp:  # its own servers, once the others have stopped
+        figures |= lookups(Path(tmp), profile["lookups"])
     figures |= {"profile": profile_name, "variant": variant, "repository_bytes": sizes,
                 "relay_bytes": profile["relay_bytes"],
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -240,6 +247,14 @@ def patched_asyncssh(target: Path) -> Path:
     subprocess.run(["patch", "-s", "-p1", "-d", str(target), "-i", str(ASYNCSSH_PATCH)],
                    check=True)  # fmt: skip
     return target
+
+
+def lookups(root: Path, connections: int) -> dict[str, float]:
+    """bench/lookup.py's figures and what the target compares: PostgreSQL's p99 over SQLite's."""
+    figures = measure_lookups(root, connections)
+    figures["auth_p99_ms_postgres_minus_sqlite"] = (figures["auth_p99_ms_postgres"]
+                                                    - figures["auth_p99_ms_sqlite"])  # fmt: skip
+    return figures
 
 
 def relays(raw: RawRelay, rounds: int) -> dict[str, list[dict[str, float]]]:
@@ -304,6 +319,7 @@ TARGETS = [
     ("idle_conn_kb", "KiB per idle connection", "<= 32", 32),
     ("active_session_kb", "KiB per active session", "<= 512", 512),
     ("conn_cpu_ratio_vs_sshd", "CPU per new connection / sshd", "<= 0.67", 0.67),
+    ("auth_p99_ms_postgres_minus_sqlite", "auth p99 ms, PostgreSQL - SQLite", "<= 2", 2.0),
 ]
 
 
@@ -339,8 +355,20 @@ def markdown(f: dict[str, Any]) -> str:
               f"({f['kilnproxy_conn_per_s']:.0f}/s), sshd {f['sshd_cpu_ms_per_conn']:.2f} ms "
               f"({f['sshd_conn_per_s']:.0f}/s).",
               f"Memory per idle connection: kilnproxy {f['idle_conn_kb']:.1f} KiB, "
-              f"sshd {f['sshd_idle_conn_kb']:.1f} KiB (USS of its processes).", ""]  # fmt: skip
+              f"sshd {f['sshd_idle_conn_kb']:.1f} KiB (USS of its processes).",
+              lookup_line(f), ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def lookup_line(f: dict[str, Any]) -> str:
+    return (
+        "Directory lookup: p50/p99 ms from TCP connect to authenticated, SQLite "
+        f"{f['auth_p50_ms_sqlite']:.2f}/{f['auth_p99_ms_sqlite']:.2f}, PostgreSQL "
+        f"{f['auth_p50_ms_postgres']:.2f}/{f['auth_p99_ms_postgres']:.2f}; the worker's mean key "
+        f"lookup SQLite {f['lookup_ms_sqlite']:.3f} ms, PostgreSQL {f['lookup_ms_postgres']:.3f} "
+        f"ms; connections/s (10 at a time) SQLite {f['conn_per_s_sqlite']:.0f}, PostgreSQL "
+        f"{f['conn_per_s_postgres']:.0f}."
+    )
 
 
 def plot(f: dict[str, Any], target: Path) -> None:

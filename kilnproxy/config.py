@@ -10,6 +10,7 @@ This module must never import asyncssh (the master loads configuration too).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -19,10 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 from kilnproxy.errors import OperatorError
 
 CONFIG_NAME = "kilnproxy.toml"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Address(NamedTuple):
@@ -114,6 +119,12 @@ def duration(raw: object, home: Path) -> float:
     return parse_duration(_string(raw))
 
 
+def duration_or_zero(raw: object, home: Path) -> float:
+    """A duration, or `0s` for none."""
+    text = _string(raw).strip()
+    return 0.0 if re.fullmatch(r"0+(ms|s|m|h|d)", text) else parse_duration(text)
+
+
 def address(raw: object, home: Path) -> Address:
     return parse_address(_string(raw))
 
@@ -150,6 +161,17 @@ def names(raw: object, home: Path) -> tuple[str, ...]:
     return tuple(items)
 
 
+def networks(raw: object, home: Path) -> tuple[Network, ...]:
+    """CIDRs like `10.0.0.0/8` or `2001:db8::/32`; a bare address is one host."""
+    out = []
+    for item in _string_list(raw):
+        try:
+            out.append(ipaddress.ip_network(item.strip()))
+        except ValueError as exc:  # host bits set, or not an address: say which entry
+            raise ValueError(f"{item!r} is not a network like 10.0.0.0/8 ({exc})") from None
+    return tuple(out)
+
+
 def window_size(raw: object, home: Path) -> int:
     """An SSH channel window: at least one 32 KiB packet, at most what the protocol carries."""
     size = parse_size(_string(raw))
@@ -176,11 +198,46 @@ def worker_count(raw: object, home: Path) -> int:
     return positive_int(raw, home)
 
 
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^@/?#]*)@")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a libpq URL carries, in its user part or as `?password=`, raw and
+    percent-decoded, longest first. libpq ends the user part at the first `@` or `/`."""
+    found = []
+    userinfo = _USERINFO.match(url)
+    if userinfo and ":" in userinfo.group(1):
+        found.append(userinfo.group(1).partition(":")[2])
+    _, _, query = url.partition("?")
+    for pair in query.split("&"):
+        key, sep, value = pair.partition("=")
+        if sep and unquote(key) == "password":
+            found.append(value)
+    secrets = {text for raw in found for text in (raw, unquote(raw)) if text}
+    return sorted(secrets, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message, a log line, the URL itself) with the URL's passwords as ***."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
 def directory_url(raw: object, home: Path) -> str:
+    """`sqlite:PATH` (relative to KILNPROXY_HOME) or a libpq URL, kept as written: libpq parses
+    it when the directory is opened, with the PG* environment and ~/.pgpass (SPEC 8)."""
     text = _string(raw)
+    if text.startswith(("postgresql://", "postgres://")):
+        if any(c.isspace() or ord(c) < 32 for c in text):
+            raise ValueError(f"{scrub(text, text)!r}: a URL has no spaces or control characters")
+        return text
     scheme, sep, rest = text.partition(":")
     if scheme != "sqlite" or not sep or not rest:
-        raise ValueError(f"{text!r} is not a directory URL like sqlite:kilnproxy.db")
+        raise ValueError(
+            f"{scrub(text, text)!r} is not a directory URL like sqlite:kilnproxy.db "
+            "or postgresql://USER@HOST:5432/DBNAME"
+        )
     return f"sqlite:{home / rest}"
 
 
@@ -243,6 +300,27 @@ class SshSettings:
         "same bytes on the wire for less CPU. Any other asyncssh version runs stock, with a "
         "warning; false runs stock asyncssh always.",
     )
+    proxy_protocol: str = setting(
+        choice("off", "optional", "require"),
+        "off",
+        "PROXY protocol (v1 and v2) from a load balancer: `optional` also serves clients that "
+        "connect directly, `require` closes every connection without a header.",
+    )
+    proxy_allowed: tuple[Network, ...] = setting(
+        networks, [], "Networks (CIDR) of the load balancers that may send a PROXY header."
+    )
+    proxy_timeout: float = setting(
+        duration, "5s", "How long a connection may take to send its whole PROXY header."
+    )
+
+    def problem(self) -> str | None:
+        """What is wrong across settings of this section, if anything."""
+        if self.proxy_protocol != "off" and not self.proxy_allowed:
+            return (
+                f"proxy_allowed: the load balancers' networks are needed when "
+                f"proxy_protocol is {self.proxy_protocol!r}"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -257,11 +335,27 @@ class TimeoutSettings:
     idle: float = setting(duration, "10m", "A session without a byte in either direction.")
     max_session: float = setting(duration, "6h", "The longest any session may last.")
     drain: float = setting(duration, "10m", "How long a drain waits before cutting sessions.")
+    drain_notice: float = setting(
+        duration_or_zero,
+        "0s",
+        "On TERM, how long to go on serving while failing load-balancer health checks (PROXY "
+        "LOCAL connections are closed) before the listener closes: above HAProxy's fall x "
+        "inter, so that no connection is queued on a closing socket. Needs proxy_protocol.",
+    )
 
 
 @dataclass(frozen=True)
 class DirectorySettings:
-    url: str = setting(directory_url, "sqlite:kilnproxy.db", "Where accounts, keys, repos live.")
+    url: str = setting(
+        directory_url,
+        "sqlite:kilnproxy.db",
+        "Where accounts, keys, repos live: sqlite:PATH, or a PostgreSQL URL "
+        "postgresql://USER@HOST:5432/DBNAME shared by several proxy hosts (libpq's own: "
+        "?sslmode=, PG* variables and ~/.pgpass apply; keep the password out of this file).",
+    )
+    pool_size: int = setting(
+        positive_int, 4, "PostgreSQL connections per worker, for concurrent lookups."
+    )
 
 
 @dataclass(frozen=True)
@@ -419,5 +513,9 @@ def from_mapping(raw: dict[str, Any], home: Path, source: Path | None = None) ->
                 values[item.name] = item.metadata["parser"](value, home)
             except ValueError as exc:
                 raise OperatorError(f"{where}[{name}] {item.name}: {exc}") from None
-        sections[name] = cls(**values)
+        section = cls(**values)
+        problem = section.problem() if hasattr(section, "problem") else None
+        if problem:
+            raise OperatorError(f"{where}[{name}] {problem}")
+        sections[name] = section
     return Config(home=home, source=source, **sections)

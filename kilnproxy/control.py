@@ -1,47 +1,161 @@
 """The socketpair protocol between the master and a worker: small, typed, versioned.
 
-One JSON object per line, `{"v": 1, "kind": ..., ...}`. Workers say READY once they serve,
-HEARTBEAT every second with their statistics and the sessions that changed, DRAINING when they
-start draining on their own (a TERM sent to them), SESSION_CLOSE when a session ends, and REPLY
-to a REQUEST (a task dump, a heap profile). The master says DRAIN, STOP (fast), KILL_SESSION
-and REQUEST. A line of another version or kind is an error
-for the reader, never silently dropped. This module must never import asyncssh.
+Every message is a frozen dataclass of this module, sent as one JSON object per line,
+`{"v": 2, "kind": ..., <its fields>}`. Workers say `Ready` once they serve, a `Heartbeat` every
+second (their `WorkerStats`, cumulative `MetricsSnapshot`, `PoolStats` and the `SessionStats` rows
+that changed), `Draining` when they start draining on their own (a TERM sent to them),
+`SessionClosed` when a session ends, and a `Reply` to a request. The master says `Drain`, `Stop`
+(fast), `KillSession`, `TaskDumpRequest` and `HeapProfileRequest`.
+
+Rule 1: a message is encoded and decoded here, once, at the edge. Decoding checks every field's
+type, so the code on either side reads typed fields and never a raw dict (the one opaque part is
+a reply's data, which the master forwards to the status page without reading it).
+Rule 2: a line of another version, of an unknown kind, sent the wrong way or with a missing,
+extra or ill-typed field is a `ProtocolError` for the reader: logged, and the channel is
+considered broken. It never crashes the reader. Both sides ship together: change a message,
+bump VERSION.
+Rule 3: this module must never import asyncssh (the master imports it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
+import dataclasses
 import enum
 import json
 import logging
+import socket
+import types
+import typing
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
 log = logging.getLogger("kilnproxy.control")
 
-VERSION = 1
+VERSION = 2
 MAX_LINE = 4 * 1024 * 1024
-WORKER_BOOT_ERROR = (
-    3  # exit status of a worker that cannot start: the master must not retry forever
-)
-
+# The exit status of a worker that cannot start: the master must not retry it forever.
+WORKER_BOOT_ERROR = 3
 
 # Seconds: from a sub-millisecond SQLite lookup to a slow backend handshake.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass
+class ProtocolError(ValueError):
+    """A line that is not a well-formed message of this version, for this end."""
+
+
+# -- what a worker reports -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class Histogram:
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    """Latencies counted per bucket of BUCKETS (one more bucket for +Inf), and their sum."""
+
+    counts: tuple[int, ...] = (0,) * (len(BUCKETS) + 1)
     total: float = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(BUCKETS) + 1:
+            raise ValueError(f"a histogram has {len(BUCKETS) + 1} buckets, not {len(self.counts)}")
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "sum": self.total}
+    def merge(self, other: Histogram) -> Histogram:
+        counts = tuple(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        return Histogram(counts, self.total + other.total)
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """A worker's counters since it started, cumulative; the master adds them up (SPEC 7)."""
+
+    outcomes: Mapping[str, int] = field(default_factory=dict)  # ended sessions by outcome
+    bytes_in: int = 0
+    bytes_out: int = 0
+    # The histograms are the fields with a help text (the Prometheus family's).
+    auth_lookup: Histogram = field(
+        default=Histogram(), metadata={"help": "Directory lookup of a public key."}
+    )
+    route_lookup: Histogram = field(
+        default=Histogram(), metadata={"help": "Directory lookup of a repository."}
+    )
+    backend_dial: Histogram = field(
+        default=Histogram(), metadata={"help": "Dialing an ssh:// backend."}
+    )
+
+    def merge(self, other: MetricsSnapshot) -> MetricsSnapshot:
+        outcomes = Counter(self.outcomes)
+        outcomes.update(other.outcomes)
+        mine, theirs = self.latencies(), other.latencies()
+        return dataclasses.replace(
+            self,
+            outcomes=dict(outcomes),
+            bytes_in=self.bytes_in + other.bytes_in,
+            bytes_out=self.bytes_out + other.bytes_out,
+            **{name: histogram.merge(theirs[name]) for name, histogram in mine.items()},
+        )
+
+    def latencies(self) -> dict[str, Histogram]:
+        """Every histogram field by name, in declaration order."""
+        return {name: getattr(self, name) for name in LATENCIES}
+
+
+# The histograms' names and help texts, declared once: the fields above.
+LATENCIES: dict[str, str] = {
+    f.name: f.metadata["help"] for f in dataclasses.fields(MetricsSnapshot) if "help" in f.metadata
+}
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A worker's `statistics()`: what the status page and the process title show."""
+
+    index: int
+    pid: int
+    started_at: float
+    sessions: int
+    sessions_total: int
+    tasks: int
+    fds: int
+    rss: int
+    heap: int
+    accepting: bool
+    backend_connections: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """One backend's pool of SSH connections in one worker."""
+
+    connections: int
+    channels: int
+    dials: int
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """One row of the connection table (SPEC 7)."""
+
+    session: str
+    remote_addr: str
+    login: str
+    account: str | None
+    user: str | None
+    key_name: str | None
+    key_fingerprint: str | None
+    repo: str | None
+    vcs: str | None
+    verb: str | None
+    backend: str | None
+    started_at: float
+    duration: float
+    bytes_in: int
+    bytes_out: int
+    state: str
+
+
+# -- the messages ----------------------------------------------------------------------------------
 
 
 class Kind(enum.Enum):
@@ -50,55 +164,269 @@ class Kind(enum.Enum):
     HEARTBEAT = "heartbeat"
     DRAINING = "draining"
     SESSION_CLOSE = "session_close"
-    REPLY = "reply"  # {"id": n, "data": ...} or {"id": n, "error": "..."}
+    REPLY = "reply"
     # master -> worker
     DRAIN = "drain"
+    DRAIN_NOTICE = "drain_notice"
     STOP = "stop"
     KILL_SESSION = "kill_session"
-    REQUEST = "request"  # {"id": n, "what": "tasks" | "heap", ...}
+    TASK_DUMP = "task_dump"
+    HEAP_PROFILE = "heap_profile"
 
 
 @dataclass(frozen=True)
-class Message:
-    kind: Kind
-    body: dict[str, Any] = field(default_factory=dict)
+class Ready:
+    kind: ClassVar[Kind] = Kind.READY
+    pid: int
 
-    def encode(self) -> bytes:
-        return json.dumps({"v": VERSION, "kind": self.kind.value, **self.body}).encode() + b"\n"
+
+@dataclass(frozen=True)
+class Heartbeat:
+    kind: ClassVar[Kind] = Kind.HEARTBEAT
+    stats: WorkerStats
+    metrics: MetricsSnapshot
+    pools: Mapping[str, PoolStats]  # by backend name
+    sessions: tuple[SessionStats, ...]  # only the rows that changed since the last heartbeat
+
+
+@dataclass(frozen=True)
+class Draining:
+    """The worker drains on its own (a TERM reached it): its replacement may start now."""
+
+    kind: ClassVar[Kind] = Kind.DRAINING
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    kind: ClassVar[Kind] = Kind.SESSION_CLOSE
+    session: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to request `id`: its data (forwarded, never read, by the master) or an error."""
+
+    kind: ClassVar[Kind] = Kind.REPLY
+    id: int
+    data: dict[str, Any] | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.error is None):
+            raise ValueError("a reply carries either data or an error")
+
+
+@dataclass(frozen=True)
+class Drain:
+    kind: ClassVar[Kind] = Kind.DRAIN
+
+
+@dataclass(frozen=True)
+class DrainNotice:
+    """A drain is coming: go on serving, but fail the load balancer's health checks, so that
+    it sends no more connections before the listening socket closes."""
+
+    kind: ClassVar[Kind] = Kind.DRAIN_NOTICE
+
+
+@dataclass(frozen=True)
+class Stop:
+    kind: ClassVar[Kind] = Kind.STOP
+
+
+@dataclass(frozen=True)
+class KillSession:
+    kind: ClassVar[Kind] = Kind.KILL_SESSION
+    session: str
+
+
+@dataclass(frozen=True)
+class TaskDumpRequest:
+    kind: ClassVar[Kind] = Kind.TASK_DUMP
+    id: int
+
+
+@dataclass(frozen=True)
+class HeapProfileRequest:
+    kind: ClassVar[Kind] = Kind.HEAP_PROFILE
+    id: int
+    top: int
+    seconds: float
+    stop: bool
+    peek: bool
+
+
+WorkerMessage: TypeAlias = Ready | Heartbeat | Draining | SessionClosed | Reply
+MasterMessage: TypeAlias = (
+    Drain | DrainNotice | Stop | KillSession | TaskDumpRequest | HeapProfileRequest
+)
+Message: TypeAlias = WorkerMessage | MasterMessage
+
+
+# -- encoding and decoding, once, here -------------------------------------------------------------
+
+Decoder = Callable[[object, str], Any]
+
+
+def _scalar(kind: type) -> Decoder:
+    def decode(value: object, path: str) -> Any:
+        # bool is an int to Python, never to us. An int is a fine float: a float field given an
+        # int (seconds=60) is written as 60.
+        if isinstance(value, bool) and kind is not bool:
+            raise ProtocolError(f"{path}: bool is not {kind.__name__}")
+        if kind is float and isinstance(value, int | float):
+            return float(value)
+        if not isinstance(value, kind):
+            raise ProtocolError(f"{path}: {type(value).__name__} is not {kind.__name__}")
+        return value
+
+    return decode
+
+
+def _optional(inner: Decoder) -> Decoder:
+    return lambda value, path: None if value is None else inner(value, path)
+
+
+def _sequence(item: Decoder) -> Decoder:
+    def decode(value: object, path: str) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{path}: {type(value).__name__} is not a list")
+        return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+    return decode
+
+
+def _mapping(item: Decoder) -> Decoder:
+    def decode(value: object, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{path}: {type(value).__name__} is not an object")
+        return {str(k): item(v, f"{path}.{k}") for k, v in value.items()}
+
+    return decode
+
+
+def _record(cls: type) -> Decoder:
+    """A dataclass from an object with exactly its fields, each of its declared type."""
+    hints = typing.get_type_hints(cls)
+    decoders = {f.name: _decoder(hints[f.name]) for f in dataclasses.fields(cls)}
+
+    def decode(value: object, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{path}: {type(value).__name__} is not an object")
+        if value.keys() != decoders.keys():
+            missing, extra = decoders.keys() - value.keys(), value.keys() - decoders.keys()
+            raise ProtocolError(f"{path}: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        fields = {name: decoders[name](value[name], f"{path}.{name}") for name in decoders}
+        try:
+            return cls(**fields)
+        except ValueError as exc:  # its own checks (__post_init__)
+            raise ProtocolError(f"{path}: {exc}") from None
+
+    return decode
+
+
+def _decoder(hint: Any) -> Decoder:
+    """The decoder of one declared type; an undeclared shape is a bug, found at import."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return lambda value, path: value  # a reply's data: forwarded, never read
+    if hint in (bool, int, float, str):
+        return _scalar(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _record(hint)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return _optional(_decoder(next(a for a in args if a is not type(None))))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _sequence(_decoder(args[0]))
+    if origin in (dict, Mapping) and args[0] is str:
+        return _mapping(_decoder(args[1]))
+    raise TypeError(f"no control codec for {hint!r}")
+
+
+_MESSAGES: tuple[type[Message], ...] = typing.get_args(Message)
+_DECODERS: dict[Kind, Decoder] = {cls.kind: _record(cls) for cls in _MESSAGES}
+
+
+def encode(message: Message) -> bytes:
+    body = dataclasses.asdict(message)
+    return json.dumps({"v": VERSION, "kind": message.kind.value, **body}).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:
-    """Parse one line; raise ValueError if it is not a message of this version."""
-    data = json.loads(line)
+    """One line as a message; ProtocolError if it is not one of this version."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
+        raise ProtocolError(f"not JSON ({exc}): {line[:80]!r}") from None
     if not isinstance(data, dict) or data.pop("v", None) != VERSION:
-        raise ValueError(f"not a version {VERSION} control message: {line[:80]!r}")
-    return Message(Kind(data.pop("kind")), data)
+        raise ProtocolError(f"not a version {VERSION} control message: {line[:80]!r}")
+    try:
+        kind = Kind(data.pop("kind", None))
+    except ValueError:
+        raise ProtocolError(f"no such kind of control message: {line[:80]!r}") from None
+    message: Message = _DECODERS[kind](data, kind.value)
+    return message
+
+
+def from_worker(line: bytes) -> WorkerMessage:
+    message = decode(line)
+    if not isinstance(message, WorkerMessage):
+        raise ProtocolError(f"a worker does not send {message.kind.value}")
+    return message
+
+
+def from_master(line: bytes) -> MasterMessage:
+    message = decode(line)
+    if not isinstance(message, MasterMessage):
+        raise ProtocolError(f"the master does not send {message.kind.value}")
+    return message
+
+
+# -- the socketpair --------------------------------------------------------------------------------
+
+Received = TypeVar("Received")
 
 
 class Channel:
-    """One end of the socketpair, as asyncio streams."""
+    """One end of the socketpair, as asyncio streams: `ToWorker` is the master's, `ToMaster` a
+    worker's."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
 
     @classmethod
-    async def open(cls, sock: Any) -> Channel:
+    async def open(cls, sock: socket.socket) -> Self:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
         return cls(reader, writer)
 
     def send(self, message: Message) -> None:
         if not self._writer.is_closing():
-            self._writer.write(message.encode())
+            self._writer.write(encode(message))
 
-    async def receive(self) -> Message | None:
+    async def _receive(self, decoder: Callable[[bytes], Received]) -> Received | None:
         """The next message, or None when the other end has gone or broke the protocol."""
         try:
             line = await self._reader.readline()
-            return decode(line) if line else None
+            return decoder(line) if line else None
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            # ValueError: a ProtocolError, or a line over MAX_LINE (readline's own)
             log.error("control channel broken: %s", exc)
             return None
 
     def close(self) -> None:
         self._writer.close()
+
+
+class ToWorker(Channel):
+    """The master's end of a worker's socketpair."""
+
+    async def receive(self) -> WorkerMessage | None:
+        return await self._receive(from_worker)
+
+
+class ToMaster(Channel):
+    """A worker's end of its socketpair."""
+
+    async def receive(self) -> MasterMessage | None:
+        return await self._receive(from_master)

@@ -2,15 +2,35 @@
 
 - ClientError: the client asked for something it may not have (bad command, denied).
 - BackendError: the storage behind us failed (unreachable, timed out).
+- DirectoryUnavailable: the directory behind us failed; nobody can be let in until it is back.
 - OperatorError: the configuration or an admin command is wrong.
 
-Every client-facing error maps to exactly one message and one exit status (SPEC 3). Anything
-that is not a KilnproxyError is a bug of ours and is reported to the client as an internal error.
+Every client-facing error, and every reason for cutting a session, knows the one line the
+client sees on stderr and the one exit status it ends with (SPEC 3): `ClientFacing` is that
+shape. Anything that is not a KilnproxyError is a bug of ours and is reported to the client as
+an internal error. This module must import nothing of ours: everything else imports it.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Protocol
+
+
+class ClientFacing(Protocol):
+    """What ends a client's command early: one line on its stderr, then one exit status."""
+
+    @property
+    def exit_status(self) -> int: ...
+
+    def client_line(self, session_id: str) -> str:
+        """The line, newline included, exactly as the client's stderr gets it."""
+        ...
+
+
+def client_line(message: str, session_id: str) -> str:
+    """The one shape of a client's error line (SPEC 3): our name, the message, the session."""
+    return f"kilnproxy: {message} (session {session_id})\n"
 
 
 class KilnproxyError(Exception):
@@ -29,6 +49,9 @@ class ClientError(KilnproxyError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def client_line(self, session_id: str) -> str:
+        return client_line(self.message, session_id)
 
 
 class BadCommand(ClientError):
@@ -60,9 +83,18 @@ class NoShell(ClientError):
             "but kilnproxy does not provide shell access."
         )
 
+    def client_line(self, session_id: str) -> str:
+        # A greeting, not an error: SPEC 3's words alone, without our prefix or the session id.
+        return f"{self.message}\n"
+
 
 class BackendError(KilnproxyError):
-    """The storage server failed us; the client is told to try again later."""
+    """The storage server failed us; the client is told to try again later, and exits 1.
+
+    `detail` says what failed, for our log; the client is told only which storage.
+    """
+
+    exit_status = 1
 
     def __init__(self, repo: str, detail: str) -> None:
         super().__init__(detail)
@@ -72,6 +104,24 @@ class BackendError(KilnproxyError):
     @property
     def message(self) -> str:
         return f"storage for {self.repo} is unavailable, try again later"
+
+    def client_line(self, session_id: str) -> str:
+        return client_line(self.message, session_id)
+
+
+class DirectoryUnavailable(KilnproxyError):
+    """The directory cannot be asked (down, unreachable, too slow): the client is told to come
+    back later, and no access is decided, neither granted nor denied (SPEC 2)."""
+
+    exit_status = 1
+    message = "service temporarily unavailable, try again later"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def client_line(self, session_id: str) -> str:
+        return client_line(self.message, session_id)
 
 
 class CutReason(enum.Enum):
@@ -84,9 +134,9 @@ class CutReason(enum.Enum):
     SHUTDOWN = "server is shutting down"
     ADMIN = "session ended by an administrator"
 
+    @property
+    def exit_status(self) -> int:
+        return 1  # a property: a class attribute of an Enum would be one more member
 
-def client_line(message: str, session_id: str) -> str:
-    """The one line a client sees on stderr for any error (SPEC 3)."""
-    if message.startswith("Hi "):
-        return f"{message}\n"
-    return f"kilnproxy: {message} (session {session_id})\n"
+    def client_line(self, session_id: str) -> str:
+        return client_line(self.value, session_id)

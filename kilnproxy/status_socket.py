@@ -1,28 +1,63 @@
 """The Unix status socket: one JSON request line in, one JSON reply line out.
 
 The server side belongs to whoever supervises the workers; the CLI is the client. Requests are
-`{"command": "status" | "connections" | "kill", "session": ID}`. This module must never import
-asyncssh (the master serves this socket).
+`{"command": "status" | "connections" | "kill", "session": ID}`, parsed here, once, into a
+`StatusRequest`. A reply is a JSON object, or `{"error": "one line"}`: a malformed request, or
+a `KilnproxyError` the handler raised. This module must never import asyncssh (the master
+serves this socket).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import KilnproxyError, OperatorError
 
 log = logging.getLogger("kilnproxy.status")
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST = 4096
 TIMEOUT = 5.0
+
+
+class Command(enum.Enum):
+    STATUS = "status"
+    CONNECTIONS = "connections"
+    KILL = "kill"
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    command: Command
+    session: str = ""  # the session to kill
+
+
+Handler = Callable[[StatusRequest], Awaitable[dict[str, Any]]]
+
+
+class UnknownCommand(OperatorError):
+    def __init__(self, command: object) -> None:
+        super().__init__(f"unknown command {command!r}")
+
+
+def parse_request(line: bytes) -> StatusRequest:
+    """ValueError if the line is not a JSON object; UnknownCommand if it asks for no command."""
+    data = json.loads(line[:MAX_REQUEST])
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    try:
+        command = Command(data.get("command"))
+    except ValueError:
+        raise UnknownCommand(data.get("command")) from None
+    return StatusRequest(command, str(data.get("session", "")))
 
 
 async def serve(path: Path, handler: Handler) -> asyncio.Server:
@@ -36,12 +71,11 @@ async def serve(path: Path, handler: Handler) -> asyncio.Server:
         try:
             line = await asyncio.wait_for(reader.readline(), TIMEOUT)
             try:
-                request = json.loads(line[:MAX_REQUEST])
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-                reply = await handler(request)
+                reply = await handler(parse_request(line))
             except ValueError as exc:
                 reply = {"error": f"bad request: {exc}"}
+            except KilnproxyError as exc:  # what the handler cannot do, said in one line
+                reply = {"error": str(exc)}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), TIMEOUT)
         except (TimeoutError, ConnectionError):

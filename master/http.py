@@ -1,7 +1,9 @@
-"""The intranet status server (SPEC 7), served by the master from what its workers report.
+"""The intranet status server (SPEC 7), served by the master from its status board.
 
 Bound to `[status] http` only (127.0.0.1:8022 by default). Every request is validated before it
-reaches the master: a malformed one gets a 4xx with a one-line reason, never a 500.
+reaches the board or a worker: a malformed one gets a 4xx with a one-line reason, never a 500.
+What it asks of workers goes through `actions.WorkerActions`; a request that cannot be served
+raises a `StatusError`, and STATUS below is the one place that says which HTTP status each gets.
 """
 
 from __future__ import annotations
@@ -9,22 +11,51 @@ from __future__ import annotations
 import re
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kilnproxy.config import Address, format_uptime
 from kilnproxy.version import build_info
+from master.actions import (
+    NoSession,
+    NoWorker,
+    StatusError,
+    WorkerActions,
+    WorkerExited,
+    WorkerFailed,
+    WorkerTimeout,
+)
+from master.board import StatusBoard
 from master.metrics import MasterCollector
-
-if TYPE_CHECKING:
-    from master.arbiter import Master
 
 SESSION_ID = re.compile(r"[0-9a-f]{8}")
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
-MASTER: web.AppKey[Master] = web.AppKey("master")
+BOARD: web.AppKey[StatusBoard] = web.AppKey("board")
+ACTIONS: web.AppKey[WorkerActions] = web.AppKey("actions")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+
+STATUS: dict[type[StatusError], int] = {
+    NoSession: 404,
+    NoWorker: 404,
+    WorkerTimeout: 503,
+    WorkerExited: 503,
+    WorkerFailed: 503,
+}
+
+
+@web.middleware
+async def status_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A StatusError as its HTTP status: JSON `{"error": ...}` under /debug/ (read by scripts),
+    one line of text elsewhere (the dashboard shows it, like aiohttp's own 4xx)."""
+    try:
+        return await handler(request)
+    except StatusError as exc:
+        status = STATUS[type(exc)]
+        if request.path.startswith("/debug/"):
+            return web.json_response({"error": str(exc)}, status=status)
+        return web.Response(text=f"{exc}\n", status=status)
 
 
 def _asset(name: str) -> bytes:
@@ -36,13 +67,6 @@ def _worker_index(request: web.Request) -> int:
     if not text.isdigit() or len(text) > 4:
         raise web.HTTPBadRequest(text=f"worker must be a number, not {text!r}\n")
     return int(text)
-
-
-def _reply(answer: dict[str, Any]) -> web.Response:
-    if "error" in answer:
-        status = 404 if str(answer["error"]).startswith("no worker") else 503
-        return web.json_response({"error": answer["error"]}, status=status)
-    return web.json_response(answer.get("data"))
 
 
 async def dashboard(request: web.Request) -> web.Response:
@@ -57,7 +81,7 @@ async def static(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    master = request.app[MASTER]
+    board = request.app[BOARD]
     stamp = build_info()
     now = time.time()
     return web.json_response({
@@ -65,17 +89,17 @@ async def info(request: web.Request) -> web.Response:
         "commit": stamp.commit,
         "commit_count": stamp.commit_count,
         "build_date": stamp.build_date,
-        "started_at": master.started_at,
+        "started_at": board.started_at,
         "now": now,
-        "uptime": format_uptime(now - master.started_at),
-        "workers": len([w for w in master.workers if w.serving]),
+        "uptime": format_uptime(now - board.started_at),
+        "workers": len(board.serving()),
     })  # fmt: skip
 
 
 async def connections(request: web.Request) -> web.Response:
     now = time.time()
-    rows = [row | {"duration": round(now - float(row["started_at"]), 3)}
-            for row in request.app[MASTER].table.rows()]  # fmt: skip
+    rows = [row.as_json() | {"duration": round(now - row.stats.started_at, 3)}
+            for row in request.app[BOARD].table.rows()]  # fmt: skip
     return web.json_response(rows)
 
 
@@ -83,10 +107,8 @@ async def end_session(request: web.Request) -> web.Response:
     session = request.match_info["session"]
     if not SESSION_ID.fullmatch(session):
         raise web.HTTPBadRequest(text="a session id is 8 hex characters\n")
-    answer = request.app[MASTER].kill(session)
-    if "error" in answer:
-        raise web.HTTPNotFound(text=f"{answer['error']}\n")
-    return web.json_response(answer)
+    request.app[ACTIONS].end_session(session)
+    return web.json_response({"killed": session})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -95,7 +117,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def tasks(request: web.Request) -> web.Response:
-    return _reply(await request.app[MASTER].ask(_worker_index(request), "tasks"))
+    return web.json_response(await request.app[ACTIONS].dump_tasks(_worker_index(request)))
 
 
 async def heap(request: web.Request) -> web.Response:
@@ -109,10 +131,9 @@ async def heap(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="top is 1-500, seconds 1-3600\n")
     stop = query.get("stop") in ("1", "true", "yes")
     peek = query.get("peek") in ("1", "true", "yes")
-    answer = await request.app[MASTER].ask(
-        _worker_index(request), "heap", top=top, seconds=seconds, stop=stop, peek=peek
-    )
-    return _reply(answer)
+    index = _worker_index(request)
+    profile = await request.app[ACTIONS].profile_heap(index, top, seconds, stop, peek)
+    return web.json_response(profile)
 
 
 async def memory(request: web.Request) -> web.Response:
@@ -120,14 +141,15 @@ async def memory(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
     except ValueError:
         raise web.HTTPBadRequest(text="since must be a number\n") from None
-    return web.json_response({"interval": 1, "workers": request.app[MASTER].memory.snapshot(since)})
+    return web.json_response({"interval": 1, "workers": request.app[BOARD].memory.snapshot(since)})
 
 
-def application(master: Master) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
-    app[MASTER] = master
+def application(board: StatusBoard, actions: WorkerActions) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024, middlewares=[status_errors])
+    app[BOARD] = board
+    app[ACTIONS] = actions
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(MasterCollector(master))
+    registry.register(MasterCollector(board))
     app[REGISTRY] = registry
     app.router.add_get("/", dashboard)
     app.router.add_get("/static/{name}", static)
@@ -141,8 +163,8 @@ def application(master: Master) -> web.Application:
     return app
 
 
-async def start(master: Master, address: Address) -> web.AppRunner:
-    runner = web.AppRunner(application(master), access_log=None, handle_signals=False)
+async def start(board: StatusBoard, actions: WorkerActions, address: Address) -> web.AppRunner:
+    runner = web.AppRunner(application(board, actions), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
     return runner

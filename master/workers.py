@@ -1,4 +1,4 @@
-"""Worker processes as the master sees them: a pid, a socketpair, a state, a heartbeat.
+"""Worker processes as the supervisor sees them: a pid, a socketpair, a state, a heartbeat.
 
 Spawning is fork+exec (`subprocess.Popen` with the listening sockets and one end of a fresh
 socketpair passed by fd number), so each worker is a fresh interpreter with the code on disk
@@ -16,9 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kilnproxy.control import Channel
+from kilnproxy.control import Reply, ToWorker
+from master.liveness import Liveness
 
 
 class WorkerState(enum.Enum):
@@ -28,21 +28,21 @@ class WorkerState(enum.Enum):
     EXITED = "exited"
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerHandle:
+    """The supervisor's record of one worker process; the status board reads it as a view."""
+
     index: int
     generation: int
     proc: subprocess.Popen[bytes]
-    channel: Channel | None = None
+    channel: ToWorker | None = None
     state: WorkerState = WorkerState.STARTING
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
-    last_heartbeat: float = field(default_factory=time.monotonic)
-    stats: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)  # cumulative, from its heartbeat
-    pools: dict[str, dict[str, int]] = field(default_factory=dict)
-    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    aborted_at: float | None = None  # when SIGABRT was sent for missed heartbeats
+    last_heartbeat: float = field(default_factory=time.monotonic)  # any message counts
+    pending: dict[int, asyncio.Future[Reply]] = field(default_factory=dict)  # requests asked
+    liveness: Liveness = Liveness.ANSWERING
+    aborted_at: float = 0.0  # when SIGABRT was sent, once liveness is ABORTED
     pidfd: int = -1
 
     @property
@@ -53,21 +53,9 @@ class WorkerHandle:
     def serving(self) -> bool:
         return self.state in (WorkerState.STARTING, WorkerState.READY)
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "pid": self.pid,
-            "state": self.state.value,
-            "generation": self.generation,
-            "sessions": int(self.stats.get("sessions", 0)),
-            "sessions_total": int(self.stats.get("sessions_total", 0)),
-            "rss": int(self.stats.get("rss", 0)),
-            "heap": int(self.stats.get("heap", 0)),
-            "tasks": int(self.stats.get("tasks", 0)),
-            "fds": int(self.stats.get("fds", 0)),
-            "backend_connections": int(self.stats.get("backend_connections", 0)),
-            "heartbeat_age": round(time.monotonic() - self.last_heartbeat, 3),
-        }
+    @property
+    def booting(self) -> bool:
+        return self.state is WorkerState.STARTING
 
 
 async def spawn(
@@ -92,5 +80,5 @@ async def spawn(
         theirs.close()
     handle = WorkerHandle(index, generation, proc)
     handle.pidfd = os.pidfd_open(proc.pid)
-    handle.channel = await Channel.open(ours)
+    handle.channel = await ToWorker.open(ours)
     return handle

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from harness import Kiln, keygen, seed_git, seed_hg
+from postgres import pg_cluster, pg_url  # noqa: F401 (fixtures for any test)
 
 from kilnproxy.policy.access import Access, Role
 

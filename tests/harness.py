@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kilnproxy.cli.admin import add_repo
-from kilnproxy.directory import SqliteDirectory, open_directory
+from kilnproxy.directory import DirectoryStore, open_directory
 from kilnproxy.policy.access import Role
 from kilnproxy.ssh.keys import parse_public_key
 from kilnproxy.status_socket import request
@@ -106,8 +106,10 @@ class Kiln:
         self.config_path.write_text("\n".join(lines) + "\n")
 
     @contextlib.contextmanager
-    def directory(self) -> Iterator[SqliteDirectory]:
-        directory = open_directory(f"sqlite:{self.home / 'kilnproxy.db'}", self.home)
+    def directory(self) -> Iterator[DirectoryStore]:
+        """The server's directory: its `[directory] url` if the test set one, else SQLite."""
+        url = self.settings.get("directory", {}).get("url")
+        directory = open_directory(url or f"sqlite:{self.home / 'kilnproxy.db'}", self.home)
         try:
             yield directory
         finally:

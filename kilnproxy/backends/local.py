@@ -21,7 +21,7 @@ from kilnproxy.backends.base import (
     BackendStream,
     StdinBackPressure,
 )
-from kilnproxy.errors import BackendError, ReadOnly, client_line
+from kilnproxy.errors import BackendError, ReadOnly
 from kilnproxy.policy.commands import Verb
 
 # What the backend processes inherit from the proxy's own environment.
@@ -31,7 +31,7 @@ _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "HGRCPATH", "GIT_CONFIG_NO
 # hg refuses `serve --stdio` with any extra option (its own safety rule), so the read-only
 # check reaches hg through HGRCPATH: a hook that fires for every write (changegroups, bookmarks,
 # phases) and refuses it unless KILNPROXY_ACCESS says write. SSH backends use the same hook.
-_DENY_LINE = client_line(ReadOnly("$KILNPROXY_REPO").message, "$KILNPROXY_SESSION").strip()
+_DENY_LINE = ReadOnly("$KILNPROXY_REPO").client_line("$KILNPROXY_SESSION").strip()
 READ_ONLY_HOOK = (
     "[hooks]\n"
     'pretxnopen.kilnproxy = test "$KILNPROXY_ACCESS" = write || '

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kilnproxy.directory import SqliteDirectory
+from kilnproxy.directory import DirectoryStore
 from kilnproxy.directory.model import check_name, default_repo_path, parse_backend_url
 from kilnproxy.errors import BadCommand, OperatorError
 from kilnproxy.policy.access import Access, Role
@@ -39,17 +39,17 @@ def check_repo(text: str, vcs: Vcs | None = None) -> str:
     return name
 
 
-def add_account(directory: SqliteDirectory, account: str) -> list[str]:
+def add_account(directory: DirectoryStore, account: str) -> list[str]:
     directory.add_account(account)
     return [f"added account {account}"]
 
 
-def add_user(directory: SqliteDirectory, account: str, user: str, role: str) -> list[str]:
+def add_user(directory: DirectoryStore, account: str, user: str, role: str) -> list[str]:
     directory.add_user(account, user, Role(role))
     return [f"added user {account}/{user} with role {role}"]
 
 
-def add_key(directory: SqliteDirectory, owner: str, name: str, source: str | None) -> list[str]:
+def add_key(directory: DirectoryStore, owner: str, name: str, source: str | None) -> list[str]:
     account, user = split_owner(owner)
     if source is None or source == "-":
         text = sys.stdin.read()
@@ -63,7 +63,7 @@ def add_key(directory: SqliteDirectory, owner: str, name: str, source: str | Non
     return [f"added key {name!r} for {account}/{user}", key.fingerprint]
 
 
-def list_keys(directory: SqliteDirectory, owner: str | None) -> list[str]:
+def list_keys(directory: DirectoryStore, owner: str | None) -> list[str]:
     account = user = None
     if owner:
         account, _, user_part = owner.partition("/")
@@ -72,22 +72,22 @@ def list_keys(directory: SqliteDirectory, owner: str | None) -> list[str]:
     return [f"{r.fingerprint}  {r.account}/{r.user}  {r.algorithm}  {r.name}" for r in rows]
 
 
-def remove_key(directory: SqliteDirectory, fingerprint: str) -> list[str]:
+def remove_key(directory: DirectoryStore, fingerprint: str) -> list[str]:
     row = directory.remove_key(fingerprint)
     return [f"removed key {row.name!r} ({row.fingerprint}) of {row.account}/{row.user}"]
 
 
-def add_backend(directory: SqliteDirectory, name: str, url: str) -> list[str]:
+def add_backend(directory: DirectoryStore, name: str, url: str) -> list[str]:
     directory.add_backend(name, url)
     return [f"added backend {name} at {url}"]
 
 
-def list_backends(directory: SqliteDirectory) -> list[str]:
+def list_backends(directory: DirectoryStore) -> list[str]:
     return [f"{name}  {url}" for name, url in directory.list_backends()]
 
 
 def add_repo(
-    directory: SqliteDirectory, repo: str, vcs: str, backend: str, path: str | None, init: bool
+    directory: DirectoryStore, repo: str, vcs: str, backend: str, path: str | None, init: bool
 ) -> list[str]:
     kind = Vcs(vcs)
     check_repo(repo, kind)
@@ -105,13 +105,13 @@ def add_repo(
     return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}", *lines]
 
 
-def list_repos(directory: SqliteDirectory, account: str | None) -> list[str]:
+def list_repos(directory: DirectoryStore, account: str | None) -> list[str]:
     return [
         f"{r.repo}  {r.vcs.value}  {r.backend}  {r.path}" for r in directory.list_repos(account)
     ]
 
 
-def grant(directory: SqliteDirectory, owner: str, repo: str, access: str) -> list[str]:
+def grant(directory: DirectoryStore, owner: str, repo: str, access: str) -> list[str]:
     account, user = split_owner(owner)
     directory.grant(account, user, check_repo(repo), Access[access.upper()])
     return [f"granted {access} on {repo} to {account}/{user}"]

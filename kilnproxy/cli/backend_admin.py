@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncssh
 
 from kilnproxy.config import Config
-from kilnproxy.directory import SqliteDirectory
+from kilnproxy.directory import DirectoryStore
 from kilnproxy.directory.model import parse_backend_url
 from kilnproxy.errors import OperatorError
 from kilnproxy.ssh.keys import write_new_key
@@ -36,7 +36,7 @@ def show_key(config: Config) -> list[str]:
     return [*lines, public]
 
 
-def trust(directory: SqliteDirectory, config: Config, name: str, timeout: float) -> list[str]:
+def trust(directory: DirectoryStore, config: Config, name: str, timeout: float) -> list[str]:
     url = parse_backend_url(directory.backend_url(name))
     if url.scheme != "ssh":
         raise OperatorError(f"backend {name!r} is not an ssh:// backend")

@@ -16,7 +16,7 @@ import asyncssh
 
 from kilnproxy.cli.admin import init_repository, run_tool
 from kilnproxy.config import Config
-from kilnproxy.directory import SqliteDirectory, open_directory
+from kilnproxy.directory import DirectoryStore, directory_for
 from kilnproxy.directory.model import default_repo_path, parse_backend_url
 from kilnproxy.errors import OperatorError
 from kilnproxy.policy.access import Role
@@ -32,7 +32,7 @@ AUTHOR = "kilnproxy demo <demo@example.com>"
 
 def seed(config: Config) -> list[str]:
     ensure_host_keys(config.ssh.host_keys)
-    directory = open_directory(config.directory.url, config.home)
+    directory = directory_for(config)
     try:
         _ensure_user(directory)
         key_path = _ensure_keys(directory, config.home)
@@ -44,7 +44,7 @@ def seed(config: Config) -> list[str]:
     return _instructions(config, key_path, known_hosts)
 
 
-def _ensure_user(directory: SqliteDirectory) -> None:
+def _ensure_user(directory: DirectoryStore) -> None:
     """Add the demo account and user unless a previous run did."""
     with contextlib.suppress(OperatorError):  # already there
         directory.add_account(ACCOUNT)
@@ -52,7 +52,7 @@ def _ensure_user(directory: SqliteDirectory) -> None:
         directory.add_user(ACCOUNT, USER, Role.ADMIN)
 
 
-def _ensure_keys(directory: SqliteDirectory, home: Path) -> Path:
+def _ensure_keys(directory: DirectoryStore, home: Path) -> Path:
     """The user's own ~/.ssh keys, and a generated key that the printed commands use."""
     key_path = home / "demo_id_ed25519"
     if not key_path.exists():
@@ -71,7 +71,7 @@ def _ensure_keys(directory: SqliteDirectory, home: Path) -> Path:
     return key_path
 
 
-def _ensure_repo(directory: SqliteDirectory, repo: str, vcs: Vcs) -> None:
+def _ensure_repo(directory: DirectoryStore, repo: str, vcs: Vcs) -> None:
     if any(r.repo == repo for r in directory.list_repos(ACCOUNT)):
         return
     base = parse_backend_url(directory.backend_url("local")).base

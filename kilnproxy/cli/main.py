@@ -36,9 +36,9 @@ def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
     """An admin command: open the directory, run `work` with the named arguments, print."""
 
     def action(args: argparse.Namespace, config: Config) -> int:
-        from kilnproxy.directory import open_directory
+        from kilnproxy.directory import directory_for
 
-        directory = open_directory(config.directory.url, config.home)
+        directory = directory_for(config)
         try:
             return _print(work(directory, *(getattr(args, n) for n in names)))
         finally:
@@ -49,10 +49,17 @@ def _directory_action(work: Callable[..., list[str]], *names: str) -> Action:
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.backend_admin import ensure_backend_key
+    from kilnproxy.directory import DirectoryUnreachable, check_schema
     from kilnproxy.logs import configure
     from kilnproxy.ssh.server import ensure_host_keys
     from master.arbiter import serve
 
+    # Before anything starts: a schema this kilnproxy does not speak is one line, exit 2. A
+    # database that is down is no reason not to start: sessions are refused until it is back.
+    try:
+        check_schema(config.directory.url, config.home, config.timeouts.dial)
+    except DirectoryUnreachable as exc:
+        print(f"kilnproxy: warning: {exc}; starting anyway", file=sys.stderr)
     configure(config.log.format, config.log.level, config.log.file)
     for line in ensure_host_keys(config.ssh.host_keys):
         print(line, file=sys.stderr)
@@ -70,13 +77,19 @@ def _backend_key(args: argparse.Namespace, config: Config) -> int:
 
 def _backend_trust(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.backend_admin import trust
-    from kilnproxy.directory import open_directory
+    from kilnproxy.directory import directory_for
 
-    directory = open_directory(config.directory.url, config.home)
+    directory = directory_for(config)
     try:
         return _print(trust(directory, config, args.name, config.timeouts.dial))
     finally:
         directory.close()
+
+
+def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.directory import upgrade_schema
+
+    return _print(upgrade_schema(config.directory.url, config.home, config.timeouts.dial))
 
 
 def _version(args: argparse.Namespace, config: Config) -> int:
@@ -194,6 +207,12 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
     sub.add_argument("owner", metavar="ACCOUNT/USER")
     sub.add_argument("repo", metavar="ACCOUNT/NAME")
     sub.add_argument("access", choices=["read", "write"])
+
+    db = commands.add_parser("db", help="the directory's database").add_subparsers(
+        dest="sub", required=True
+    )
+    command(db, "upgrade", _db_upgrade, "bring the directory's schema to this version (safe to "
+            "run on several hosts at once)")  # fmt: skip
 
 
 def build_parser() -> OneLineParser:

@@ -21,6 +21,25 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+class DirectoryUnreachable(OperatorError):
+    """The admin side could not connect to the directory's database. An admin command stops
+    (one line, exit 2); `serve` starts anyway, so that a host booted during a database outage
+    serves as soon as the database is back, without an operator."""
+
+
+@dataclass(frozen=True)
+class DirectoryStats:
+    """A snapshot of one process's directory handle, for the status page and /metrics."""
+
+    store: str  # "sqlite" or "postgresql"
+    pool_size: int  # connections this process may hold (1 for SQLite)
+    connections: int  # open now
+    in_use: int  # running a lookup now
+    lookups: int  # since start
+    failures: int  # lookups that raised DirectoryUnavailable
+    down_since: float | None  # epoch seconds of the first failure of the current outage
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a verified public key belongs to."""

@@ -1,39 +1,48 @@
 """One SSH channel relayed to one backend command: the hot path of kilnproxy.
 
-Owns the channel's command, its backend stream, its byte counts and its access line. It must
-never buffer: bytes go from one side to the other within the pass of the event loop that
-brought them (gathered into one write each way, see `coalesce`), and each side's back-pressure
-pauses the other (asyncssh's channel window on the client leg, the backend's own on the other).
-Everything that can fail while setting up runs in one task, `_open`, which is the isolation
-boundary: whatever it raises ends this channel with one line to the client, never the worker.
+Owns the channel's command, its backend stream and its byte counts, and tells what happened in
+one frozen `RelayStats` when asked. It must never buffer: bytes go from one side to the other
+within the pass of the event loop that brought them (gathered into one write each way, see
+`coalesce`), and each side's back-pressure pauses the other (asyncssh's channel window on the
+client leg, the backend's own on the other). Everything that can fail while setting up runs in
+one task, `_open`, which is the isolation boundary: whatever it raises ends this channel with
+one line to the client, never the worker.
+
+It knows its connection only as a `RelayOwner` and the worker only as `Services`, and must never
+import `session`: the session imports the relay, never the other way round. The per-chunk
+path (`data_received`, `backend_stdout`) stays direct calls and int additions: no records, no
+events per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import asyncssh
 
 from kilnproxy.backends import BackendRequest, BackendStream
+from kilnproxy.directory import Identity
 from kilnproxy.errors import (
     BackendError,
     BadCommand,
     ClientError,
+    ClientFacing,
     CutReason,
+    DirectoryUnavailable,
     NoShell,
     NotFound,
     ReadOnly,
-    client_line,
 )
 from kilnproxy.policy.access import Access, required_access
 from kilnproxy.policy.commands import Command, git_protocol, parse_command
 from kilnproxy.ssh.coalesce import Coalescer
-
-if TYPE_CHECKING:
-    from kilnproxy.ssh.session import Session
+from kilnproxy.ssh.services import Services
 
 
 class RelayState(enum.Enum):
@@ -45,15 +54,20 @@ class RelayState(enum.Enum):
 
 
 class Outcome(enum.Enum):
+    """How a command ended, or a connection that ran none: the access line's `outcome`."""
+
     OK = "ok"
     FAILED = "failed"  # the backend command exited non-zero
     DENIED = "denied"
     BAD_COMMAND = "bad-command"
     BACKEND_ERROR = "backend-error"
+    UNAVAILABLE = "unavailable"  # the directory could not be asked
     INTERNAL_ERROR = "internal-error"
     TIMEOUT = "timeout"
     CUT = "cut"
     CLIENT_GONE = "client-gone"
+    AUTH_FAILED = "auth-failed"  # a connection only: it never authenticated
+    NO_COMMAND = "no-command"  # a connection only: it authenticated and ran nothing
 
 
 _CUT_OUTCOME = {
@@ -66,21 +80,88 @@ _CUT_OUTCOME = {
 }
 
 
+class RelayOwner(Protocol):
+    """What a relay needs of the connection it runs on (implemented by `Session`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """Tags every line with the session id."""
+        ...
+
+    @property
+    def identity(self) -> Identity | None:
+        """The verified identity, set before any channel can run a command; None only when
+        the key was let in because the directory could not be asked (the command is then
+        refused as unavailable)."""
+        ...
+
+    def touch(self) -> None:
+        """A byte went one way or the other: called per chunk, so it must stay cheap."""
+
+    def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
+        """Called once, when the channel has closed, with the final record of its command."""
+
+
+class Channel(Protocol):
+    """What a relay uses of its asyncssh `SSHServerChannel`, so that tests can give a fake."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_stderr(self, data: bytes) -> None: ...
+
+    def exit(self, status: int) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def get_environment(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    """What one channel did, or is doing: a snapshot, made only when asked.
+
+    The session writes its access line from the final one and its connection-table row from
+    the current one.
+    """
+
+    command: Command | None  # None until the exec request parsed
+    shell: bool  # a shell request rather than a command
+    vcs: str | None
+    backend: str | None  # None until the command was routed
+    exit_status: int | None  # None while running
+    outcome: Outcome | None  # None while running
+    bytes_in: int  # client to backend
+    bytes_out: int  # backend to client, stdout and stderr
+    started_at: float  # wall clock
+
+
 class Relay(asyncssh.SSHServerSession[bytes]):
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, owner: RelayOwner, services: Services) -> None:
+        self._owner = owner
+        self._services = services
+        self._touch = owner.touch  # bound once: it is called per chunk
         self.state = RelayState.REQUESTED
-        self.command: Command | None = None
-        self.backend_name = ""
-        self.vcs = ""
-        self.bytes_in = 0  # client to backend
-        self.bytes_out = 0  # backend to client, stdout and stderr
-        self.started_at = time.time()
-        self.exit_status: int | None = None
-        self.outcome: Outcome | None = None
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._command: Command | None = None
+        self._backend: str | None = None
+        self._bytes_in = 0  # client to backend
+        self._bytes_out = 0  # backend to client, stdout and stderr
+        self._started_at = time.time()
+        self._exit_status: int | None = None
+        self._outcome: Outcome | None = None
+        self._chan: Channel | None = None
         self._line: str | None = None  # the exec request's command line
-        self.is_shell = False
+        self._shell = False
         self._stream: BackendStream | None = None
         self._task: asyncio.Task[None] | None = None
         self._output_paused = False  # the client's window is full: the backend must wait
@@ -93,18 +174,33 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._to_backend = Coalescer(self._write_stdin, loop)
 
     def __repr__(self) -> str:
-        return f"<Relay session {self.session.id} {self.state.value} {self._line!r}>"
+        return f"<Relay session {self._owner.id} {self.state.value} {self._line!r}>"
+
+    def statistics(self) -> RelayStats:
+        command = self._command
+        return RelayStats(
+            command=command,
+            shell=self._shell,
+            vcs=command.verb.vcs.value if command else None,
+            backend=self._backend,
+            exit_status=self._exit_status,
+            outcome=self._outcome,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            started_at=self._started_at,
+        )
 
     # -- asyncssh session callbacks -------------------------------------------------------------
 
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+    def connection_made(self, chan: Channel) -> None:
+        # Wider than asyncssh's SSHServerChannel[bytes], which fits `Channel` as it is.
         self._chan = chan
 
     def pty_requested(self, term_type: str, term_size: object, term_modes: object) -> bool:
         return False
 
     def shell_requested(self) -> bool:
-        self.is_shell = True
+        self._shell = True
         return True  # answered in session_started with the greeting of SPEC 3
 
     def exec_requested(self, command: str) -> bool:
@@ -112,17 +208,17 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        self.session.log.info("refused subsystem %r", subsystem)
+        self._owner.log.info("refused subsystem %r", subsystem)
         return False
 
     def session_started(self) -> None:
         self.state = RelayState.OPENING
-        name = f"session {self.session.id}: {self._line or 'shell'}"
+        name = f"session {self._owner.id}: {self._line or 'shell'}"
         self._task = asyncio.get_running_loop().create_task(self._open(), name=name)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.bytes_in += len(data)
-        self.session.touch()
+        self._bytes_in += len(data)
+        self._touch()
         if datatype is not None:
             return  # extended data from a client is in no git or hg protocol: not stdin
         if self._stream is not None and self.state is RelayState.RUNNING:
@@ -154,21 +250,20 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._stream.resume_output()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is not RelayState.EXITING and self.outcome is None:
-            self.outcome = Outcome.CLIENT_GONE
+        if self._outcome is None:  # every other ending said how it ended
+            self._outcome = Outcome.CLIENT_GONE
         self._to_client.discard()
         self._close_backend()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.state = RelayState.CLOSED
         self._chan = None
-        self.session.log_access((self.outcome or Outcome.CLIENT_GONE).value, self)
-        self.session.relay_closed(self)
+        self._owner.relay_closed(self, self.statistics())
 
     # -- setting up: the isolation boundary -------------------------------------------------------
 
     async def _open(self) -> None:
-        log = self.session.log
+        log = self._owner.log
         try:
             stream = await self._connect()
         except BadCommand as exc:
@@ -178,8 +273,11 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             log.info("denied: %s", exc.message)
             self._refuse(exc, Outcome.DENIED)
         except BackendError as exc:
-            log.warning("backend %s failed: %s", self.backend_name, exc.detail)
+            log.warning("backend %s failed: %s", self._backend or "", exc.detail)
             self._refuse(exc, Outcome.BACKEND_ERROR)
+        except DirectoryUnavailable as exc:
+            log.info("directory unavailable: %s", exc.detail)
+            self._refuse(exc, Outcome.UNAVAILABLE)
         except Exception:
             log.exception("internal error while opening %r", self._line)
             self._refuse(ClientError("internal error"), Outcome.INTERNAL_ERROR)
@@ -201,53 +299,53 @@ class Relay(asyncssh.SSHServerSession[bytes]):
                 self._chan.resume_reading()
 
     async def _connect(self) -> BackendStream:
-        session = self.session
-        identity = session.identity
-        assert identity is not None and self._chan is not None
-        if self.is_shell or self._line is None:
+        owner, services = self._owner, self._services
+        identity = owner.identity
+        assert self._chan is not None
+        if identity is None:
+            raise DirectoryUnavailable("the directory was down when the key was offered")
+        if self._shell or self._line is None:
             raise NoShell(identity.user, identity.account)
-        self.command = command = parse_command(self._line)
-        self.vcs = command.verb.vcs.value
+        self._command = command = parse_command(self._line)
         started = time.perf_counter()
-        route = await session.host.directory.route(identity, command.repo)
-        session.host.metrics.route_lookup.observe(time.perf_counter() - started)
+        route = await services.directory.route(identity, command.repo)
+        services.metrics.route_lookup.observe(time.perf_counter() - started)
         if route is None or route.access < Access.READ or route.vcs is not command.verb.vcs:
             raise NotFound(command.repo)
         if route.access < required_access(command.verb):
             raise ReadOnly(command.repo)
-        self.backend_name = route.backend
+        self._backend = route.backend
         env = self._chan.get_environment()
         request = BackendRequest(
-            session.id, command.verb, route, identity, git_protocol(env.get("GIT_PROTOCOL"))
+            owner.id, command.verb, route, identity, git_protocol(env.get("GIT_PROTOCOL"))
         )
-        session.log.info(
+        owner.log.info(
             "%s %s on backend %s (%s access)",
             command.verb.value,
             command.repo,
             route.backend,
             route.access.label,
         )
-        return await session.host.backends.for_route(route).open(request, self)
+        return await services.backends.for_route(route).open(request, self)
 
-    def _refuse(self, error: ClientError | BackendError, outcome: Outcome) -> None:
+    def _refuse(self, error: ClientFacing, outcome: Outcome) -> None:
         if self._chan is None or self.state is not RelayState.OPENING:
             return
-        self.outcome = outcome
-        self._chan.write_stderr(client_line(error.message, self.session.id).encode())
-        status = error.exit_status if isinstance(error, ClientError) else 1
-        self._finish(status)
+        self._outcome = outcome
+        self._chan.write_stderr(error.client_line(self._owner.id).encode())
+        self._finish(error.exit_status)
 
     # -- the backend's side (BackendSink) --------------------------------------------------------
 
     def backend_stdout(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        self.session.touch()
+        self._bytes_out += len(data)
+        self._touch()
         if self._chan is not None:
             self._to_client.add(data)
 
     def backend_stderr(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        self.session.touch()
+        self._bytes_out += len(data)
+        self._touch()
         if self._chan is not None:
             self._to_client.flush()  # keep the order the backend wrote in
             self._chan.write_stderr(data)
@@ -273,17 +371,17 @@ class Relay(asyncssh.SSHServerSession[bytes]):
 
     def backend_lost(self, error: BackendError) -> None:
         self._stream = None
-        self.session.log.warning("backend %s failed: %s", self.backend_name, error.detail)
-        self.outcome = Outcome.BACKEND_ERROR
+        self._owner.log.warning("backend %s failed: %s", self._backend or "", error.detail)
+        self._outcome = Outcome.BACKEND_ERROR
         if self._chan is not None and self.state is not RelayState.EXITING:
             self._to_client.flush()  # what came before the loss, then the line about it
-            self._chan.write_stderr(client_line(error.message, self.session.id).encode())
-        self._finish(1)
+            self._chan.write_stderr(error.client_line(self._owner.id).encode())
+        self._finish(error.exit_status)
 
     def backend_finished(self, exit_status: int) -> None:
         self._stream = None
-        if self.outcome is None:
-            self.outcome = Outcome.OK if exit_status == 0 else Outcome.FAILED
+        if self._outcome is None:
+            self._outcome = Outcome.OK if exit_status == 0 else Outcome.FAILED
         self._finish(exit_status)
 
     # -- ending ------------------------------------------------------------------------------------
@@ -295,7 +393,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             return
         self._to_client.flush()
         self.state = RelayState.EXITING
-        self.exit_status = status
+        self._exit_status = status
         if chan.get_write_buffer_size() == 0:
             self._exit(status)
         else:
@@ -312,14 +410,14 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         """End now, telling the client why (timeouts, drain, administrator)."""
         if self.state in (RelayState.EXITING, RelayState.CLOSED):
             return
-        self.outcome = _CUT_OUTCOME[reason]
+        self._outcome = _CUT_OUTCOME[reason]
         self._to_client.discard()
         self._close_backend()
         self.state = RelayState.EXITING
-        self.exit_status = 1
+        self._exit_status = reason.exit_status
         if self._chan is not None:
-            self._chan.write_stderr(client_line(reason.value, self.session.id).encode())
-            self._chan.exit(1)
+            self._chan.write_stderr(reason.client_line(self._owner.id).encode())
+            self._chan.exit(reason.exit_status)
 
     def _close_backend(self) -> None:
         self._to_backend.discard()

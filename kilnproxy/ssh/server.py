@@ -1,13 +1,15 @@
 """The SSH surface of SPEC 3: host keys, the algorithm policy, and the listening acceptor.
 
 Owns the asyncssh options, so that policy lives in one place. Everything per connection is in
-`session`; everything per channel in `relay`.
+`session`; everything per channel in `relay`; reading PROXY headers in `proxy_accept`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from functools import partial
 from pathlib import Path
 
 import asyncssh
@@ -15,6 +17,7 @@ import asyncssh
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
 from kilnproxy.ssh.keys import write_new_key
+from kilnproxy.ssh.proxy_accept import Address, ProxyListener
 from kilnproxy.ssh.session import Session, SessionHost
 from kilnproxy.ssh.signatures import ALLOWED_SIGNATURES, SIGNATURE_ALGS
 
@@ -86,10 +89,40 @@ def server_options(
 async def listen(
     sock: socket.socket, host: SessionHost, options: asyncssh.SSHServerConnectionOptions
 ) -> asyncssh.SSHAcceptor:
-    """Serve on an already bound socket (the master's, or one of systemd's)."""
-    return await asyncssh.listen(
-        sock=sock,
-        backlog=host.config.ssh.backlog,
-        server_factory=lambda: Session(host),
-        options=options,
+    """Serve on an already bound socket (the master's, or one of systemd's).
+
+    Behind a load balancer that speaks the PROXY protocol, `ProxyListener` accepts instead
+    of asyncio's server and hands each connection on once its header is read.
+    """
+    ssh = host.config.ssh
+    if ssh.proxy_protocol == "off":
+        return await asyncssh.listen(
+            sock=sock, backlog=ssh.backlog, server_factory=lambda: Session(host), options=options
+        )
+    # What asyncssh.listen does once per listener: the options every connection shares.
+    options = await asyncssh.SSHServerConnectionOptions.construct(
+        options, server_factory=lambda: Session(host)
     )
+    sock.listen(ssh.backlog)
+    listener = ProxyListener(
+        sock, ssh, partial(_serve_accepted, options), lambda: host.failing_health_checks
+    )
+    await listener.start_serving()
+    return asyncssh.SSHAcceptor(listener, options)
+
+
+async def _serve_accepted(
+    options: asyncssh.SSHServerConnectionOptions, sock: socket.socket, source: Address | None
+) -> None:
+    """Run SSH on a connection `ProxyListener` accepted, as asyncssh.listen's own server
+    would; the client's address from the header goes along as the connection's
+    `proxy_source`, which the session takes for its remote address."""
+    loop = asyncio.get_running_loop()
+
+    def connection() -> asyncssh.SSHServerConnection:
+        conn = asyncssh.SSHServerConnection(loop, options)
+        if source is not None:
+            conn.set_extra_info(proxy_source=source)
+        return conn
+
+    await loop.connect_accepted_socket(connection, sock)

@@ -1,9 +1,11 @@
 """One client connection: its session id, its verified identity, its timers and its channels.
 
 `Session` is the asyncssh `SSHServer` of one connection. It authenticates the key against the
-directory, hands each channel to a `Relay`, and enforces the session timeouts of SPEC 4. It must
-never decide access or parse commands itself (that is `commands`, `access` and `relay`), and it
-must leave nothing behind: every timer it starts is cancelled in `connection_lost`.
+directory, hands each channel to a `Relay`, and enforces the session timeouts of SPEC 4. It
+writes the access line of each command from the relay's final `RelayStats`, through the one
+pure `access_fields`. It must never decide access or parse commands itself (that is `commands`,
+`access` and `relay`), and it must leave nothing behind: every timer it starts is cancelled in
+`connection_lost`.
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
-from kilnproxy.backends import Backends
 from kilnproxy.config import Config, format_duration
-from kilnproxy.directory import Directory, Identity
-from kilnproxy.errors import CutReason
+from kilnproxy.control import SessionStats
+from kilnproxy.directory import Identity
+from kilnproxy.errors import CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog, access_line
 from kilnproxy.ssh.keys import fingerprint, policy_problem
-from kilnproxy.ssh.relay import Relay
+from kilnproxy.ssh.relay import Outcome, Relay, RelayStats
+from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.signatures import restrict_signatures
-from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.session")
 
 CUT_GRACE = 5.0  # after a cut, how long the client gets to read its message before we hang up
+DRAIN_COMMAND_GRACE = 5.0  # in a drain, how long a connection may take to send its first command
 
 
 class SessionState(enum.Enum):
@@ -41,19 +44,20 @@ class SessionState(enum.Enum):
 
 @dataclass
 class SessionHost:
-    """What every session of a worker shares: settings, directory, backends, the live table."""
+    """What every session of a worker shares: settings, the worker's services, the live table."""
 
     config: Config
-    directory: Directory
-    backends: Backends
+    services: Services
     sessions: dict[str, Session] = field(default_factory=dict)
     total: int = 0
     accepting: bool = True
+    # A drain is coming (control.DrainNotice): load-balancer health checks are failed on
+    # purpose while sessions are still served.
+    failing_health_checks: bool = False
     # Set whenever no session is open: what a drain waits for.
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
     # Told the id of every session that ends (the worker reports it to the master).
     on_close: Callable[[str], None] | None = None
-    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     def opened(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -68,26 +72,46 @@ class SessionHost:
             self.on_close(session.id)
 
 
-@dataclass(frozen=True)
-class SessionStats:
-    """One row of the connection table (SPEC 7)."""
+def _who(identity: Identity | None) -> tuple[str | None, str | None, str | None, str | None]:
+    """Account, user, key name and key fingerprint: all None until a key was verified."""
+    if identity is None:
+        return None, None, None, None
+    return identity.account, identity.user, identity.key_name, identity.fingerprint
 
-    session: str
-    remote_addr: str
-    login: str
-    account: str | None
-    user: str | None
-    key_name: str | None
-    key_fingerprint: str | None
-    repo: str | None
-    vcs: str | None
-    verb: str | None
-    backend: str | None
-    started_at: float
-    duration: float
-    bytes_in: int
-    bytes_out: int
-    state: str
+
+def access_fields(
+    *,
+    remote: str,
+    login: str,
+    identity: Identity | None,
+    outcome: Outcome,
+    command: RelayStats | None,
+    connected_at: float,
+    now: float,
+) -> dict[str, object]:
+    """The fields of SPEC 4's access line, in their order: for one command (the final record of
+    its relay) or, with `command` None, for a connection that ran none."""
+    account, user, key_name, key = _who(identity)
+    parsed = command.command if command else None
+    verb = "shell" if command and command.shell else parsed.verb.value if parsed else None
+    started_at = command.started_at if command else connected_at
+    return {
+        "remote": remote,
+        "login": login,
+        "account": account,
+        "user": user,
+        "key_name": key_name,
+        "key": key,
+        "repo": parsed.repo if parsed else None,
+        "verb": verb,
+        # "" for a command that was never routed, None for a connection that ran no command.
+        "backend": (command.backend or "") if command else None,
+        "exit": command.exit_status if command else None,
+        "outcome": outcome.value,
+        "bytes_in": command.bytes_in if command else 0,
+        "bytes_out": command.bytes_out if command else 0,
+        "duration": f"{now - started_at:.3f}s",
+    }
 
 
 class Session(asyncssh.SSHServer):
@@ -106,6 +130,10 @@ class Session(asyncssh.SSHServer):
         self._loop = asyncio.get_running_loop()
         self._last_activity = self._loop.time()
         self._candidate: Identity | None = None
+        # The directory could not be asked when the last key was offered: that key is let in
+        # so that the client can be told so (SPEC 2); it gets no identity, and so no access.
+        self._unavailable: DirectoryUnavailable | None = None
+        self.directory_unavailable = False
         self._auth_tries = 0
         self._had_relay = False
         self._conn: asyncssh.SSHServerConnection | None = None
@@ -118,9 +146,12 @@ class Session(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
-        peer = conn.get_extra_info("peername") or ("?", 0)
+        # The client's address from a PROXY header if a load balancer sent one (proxy_accept).
+        peer = conn.get_extra_info("proxy_source") or conn.get_extra_info("peername") or ("?", 0)
         self.remote = f"{peer[0]}:{peer[1]}"
         self.host.opened(self)
+        if not self.host.accepting:  # handed over by a listener that was closing: drain it too
+            self.draining = True
         timeouts = self.host.config.timeouts
         self._timers["login_grace"] = self._loop.call_later(
             timeouts.login_grace, self.cut, CutReason.LOGIN_GRACE
@@ -145,43 +176,31 @@ class Session(asyncssh.SSHServer):
     def _log_without_command(self, exc: Exception | None) -> None:
         """The access line of a connection that never ran a command (SPEC 4: every session)."""
         if self.cut_reason is not None:
-            outcome = "timeout" if self.cut_reason is CutReason.LOGIN_GRACE else "cut"
+            timed_out = self.cut_reason is CutReason.LOGIN_GRACE
+            outcome = Outcome.TIMEOUT if timed_out else Outcome.CUT
+        elif self.directory_unavailable:
+            outcome = Outcome.UNAVAILABLE
         elif self.identity is None:
-            outcome = "auth-failed"
+            outcome = Outcome.AUTH_FAILED
         else:
-            outcome = "no-command"
-        self.log_access(outcome, None)
+            outcome = Outcome.NO_COMMAND
+        self._log_access(outcome, None)
 
-    def log_access(self, outcome: str, relay: Relay | None) -> None:
+    def _log_access(self, outcome: Outcome, command: RelayStats | None) -> None:
         """The one access line of SPEC 4, for one command (or a connection that ran none)."""
-        identity = self.identity
-        command = relay.command if relay else None
-        verb = command.verb.value if command else None
-        if relay is not None and relay.is_shell:
-            verb = "shell"
-        started = relay.started_at if relay else self.started_at
-        self.host.metrics.session_ended(
-            outcome, relay.bytes_in if relay else 0, relay.bytes_out if relay else 0
+        self.host.services.metrics.session_ended(
+            outcome.value, command.bytes_in if command else 0, command.bytes_out if command else 0
         )
-        access_line(
-            self.id,
-            {
-                "remote": self.remote,
-                "login": self.login,
-                "account": identity.account if identity else None,
-                "user": identity.user if identity else None,
-                "key_name": identity.key_name if identity else None,
-                "key": identity.fingerprint if identity else None,
-                "repo": command.repo if command else None,
-                "verb": verb,
-                "backend": relay.backend_name if relay else None,
-                "exit": relay.exit_status if relay else None,
-                "outcome": outcome,
-                "bytes_in": relay.bytes_in if relay else 0,
-                "bytes_out": relay.bytes_out if relay else 0,
-                "duration": f"{time.time() - started:.3f}s",
-            },
+        fields = access_fields(
+            remote=self.remote,
+            login=self.login,
+            identity=self.identity,
+            outcome=outcome,
+            command=command,
+            connected_at=self.started_at,
+            now=time.time(),
         )
+        access_line(self.id, fields)
 
     # -- authentication: public key only, identity only from the verified key -------------------
 
@@ -199,7 +218,7 @@ class Session(asyncssh.SSHServer):
         signature right after this returns, so when auth_completed() runs, the candidate is
         the identity of the key whose signature was verified, and of no other.
         """
-        self._candidate = None
+        self._candidate = self._unavailable = None
         self._auth_tries += 1
         if self._auth_tries > self.host.config.ssh.max_auth_tries:
             self.log.info("too many keys offered")
@@ -212,8 +231,12 @@ class Session(asyncssh.SSHServer):
             restrict_signatures(key)
             print_ = fingerprint(key)
             started = time.perf_counter()
-            identity = await self.host.directory.identity_for_key(print_)
-            self.host.metrics.auth_lookup.observe(time.perf_counter() - started)
+            services = self.host.services
+            identity = await services.directory.identity_for_key(print_)
+            services.metrics.auth_lookup.observe(time.perf_counter() - started)
+        except DirectoryUnavailable as exc:
+            self._unavailable = exc  # no await follows: this is the key asyncssh verifies
+            return True
         except Exception:
             self.log.exception("cannot check key %s", key.get_algorithm())
             return False
@@ -224,11 +247,18 @@ class Session(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        self.state = SessionState.AUTHENTICATED
+        self._timers.pop("login_grace").cancel()
+        if self.draining:  # authenticated during a drain: its first command is still served
+            self._await_first_command()
+        if self._unavailable is not None:
+            self.directory_unavailable = True
+            self.log.info("key verified while the directory is unavailable: %s",
+                          self._unavailable.detail)  # fmt: skip
+            return
         identity = self._candidate
         assert identity is not None, "asyncssh completed auth without a validated key"
         self.identity = identity
-        self.state = SessionState.AUTHENTICATED
-        self._timers.pop("login_grace").cancel()
         self.log.info(
             "authenticated %s/%s as %s with key %r %s",
             identity.account,
@@ -245,26 +275,43 @@ class Session(asyncssh.SSHServer):
             return False
         if self.draining and self._had_relay:
             return False  # one more command on a draining connection: the client reconnects
-        relay = Relay(self)
+        relay = Relay(self, self.host.services)
         self.relays.add(relay)
         self._had_relay = True
         self.touch()
         return relay
 
-    def relay_closed(self, relay: Relay) -> None:
+    def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
+        """A channel closed: its access line, then hang up if it was the last of a cut."""
+        assert stats.outcome is not None, "a closed relay always says how it ended"
+        self._log_access(stats.outcome, stats)
         self.relays.discard(relay)
         self.touch()
         if (self.cut_reason or self.draining) and not self.relays and self._conn is not None:
             self._conn.close()
 
     def drain(self) -> None:
-        """Let running commands finish, then hang up; a connection running none goes now.
+        """Let running commands finish, then hang up; a connection idle after a command goes now.
 
-        A connection still authenticating may finish and run its command: its client
-        connected before the drain began, so it is served, not refused.
+        A connection that has not yet sent its first command (still authenticating, or just
+        authenticated: a client opens its channel a few milliseconds after) may still run it:
+        its client connected before the drain began, so it is served, not refused. It has
+        DRAIN_COMMAND_GRACE to ask.
         """
         self.draining = True
-        if self.state is SessionState.AUTHENTICATED and not self.relays and self._conn:
+        if self.state is SessionState.AUTHENTICATED and not self.relays:
+            if self._had_relay:
+                self._close_for_drain()
+            else:
+                self._await_first_command()
+
+    def _await_first_command(self) -> None:
+        self._timers["drain_grace"] = self._loop.call_later(
+            DRAIN_COMMAND_GRACE, self._close_for_drain
+        )
+
+    def _close_for_drain(self) -> None:
+        if not self.relays and self._conn is not None:
             self.log.info("closing idle connection for drain")
             self._conn.close()
 
@@ -303,24 +350,26 @@ class Session(asyncssh.SSHServer):
         self._timers["cut_grace"] = self._loop.call_later(CUT_GRACE, conn.abort)
 
     def statistics(self) -> SessionStats:
-        identity = self.identity
-        relay = next(iter(self.relays), None)
-        command = relay.command if relay else None
+        account, user, key_name, key = _who(self.identity)
+        relays = [relay.statistics() for relay in self.relays]
+        # The row has room for one command: git and hg open one channel per connection.
+        first = relays[0] if relays else None
+        command = first.command if first else None
         return SessionStats(
             session=self.id,
             remote_addr=self.remote,
             login=self.login,
-            account=identity.account if identity else None,
-            user=identity.user if identity else None,
-            key_name=identity.key_name if identity else None,
-            key_fingerprint=identity.fingerprint if identity else None,
+            account=account,
+            user=user,
+            key_name=key_name,
+            key_fingerprint=key,
             repo=command.repo if command else None,
-            vcs=relay.vcs if relay and relay.vcs else None,
+            vcs=first.vcs if first else None,
             verb=command.verb.value if command else None,
-            backend=relay.backend_name if relay and relay.backend_name else None,
+            backend=first.backend if first else None,
             started_at=self.started_at,
             duration=time.time() - self.started_at,
-            bytes_in=sum(r.bytes_in for r in self.relays),
-            bytes_out=sum(r.bytes_out for r in self.relays),
+            bytes_in=sum(r.bytes_in for r in relays),
+            bytes_out=sum(r.bytes_out for r in relays),
             state=self.state.value,
         )

@@ -1,9 +1,10 @@
 """The worker process: what the master fork+execs (SPEC 6).
 
 A fresh interpreter that adopts the listening sockets and the control socketpair it inherited
-(by fd number), serves with a `Worker`, and speaks the `control` protocol: READY once serving,
-a HEARTBEAT every second, DRAINING when a TERM reaches it directly. It drains when told to, or
-when its master is gone. A worker that cannot start exits with WORKER_BOOT_ERROR, so the master
+(by fd number), serves with a `Worker`, and speaks the `control` protocol: `Ready` once serving,
+a `Heartbeat` every second, `Draining` when a TERM reaches it directly. Its signals and its
+master's messages become `Event`s that one loop acts on: it drains when told to, or when its
+master is gone. A worker that cannot start exits with WORKER_BOOT_ERROR, so the master
 stops instead of restarting it forever.
 
     python -m kilnproxy.worker.process --index N --listen-fds 3,4 --control-fd 5 [--config P]
@@ -15,18 +16,19 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import faulthandler
 import logging
 import signal
 import socket
 import sys
-from typing import IO, Any
+from typing import IO
 
 import uvloop
 from setproctitle import setproctitle
 
+from kilnproxy import control
 from kilnproxy.config import Config, load
-from kilnproxy.control import WORKER_BOOT_ERROR, Channel, Kind, Message
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import configure
 from kilnproxy.ssh import fast_path
@@ -41,28 +43,45 @@ def title(index: int, sessions: int) -> str:
     return f"kilnproxy: worker {index} ({sessions} sessions)"
 
 
+class Event(enum.Enum):
+    """What the worker's loop acts on: its own signals, and what its master says."""
+
+    DRAIN = "drain"  # TERM or QUIT reached this worker: drain, and tell the master so
+    TOLD_TO_DRAIN = "told to drain"  # the master said control.Drain
+    ORPHANED = "orphaned"  # the master is gone: drain
+    STOP = "stop"  # INT, or the master said control.Stop: cut every session now
+    REOPEN = "reopen"  # USR1: reopen the log file
+
+
+SIGNALS = {
+    signal.SIGTERM: Event.DRAIN,
+    signal.SIGQUIT: Event.DRAIN,
+    signal.SIGINT: Event.STOP,
+    signal.SIGUSR1: Event.REOPEN,
+}
+
+
 class WorkerProcess:
-    def __init__(self, config: Config, worker: Worker, control: socket.socket) -> None:
+    def __init__(self, config: Config, worker: Worker, control_sock: socket.socket) -> None:
         self.config = config
         self.worker = worker
-        self._control_sock = control
-        self._channel: Channel | None = None
+        self._control_sock = control_sock
+        self._channel: control.ToMaster | None = None
         self._sent: dict[str, tuple[object, ...]] = {}
-        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._heap = HeapTracer()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum, event in ((signal.SIGTERM, "drain"), (signal.SIGQUIT, "drain"),
-                              (signal.SIGINT, "stop"), (signal.SIGUSR1, "reopen")):  # fmt: skip
+        for signum, event in SIGNALS.items():
             loop.add_signal_handler(signum, self._events.put_nowait, event)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's signal, not ours
-        self._channel = channel = await Channel.open(self._control_sock)
+        self._channel = channel = await control.ToMaster.open(self._control_sock)
         self.worker.host.on_close = self._session_closed
         await self.worker.start()
-        channel.send(Message(Kind.READY, {"pid": self.worker.statistics().pid}))
+        channel.send(control.Ready(pid=self.worker.statistics().pid))
         tasks = [
-            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._heartbeat(channel)),
             asyncio.create_task(self._listen(channel)),
         ]
         try:
@@ -77,15 +96,15 @@ class WorkerProcess:
     async def _serve_until_told(self) -> None:
         while True:
             event = await self._events.get()
-            if event == "reopen":
+            if event is Event.REOPEN:
                 configure(self.config.log.format, self.config.log.level, self.config.log.file)
                 log.info("worker %d reopened its log", self.worker.index)
                 continue
-            if event == "stop":
+            if event is Event.STOP:
                 await self.worker.shutdown()
                 return
-            if event == "drain" and self._channel is not None:
-                self._channel.send(Message(Kind.DRAINING))
+            if event is Event.DRAIN and self._channel is not None:
+                self._channel.send(control.Draining())
             await self._drain_unless_hurried()
             return
 
@@ -96,71 +115,73 @@ class WorkerProcess:
             await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)
             if not hurry.done():
                 hurry.cancel()
-            elif hurry.result() == "stop":
+            elif hurry.result() is Event.STOP:
                 drain.cancel()
                 await self.worker.shutdown()
                 return
 
-    async def _listen(self, channel: Channel) -> None:
+    async def _listen(self, channel: control.ToMaster) -> None:
         """Messages from the master; its end closing means the master is gone."""
         while True:
             message = await channel.receive()
-            if message is None:
-                log.warning("worker %d: master gone, draining", self.worker.index)
-                self._events.put_nowait("orphaned")
-                return
-            if message.kind is Kind.DRAIN:
-                self._events.put_nowait("drained")
-            elif message.kind is Kind.STOP:
-                self._events.put_nowait("stop")
-            elif message.kind is Kind.KILL_SESSION:
-                self.worker.kill_session(str(message.body.get("session")))
-            elif message.kind is Kind.REQUEST:
-                channel.send(self._answer(message.body))
+            match message:
+                case None:
+                    log.warning("worker %d: master gone, draining", self.worker.index)
+                    self._events.put_nowait(Event.ORPHANED)
+                    return
+                case control.Drain():
+                    self._events.put_nowait(Event.TOLD_TO_DRAIN)
+                case control.DrainNotice():
+                    self.worker.drain_notice()
+                case control.Stop():
+                    self._events.put_nowait(Event.STOP)
+                case control.KillSession(session=session):
+                    self.worker.kill_session(session)
+                case control.TaskDumpRequest() | control.HeapProfileRequest():
+                    channel.send(self._answer(message))
 
-    def _answer(self, request: dict[str, Any]) -> Message:
+    def _answer(
+        self, request: control.TaskDumpRequest | control.HeapProfileRequest
+    ) -> control.Reply:
         """A task dump or a heap profile, for the status page (SPEC 7)."""
-        reply: dict[str, Any] = {"id": request.get("id")}
-        what = request.get("what")
-        try:
-            if what == "tasks":
+        try:  # the isolation boundary of one request: a failure is its reply, not the worker's
+            if isinstance(request, control.TaskDumpRequest):
                 # Relays run on callbacks, not tasks, while bytes flow: list sessions as well.
                 sessions = [dataclasses.asdict(row) for row in self.worker.connections()]
-                reply["data"] = {"tasks": task_dump(), "sessions": sessions}
-            elif what == "heap":
-                top, limit = int(request.get("top", 25)), float(request.get("seconds", 60))
-                stop, peek = bool(request.get("stop")), bool(request.get("peek"))
-                reply["data"] = self._heap.report(top, limit, stop, peek)
-            else:
-                reply["error"] = f"unknown request {what!r}"
-        except (TypeError, ValueError) as exc:
-            reply["error"] = f"bad request: {exc}"
-        return Message(Kind.REPLY, reply)
+                return control.Reply(request.id, data={"tasks": task_dump(), "sessions": sessions})
+            report = self._heap.report(request.top, request.seconds, request.stop, request.peek)
+            return control.Reply(request.id, data=report)
+        except Exception as exc:
+            log.exception("worker %d cannot answer %s", self.worker.index, request.kind.value)
+            return control.Reply(request.id, error=f"worker {self.worker.index} failed: {exc}")
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, channel: control.ToMaster) -> None:
         while True:
             stats = self.worker.statistics()
             setproctitle(title(self.worker.index, stats.sessions))
-            changed = []
-            for row in self.worker.connections():
-                key = (row.bytes_in, row.bytes_out, row.account, row.repo, row.state)
-                if self._sent.get(row.session) != key:
-                    self._sent[row.session] = key
-                    changed.append(dataclasses.asdict(row))
-            if self._channel is not None:
-                body = {
-                    "stats": dataclasses.asdict(stats),
-                    "metrics": self.worker.host.metrics.snapshot(),
-                    "pools": self.worker.host.backends.statistics(),
-                    "sessions": changed,
-                }
-                self._channel.send(Message(Kind.HEARTBEAT, body))
+            beat = control.Heartbeat(
+                stats=stats,
+                metrics=self.worker.metrics.snapshot(),
+                pools=self.worker.pool_statistics(),
+                sessions=self._changed_sessions(),
+            )
+            channel.send(beat)
             await asyncio.sleep(HEARTBEAT)
+
+    def _changed_sessions(self) -> tuple[control.SessionStats, ...]:
+        """The rows the master has not seen as they are now."""
+        changed = []
+        for row in self.worker.connections():
+            key = (row.bytes_in, row.bytes_out, row.account, row.repo, row.state)
+            if self._sent.get(row.session) != key:
+                self._sent[row.session] = key
+                changed.append(row)
+        return tuple(changed)
 
     def _session_closed(self, session_id: str) -> None:
         self._sent.pop(session_id, None)
         if self._channel is not None:
-            self._channel.send(Message(Kind.SESSION_CLOSE, {"session": session_id}))
+            self._channel.send(control.SessionClosed(session_id))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -188,21 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.enable(file=fault_log(config), all_threads=True)
         fast_path.apply(config.ssh.fast_path)  # process-wide, before any connection exists
         sockets = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")]
-        control = socket.socket(fileno=args.control_fd)
-        for sock in (*sockets, control):
+        control_sock = socket.socket(fileno=args.control_fd)
+        for sock in (*sockets, control_sock):
             sock.set_inheritable(False)  # never into git, hg or ssh children
         worker = Worker(config, sockets, args.index)
     except (OperatorError, OSError, ValueError) as exc:
         print(f"kilnproxy: worker {args.index} cannot start: {exc}", file=sys.stderr)
-        return WORKER_BOOT_ERROR
+        return control.WORKER_BOOT_ERROR
     try:
-        uvloop.run(WorkerProcess(config, worker, control).run())
+        uvloop.run(WorkerProcess(config, worker, control_sock).run())
     except OperatorError as exc:  # raised by Worker.start: host keys, algorithms
         log.error("worker %d cannot start: %s", args.index, exc)
-        return WORKER_BOOT_ERROR
+        return control.WORKER_BOOT_ERROR
     finally:
         with contextlib.suppress(OSError):
-            control.close()
+            control_sock.close()
     return 0
 
 

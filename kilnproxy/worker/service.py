@@ -1,18 +1,19 @@
 """A worker: serves SSH on the sockets it is handed, until it is told to drain or stop.
 
 The worker is the unit the master starts (SPEC 6). It owns its sessions, its directory handle
-and its backend connections, and reports `statistics()`. It knows nothing of supervision: it
-serves on whatever sockets it is given and drains when asked.
+and its backend connections, and reports `statistics()` (the `control.WorkerStats` of its
+heartbeat). It knows nothing of supervision: it serves on whatever sockets it is given and drains
+when asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
@@ -20,30 +21,17 @@ import psutil
 
 from kilnproxy.backends import Backends
 from kilnproxy.config import Config
-from kilnproxy.directory import open_directory
+from kilnproxy.control import PoolStats, SessionStats, WorkerStats
+from kilnproxy.directory import directory_for
 from kilnproxy.errors import CutReason
 from kilnproxy.ssh.server import listen, load_host_keys, server_options
-from kilnproxy.ssh.session import CUT_GRACE, SessionHost, SessionStats
+from kilnproxy.ssh.services import Services
+from kilnproxy.ssh.session import CUT_GRACE, SessionHost
 from kilnproxy.worker.introspect import heap_in_use
 from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
 SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    index: int
-    pid: int
-    started_at: float
-    sessions: int
-    sessions_total: int
-    tasks: int
-    fds: int
-    rss: int
-    heap: int
-    accepting: bool
-    backend_connections: int
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -61,19 +49,18 @@ class Worker:
         self.started_at = time.time()
         self._sockets = sockets
         self._acceptors: list[asyncssh.SSHAcceptor] = []
+        self._closing: list[asyncssh.SSHAcceptor] = []  # closed, maybe still handing over
         self._process = psutil.Process()
-        metrics = WorkerMetrics()
-        self.host = SessionHost(
-            config=config,
-            directory=open_directory(config.directory.url, config.home),
-            backends=Backends(
-                config.home / "state",
-                config.backend_ssh,
-                config.timeouts.dial,
-                metrics.backend_dial.observe,
-            ),
-            metrics=metrics,
+        # The worker's own: its sessions see them only through the Protocols of `Services`.
+        self.metrics = WorkerMetrics()
+        self.directory = directory_for(config)
+        self.backends = Backends(
+            config.home / "state",
+            config.backend_ssh,
+            config.timeouts.dial,
+            self.metrics.backend_dial.observe,
         )
+        self.host = SessionHost(config, Services(self.directory, self.backends, self.metrics))
 
     async def start(self) -> None:
         asyncio.get_running_loop().set_exception_handler(_log_loop_error)
@@ -82,6 +69,11 @@ class Worker:
             self._acceptors.append(await listen(sock, self.host, options))
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
 
+    def drain_notice(self) -> None:
+        """A drain is coming: serve on, but fail the load balancer's health checks now."""
+        self.host.failing_health_checks = True
+        log.info("worker %d fails health checks: a drain is coming", self.index)
+
     def stop_accepting(self) -> None:
         """Stop accepting, and let go of the listening sockets: uvloop serves on duplicates of
         them, and while any process holds one the kernel keeps queueing connections nobody
@@ -89,13 +81,14 @@ class Worker:
         self.host.accepting = False
         for acceptor in self._acceptors:
             acceptor.close()
-        self._acceptors.clear()
+        self._closing, self._acceptors = self._acceptors, []
         for sock in self._sockets:
             sock.close()
 
     async def drain(self, within: float) -> None:
         """Let every session finish; after `within` seconds cut the rest (SPEC 6)."""
         self.stop_accepting()
+        await self._handed_over()
         log.info("worker %d draining %d sessions", self.index, len(self.host.sessions))
         for session in list(self.host.sessions.values()):
             session.drain()
@@ -120,6 +113,16 @@ class Worker:
         session.cut(CutReason.ADMIN)
         return True
 
+    async def _handed_over(self) -> None:
+        """Wait until connections accepted before the listeners closed have become sessions
+        (a PROXY header still being read; bounded by `proxy_timeout`)."""
+        if not self._closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.ssh.proxy_timeout + 1):
+                await asyncio.gather(*(acceptor.wait_closed() for acceptor in self._closing))
+        self._closing = []
+
     async def _sessions_ended(self, within: float) -> bool:
         """Wait up to `within` seconds for the last session to end; say whether it did."""
         if not self.host.sessions:
@@ -133,8 +136,8 @@ class Worker:
 
     async def close(self) -> None:
         self.stop_accepting()
-        await self.host.backends.close()
-        self.host.directory.close()
+        await self.backends.close()
+        self.directory.close()
 
     def connections(self) -> list[SessionStats]:
         return [session.statistics() for session in self.host.sessions.values()]
@@ -151,7 +154,12 @@ class Worker:
             rss=self._process.memory_info().rss,
             heap=heap_in_use(),
             accepting=self.host.accepting,
-            backend_connections=sum(
-                pool["connections"] for pool in self.host.backends.statistics().values()
-            ),
+            backend_connections=sum(p.connections for p in self.pool_statistics().values()),
         )
+
+    def pool_statistics(self) -> dict[str, PoolStats]:
+        """Each backend's pool of SSH connections, by backend name."""
+        return {
+            name: PoolStats(pool["connections"], pool["channels"], pool["dials"])
+            for name, pool in self.backends.statistics().items()
+        }

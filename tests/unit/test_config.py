@@ -103,10 +103,12 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"ssh": {"fast_path": "no"}}, r"\[ssh\] fast_path: expected true or false, got 'no'"),
         ({"ssh": {"fast_path": 0}}, r"\[ssh\] fast_path: expected true or false, got 0"),
         ({"log": {"format": "xml"}}, r"\[log\] format: 'xml' is not one of text, json"),
-        ({"directory": {"url": "postgres://x"}}, r"\[directory\] url"),
+        ({"directory": {"url": "mysql://x"}}, r"\[directory\] url: .mysql://x. is not a"),
         ({"ssh": 3}, r"\[ssh\] must be a table"),
         ({"backend_ssh": {"window": "16KiB"}}, r"\[backend_ssh\] window: '16KiB' must be from"),
         ({"backend_ssh": {"window": 65536}}, r"\[backend_ssh\] window: expected a string"),
+        ({"timeouts": {"drain_notice": "-3s"}}, r"\[timeouts\] drain_notice: '-3s' is not a"),
+        ({"timeouts": {"drain": "0s"}}, r"\[timeouts\] drain: '0s' must be longer than zero"),
     ],
 )
 def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
@@ -142,3 +144,9 @@ def test_with_reference_replaces_only_the_block_between_the_markers() -> None:
     assert with_reference(updated) == updated
     with pytest.raises(ValueError, match="lacks the lines"):
         with_reference("# Title\n")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0s", 0.0), ("0ms", 0.0), ("3s", 3.0)])
+def test_a_drain_notice_may_be_none(tmp_path: Path, text: str, seconds: float) -> None:
+    config = from_mapping({"timeouts": {"drain_notice": text}}, tmp_path)
+    assert config.timeouts.drain_notice == seconds

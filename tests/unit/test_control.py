@@ -1,41 +1,212 @@
+"""The master-worker protocol: every message survives the wire, and every malformed line is a
+ProtocolError for the reader (never another exception, never a message with a wrong field)."""
+
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
+from typing import Any
 
 import pytest
 
-from kilnproxy.control import Channel, Kind, Message, decode
+from kilnproxy.control import (
+    BUCKETS,
+    LATENCIES,
+    VERSION,
+    Drain,
+    Draining,
+    HeapProfileRequest,
+    Heartbeat,
+    Histogram,
+    KillSession,
+    Message,
+    MetricsSnapshot,
+    PoolStats,
+    ProtocolError,
+    Ready,
+    Reply,
+    SessionClosed,
+    SessionStats,
+    Stop,
+    TaskDumpRequest,
+    ToMaster,
+    ToWorker,
+    WorkerStats,
+    decode,
+    encode,
+    from_master,
+    from_worker,
+)
+
+STATS = WorkerStats(
+    index=1, pid=4242, started_at=1700000000.5, sessions=2, sessions_total=9, tasks=30, fds=40,
+    rss=50_000_000, heap=3_000_000, accepting=True, backend_connections=1,
+)  # fmt: skip
+ROW = SessionStats(
+    session="0badf00d", remote_addr="127.0.0.1:50000", login="git", account="aviato",
+    user="alice", key_name="alice's laptop", key_fingerprint="SHA256:abc", repo="aviato/website",
+    vcs="git", verb="git-upload-pack", backend=None, started_at=1700000001.25, duration=3.5,
+    bytes_in=120, bytes_out=45_000, state="authenticated",
+)  # fmt: skip
 
 
-def test_round_trip() -> None:
-    message = Message(Kind.HEARTBEAT, {"stats": {"sessions": 3}, "sessions": []})
-    assert decode(message.encode()) == message
+def histogram(*observations: int) -> Histogram:
+    counts = [0] * (len(BUCKETS) + 1)
+    for bucket in observations:
+        counts[bucket] += 1
+    return Histogram(tuple(counts), 0.01 * len(observations))
+
+
+METRICS = MetricsSnapshot(
+    outcomes={"ok": 3, "denied": 1}, bytes_in=10, bytes_out=20,
+    auth_lookup=histogram(0, 0, 3), route_lookup=histogram(1), backend_dial=histogram(14),
+)  # fmt: skip
+BEAT = Heartbeat(STATS, METRICS, {"storage": PoolStats(2, 3, 4)}, (ROW,))
+
+EVERY_MESSAGE: list[Message] = [
+    Ready(pid=4242),
+    BEAT,
+    Heartbeat(STATS, MetricsSnapshot(), {}, ()),
+    Draining(),
+    SessionClosed("0badf00d"),
+    Reply(7, data={"tasks": [{"name": "x", "stack": ["a:1"]}], "sessions": []}),
+    Reply(8, error="worker 0 failed: boom"),
+    Drain(),
+    Stop(),
+    KillSession("0badf00d"),
+    TaskDumpRequest(9),
+    HeapProfileRequest(10, top=25, seconds=60.0, stop=False, peek=True),
+]
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_every_message_survives_the_wire(message: Message) -> None:
+    line = encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line)["v"] == VERSION
+    assert decode(line) == message
+
+
+def body(message: Message) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(encode(message))
+    return data
+
+
+def line_of(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode() + b"\n"
+
+
+def with_stats(**changes: Any) -> bytes:
+    data = body(BEAT)
+    data["stats"].update(changes)
+    return line_of(data)
+
+
+def without(key: str) -> bytes:
+    data = body(BEAT)
+    del data["stats"][key]
+    return line_of(data)
 
 
 @pytest.mark.parametrize(
-    "line",
+    ("line", "says"),
     [
-        b'{"v": 2, "kind": "ready"}\n',
-        b'{"kind": "ready"}\n',
-        b'{"v": 1, "kind": "nope"}\n',
-        b"[]\n",
+        (b'{"v": 1, "kind": "ready", "pid": 1}\n', "not a version 2"),
+        (b'{"kind": "ready", "pid": 1}\n', "not a version 2"),
+        (b'{"v": 2, "kind": "nope"}\n', "no such kind"),
+        (b"[]\n", "not a version 2"),
+        (b"garbage\n", "not JSON"),
+        (b'{"v": 2, "kind": "ready", "pid": \xff}\n', "not JSON"),
+        (b"[" * 100_000 + b"\n", "not JSON"),
+        (b'{"v": 2, "kind": "ready"}\n', "ready: missing ['pid']"),
+        (b'{"v": 2, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
+        (b'{"v": 2, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
+        (b'{"v": 2, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
+        (b'{"v": 2, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
+        (with_stats(rss=None), "heartbeat.stats.rss: NoneType is not int"),
+        (with_stats(accepting=1), "heartbeat.stats.accepting: int is not bool"),
+        (without("heap"), "heartbeat.stats: missing ['heap']"),
+        (b'{"v": 2, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
+        (b'{"v": 2, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
     ],
 )
-def test_other_versions_and_kinds_are_refused(line: bytes) -> None:
-    with pytest.raises(ValueError):
+def test_malformed_lines_are_protocol_errors(line: bytes, says: str) -> None:
+    with pytest.raises(ProtocolError, match=re.escape(says)):
         decode(line)
 
 
+def test_nested_fields_are_checked_too() -> None:
+    data = body(BEAT)
+    data["metrics"]["auth_lookup"]["counts"] = [1, 2, 3]
+    with pytest.raises(ProtocolError, match=r"heartbeat\.metrics\.auth_lookup: a histogram has 15"):
+        decode(line_of(data))
+    data = body(BEAT)
+    data["sessions"][0]["account"] = 7
+    with pytest.raises(ProtocolError, match=r"heartbeat\.sessions\[0\]\.account: int is not str"):
+        decode(line_of(data))
+    data = body(BEAT)
+    data["pools"]["storage"] = {"connections": 1}
+    with pytest.raises(ProtocolError, match=r"heartbeat\.pools\.storage: missing"):
+        decode(line_of(data))
+
+
+def test_an_int_is_a_fine_float() -> None:
+    data = body(HeapProfileRequest(1, top=5, seconds=60.0, stop=False, peek=False))
+    data["seconds"] = 60
+    message = decode(line_of(data))
+    assert isinstance(message, HeapProfileRequest)
+    assert isinstance(message.seconds, float) and message.seconds == 60.0
+
+
+def test_each_end_hears_only_the_other_side() -> None:
+    assert from_worker(encode(BEAT)) == BEAT
+    assert from_master(encode(Drain())) == Drain()
+    with pytest.raises(ProtocolError, match="a worker does not send drain"):
+        from_worker(encode(Drain()))
+    with pytest.raises(ProtocolError, match="the master does not send heartbeat"):
+        from_master(encode(BEAT))
+
+
+def test_histograms_and_snapshots_merge() -> None:
+    merged = histogram(0, 3).merge(histogram(3, 14))
+    assert merged.counts[0] == 1 and merged.counts[3] == 2 and merged.counts[14] == 1
+    assert merged.total == pytest.approx(0.04)
+    total = METRICS.merge(METRICS).merge(MetricsSnapshot())
+    assert total.outcomes == {"ok": 6, "denied": 2}
+    assert (total.bytes_in, total.bytes_out) == (20, 40)
+    assert total.auth_lookup.counts[0] == 4 and total.backend_dial.counts[14] == 2
+    assert METRICS.outcomes == {"ok": 3, "denied": 1}  # merging makes a new snapshot
+    assert list(total.latencies()) == list(LATENCIES) == [
+        "auth_lookup", "route_lookup", "backend_dial",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="15 buckets"):
+        Histogram((1, 2))
+
+
 def test_a_broken_peer_reads_as_gone() -> None:
-    async def exchange() -> list[Message | None]:
+    async def exchange() -> list[object]:
         ours, theirs = socket.socketpair()
-        channel = await Channel.open(ours)
-        theirs.sendall(Message(Kind.READY, {"pid": 1}).encode() + b"garbage\n")
-        received = [await channel.receive(), await channel.receive()]
+        channel = await ToWorker.open(ours)
+        theirs.sendall(encode(Ready(pid=1)) + b"garbage\n")
+        received: list[object] = [await channel.receive(), await channel.receive()]
         channel.close()
         theirs.close()
         return received
 
-    first, second = asyncio.run(exchange())
-    assert first == Message(Kind.READY, {"pid": 1}) and second is None
+    assert asyncio.run(exchange()) == [Ready(pid=1), None]
+
+
+def test_a_message_sent_the_wrong_way_breaks_the_channel() -> None:
+    async def exchange() -> list[object]:
+        ours, theirs = socket.socketpair()
+        worker_end, master_end = await ToMaster.open(ours), await ToWorker.open(theirs)
+        master_end.send(KillSession("0badf00d"))
+        master_end.send(BEAT)  # a heartbeat is never the master's to send
+        received: list[object] = [await worker_end.receive(), await worker_end.receive()]
+        worker_end.close()
+        master_end.close()
+        return received
+
+    assert asyncio.run(exchange()) == [KillSession("0badf00d"), None]

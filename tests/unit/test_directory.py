@@ -1,99 +1,173 @@
+"""The directory's pure parts, and what only the embedded SQLite store has.
+
+The behaviour both stores share is tested once for each in
+tests/integration/test_directory_contract.py.
+"""
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from kilnproxy.directory import SqliteDirectory, open_directory
-from kilnproxy.directory.model import Identity, PublicKey
+from kilnproxy.config import from_mapping, scrub, url_secrets
+from kilnproxy.directory import open_directory, sql, upgrade_schema
+from kilnproxy.directory import schema as ladder
+from kilnproxy.directory.health import Outage
+from kilnproxy.directory.model import Identity
 from kilnproxy.errors import OperatorError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs
 
-
-def key(n: int) -> PublicKey:
-    return PublicKey("ssh-ed25519", f"SHA256:{n:043d}", f"ssh-ed25519 AAAA{n}")
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
-@pytest.fixture
-def directory(tmp_path: Path) -> SqliteDirectory:
-    d = open_directory(f"sqlite:{tmp_path / 'k.db'}", tmp_path)
-    d.add_account("aviato")
-    d.add_account("hooli")
-    d.add_user("aviato", "alice", Role.WRITE)
-    d.add_user("hooli", "gavin", Role.ADMIN)
-    d.add_key("aviato", "alice", "laptop", key(1))
-    d.add_key("hooli", "gavin", "desk", key(2))
-    d.add_repo("aviato/website", Vcs.GIT, "local", None)
-    d.add_repo("aviato/designs", Vcs.HG, "local", "/srv/hg/designs")
-    return d
+# -- the schema ladder ---------------------------------------------------------------------------
 
 
-def identity(d: SqliteDirectory, n: int) -> Identity:
-    found = asyncio.run(d.identity_for_key(key(n).fingerprint))
-    assert found is not None
-    return found
+def test_the_ladder_is_ordered_and_starts_at_the_pre_ladder_schema() -> None:
+    versions = [m.version for m in ladder.MIGRATIONS]
+    assert versions == list(range(1, len(versions) + 1))
+    assert ladder.current_version() == versions[-1]
+    for migration in ladder.MIGRATIONS:
+        assert migration.sqlite and migration.postgres and migration.summary
 
 
-def test_identity_and_routes(directory: SqliteDirectory, tmp_path: Path) -> None:
-    alice = identity(directory, 1)
-    assert (alice.account, alice.user, alice.role, alice.key_name) == (
-        "aviato", "alice", Role.WRITE, "laptop",
-    )  # fmt: skip
-    route = asyncio.run(directory.route(alice, "aviato/website"))
-    assert route is not None
-    assert route.path == str(tmp_path / "repos" / "aviato" / "website.git")
-    assert (route.vcs, route.backend, route.access) == (Vcs.GIT, "local", Access.WRITE)
-    hg = asyncio.run(directory.route(alice, "aviato/designs"))
-    assert hg is not None and hg.path == "/srv/hg/designs"
-    assert asyncio.run(directory.route(alice, "aviato/missing")) is None
-    assert asyncio.run(directory.identity_for_key("SHA256:unknown")) is None
+def test_pending_migrations_and_the_one_line_for_a_mismatch() -> None:
+    one = ladder.Migration(1, "a", ("x",), ("x",))
+    two = ladder.Migration(2, "b", ("y",), ("y",))
+    assert ladder.pending(0, (one, two)) == (one, two)
+    assert ladder.pending(1, (one, two)) == (two,)
+    assert ladder.pending(2, (one, two)) == ()
+    with pytest.raises(OperatorError, match="version 3, newer than this kilnproxy"):
+        ladder.pending(3, (one, two))
+    assert ladder.mismatch(1, 2) == (
+        "directory schema is version 1, this kilnproxy needs version 2: run `kilnproxy db upgrade`"
+    )
+    assert "\n" not in ladder.mismatch(3, 2)
 
 
-def test_grants_reach_across_accounts(directory: SqliteDirectory) -> None:
-    gavin = identity(directory, 2)
-    route = asyncio.run(directory.route(gavin, "aviato/website"))
-    assert route is not None and route.access is Access.NONE
-    directory.grant("hooli", "gavin", "aviato/website", Access.READ)
-    route = asyncio.run(directory.route(gavin, "aviato/website"))
-    assert route is not None and route.access is Access.READ
-    directory.grant("hooli", "gavin", "aviato/website", Access.WRITE)  # a grant is updated
-    route = asyncio.run(directory.route(gavin, "aviato/website"))
-    assert route is not None and route.access is Access.WRITE
-    other = asyncio.run(directory.route(gavin, "aviato/designs"))
-    assert other is not None and other.access is Access.NONE
+# -- the shared SQL ------------------------------------------------------------------------------
 
 
-def test_a_writer_is_seen_by_a_reader_at_once(directory: SqliteDirectory, tmp_path: Path) -> None:
-    reader = open_directory(f"sqlite:{tmp_path / 'k.db'}", tmp_path)
-    assert asyncio.run(reader.identity_for_key(key(3).fingerprint)) is None
-    directory.add_user("aviato", "bob", Role.READ)
-    directory.add_key("aviato", "bob", "phone", key(3))
-    assert asyncio.run(reader.identity_for_key(key(3).fingerprint)) is not None
-    directory.remove_key(key(3).fingerprint)
-    assert asyncio.run(reader.identity_for_key(key(3).fingerprint)) is None
-    mode = sqlite3.connect(tmp_path / "k.db").execute("PRAGMA journal_mode").fetchone()
-    assert mode == ("wal",)
+def test_every_statement_has_a_psycopg_form_with_the_same_parameters() -> None:
+    statements = [v for k, v in vars(sql).items() if k.isupper() and isinstance(v, str)]
+    assert len(statements) >= 15
+    for statement in statements:
+        named = set(re.findall(r"(?<![:\w]):(\w+)", statement))
+        converted = sql.to_pyformat(statement)
+        assert set(re.findall(r"%\((\w+)\)s", converted)) == named
+        assert not re.search(r"(?<![:\w]):\w", converted)
+    assert sql.to_pyformat("a = :x AND b = :x") == "a = %(x)s AND b = %(x)s"
+    with pytest.raises(ValueError, match="must not contain %"):
+        sql.to_pyformat("a LIKE '%x'")
 
 
-def test_conflicts_are_operator_errors(directory: SqliteDirectory) -> None:
-    with pytest.raises(OperatorError, match="already exists"):
-        directory.add_account("aviato")
-    with pytest.raises(OperatorError, match="already exists"):
-        directory.add_user("aviato", "alice", Role.READ)
-    with pytest.raises(OperatorError, match="already registered to aviato/alice"):
-        directory.add_key("hooli", "gavin", "copy", key(1))
-    with pytest.raises(OperatorError, match="already exists"):
-        directory.add_repo("aviato/website", Vcs.HG, "local", None)
-    with pytest.raises(OperatorError, match="no user"):
-        directory.grant("aviato", "nobody", "aviato/website", Access.READ)
-    with pytest.raises(OperatorError, match="must be absolute"):
-        directory.add_repo("aviato/rel", Vcs.GIT, "local", "relative/path")
+# -- passwords in URLs ---------------------------------------------------------------------------
 
 
-def test_reopening_keeps_the_schema(directory: SqliteDirectory, tmp_path: Path) -> None:
-    again = SqliteDirectory(tmp_path / "k.db", tmp_path / "elsewhere")
-    assert [name for name, _ in again.list_backends()] == ["local"]
-    assert len(again.list_keys()) == 2
+@pytest.mark.parametrize(
+    ("url", "secrets"),
+    [
+        ("postgresql://kiln:s3cret@db:5432/kiln", ["s3cret"]),
+        ("postgres://kiln:p%40ss%2Fw@db/kiln", ["p%40ss%2Fw", "p@ss/w"]),
+        ("postgresql://kiln@db/kiln?sslmode=require&password=qq", ["qq"]),
+        ("postgresql://kiln:a@[::1/kiln", ["a"]),
+        ("postgresql://kiln@db/kiln", []),
+        ("postgresql:///kiln", []),
+        ("sqlite:kilnproxy.db", []),
+    ],
+)
+def test_url_secrets(url: str, secrets: list[str]) -> None:
+    assert url_secrets(url) == secrets
+    for secret in secrets:
+        assert secret not in scrub(f"error near {url!r}", url)
+
+
+def test_the_directory_settings() -> None:
+    home = Path("/var/lib/kilnproxy")
+    config = from_mapping({}, home)
+    assert config.directory.url == "sqlite:/var/lib/kilnproxy/kilnproxy.db"
+    assert config.directory.pool_size == 4
+    url = "postgresql://kiln@db.internal:5432/kiln?sslmode=verify-full"
+    config = from_mapping({"directory": {"url": url, "pool_size": 2}}, home)
+    assert (config.directory.url, config.directory.pool_size) == (url, 2)
+    for bad, message in [
+        ("mysql://x", "is not a directory URL like sqlite:kilnproxy.db or postgresql://"),
+        ("postgresql://kiln:hunter2@db/kiln extra", "'postgresql://kiln:***@db/kiln extra'"),
+    ]:
+        with pytest.raises(OperatorError, match=re.escape(message)) as caught:
+            from_mapping({"directory": {"url": bad}}, home)
+        assert "hunter2" not in str(caught.value)
+    with pytest.raises(OperatorError, match="pool_size"):
+        from_mapping({"directory": {"pool_size": 0}}, home)
+
+
+# -- the outage log ------------------------------------------------------------------------------
+
+
+def test_an_outage_is_logged_when_it_starts_every_interval_and_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    outage = Outage("postgresql://db/kiln", interval=10, clock=lambda: now[0], wall=lambda: 5.0)
+    caplog.set_level(logging.INFO, "kilnproxy.directory")
+    for _ in range(50):  # a burst of refused lookups: one line
+        outage.failed("connection refused")
+        now[0] += 0.1
+    assert outage.down_since == 5.0
+    now[0] = 111.0
+    outage.failed("connection refused")
+    outage.failed("connection refused")
+    now[0] = 115.0
+    outage.succeeded()
+    outage.succeeded()
+    assert outage.down_since is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "directory postgresql://db/kiln is unavailable: connection refused",
+        "directory postgresql://db/kiln still unavailable after 11s, 51 lookups refused: "
+        "connection refused",
+        "directory postgresql://db/kiln is back after 15s, 52 lookups refused",
+    ]
+
+
+# -- SQLite only ---------------------------------------------------------------------------------
+
+
+def load_v1(path: Path) -> None:
+    """The database a pre-ladder kilnproxy left behind, with its data."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript((FIXTURES / "directory-v1.sqlite.sql").read_text())
+        db.execute("PRAGMA user_version = 1")
+
+
+def test_a_database_made_before_the_ladder_keeps_working(tmp_path: Path) -> None:
+    load_v1(tmp_path / "k.db")
+    url = f"sqlite:{tmp_path / 'k.db'}"
+    assert upgrade_schema(url, tmp_path)[1:] == ["directory schema is at version 1, nothing to do"]
+    directory = open_directory(url, tmp_path)
+    try:
+        gavin = asyncio.run(directory.identity_for_key("SHA256:" + "2" * 43))
+        assert gavin == Identity("hooli", "gavin", Role.ADMIN, "desk", "SHA256:" + "2" * 43)
+        route = asyncio.run(directory.route(gavin, "aviato/website"))
+        assert route is not None and route.access is Access.READ
+        assert route.path == "/srv/kilnproxy/repos/aviato/website.git"
+        directory.add_repo("hooli/api", Vcs.GIT, "local", None)
+        assert [r.repo for r in directory.list_repos()] == [
+            "aviato/designs", "aviato/website", "hooli/api",
+        ]  # fmt: skip
+    finally:
+        directory.close()
+
+
+def test_the_embedded_store_is_in_wal_mode(tmp_path: Path) -> None:
+    """The CLI writes while workers read (SPEC 2)."""
+    open_directory(f"sqlite:{tmp_path / 'k.db'}", tmp_path).close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "k.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA user_version").fetchone() == (ladder.current_version(),)

@@ -1,0 +1,173 @@
+"""The shared directory store: one PostgreSQL database for several proxy hosts (SPEC 2).
+
+Owns the psycopg connections: one blocking connection for the admin CLI (opened on first use),
+and the lookup pool of each worker (`pgpool`). The URL is libpq's: libpq parses it and applies
+`?sslmode=`, the PG* environment variables and ~/.pgpass itself, so their meaning is libpq's
+own. Owns too how PostgreSQL keeps the schema version (the `schema_version` table) and its
+migration lock (a transaction-scoped advisory lock, so two hosts upgrading at once take turns).
+
+Rules: a password never leaves this module in a message (every error goes through `scrub`),
+and the SQL is the shared text of `sql`, the same as SQLite's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import conninfo as libpq
+
+from kilnproxy.config import scrub
+from kilnproxy.directory import schema
+from kilnproxy.directory.model import DirectoryUnreachable
+from kilnproxy.directory.pgpool import LookupPool
+from kilnproxy.directory.schema import Dialect
+from kilnproxy.directory.sql import to_pyformat
+from kilnproxy.directory.store import Conflict, DirectoryStore, Params, Row, seed_local_backend
+from kilnproxy.errors import OperatorError
+
+# pg_advisory_xact_lock's key for schema changes: "kiln" in ASCII. Any fixed number would do;
+# it only has to be the same on every host.
+SCHEMA_LOCK = 0x6B696C6E
+
+
+def describe(exc: BaseException, url: str) -> str:
+    """A driver error as one line without the password (libpq may quote the URL back)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return scrub(" ".join(lines) or type(exc).__name__, url)
+
+
+def connection_string(url: str, timeout: float) -> str:
+    """The URL as libpq reads it, plus our defaults where neither it nor PG* sets them: a
+    connect timeout (the lookup timeout) and an application name for pg_stat_activity."""
+    try:
+        given = libpq.conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise OperatorError(f"[directory] url: {describe(exc, url)}") from None
+    extra: dict[str, Any] = {}
+    if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
+        extra["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's floor is 2 s
+    if "application_name" not in given and "PGAPPNAME" not in os.environ:
+        extra["application_name"] = "kilnproxy"
+    return libpq.make_conninfo(url, **extra)
+
+
+class PostgresAdmin:
+    """A blocking autocommit connection as the store's AdminDb and the ladder's SchemaDb."""
+
+    dialect = Dialect.POSTGRES
+
+    def __init__(self, conn: psycopg.Connection[Any], url: str) -> None:
+        self._conn = conn
+        self._url = url
+
+    @contextmanager
+    def _operator_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.IntegrityError:
+            raise Conflict() from None
+        except psycopg.Error as exc:
+            raise OperatorError(f"directory error: {describe(exc, self._url)}") from None
+
+    def one(self, statement: str, params: Params) -> Row | None:
+        with self._operator_errors():
+            return self._conn.execute(to_pyformat(statement), params).fetchone()
+
+    def all(self, statement: str, params: Params) -> list[Row]:
+        with self._operator_errors():
+            return self._conn.execute(to_pyformat(statement), params).fetchall()
+
+    def write(self, statement: str, params: Params) -> None:
+        with self._operator_errors():
+            self._conn.execute(to_pyformat(statement), params)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- SchemaDb ------------------------------------------------------------------------------
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        # PostgreSQL's DDL is transactional: a failed migration leaves nothing half done. The
+        # advisory lock is released with the transaction, so a crash cannot leave it held.
+        with self._operator_errors(), self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            yield
+
+    def version(self) -> int:
+        with self._operator_errors():
+            found = self._conn.execute("SELECT to_regclass('schema_version')").fetchone()
+            if found is None or found[0] is None:
+                return 0
+            row = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            raise OperatorError("directory error: schema_version has no row")
+        return int(row[0])
+
+    def set_version(self, version: int) -> None:
+        with self._operator_errors():
+            self._conn.execute(
+                "UPDATE schema_version SET version = %s, upgraded_at = %s", (version, time.time())
+            )
+
+    def execute(self, sql: str, params: Params | None = None) -> None:
+        with self._operator_errors():
+            if params is None:
+                self._conn.execute(sql)  # DDL: without parameters psycopg parses no %
+            else:
+                self._conn.execute(to_pyformat(sql), params)
+
+
+class PostgresDirectory(DirectoryStore):
+    """The store for `postgresql://...`. Nothing connects until it is used: a worker opens
+    lookup connections on its first lookup, the admin CLI its one connection on its first
+    command, and then (with `prepare`) installs the schema on an empty database or refuses
+    one of another version, as the SQLite store does."""
+
+    def __init__(
+        self,
+        url: str,
+        default_local_base: Path,
+        *,
+        timeout: float,
+        pool_size: int,
+        prepare: bool = True,
+    ) -> None:
+        self._url = url
+        self._conninfo = connection_string(url, timeout)
+        self._prepare = prepare
+        lookups = LookupPool(self._connect_lookups, pool_size, timeout, self._describe)
+        seed = seed_local_backend(default_local_base)
+        super().__init__("postgresql", scrub(url, url), self._connect_admin, lookups, seed)
+
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, self._url)
+
+    async def _connect_lookups(self) -> psycopg.AsyncConnection[Any]:
+        # prepare_threshold=None: never a named prepared statement, so that a lookup is always
+        # one round trip and the store works behind PgBouncer's transaction pooling too.
+        return await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, prepare_threshold=None
+        )
+
+    def _connect_admin(self) -> PostgresAdmin:
+        try:
+            conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            detail = self._describe(exc)
+            raise DirectoryUnreachable(f"cannot reach directory {self.where}: {detail}") from None
+        admin = PostgresAdmin(conn, self._url)
+        if self._prepare:
+            try:
+                schema.prepare(admin, self._seed)
+            except BaseException:
+                admin.close()
+                raise
+        return admin

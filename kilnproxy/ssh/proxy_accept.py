@@ -1,0 +1,364 @@
+"""Accepting SSH connections behind a load balancer that speaks the PROXY protocol (SPEC 3).
+
+With `[ssh] proxy_protocol` "optional" or "require", a worker accepts on the shared listening
+socket itself, reads the header before asyncssh sees a byte, and hands the connected socket on
+with the address the header gave (`hand_off`). The header is read with MSG_PEEK and a receive
+low-water mark (SO_RCVLOWAT) of the bytes `parse` still needs, so the event loop wakes only when
+there is something new to look at, and only the header's own bytes are ever consumed: a client
+that speaks SSH at once (optional mode) reaches asyncssh with every byte it sent.
+
+Rules: a connection that is refused, malformed, truncated, oversized or too slow is closed with
+one log line (at most `LOG_BURST` such lines a second), never an exception out of this module;
+at most `PENDING_LIMIT` connections wait for their header at once (beyond that the worker stops
+accepting and the kernel's listen queue holds the rest). It never speaks SSH: what happens after
+the hand-off is asyncssh's and the session's (whose login grace starts then, at most
+`proxy_timeout` after the TCP accept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from kilnproxy.config import Network, SshSettings, format_duration
+from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyHeaderError, parse
+
+log = logging.getLogger("kilnproxy.proxy")
+
+Address = tuple[str, int]
+HandOff = Callable[[socket.socket, Address | None], Awaitable[None]]
+
+PENDING_LIMIT = 256  # connections of one worker waiting for their header at once
+ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
+ACCEPT_RETRY = 1.0  # after EMFILE and the like, as asyncio's own servers do
+LOG_BURST = 20  # refusal lines per second, per worker
+
+
+class ProxyMode(enum.Enum):
+    OFF = "off"
+    OPTIONAL = "optional"
+    REQUIRE = "require"
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    """No decision within the header timeout; `received` bytes had arrived."""
+
+    received: int
+
+
+@dataclass(frozen=True)
+class Silent:
+    """The peer closed without sending a byte: a balancer's plain TCP health check."""
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Serve the connection; `source` is the client's address, None for the peer's own."""
+
+    source: Address | None
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reason: str
+
+
+# -- the policy: plain functions over plain data ---------------------------------------------------
+
+
+def peer_allowed(host: str, allowed: Iterable[Network]) -> bool:
+    """Whether a peer may send a header. An IPv4 peer on a dual-stack socket shows up as
+    `::ffff:10.0.0.5`; it is matched as the IPv4 address it is."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed)
+
+
+def refuse_at_accept(mode: ProxyMode, allowed: bool) -> Refuse | None:
+    """In require mode only the balancers may connect at all: no need to read a byte."""
+    if mode is ProxyMode.REQUIRE and not allowed:
+        return Refuse("peer not in [ssh] proxy_allowed")
+    return None
+
+
+def decide(
+    mode: ProxyMode, allowed: bool, seen: ProxyHeader | TimedOut | None, timeout: float
+) -> Admit | Refuse:
+    """What to do once the first bytes are known: a header, no header (None), or too slow."""
+    if isinstance(seen, TimedOut):
+        if seen.received == 0 and mode is ProxyMode.OPTIONAL:
+            # A client that waits for the server's banner before it sends its own: a
+            # balancer would have sent its header at once, so this is a direct client.
+            return Admit(None)
+        return Refuse(
+            f"no complete PROXY header within {format_duration(timeout)} "
+            f"({seen.received} bytes received)"
+        )
+    if seen is None:
+        if mode is ProxyMode.REQUIRE:
+            return Refuse("no PROXY header (proxy_protocol is 'require')")
+        return Admit(None)
+    if not allowed:
+        return Refuse("PROXY header from a peer not in [ssh] proxy_allowed")
+    return Admit(seen.source)
+
+
+def is_health_check(seen: ProxyHeader | TimedOut | None) -> bool:
+    """A balancer's own connection (v2 LOCAL, v1 UNKNOWN): its health check, not a client."""
+    return isinstance(seen, ProxyHeader) and seen.source is None
+
+
+def format_address(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+class RefusalLog:
+    """One line per refused connection, at most `burst` a second: a flood of bad connections
+    costs the log `burst` lines a second, and the next line logged says how many were left out."""
+
+    def __init__(self, burst: int = LOG_BURST, clock: Callable[[], float] = time.monotonic) -> None:
+        self._burst = burst
+        self._clock = clock
+        self._window = clock()
+        self._logged = 0
+        self._left_out = 0
+
+    def refused(self, peer: str, reason: str) -> None:
+        now = self._clock()
+        if now - self._window >= 1.0:
+            self._window, self._logged = now, 0
+        if self._logged >= self._burst:
+            self._left_out += 1
+            return
+        self._logged += 1
+        more = f" ({self._left_out} more not logged)" if self._left_out else ""
+        self._left_out = 0
+        log.warning("closed connection from %s: %s%s", peer, reason, more)
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    pending: int  # waiting for their header now
+    accepted: int
+    admitted: int  # handed to SSH
+    refused: int
+
+
+# -- the I/O shell ---------------------------------------------------------------------------------
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+class ProxyListener(asyncio.AbstractServer):
+    """An asyncio server over one listening socket that admits connections by their header.
+
+    asyncssh wraps it in an `SSHAcceptor`, so the worker closes it like any other listener.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        settings: SshSettings,
+        hand_off: HandOff,
+        failing_health_checks: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._sock = sock
+        self._failing_health_checks = failing_health_checks
+        self._mode = ProxyMode(settings.proxy_protocol)
+        self._allowed = settings.proxy_allowed
+        self._timeout = settings.proxy_timeout
+        self._hand_off = hand_off
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._reading = False
+        self._serving = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._refusals = RefusalLog()
+        self._accepted = 0
+        self._admitted = 0
+        self._refused = 0
+
+    # -- asyncio.AbstractServer ----------------------------------------------------------------
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._serving else ()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if not self._serving:
+            self._sock.setblocking(False)
+            self._serving = True
+            self._resume()
+
+    async def serve_forever(self) -> None:
+        await self.start_serving()
+        await asyncio.Future()  # until cancelled, as asyncio.Server.serve_forever
+
+    def close(self) -> None:
+        """Stop accepting. Connections already accepted still get their header read and are
+        handed on (within `proxy_timeout`): a balancer has sent them to this host, and cannot
+        send them elsewhere once the TCP connection is up. `wait_closed` waits for them."""
+        self._serving = False
+        self._pause()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+
+    async def wait_closed(self) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending))
+
+    def statistics(self) -> ProxyStats:
+        return ProxyStats(len(self._pending), self._accepted, self._admitted, self._refused)
+
+    # -- accepting -----------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving and not self._reading and len(self._pending) < PENDING_LIMIT:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if len(self._pending) >= PENDING_LIMIT:
+                self._pause()  # resumed as a header is done
+                return
+            try:
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # another worker took it: they all wait on one queue
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors or memory: try again in a while
+                log.error("cannot accept: %s; retrying in %ss", exc, ACCEPT_RETRY)
+                self._pause()
+                self._retry = self._loop.call_later(ACCEPT_RETRY, self._resume)
+                return
+            self._start(conn, (str(peer[0]), int(peer[1])))
+
+    def _start(self, conn: socket.socket, peer: Address) -> None:
+        self._accepted += 1
+        conn.setblocking(False)
+        allowed = peer_allowed(peer[0], self._allowed)
+        refusal = refuse_at_accept(self._mode, allowed)
+        if refusal is not None:
+            self._refuse(conn, peer, refusal.reason)
+            return
+        task = self._loop.create_task(self._admit(conn, peer, allowed))
+        self._pending.add(task)
+        task.add_done_callback(self._admit_done)
+
+    def _admit_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        self._resume()
+        # The isolation boundary of one connection's admission: a bug here closes that
+        # connection (its socket is closed by `_admit`) and is logged, nothing more.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("admitting a connection failed", exc_info=exc)
+
+    def _refuse(self, conn: socket.socket, peer: Address, reason: str) -> None:
+        self._refused += 1
+        self._refusals.refused(format_address(peer), reason)
+        conn.close()
+
+    # -- one connection ------------------------------------------------------------------------
+
+    async def _admit(self, conn: socket.socket, peer: Address, allowed: bool) -> None:
+        """Read the header, decide, and hand the socket on or close it; never raises."""
+        handed = False
+        try:
+            seen = await self._read_header(conn)
+            if isinstance(seen, Silent):
+                log.debug("%s closed before sending anything", format_address(peer))
+                return
+            decision = decide(self._mode, allowed, seen, self._timeout)
+            if isinstance(decision, Refuse):
+                self._refuse(conn, peer, decision.reason)
+                return
+            if self._failing_health_checks() and is_health_check(seen):
+                log.debug("health check from %s failed on purpose: a drain is coming",
+                          format_address(peer))  # fmt: skip
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            if isinstance(seen, ProxyHeader):
+                _consume(conn, seen.length)
+            handed = True
+            self._admitted += 1
+            await self._hand_off(conn, decision.source)
+        except ProxyHeaderError as exc:
+            self._refuse(conn, peer, str(exc))
+        except OSError as exc:  # reset by the peer while we looked, or the hand-off failed
+            self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")
+        finally:
+            if not handed:
+                conn.close()
+
+    async def _read_header(self, conn: socket.socket) -> ProxyHeader | TimedOut | Silent | None:
+        """Peek at the first bytes until `parse` decides (None: they are not a header); consume
+        nothing."""
+        deadline = self._loop.time() + self._timeout
+        need, received = 1, 0
+        while True:
+            # Readable only once `need` bytes are buffered (or at EOF): no wake-up per byte of
+            # a slow header, and none at all for bytes we have already looked at.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+            if not await self._readable(conn, deadline):
+                return TimedOut(received)
+            try:
+                data = conn.recv(MAX_HEADER, socket.MSG_PEEK)
+            except BlockingIOError:  # a spurious wake-up: nothing new after all
+                continue
+            if not data:
+                return Silent()
+            if len(data) < need:  # readable below the low-water mark: the peer has closed
+                raise ProxyHeaderError(f"connection closed after {len(data)} bytes of a header")
+            received = len(data)
+            result = parse(data)
+            if not isinstance(result, NeedMore):
+                return result
+            need = result.total
+
+    async def _readable(self, conn: socket.socket, deadline: float) -> bool:
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._loop.add_reader(conn.fileno(), _wake, ready)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ready
+        except TimeoutError:
+            return False
+        finally:
+            self._loop.remove_reader(conn.fileno())
+        return True
+
+
+def _consume(conn: socket.socket, length: int) -> None:
+    """Take the header's bytes off the socket: they were all buffered when we peeked."""
+    data = conn.recv(length)
+    if len(data) != length:
+        raise ProxyHeaderError(f"header of {length} bytes shrank to {len(data)}")

@@ -1,0 +1,57 @@
+"""What a worker lends its SSH sessions and relays: the directory, the backends, the counters.
+
+Owns `Services`, the one frozen record a session and each of its relays are given, and the small
+Protocols that say how little of the worker's parts they use. The ssh package is below the
+worker and must never import `kilnproxy.worker`; the worker's `WorkerMetrics` and `Backends`
+fit these Protocols as they are, and tests give fakes. This module must hold no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from kilnproxy.backends import Backend
+from kilnproxy.directory import Directory, Route
+
+
+class Observer(Protocol):
+    """A latency histogram, as far as a session fills it."""
+
+    def observe(self, seconds: float) -> None: ...
+
+
+class SessionMetrics(Protocol):
+    """The counters a session and its relays add to.
+
+    The counters themselves stay the worker's (`kilnproxy.worker.metrics`): what they add up
+    to, and how that reaches the master, is the worker's report, not the SSH surface's.
+    """
+
+    @property
+    def auth_lookup(self) -> Observer:
+        """Time from a public key to its identity in the directory."""
+        ...
+
+    @property
+    def route_lookup(self) -> Observer:
+        """Time from an identity and a repository to its route in the directory."""
+        ...
+
+    def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
+        """Called once per access line: one command, or a connection that ran none."""
+
+
+class BackendFinder(Protocol):
+    """Where a route's command runs (the worker's `Backends`)."""
+
+    def for_route(self, route: Route) -> Backend: ...
+
+
+@dataclass(frozen=True)
+class Services:
+    """The worker's shared parts, as its sessions and relays see them."""
+
+    directory: Directory
+    backends: BackendFinder
+    metrics: SessionMetrics

@@ -1,0 +1,432 @@
+"""Supervision: keep the right workers running, and act on signals (SPEC 6).
+
+Signal handlers only enqueue; one loop takes them in order and runs `handle_<signal>`, then
+reconciles: as many serving workers as wanted, all of the current generation (a HUP starts a
+new one, and old workers are replaced one at a time: the replacement is READY before the old
+one is told to drain), heartbeats fresh (a silent worker gets SIGABRT, then SIGKILL: see
+`liveness`). Nothing here blocks: spawning is fork+exec, exits arrive through pidfds, worker
+messages through their channels, decoded by `kilnproxy.control`.
+
+The supervisor feeds the `StatusBoard` and serves `WorkerActions`; it never reads the board's
+readers (HTTP, metrics, status socket) and never imports asyncssh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from kilnproxy import control
+from kilnproxy.config import Config, format_duration, load
+from kilnproxy.errors import OperatorError
+from kilnproxy.logs import configure
+from master.actions import NoSession, NoWorker, WorkerExited, WorkerFailed, WorkerTimeout
+from master.board import StatusBoard
+from master.liveness import BOOT_TIMEOUT, Escalation, Liveness, escalation
+from master.notify import Notifier
+from master.workers import WorkerHandle, WorkerState, spawn
+
+log = logging.getLogger("kilnproxy.master")
+
+FAST_STOP_GRACE = 1.8  # SPEC 6: a fast shutdown is over within 2 s
+REQUEST_TIMEOUT = 10.0  # a task dump or heap profile asked of a worker
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 30.0, 60.0
+MAX_BOOT_FAILURES = 3
+TICK = 0.1
+SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
+           signal.SIGTTOU, signal.SIGUSR1)  # fmt: skip
+
+
+class Stopping(enum.Enum):
+    NOTICE = "notice"  # serving on, failing health checks, for [timeouts] drain_notice
+    DRAIN = "drain"
+    FAST = "fast"
+
+    @property
+    def message(self) -> control.MasterMessage:
+        """What every worker is told, including one that becomes ready during the stop."""
+        if self is Stopping.NOTICE:
+            return control.DrainNotice()
+        return control.Drain() if self is Stopping.DRAIN else control.Stop()
+
+
+class Supervisor:
+    def __init__(
+        self, config: Config, config_path: Path | None, board: StatusBoard, notifier: Notifier
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.board = board
+        self.notifier = notifier
+        self.desired = config.workers.count
+        self.generation = 0
+        self.workers: list[WorkerHandle] = []
+        self.stopping: Stopping | None = None
+        self.stop_deadline = 0.0
+        self.exit_status = 0
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._listeners: list[socket.socket] = []
+        self._spawning = 0
+        self._backoff: dict[int, float] = {}
+        self._not_before: dict[int, float] = {}
+        self._boot_failures = 0
+        self._ready_announced = False
+        self._reloading = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._request_ids = itertools.count(1)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def catch_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handled in SIGNALS:
+            loop.add_signal_handler(handled, self._signals.put_nowait, int(handled))
+
+    async def run(self, listeners: list[socket.socket]) -> int:
+        """Supervise until stopped and every worker is gone; the master's exit status."""
+        self._listeners = listeners
+        try:
+            while not self._finished():
+                self.reconcile()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TICK):
+                        signum = await self._signals.get()
+                        log.info("received %s", signal.Signals(signum).name)
+                        getattr(self, f"handle_{signal.Signals(signum).name.lower()}")()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            self._close_listeners()
+        return self.exit_status
+
+    def _finished(self) -> bool:
+        return self.stopping is not None and not self.workers and self._spawning == 0
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def handle_sigterm(self) -> None:
+        if self.stopping is not None:
+            self._begin_stop(Stopping.FAST)  # a second TERM
+        elif self.config.timeouts.drain_notice > 0:
+            self._begin_notice(self.config.timeouts.drain_notice)
+        else:
+            self._begin_stop(Stopping.DRAIN)
+
+    handle_sigquit = handle_sigterm
+
+    def handle_sigint(self) -> None:
+        self._begin_stop(Stopping.FAST)
+
+    def handle_sighup(self) -> None:
+        if self.stopping is not None:
+            return
+        self.notifier.reloading()
+        try:
+            config = load(str(self.config_path) if self.config_path else None)
+        except OperatorError as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+            self.notifier.ready()
+            return
+        if config.workers.count != self.config.workers.count:
+            self.desired = config.workers.count
+        self.config = config
+        self.generation += 1
+        self.board.generation = self.generation
+        self._reloading = True
+        log.info("rolling restart to generation %d", self.generation)
+
+    def handle_sigttin(self) -> None:
+        self.desired += 1
+        log.info("workers wanted: %d", self.desired)
+
+    def handle_sigttou(self) -> None:
+        self.desired = max(1, self.desired - 1)
+        log.info("workers wanted: %d", self.desired)
+
+    def handle_sigusr1(self) -> None:
+        configure(self.config.log.format, self.config.log.level, self.config.log.file)
+        for worker in self.workers:
+            self._signal(worker, signal.SIGUSR1)
+
+    def _begin_notice(self, seconds: float) -> None:
+        """Keep the listeners open and serving while the load balancer's health checks fail,
+        so that it stops sending connections here; then drain (`reconcile`). Closing at once
+        would reset the connections queued on the socket, which a balancer cannot retry."""
+        self.stopping = Stopping.NOTICE
+        self.board.stopping = True
+        self.notifier.stopping()
+        self.stop_deadline = time.monotonic() + seconds  # when the drain proper begins
+        log.info("drain in %s: failing health checks meanwhile", format_duration(seconds))
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.send(control.DrainNotice())
+
+    def _begin_stop(self, mode: Stopping) -> None:
+        if self.stopping is Stopping.FAST:
+            return
+        self.stopping = mode
+        self.board.stopping = True
+        self.notifier.stopping()
+        self._close_listeners()  # new connections are refused from now on
+        grace = self.config.timeouts.drain + 10 if mode is Stopping.DRAIN else FAST_STOP_GRACE
+        self.stop_deadline = time.monotonic() + grace
+        log.info("%s stop of %d workers", mode.value, len(self.workers))
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.send(mode.message)
+            if worker.state is not WorkerState.EXITED:
+                worker.state = WorkerState.DRAINING
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+
+    # -- keeping the right workers -----------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        now = time.monotonic()
+        self._check_heartbeats(now)
+        if self.stopping is Stopping.NOTICE:
+            if now >= self.stop_deadline:
+                self._begin_stop(Stopping.DRAIN)
+            return
+        if self.stopping is not None:
+            if now > self.stop_deadline:
+                for worker in self.workers:
+                    self._signal(worker, signal.SIGKILL)
+            return
+        serving = [w for w in self.workers if w.serving]
+        starting = [w for w in serving if w.state is WorkerState.STARTING]
+        if len(serving) + self._spawning < self.desired:
+            self._spawn_missing(serving, now)
+        elif len(serving) > self.desired and not starting:
+            self._drain_one(self._surplus(serving))
+        elif not starting and self._spawning == 0:
+            old = [w for w in serving if w.generation < self.generation]
+            if old:
+                self._start(old[0].index)  # the replacement; old[0] drains once it is READY
+            elif self._reloading:
+                self._reloading = False
+                self.notifier.ready()
+                log.info("rolling restart to generation %d complete", self.generation)
+
+    def _spawn_missing(self, serving: list[WorkerHandle], now: float) -> None:
+        """Fill the lowest free slots. A slot in backoff is waited for, never skipped: taking
+        the next index instead would restart a crashing worker with no backoff at all."""
+        taken = {w.index for w in serving}
+        for index in range(self.desired + len(serving)):
+            if len(serving) + self._spawning >= self.desired:
+                return
+            if index in taken:
+                continue
+            if self._not_before.get(index, 0.0) > now:
+                return
+            self._start(index)
+
+    def _surplus(self, serving: list[WorkerHandle]) -> WorkerHandle:
+        """Which worker goes: an old one whose slot has its replacement READY, else an old
+        one, else the highest index (TTOU)."""
+        current = {w.index for w in serving if w.generation == self.generation}
+
+        def order(w: WorkerHandle) -> tuple[bool, bool, int, int]:
+            replaced = w.generation < self.generation and w.index in current
+            return (not replaced, w.generation == self.generation, w.generation, -w.index)
+
+        return min(serving, key=order)
+
+    def _start(self, index: int) -> None:
+        if self.stopping is not None or not self._listeners:
+            return
+        self._spawning += 1
+        self._background(self._spawn(index, self.generation))
+
+    async def _spawn(self, index: int, generation: int) -> None:
+        try:
+            handle = await spawn(index, generation, self._listeners, self.config_path)
+        except OSError as exc:
+            log.error("cannot start worker %d: %s", index, exc)
+            self._not_before[index] = time.monotonic() + self._next_backoff(index)
+            return
+        finally:
+            self._spawning -= 1
+        self.workers.append(handle)
+        self.board.joined(handle)
+        asyncio.get_running_loop().add_reader(handle.pidfd, self._reap, handle)
+        self._background(self._listen(handle))
+        log.info("started worker %d (pid %d, generation %d)", index, handle.pid, generation)
+
+    def _drain_one(self, worker: WorkerHandle) -> None:
+        log.info("draining worker %d (pid %d)", worker.index, worker.pid)
+        worker.state = WorkerState.DRAINING
+        if worker.channel is not None:
+            worker.channel.send(control.Drain())
+
+    # -- what workers say, and how they end --------------------------------------------------------
+
+    async def _listen(self, worker: WorkerHandle) -> None:
+        assert worker.channel is not None
+        while (message := await worker.channel.receive()) is not None:
+            worker.last_heartbeat = time.monotonic()
+            self._on_message(worker, message)
+
+    def _on_message(self, worker: WorkerHandle, message: control.WorkerMessage) -> None:
+        match message:
+            case control.Ready():
+                self._on_ready(worker)
+            case control.Heartbeat():
+                self.board.heard(worker, message)
+            case control.Reply():
+                waiter = worker.pending.pop(message.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+            case control.Draining() if worker.state is not WorkerState.EXITED:
+                log.info("worker %d (pid %d) drains on its own", worker.index, worker.pid)
+                worker.state = WorkerState.DRAINING  # its replacement starts at once
+            case control.SessionClosed():
+                self.board.session_closed(message.session)
+
+    def _on_ready(self, worker: WorkerHandle) -> None:
+        worker.ready_at = time.monotonic()
+        if worker.state is WorkerState.STARTING:
+            worker.state = WorkerState.READY
+        self._boot_failures = 0
+        log.info("worker %d (pid %d) ready", worker.index, worker.pid)
+        if self.stopping is not None and worker.channel is not None:
+            worker.channel.send(self.stopping.message)
+        if not self._ready_announced and self._all_ready():
+            self._ready_announced = True
+            self.notifier.ready()
+            log.info("all %d workers ready", self.desired)
+
+    def _all_ready(self) -> bool:
+        ready = [w for w in self.workers if w.state is WorkerState.READY]
+        return len(ready) >= self.desired
+
+    def _reap(self, worker: WorkerHandle) -> None:
+        status = worker.proc.poll()
+        if status is None:
+            return
+        asyncio.get_running_loop().remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+        if worker.channel is not None:
+            worker.channel.close()
+        expected = worker.state is WorkerState.DRAINING
+        was_ready = worker.ready_at is not None
+        worker.state = WorkerState.EXITED
+        self.workers.remove(worker)
+        self.board.left(worker, died=not expected)
+        for waiter in worker.pending.values():
+            if not waiter.done():
+                waiter.set_exception(WorkerExited(worker.index))
+        if expected:
+            log.info(
+                "worker %d (pid %d) exited %d after draining", worker.index, worker.pid, status
+            )
+            return
+        log.warning("worker %d (pid %d) died with status %d", worker.index, worker.pid, status)
+        if not was_ready:
+            self._boot_failure(worker, status)
+        elif worker.ready_at is not None and time.monotonic() - worker.ready_at >= BACKOFF_RESET:
+            self._backoff.pop(worker.index, None)
+        self._not_before[worker.index] = time.monotonic() + self._next_backoff(worker.index)
+
+    def _boot_failure(self, worker: WorkerHandle, status: int) -> None:
+        self._boot_failures += 1
+        reason = (
+            "cannot boot"
+            if status == control.WORKER_BOOT_ERROR
+            else f"exited {status} while booting"
+        )
+        log.error("worker %d %s (%d of %d tries)", worker.index, reason,
+                  self._boot_failures, MAX_BOOT_FAILURES)  # fmt: skip
+        if self._boot_failures >= MAX_BOOT_FAILURES and self.stopping is None:
+            log.error("workers cannot boot; the master gives up")
+            self.exit_status = 1
+            self._begin_stop(Stopping.FAST)
+
+    def _next_backoff(self, index: int) -> float:
+        delay = min(BACKOFF_MAX, self._backoff.get(index, BACKOFF_FIRST / 2) * 2)
+        self._backoff[index] = delay
+        return delay
+
+    def _check_heartbeats(self, now: float) -> None:
+        for worker in self.workers:
+            if worker.proc.poll() is not None:
+                continue
+            step = escalation(worker, now)
+            if step is Escalation.KILL_UNBOOTED:
+                log.error("worker %d (pid %d) not ready after %.0fs: SIGKILL",
+                          worker.index, worker.pid, BOOT_TIMEOUT)  # fmt: skip
+                worker.liveness = Liveness.KILLED
+                self._signal(worker, signal.SIGKILL)
+            elif step is Escalation.ABORT:
+                log.error("worker %d (pid %d) silent for %.0fs: SIGABRT for its stacks",
+                          worker.index, worker.pid, now - worker.last_heartbeat)  # fmt: skip
+                worker.liveness, worker.aborted_at = Liveness.ABORTED, now
+                self._signal(worker, signal.SIGABRT)
+                self._signal(worker, signal.SIGCONT)  # a stopped worker must run to dump them
+            elif step is Escalation.KILL:
+                log.error("worker %d (pid %d) still there: SIGKILL", worker.index, worker.pid)
+                worker.liveness = Liveness.KILLED
+                self._signal(worker, signal.SIGKILL)
+
+    def _signal(self, worker: WorkerHandle, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signum)
+
+    # -- what the read side may ask (actions.WorkerActions) ----------------------------------------
+
+    def end_session(self, session: str) -> None:
+        pid = self.board.table.owner(session)
+        worker = next((w for w in self.workers if w.pid == pid), None)
+        if worker is None or worker.channel is None:
+            raise NoSession(session)
+        worker.channel.send(control.KillSession(session))
+
+    async def dump_tasks(self, index: int) -> dict[str, Any]:
+        return await self._ask(index, control.TaskDumpRequest)
+
+    async def profile_heap(
+        self, index: int, top: int, seconds: float, stop: bool, peek: bool
+    ) -> dict[str, Any]:
+        return await self._ask(
+            index, lambda i: control.HeapProfileRequest(i, top, seconds, stop, peek)
+        )
+
+    async def _ask(
+        self, index: int, request: Callable[[int], control.MasterMessage]
+    ) -> dict[str, Any]:
+        """Ask serving worker `index` (the request is made with its id); wait a bounded time."""
+        worker = next((w for w in self.workers if w.index == index and w.serving), None)
+        if worker is None or worker.channel is None:
+            raise NoWorker(index)
+        request_id = next(self._request_ids)
+        waiter: asyncio.Future[control.Reply] = asyncio.get_running_loop().create_future()
+        worker.pending[request_id] = waiter
+        worker.channel.send(request(request_id))
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                reply = await waiter
+        except TimeoutError:
+            raise WorkerTimeout(index, REQUEST_TIMEOUT) from None
+        finally:
+            worker.pending.pop(request_id, None)
+        if reply.data is None:
+            raise WorkerFailed(reply.error or f"worker {index} sent no data")
+        return reply.data

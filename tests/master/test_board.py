@@ -1,0 +1,140 @@
+"""The status board, fed as the supervisor feeds it, read as its readers read it (no processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from kilnproxy.control import (
+    BUCKETS,
+    Heartbeat,
+    Histogram,
+    MetricsSnapshot,
+    PoolStats,
+    SessionStats,
+    WorkerStats,
+)
+from master.board import SILENT, StatusBoard
+from master.workers import WorkerState
+
+
+@dataclass
+class FakeWorker:
+    index: int
+    pid: int
+    generation: int = 0
+    state: WorkerState = WorkerState.READY
+    started_at: float = 0.0
+    last_heartbeat: float = 0.0
+
+    @property
+    def serving(self) -> bool:
+        return self.state in (WorkerState.STARTING, WorkerState.READY)
+
+
+def stats(pid: int, sessions: int = 0, rss: int = 1000) -> WorkerStats:
+    return dataclasses.replace(SILENT, pid=pid, sessions=sessions, rss=rss, heap=rss // 2)
+
+
+def row(session: str, started_at: float = 1.0, vcs: str | None = "git") -> SessionStats:
+    return SessionStats(
+        session=session, remote_addr="127.0.0.1:1", login="git", account="aviato", user="alice",
+        key_name="k", key_fingerprint="SHA256:x", repo="aviato/website", vcs=vcs,
+        verb="git-upload-pack", backend="local", started_at=started_at, duration=0.0,
+        bytes_in=1, bytes_out=2, state="authenticated",
+    )  # fmt: skip
+
+
+def metrics(ok: int, bytes_out: int) -> MetricsSnapshot:
+    counts = (ok,) + (0,) * len(BUCKETS)
+    return MetricsSnapshot({"ok": ok}, 0, bytes_out, auth_lookup=Histogram(counts, 0.001 * ok))
+
+
+def beat(pid: int, *rows: SessionStats, ok: int = 0, sessions: int = 0) -> Heartbeat:
+    pools = {"storage": PoolStats(connections=2, channels=1, dials=3)}
+    return Heartbeat(stats(pid, sessions), metrics(ok, 100 * ok), pools, rows)
+
+
+def test_rows_follow_heartbeats_closes_and_exits() -> None:
+    board = StatusBoard()
+    one, two = FakeWorker(0, 100), FakeWorker(1, 101)
+    board.joined(one)
+    board.joined(two)
+    board.heard(one, beat(100, row("aaaaaaaa", 2.0), row("bbbbbbbb", 1.0)))
+    board.heard(two, beat(101, row("cccccccc", 3.0)))
+    assert [r.stats.session for r in board.table.rows()] == ["bbbbbbbb", "aaaaaaaa", "cccccccc"]
+    json_row = board.table.rows()[0].as_json()
+    assert json_row["worker"] == 0 and json_row["repo"] == "aviato/website"
+    assert list(json_row)[-1] == "worker"  # after the session's own fields, as always
+    assert board.table.owner("cccccccc") == 101
+    board.session_closed("aaaaaaaa")
+    board.left(two, died=True)
+    assert [r.stats.session for r in board.table.rows()] == ["bbbbbbbb"]
+    assert board.table.owner("cccccccc") is None
+    board.heard(two, beat(101, row("dddddddd")))  # read from its channel after it exited
+    assert board.table.owner("dddddddd") is None and board.workers() == [one]
+
+
+def test_totals_never_go_backwards_and_restarts_count_deaths_only() -> None:
+    board = StatusBoard()
+    one, two, three = FakeWorker(0, 100), FakeWorker(1, 101), FakeWorker(0, 102)
+    for worker in (one, two, three):
+        board.joined(worker)
+    board.heard(one, beat(100, ok=3))
+    board.heard(two, beat(101, ok=5))
+    assert board.totals().outcomes == {"ok": 8}
+    board.left(one, died=False)  # drained
+    board.left(two, died=True)
+    assert board.restarts == 1
+    board.heard(three, beat(102, ok=1))
+    totals = board.totals()
+    assert totals.outcomes == {"ok": 9} and totals.bytes_out == 900
+    assert totals.auth_lookup.counts[0] == 9
+    assert board.retired.outcomes == {"ok": 8}
+
+
+def test_stats_are_zeros_until_the_first_heartbeat() -> None:
+    board = StatusBoard()
+    worker = FakeWorker(0, 100, state=WorkerState.STARTING)
+    board.joined(worker)
+    assert board.stats(worker) == SILENT and board.sessions_open() == 0
+    board.heard(worker, beat(100, sessions=4))
+    assert board.stats(worker).sessions == 4 and board.sessions_open() == 4
+
+
+def test_memory_samples_one_per_slot_the_newer_worker_speaking() -> None:
+    board = StatusBoard()
+    old = FakeWorker(0, 100, started_at=1.0)
+    new = FakeWorker(0, 101, started_at=2.0, state=WorkerState.STARTING)
+    quiet = FakeWorker(1, 102, started_at=3.0)
+    for worker in (old, new, quiet):
+        board.joined(worker)
+    board.heard(old, beat(100, sessions=1))
+    board.heard(new, beat(101, sessions=2))
+    board.sample_memory()
+    history = board.memory.snapshot()
+    assert list(history) == ["0"]  # the quiet worker has said nothing yet
+    (sample,) = history["0"]
+    assert (sample["pid"], sample["sessions"], sample["rss"], sample["heap"]) == (101, 2, 1000, 500)
+    assert sample["t"] == pytest.approx(time.time(), abs=5)
+    assert board.memory.snapshot(since=sample["t"]) == {"0": []}
+
+
+def test_pools_of_serving_workers_and_health() -> None:
+    board = StatusBoard()
+    now = time.monotonic()
+    ready = FakeWorker(0, 100, last_heartbeat=now)
+    draining = FakeWorker(1, 101, state=WorkerState.DRAINING, last_heartbeat=now - 60)
+    assert not board.healthy(now)  # no worker ready
+    board.joined(ready)
+    board.joined(draining)
+    board.heard(ready, beat(100))
+    board.heard(draining, beat(101))
+    assert board.pooled() == {"storage": 2}
+    assert [w.pid for w in board.serving()] == [100]
+    assert board.healthy(now)  # the draining worker's silence does not count
+    ready.last_heartbeat = now - 4
+    assert not board.healthy(now)

@@ -1,0 +1,135 @@
+"""The read side against a fake supervisor: each StatusError gets its HTTP status and body, and
+the status socket its one-line error (the real master is in test_status_http and test_master)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from kilnproxy.status_socket import serve
+from master.actions import (
+    NoSession,
+    NoWorker,
+    StatusError,
+    WorkerExited,
+    WorkerFailed,
+    WorkerTimeout,
+)
+from master.board import StatusBoard
+from master.http import STATUS, application
+from master.status import StatusAnswers
+
+
+class FakeActions:
+    """A supervisor whose every answer is `error`, or a fixed one when error is None."""
+
+    def __init__(self, error: StatusError | None) -> None:
+        self.error = error
+        self.ended: list[str] = []
+
+    def end_session(self, session: str) -> None:
+        if self.error is not None:
+            raise self.error
+        self.ended.append(session)
+
+    async def dump_tasks(self, index: int) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        return {"tasks": [], "sessions": [], "index": index}
+
+    async def profile_heap(
+        self, index: int, top: int, seconds: float, stop: bool, peek: bool
+    ) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        return {"tracing": not stop, "top": top, "seconds": seconds, "peek": peek}
+
+
+async def fetch(actions: FakeActions, method: str, path: str) -> tuple[int, str, str]:
+    async with TestClient(TestServer(application(StatusBoard(), actions))) as client:
+        response = await client.request(method, path)
+        return response.status, response.content_type, await response.text()
+
+
+ERRORS = [
+    (NoSession("0badf00d"), 404, "no session 0badf00d"),
+    (NoWorker(7), 404, "no worker 7"),
+    (WorkerTimeout(0, 10.0), 503, "worker 0 did not answer in 10s"),
+    (WorkerExited(0), 503, "worker 0 exited"),
+    (WorkerFailed("worker 0 failed: boom"), 503, "worker 0 failed: boom"),
+]
+
+
+def test_every_status_error_has_its_http_status() -> None:
+    assert set(STATUS) == {type(error) for error, _, _ in ERRORS}
+
+
+@pytest.mark.parametrize(("error", "status", "message"), ERRORS, ids=str)
+def test_debug_endpoints_answer_json_errors(error: StatusError, status: int, message: str) -> None:
+    for path in ("/debug/workers/0/tasks", "/debug/workers/0/heap?top=3"):
+        got = asyncio.run(fetch(FakeActions(error), "GET", path))
+        assert got == (status, "application/json", json.dumps({"error": message}))
+
+
+def test_ending_an_unknown_session_is_a_404_line_the_dashboard_shows() -> None:
+    got = asyncio.run(fetch(FakeActions(NoSession("0badf00d")), "DELETE", "/connections/0badf00d"))
+    assert got == (404, "text/plain", "no session 0badf00d\n")
+
+
+def test_answers_when_nothing_fails() -> None:
+    actions = FakeActions(None)
+    status, _, text = asyncio.run(fetch(actions, "DELETE", "/connections/0badf00d"))
+    assert (status, json.loads(text), actions.ended) == (200, {"killed": "0badf00d"}, ["0badf00d"])
+    status, _, text = asyncio.run(fetch(actions, "GET", "/debug/workers/3/heap?stop=1&seconds=5"))
+    assert json.loads(text) == {"tracing": False, "top": 25, "seconds": 5.0, "peek": False}
+    status, _, text = asyncio.run(fetch(actions, "GET", "/debug/workers/12/tasks"))
+    assert (status, json.loads(text)["index"]) == (200, 12)
+
+
+def ask_socket(path: Path, actions: FakeActions, *lines: bytes) -> list[dict[str, Any]]:
+    async def exchange() -> list[dict[str, Any]]:
+        server = await serve(path, StatusAnswers(StatusBoard(), actions).answer)
+        replies = []
+        for line in lines:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(line)
+            replies.append(json.loads(await reader.readline()))
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return replies
+
+    return asyncio.run(exchange())
+
+
+def test_the_status_socket_says_each_error_in_one_line(tmp_path: Path) -> None:
+    replies = ask_socket(
+        tmp_path / "status.sock",
+        FakeActions(NoSession("0badf00d")),
+        b'{"command": "kill", "session": "0badf00d"}\n',
+        b'{"command": "reboot"}\n',
+        b"{}\n",
+        b"[1]\n",
+        b"nonsense\n",
+        b'{"command": "connections"}\n',
+    )
+    assert replies[:4] == [
+        {"error": "no session 0badf00d"},
+        {"error": "unknown command 'reboot'"},
+        {"error": "unknown command None"},
+        {"error": "bad request: not an object"},
+    ]
+    assert replies[4]["error"].startswith("bad request: ")
+    assert replies[5] == {"connections": []}
+
+
+def test_the_status_reply_lists_no_worker_before_any_started(tmp_path: Path) -> None:
+    (reply,) = ask_socket(tmp_path / "status.sock", FakeActions(None), b'{"command": "status"}\n')
+    assert reply["workers"] == [] and reply["generation"] == 0
+    assert set(reply) == {"version", "started_at", "uptime", "master_pid", "generation", "workers"}

@@ -1,0 +1,303 @@
+"""Admitting connections by their PROXY header: the policy as plain functions, the settings,
+and `ProxyListener` on real loopback sockets with a recording hand-off in asyncssh's place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from kilnproxy.config import SshSettings, from_mapping
+from kilnproxy.errors import OperatorError
+from kilnproxy.ssh import proxy_accept
+from kilnproxy.ssh.proxy_accept import (
+    Admit,
+    ProxyListener,
+    ProxyMode,
+    RefusalLog,
+    Refuse,
+    TimedOut,
+    decide,
+    is_health_check,
+    peer_allowed,
+    refuse_at_accept,
+)
+from kilnproxy.ssh.proxy_header import ProxyHeader, build_v1, build_v2, parse
+
+CLIENT = ("203.0.113.7", 40000)
+HEADER = ProxyHeader(version=1, length=40, source=CLIENT, destination=("10.0.0.1", 22))
+LOCAL = ProxyHeader(version=2, length=16, source=None, destination=None)
+SSH = b"SSH-2.0-OpenSSH_9.6\r\n"
+
+# -- the policy -----------------------------------------------------------------------------------
+
+
+NOT_ALLOWED = Refuse("PROXY header from a peer not in [ssh] proxy_allowed")
+
+
+def slow(received: int) -> Refuse:
+    return Refuse(f"no complete PROXY header within 5s ({received} bytes received)")
+
+
+@pytest.mark.parametrize(
+    ("mode", "allowed", "seen", "outcome"),
+    [
+        (ProxyMode.OPTIONAL, True, HEADER, Admit(CLIENT)),
+        (ProxyMode.REQUIRE, True, HEADER, Admit(CLIENT)),
+        (ProxyMode.REQUIRE, True, LOCAL, Admit(None)),
+        (ProxyMode.OPTIONAL, True, None, Admit(None)),
+        (ProxyMode.OPTIONAL, False, None, Admit(None)),
+        (ProxyMode.REQUIRE, True, None, Refuse("no PROXY header (proxy_protocol is 'require')")),
+        (ProxyMode.OPTIONAL, False, HEADER, NOT_ALLOWED),
+        (ProxyMode.OPTIONAL, False, LOCAL, NOT_ALLOWED),
+        (ProxyMode.OPTIONAL, True, TimedOut(0), Admit(None)),
+        (ProxyMode.OPTIONAL, True, TimedOut(3), slow(3)),
+        (ProxyMode.REQUIRE, True, TimedOut(0), slow(0)),
+    ],
+)
+def test_decide(
+    mode: ProxyMode, allowed: bool, seen: ProxyHeader | TimedOut | None, outcome: object
+) -> None:
+    assert decide(mode, allowed, seen, 5.0) == outcome
+
+
+def test_require_refuses_other_peers_before_reading() -> None:
+    assert refuse_at_accept(ProxyMode.REQUIRE, False) == Refuse("peer not in [ssh] proxy_allowed")
+    assert refuse_at_accept(ProxyMode.REQUIRE, True) is None
+    assert refuse_at_accept(ProxyMode.OPTIONAL, False) is None  # it may still speak plain SSH
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("10.1.2.3", True),
+        ("::ffff:10.1.2.3", True),  # an IPv4 peer on a dual-stack socket
+        ("11.0.0.1", False),
+        ("fd00::1", True),
+        ("fe80::1%eth0", False),
+        ("2001:db8::1", False),
+        ("", False),
+        ("not an address", False),
+    ],
+)
+def test_peer_allowed(host: str, allowed: bool) -> None:
+    networks = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    assert peer_allowed(host, networks) is allowed
+
+
+def test_refusal_log_holds_a_flood_to_its_burst(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    refusals = RefusalLog(burst=3, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="kilnproxy.proxy"):
+        for i in range(10):
+            refusals.refused(f"10.0.0.{i}:1", "bad")
+        now[0] += 1.0
+        refusals.refused("10.0.0.99:1", "bad")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "closed connection from 10.0.0.0:1: bad",
+        "closed connection from 10.0.0.1:1: bad",
+        "closed connection from 10.0.0.2:1: bad",
+        "closed connection from 10.0.0.99:1: bad (7 more not logged)",
+    ]
+
+
+# -- the settings ---------------------------------------------------------------------------------
+
+
+def test_settings_default_to_off(tmp_path: Path) -> None:
+    ssh = from_mapping({}, tmp_path).ssh
+    assert (ssh.proxy_protocol, ssh.proxy_allowed, ssh.proxy_timeout) == ("off", (), 5.0)
+
+
+def test_settings_parse(tmp_path: Path) -> None:
+    allowed = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.1"]
+    raw = {"proxy_protocol": "require", "proxy_allowed": allowed, "proxy_timeout": "500ms"}
+    ssh = from_mapping({"ssh": raw}, tmp_path).ssh
+    assert ssh.proxy_protocol == "require" and ssh.proxy_timeout == 0.5
+    assert [str(n) for n in ssh.proxy_allowed] == ["10.0.0.0/8", "2001:db8::/32", "192.0.2.1/32"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"proxy_protocol": "on"}, r"proxy_protocol: 'on' is not one of off, optional, require"),
+        ({"proxy_protocol": True}, r"proxy_protocol: expected a string"),
+        ({"proxy_allowed": "10.0.0.0/8"}, r"proxy_allowed: expected a list of strings"),
+        ({"proxy_allowed": ["10.0.0.1/8"]}, r"proxy_allowed: '10.0.0.1/8' is not a network"),
+        ({"proxy_allowed": ["lb.example"]}, r"proxy_allowed: 'lb.example' is not a network"),
+        ({"proxy_timeout": "0s"}, r"proxy_timeout: '0s' must be longer than zero"),
+        ({"proxy_protocol": "optional"}, r"proxy_allowed: the load balancers' networks are needed"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path: Path, raw: dict[str, object], message: str) -> None:
+    with pytest.raises(OperatorError, match=r"^\[ssh\] " + message) as caught:
+        from_mapping({"ssh": raw}, tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+# -- the listener on real sockets -----------------------------------------------------------------
+
+Received = list[tuple[tuple[str, int] | None, bytes]]
+
+
+def settings(mode: str = "optional", timeout: str = "1s") -> SshSettings:
+    raw = {"proxy_protocol": mode, "proxy_allowed": ["127.0.0.0/8"], "proxy_timeout": timeout}
+    return from_mapping({"ssh": raw}, Path("/")).ssh
+
+
+def serve(
+    scenario: Callable[[ProxyListener, int, Received], Awaitable[None]],
+    ssh: SshSettings | None = None,
+) -> Received:
+    """Run `scenario` against a listener on uvloop; the hand-off records what SSH would get."""
+    received: Received = []
+
+    async def hand_off(conn: socket.socket, source: tuple[str, int] | None) -> None:
+        loop = asyncio.get_running_loop()
+        with conn:
+            data = b""
+            while chunk := await loop.sock_recv(conn, 4096):
+                data += chunk
+            received.append((source, data))
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            listener = ProxyListener(sock, ssh or settings(), hand_off)
+            await listener.start_serving()
+            try:
+                await scenario(listener, sock.getsockname()[1], received)
+            finally:
+                listener.close()
+                await listener.wait_closed()
+
+    uvloop.run(main())
+    return received
+
+
+async def send(port: int, *parts: bytes, pause: float = 0.0, eof: bool = True) -> bytes:
+    """Connect, send `parts` (pausing between them) and EOF, and read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause)
+        if eof:
+            writer.write_eof()
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:  # closed with our bytes unread: the kernel sends a reset
+            return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            await writer.wait_closed()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_only_the_header_is_consumed() -> None:
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        await send(port, build_v2(CLIENT, ("10.0.0.1", 22), ((1, b"h2"),)) + SSH)
+        await send(port, SSH)  # no header: every byte reaches SSH
+        await until(lambda: len(received) == 2)
+
+    assert serve(scenario) == [(CLIENT, SSH), (None, SSH)]
+
+
+def test_a_header_in_pieces_is_read_whole() -> None:
+    header = build_v1(CLIENT, ("10.0.0.1", 22))
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        pieces = [header[:1], header[1:7], header[7:30], header[30:], SSH]
+        await send(port, *pieces, pause=0.05)
+
+    assert serve(scenario) == [(CLIENT, SSH)]
+
+
+def test_slow_and_silent_clients(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        started = asyncio.get_running_loop().time()
+        assert await send(port, b"PROXY TCP4 ", eof=False) == b""
+        assert 0.2 < asyncio.get_running_loop().time() - started < 2
+        await send(port, eof=False)  # says nothing: in require mode that is refused too
+        await send(port)  # closes at once: a balancer's TCP check, not worth a warning
+
+    with caplog.at_level(logging.DEBUG, logger="kilnproxy.proxy"):
+        received = serve(scenario, settings("require", timeout="300ms"))
+    assert received == []
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2
+    assert lines[0].endswith("no complete PROXY header within 300ms (11 bytes received)")
+    assert lines[1].endswith("no complete PROXY header within 300ms (0 bytes received)")
+    assert caplog.records[-1].getMessage().endswith("closed before sending anything")
+
+
+def test_pending_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy_accept, "PENDING_LIMIT", 2)
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await until(lambda: listener.statistics().accepted == 2)
+        await asyncio.sleep(0.1)
+        assert listener.statistics().pending == 2  # the third waits in the listen queue
+        assert listener.statistics().accepted == 2
+        _, first = silent.pop(0)
+        first.close()  # EOF: that slot is free, and the third is accepted
+        await until(lambda: listener.statistics().accepted == 3)
+        assert listener.statistics().pending == 2
+        assert listener.statistics().refused == 0  # a peer that closes at once is not refused
+        listener.close()  # stops accepting; those already accepted are still handed on
+        assert not listener.is_serving()
+        assert listener.statistics().pending == 2
+        for number, (_, writer) in enumerate(silent):
+            writer.write(build_v1(CLIENT, ("10.0.0.1", 22)) + f"SSH {number}".encode())
+            writer.write_eof()
+        await until(lambda: len(received) == 2)
+        for _, writer in silent:
+            writer.close()
+
+    received = serve(scenario, settings(timeout="30s"))
+    assert sorted(received) == [(CLIENT, b"SSH 0"), (CLIENT, b"SSH 1")]
+
+
+def test_a_stalled_header_does_not_spin_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes already looked at keep the socket readable; the low-water mark keeps the loop
+    from waking for them again and again while the rest of the header is awaited."""
+    looks: list[bytes] = []
+
+    def counting_parse(data: bytes) -> object:
+        looks.append(data)
+        return parse(data)
+
+    monkeypatch.setattr(proxy_accept, "parse", counting_parse)
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        assert await send(port, b"PROXY TCP4 203.0.113.7", eof=False) == b""
+
+    serve(scenario, settings(timeout="500ms"))
+    assert 1 <= len(looks) <= 3, len(looks)
+
+
+def test_a_health_check_is_a_header_without_a_client() -> None:
+    local = parse(build_v2(None))
+    unknown = parse(build_v1(None))
+    client = parse(build_v2(("203.0.113.7", 40000), ("127.0.0.1", 22)))
+    assert isinstance(local, ProxyHeader) and is_health_check(local)
+    assert isinstance(unknown, ProxyHeader) and is_health_check(unknown)
+    assert isinstance(client, ProxyHeader) and not is_health_check(client)
+    assert not is_health_check(None) and not is_health_check(TimedOut(0))

@@ -1,0 +1,508 @@
+"""The relay's state machine, driven with fakes: a channel, a backend stream, a directory.
+
+What these pin down is the order of things a client or a backend sees: bytes sent before the
+backend is up, an EOF that arrives early, the exit status held back until the client has taken
+every byte before it, a cut, a backend lost halfway. The same flows run end to end, with real
+git, hg and sshd, in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+import pytest
+
+from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
+from kilnproxy.directory import Identity, Route
+from kilnproxy.errors import BackendError, CutReason, DirectoryUnavailable
+from kilnproxy.logs import SessionLog
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Command, Vcs, Verb
+from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
+from kilnproxy.ssh.services import Services
+
+SESSION = "3f9c2a1b"
+BOB = Identity("aviato", "bob", Role.WRITE, "laptop", "SHA256:bobkey")
+UPLOAD = "git-upload-pack 'aviato/website.git'"
+STORAGE = "storage for aviato/website is unavailable, try again later"
+STORAGE_LINE = f"kilnproxy: {STORAGE} (session {SESSION})\n".encode()
+
+
+def on_a_loop(body: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """An async test body, run on a fresh loop: a relay takes the running loop when made."""
+
+    def test() -> None:
+        asyncio.run(body())
+
+    return test
+
+
+async def settle() -> None:
+    """Let the loop run what is ready: the relay's opening task, the coalescers' flushes."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class FakeChannel:
+    """An SSH channel that records, in one list and in order, what the client would get."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.sent: list[tuple[str, object]] = []  # ("out" | "err" | "exit", payload)
+        self.reading = True
+        self.buffered = 0  # bytes the client has not taken yet
+        self.limits: tuple[int | None, int | None] | None = None
+        self._env = dict(env or {})
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(("out", data))
+
+    def write_stderr(self, data: bytes) -> None:
+        self.sent.append(("err", data))
+
+    def exit(self, status: int) -> None:
+        self.sent.append(("exit", status))
+
+    def is_closing(self) -> bool:
+        return any(kind == "exit" for kind, _ in self.sent)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high, low)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_environment(self) -> Mapping[str, str]:
+        return self._env
+
+
+class FakeStream:
+    """A running backend command that records what the relay did to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.output_paused = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def write_eof(self) -> None:
+        self.calls.append(("eof", b""))
+
+    def pause_output(self) -> None:
+        self.output_paused = True
+
+    def resume_output(self) -> None:
+        self.output_paused = False
+
+    def abort(self) -> None:
+        self.calls.append(("abort", b""))
+
+
+class FakeBackend:
+    """Starts a `FakeStream` once `up` is set, or fails with `error`."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.up = asyncio.Event()
+        self.up.set()
+        self.error: BackendError | None = None
+        self.stream = FakeStream()
+        self.requests: list[BackendRequest] = []
+
+    async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
+        self.requests.append(request)
+        await self.up.wait()
+        if self.error is not None:
+            raise self.error
+        return self.stream
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeBackends:
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+
+    def for_route(self, route: Route) -> FakeBackend:
+        return self.backend
+
+
+class FakeDirectory:
+    """Knows one route (or none), or fails with `error`."""
+
+    def __init__(self, route: Route | None) -> None:
+        self.route_found = route
+        self.error: Exception | None = None
+
+    async def identity_for_key(self, fingerprint: str) -> Identity | None:
+        return None
+
+    async def route(self, identity: Identity, repo: str) -> Route | None:
+        if self.error is not None:
+            raise self.error
+        return self.route_found
+
+    def close(self) -> None:
+        pass
+
+
+class FakeObserver:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def observe(self, seconds: float) -> None:
+        self.values.append(seconds)
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.auth_lookup = FakeObserver()
+        self.route_lookup = FakeObserver()
+
+    def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
+        raise AssertionError("a relay never counts sessions: its owner does, once")
+
+
+class FakeOwner:
+    """The connection a relay runs on: counts touches, keeps the final records."""
+
+    def __init__(self) -> None:
+        self.id = SESSION
+        self.log = SessionLog(logging.getLogger("kilnproxy.test.relay"), SESSION)
+        self.identity: Identity | None = BOB
+        self.touches = 0
+        self.closed: list[RelayStats] = []
+
+    def touch(self) -> None:
+        self.touches += 1
+
+    def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
+        self.closed.append(stats)
+
+
+def website(access: Access = Access.WRITE, vcs: Vcs = Vcs.GIT) -> Route:
+    return Route("aviato/website", vcs, "local", "local:/srv", "/srv/aviato/website.git", access)
+
+
+class Rig:
+    """One relay on its fakes, as asyncssh would drive it up to `session_started`."""
+
+    def __init__(self, route: Route | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.owner = FakeOwner()
+        self.chan = FakeChannel(env)
+        self.backend = FakeBackend()
+        self.directory = FakeDirectory(route)
+        self.metrics = FakeMetrics()
+        services = Services(self.directory, FakeBackends(self.backend), self.metrics)
+        self.relay = Relay(self.owner, services)
+        self.relay.connection_made(self.chan)
+
+    def start(self, line: str | None = UPLOAD) -> None:
+        if line is None:
+            assert self.relay.shell_requested()
+        else:
+            assert self.relay.exec_requested(line)
+        self.relay.session_started()
+
+    async def running(self, line: str = UPLOAD) -> FakeStream:
+        self.start(line)
+        await settle()
+        assert self.relay.state is RelayState.RUNNING
+        return self.backend.stream
+
+
+@on_a_loop
+async def test_bytes_before_the_backend_is_up_wait_then_go_first() -> None:
+    rig = Rig(website(vcs=Vcs.HG))
+    rig.backend.up.clear()
+    rig.start("hg -R aviato/website serve --stdio")
+    await settle()
+    rig.relay.data_received(b"hello\n", None)
+    assert not rig.chan.reading  # one chunk held; asyncssh keeps the rest within the window
+    rig.relay.eof_received()
+    assert rig.backend.stream.calls == []
+    rig.backend.up.set()
+    await settle()
+    assert rig.backend.stream.calls == [("write", b"hello\n"), ("eof", b"")]
+    assert rig.chan.reading
+    assert rig.relay.statistics().bytes_in == 6
+
+
+@on_a_loop
+async def test_chunks_of_one_pass_are_one_write_each_way_in_order() -> None:
+    rig = Rig(website())
+    stream = await rig.running()
+    rig.relay.data_received(b"want ", None)
+    rig.relay.data_received(b"abc\n", None)
+    rig.relay.data_received(b"not stdin", 1)  # extended data: counted, never relayed
+    rig.relay.backend_stdout(b"pack ")
+    rig.relay.backend_stdout(b"data")
+    rig.relay.backend_stderr(b"counting objects\n")  # after the stdout that came before it
+    rig.relay.backend_stdout(b" more")
+    await settle()
+    assert stream.calls == [("write", b"want abc\n")]
+    assert rig.chan.sent == [
+        ("out", b"pack data"),
+        ("err", b"counting objects\n"),
+        ("out", b" more"),
+    ]
+    stats = rig.relay.statistics()
+    assert (stats.bytes_in, stats.bytes_out) == (18, 31)
+    assert rig.owner.touches == 7
+
+
+@on_a_loop
+async def test_the_exit_status_waits_until_the_client_took_every_byte() -> None:
+    rig = Rig(website())
+    stream = await rig.running()
+    rig.relay.pause_writing()
+    assert stream.output_paused
+    rig.chan.buffered = 65536
+    rig.relay.backend_stdout(b"last bytes")
+    rig.relay.backend_finished(0)
+    assert rig.chan.sent == [("out", b"last bytes")]  # flushed at once, but no exit yet
+    assert rig.chan.limits == (0, 0)  # so that asyncssh says when the buffer is empty
+    assert rig.relay.state is RelayState.EXITING
+    rig.chan.buffered = 0
+    rig.relay.resume_writing()
+    assert rig.chan.sent == [("out", b"last bytes"), ("exit", 0)]
+    assert stream.output_paused  # the command is over: nothing to resume
+    rig.relay.connection_lost(None)
+    (stats,) = rig.owner.closed
+    assert (stats.outcome, stats.exit_status) == (Outcome.OK, 0)
+
+
+@on_a_loop
+async def test_an_empty_buffer_exits_at_once_with_the_backends_status() -> None:
+    rig = Rig(website())
+    await rig.running()
+    rig.relay.backend_finished(3)
+    assert rig.chan.sent == [("exit", 3)]
+    assert rig.chan.limits is None
+    rig.relay.connection_lost(None)
+    assert rig.owner.closed[0].outcome is Outcome.FAILED
+
+
+@pytest.mark.parametrize(
+    ("reason", "outcome"),
+    [(CutReason.IDLE, Outcome.TIMEOUT), (CutReason.DRAIN, Outcome.CUT)],
+)
+def test_a_cut_says_why_stops_the_backend_and_exits_1(reason: CutReason, outcome: Outcome) -> None:
+    async def body() -> None:
+        rig = Rig(website())
+        stream = await rig.running()
+        rig.relay.backend_stdout(b"not yet sent")
+        rig.relay.cut(reason)
+        rig.relay.backend_finished(0)  # too late: the relay is exiting already
+        await settle()
+        line = f"kilnproxy: {reason.value} (session {SESSION})\n".encode()
+        assert rig.chan.sent == [("err", line), ("exit", 1)]
+        assert stream.calls == [("abort", b"")]
+        rig.relay.connection_lost(None)
+        (stats,) = rig.owner.closed
+        assert (stats.outcome, stats.exit_status) == (outcome, 1)
+
+    asyncio.run(body())
+
+
+@on_a_loop
+async def test_a_cut_while_opening_aborts_the_backend_once_it_is_up() -> None:
+    rig = Rig(website())
+    rig.backend.up.clear()
+    rig.start()
+    await settle()
+    rig.relay.cut(CutReason.ADMIN)
+    rig.backend.up.set()
+    await settle()
+    assert rig.backend.stream.calls == [("abort", b"")]
+    assert rig.relay.state is RelayState.EXITING
+    assert rig.chan.sent[-1] == ("exit", 1)
+
+
+@on_a_loop
+async def test_a_lost_backend_ends_with_what_it_sent_then_one_line() -> None:
+    rig = Rig(website())
+    await rig.running()
+    rig.relay.backend_stdout(b"half a pack")
+    rig.relay.backend_lost(BackendError("aviato/website", "connection reset"))
+    assert rig.chan.sent == [("out", b"half a pack"), ("err", STORAGE_LINE), ("exit", 1)]
+    rig.relay.connection_lost(None)
+    assert rig.owner.closed[0].outcome is Outcome.BACKEND_ERROR
+
+
+@on_a_loop
+async def test_a_client_that_goes_away_takes_the_backend_with_it() -> None:
+    rig = Rig(website())
+    stream = await rig.running()
+    rig.relay.data_received(b"want", None)
+    rig.relay.connection_lost(ConnectionResetError())
+    await settle()
+    assert stream.calls == [("abort", b"")]  # the pending stdin is dropped, not written
+    (stats,) = rig.owner.closed
+    assert (stats.outcome, stats.exit_status, stats.bytes_in) == (Outcome.CLIENT_GONE, None, 4)
+    assert rig.relay.state is RelayState.CLOSED
+
+
+@on_a_loop
+async def test_a_client_gone_while_opening_cancels_the_opening() -> None:
+    rig = Rig(website())
+    rig.backend.up.clear()
+    rig.start()
+    await settle()
+    rig.relay.connection_lost(None)
+    await settle()
+    assert rig.backend.stream.calls == []  # the open was cancelled before any stream existed
+    assert rig.owner.closed[0].outcome is Outcome.CLIENT_GONE
+
+
+@on_a_loop
+async def test_back_pressure_both_ways() -> None:
+    rig = Rig(website())
+    rig.backend.up.clear()
+    rig.start()
+    await settle()
+    rig.relay.pause_writing()  # the client's window filled before the backend was up
+    rig.relay.backend_pause_input()  # and the backend's stdin is full
+    rig.backend.up.set()
+    await settle()
+    assert rig.backend.stream.output_paused
+    assert not rig.chan.reading  # the client waits until the backend's stdin drains
+    rig.relay.backend_resume_input()
+    assert rig.chan.reading
+    rig.relay.resume_writing()
+    assert not rig.backend.stream.output_paused
+
+
+@on_a_loop
+async def test_a_routed_command_tells_the_backend_who_and_what() -> None:
+    rig = Rig(website(), env={"GIT_PROTOCOL": "version=2", "LANG": "C"})
+    await rig.running()
+    (request,) = rig.backend.requests
+    assert (request.session_id, request.verb, request.identity) == (SESSION, Verb.UPLOAD_PACK, BOB)
+    assert request.git_protocol == "version=2"
+    assert len(rig.metrics.route_lookup.values) == 1
+    stats = rig.relay.statistics()
+    assert stats.command == Command(Verb.UPLOAD_PACK, "aviato/website")
+    assert (stats.vcs, stats.backend, stats.shell) == ("git", "local", False)
+    assert (stats.exit_status, stats.outcome) == (None, None)
+
+
+REFUSALS = [
+    # what the client asked, what the directory says, the line, the status, the outcome
+    (
+        "rm -rf /",
+        website(),
+        "kilnproxy: unknown command; only git and hg transport commands are served (session {})",
+        128,
+        Outcome.BAD_COMMAND,
+    ),
+    (
+        UPLOAD,
+        None,
+        "kilnproxy: repository 'aviato/website' not found or access denied (session {})",
+        1,
+        Outcome.DENIED,
+    ),
+    (
+        UPLOAD,
+        website(vcs=Vcs.HG),
+        "kilnproxy: repository 'aviato/website' not found or access denied (session {})",
+        1,
+        Outcome.DENIED,
+    ),
+    (
+        "git-receive-pack aviato/website",
+        website(Access.READ),
+        "kilnproxy: you have read-only access to 'aviato/website' (session {})",
+        1,
+        Outcome.DENIED,
+    ),
+    (
+        None,
+        website(),
+        "Hi bob (aviato)! You have authenticated, but kilnproxy does not provide shell access.",
+        1,
+        Outcome.DENIED,
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "route", "told", "status", "outcome"), REFUSALS)
+def test_a_refusal_is_one_line_and_one_status(
+    line: str | None, route: Route | None, told: str, status: int, outcome: Outcome
+) -> None:
+    async def body() -> None:
+        rig = Rig(route)
+        rig.start(line)
+        await settle()
+        assert rig.chan.sent == [("err", (told.format(SESSION) + "\n").encode()), ("exit", status)]
+        assert rig.backend.requests == []
+        rig.relay.connection_lost(None)
+        (stats,) = rig.owner.closed
+        assert (stats.outcome, stats.exit_status, stats.shell) == (outcome, status, line is None)
+
+    asyncio.run(body())
+
+
+@on_a_loop
+async def test_an_unreachable_backend_is_a_storage_line_and_exit_1() -> None:
+    rig = Rig(website())
+    rig.backend.error = BackendError("aviato/website", "dial timed out")
+    rig.start()
+    await settle()
+    assert rig.chan.sent == [("err", STORAGE_LINE), ("exit", 1)]
+    rig.relay.connection_lost(None)
+    assert rig.owner.closed[0].outcome is Outcome.BACKEND_ERROR
+
+
+def test_a_bug_while_opening_ends_this_channel_only(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        rig = Rig(website())
+        rig.directory.error = RuntimeError("the directory's bug")
+        rig.start()
+        await settle()
+        line = f"kilnproxy: internal error (session {SESSION})\n"
+        assert rig.chan.sent == [("err", line.encode()), ("exit", 1)]
+        rig.relay.connection_lost(None)
+        assert rig.owner.closed[0].outcome is Outcome.INTERNAL_ERROR
+
+    asyncio.run(body())
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert getattr(record, "session", None) == SESSION
+    assert record.exc_info is not None and "the directory's bug" in str(record.exc_info[1])
+
+
+UNAVAILABLE_LINE = (
+    f"kilnproxy: service temporarily unavailable, try again later (session {SESSION})\n".encode()
+)
+
+
+@pytest.mark.parametrize("line", [UPLOAD, None])
+def test_a_directory_down_at_the_route_or_at_the_key_is_one_line_and_exit_1(
+    line: str | None,
+) -> None:
+    async def body() -> None:
+        rig = Rig(website())
+        if line is None:  # the key was let in while the directory was down: no identity
+            rig.owner.identity = None
+        else:
+            rig.directory.error = DirectoryUnavailable("connection refused")
+        rig.start(line)
+        await settle()
+        assert rig.chan.sent == [("err", UNAVAILABLE_LINE), ("exit", 1)]
+        assert rig.backend.requests == []
+        rig.relay.connection_lost(None)
+        assert rig.owner.closed[0].outcome is Outcome.UNAVAILABLE
+
+    asyncio.run(body())
