@@ -180,6 +180,12 @@ def window_size(raw: object, home: Path) -> int:
     return size
 
 
+def boolean(raw: object, home: Path) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"expected true or false, got {raw!r}")
+    return raw
+
+
 def positive_int(raw: object, home: Path) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise ValueError(f"expected a whole number of at least 1, got {raw!r}")
@@ -287,6 +293,13 @@ class SshSettings:
     mac_algs: tuple[str, ...] = setting(names, DEFAULT_MACS, "MACs offered (encrypt-then-MAC).")
     max_channels: int = setting(positive_int, 10, "Concurrent channels on one connection.")
     max_auth_tries: int = setting(positive_int, 6, "Public keys a client may offer per connection.")
+    fast_path: bool = setting(
+        boolean,
+        True,
+        "kilnproxy's per-packet path for the pinned asyncssh (kilnproxy/ssh/fast_path.py): the "
+        "same bytes on the wire for less CPU. Any other asyncssh version runs stock, with a "
+        "warning; false runs stock asyncssh always.",
+    )
     proxy_protocol: str = setting(
         choice("off", "optional", "require"),
         "off",

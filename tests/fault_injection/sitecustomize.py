@@ -3,7 +3,8 @@
 Python imports `sitecustomize` at start-up, so every worker process the master fork+execs picks
 this up. In a worker, opening the repository `aviato/boom` raises inside the session's setup,
 as a bug of ours would; with KILNPROXY_TEST_CRASH_AFTER_READY set, the worker dies half a
-second after it said READY. The faults live in the tests: no client can trigger them.
+second after it said READY; with KILNPROXY_TEST_ASYNCSSH_VERSION set, asyncssh says it is that
+version (the fast path's version guard). The faults live in the tests: no client can trigger them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ if "kilnproxy.worker.process" in sys.orig_argv:
         return await _real_open(self, request, sink)
 
     LocalBackend.open = _faulty_open  # type: ignore[method-assign]
+
+    if os.environ.get("KILNPROXY_TEST_ASYNCSSH_VERSION"):
+        import asyncssh
+
+        asyncssh.__version__ = os.environ["KILNPROXY_TEST_ASYNCSSH_VERSION"]
 
     if os.environ.get("KILNPROXY_TEST_CRASH_AFTER_READY"):
         from kilnproxy.control import Channel, Message

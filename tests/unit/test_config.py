@@ -100,6 +100,8 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"ssh": {"listen": []}}, r"\[ssh\] listen: at least one address"),
         ({"ssh": {"listen": "127.0.0.1:22"}}, r"\[ssh\] listen: expected a list of strings"),
         ({"workers": {"count": True}}, r"\[workers\] count"),
+        ({"ssh": {"fast_path": "no"}}, r"\[ssh\] fast_path: expected true or false, got 'no'"),
+        ({"ssh": {"fast_path": 0}}, r"\[ssh\] fast_path: expected true or false, got 0"),
         ({"log": {"format": "xml"}}, r"\[log\] format: 'xml' is not one of text, json"),
         ({"directory": {"url": "mysql://x"}}, r"\[directory\] url: .mysql://x. is not a"),
         ({"ssh": 3}, r"\[ssh\] must be a table"),
