@@ -23,6 +23,13 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy.admission import (
+    NetblockSize,
+    StartupLimits,
+    parse_max_startups,
+    parse_netblock_size,
+)
+from kilnproxy.policy.penalty import Overflow, PenaltySettings
 
 CONFIG_NAME = "kilnproxy.toml"
 
@@ -241,6 +248,25 @@ def directory_url(raw: object, home: Path) -> str:
     return f"sqlite:{home / rest}"
 
 
+def count(raw: object, home: Path) -> int:
+    """A whole number where 0 means no limit."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ValueError(f"expected a whole number, 0 for no limit, got {raw!r}")
+    return raw
+
+
+def max_startups(raw: object, home: Path) -> StartupLimits:
+    return parse_max_startups(_string(raw))
+
+
+def netblock_size(raw: object, home: Path) -> NetblockSize:
+    return parse_netblock_size(_string(raw))
+
+
+def overflow(raw: object, home: Path) -> Overflow:
+    return Overflow(choice(*(mode.value for mode in Overflow))(raw, home))
+
+
 def choice(*allowed: str) -> Parser:
     def parse(raw: object, home: Path) -> str:
         text = _string(raw)
@@ -324,6 +350,90 @@ class SshSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """Admission (SPEC 4b): OpenSSH's semantics and defaults, but for max_startups_per_source
+    (OpenSSH has no such limit by default)."""
+
+    max_startups: StartupLimits = setting(
+        max_startups,
+        "10:30:100",
+        "OpenSSH's MaxStartups over all workers of the host: from `start` unauthenticated "
+        "connections on, a new one is dropped with probability `rate`% rising linearly to 100% "
+        "at `full`.",
+    )
+    max_startups_per_source: int = setting(
+        count, 10, "Unauthenticated connections from one source netblock; 0: no limit."
+    )
+    max_sessions_per_account: int = setting(
+        count, 0, "Concurrent sessions of one account on this host; 0: no cap."
+    )
+    penalties: bool = setting(
+        boolean,
+        True,
+        "Refuse sources that end connections badly for a while (OpenSSH's PerSourcePenalties).",
+    )
+    penalty_authfail: float = setting(
+        duration_or_zero, "5s", "Penalty for leaving after failed authentication; 0s: none."
+    )
+    penalty_noauth: float = setting(
+        duration_or_zero, "1s", "Penalty for leaving without trying to authenticate; 0s: none."
+    )
+    penalty_grace_exceeded: float = setting(
+        duration_or_zero, "10s", "Penalty for not authenticating within login_grace; 0s: none."
+    )
+    penalty_min: float = setting(
+        duration_or_zero,
+        "15s",
+        "A source is refused once more penalty than this has built up; 0s: at its first penalty.",
+    )
+    penalty_max: float = setting(duration, "10m", "The most penalty a source can build up.")
+    penalty_netblock: NetblockSize = setting(
+        netblock_size,
+        "32:128",
+        "Leading bits of an IPv4:IPv6 address that make one source, for penalties and "
+        "max_startups_per_source (OpenSSH's PerSourceNetBlockSize).",
+    )
+    penalty_exempt: tuple[Network, ...] = setting(
+        networks, [], "CIDRs never penalised, e.g. a load balancer's health checks."
+    )
+    penalty_max_sources4: int = setting(
+        positive_int, 65536, "IPv4 netblocks tracked for penalties, penalised or not."
+    )
+    penalty_max_sources6: int = setting(
+        positive_int, 65536, "IPv6 netblocks tracked for penalties, penalised or not."
+    )
+    penalty_overflow: Overflow = setting(
+        overflow,
+        "permissive",
+        "When the IPv4 table is full: `permissive` forgets the penalty closest to expiry, "
+        "`deny-all` refuses every non-exempt IPv4 source until one expires.",
+    )
+    penalty_overflow6: Overflow = setting(overflow, "permissive", "The same for the IPv6 table.")
+
+    def problem(self) -> str | None:
+        """What is wrong across settings of this section, if anything."""
+        if self.penalty_max <= self.penalty_min:
+            return "penalty_max must be longer than penalty_min"
+        return None
+
+    def penalty_settings(self) -> PenaltySettings:
+        return PenaltySettings(
+            enabled=self.penalties,
+            authfail=self.penalty_authfail,
+            noauth=self.penalty_noauth,
+            grace_exceeded=self.penalty_grace_exceeded,
+            min=self.penalty_min,
+            max=self.penalty_max,
+            netblock=self.penalty_netblock,
+            exempt=self.penalty_exempt,
+            max_sources4=self.penalty_max_sources4,
+            max_sources6=self.penalty_max_sources6,
+            overflow4=self.penalty_overflow,
+            overflow6=self.penalty_overflow6,
+        )
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     count: int = setting(worker_count, "auto", "Worker processes; `auto` is one per CPU.")
 
@@ -399,6 +509,7 @@ class Config:
     home: Path
     source: Path | None
     ssh: SshSettings
+    limits: LimitSettings
     workers: WorkerSettings
     timeouts: TimeoutSettings
     directory: DirectorySettings
@@ -409,6 +520,7 @@ class Config:
 
 _SECTIONS: dict[str, type[Any]] = {
     "ssh": SshSettings,
+    "limits": LimitSettings,
     "workers": WorkerSettings,
     "timeouts": TimeoutSettings,
     "directory": DirectorySettings,

@@ -1,11 +1,18 @@
 """The socketpair protocol between the master and a worker: small, typed, versioned.
 
 Every message is a frozen dataclass of this module, sent as one JSON object per line,
-`{"v": 2, "kind": ..., <its fields>}`. Workers say `Ready` once they serve, a `Heartbeat` every
+`{"v": 3, "kind": ..., <its fields>}`. Workers say `Ready` once they serve, a `Heartbeat` every
 second (their `WorkerStats`, cumulative `MetricsSnapshot`, `PoolStats` and the `SessionStats` rows
 that changed), `Draining` when they start draining on their own (a TERM sent to them),
 `SessionClosed` when a session ends, and a `Reply` to a request. The master says `Drain`, `Stop`
 (fast), `KillSession`, `TaskDumpRequest` and `HeapProfileRequest`.
+
+Admission (SPEC 4b) is host-wide, so it has messages of its own, sent as things change (at most
+once per pass of the sender's event loop), not with the heartbeat: a worker's `CountsChanged`
+(its unauthenticated connections by source, its sessions per account) and `Offences` (connections
+that ended badly); the master's `OthersChanged` (the same counts, from the host's other workers)
+and `Penalties` (what changed in the host's penalty table). Their fields are the admission
+policy's own records (`kilnproxy.policy`): networks and addresses travel as text, enums by value.
 
 Rule 1: a message is encoded and decoded here, once, at the edge. Decoding checks every field's
 type, so the code on either side reads typed fields and never a raw dict (the one opaque part is
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import ipaddress
 import json
 import logging
 import socket
@@ -32,9 +40,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
+from kilnproxy.policy.admission import IPAddress, Netblock, StartupCounts
+from kilnproxy.policy.penalty import Lifted, Notice, Penalised, PenaltyEvent, TableFull
+
 log = logging.getLogger("kilnproxy.control")
 
-VERSION = 2
+VERSION = 3
 MAX_LINE = 4 * 1024 * 1024
 # The exit status of a worker that cannot start: the master must not retry it forever.
 WORKER_BOOT_ERROR = 3
@@ -73,6 +84,7 @@ class MetricsSnapshot:
     outcomes: Mapping[str, int] = field(default_factory=dict)  # ended sessions by outcome
     bytes_in: int = 0
     bytes_out: int = 0
+    refusals: Mapping[str, int] = field(default_factory=dict)  # by admission.Refusal value
     # The histograms are the fields with a help text (the Prometheus family's).
     auth_lookup: Histogram = field(
         default=Histogram(), metadata={"help": "Directory lookup of a public key."}
@@ -85,12 +97,14 @@ class MetricsSnapshot:
     )
 
     def merge(self, other: MetricsSnapshot) -> MetricsSnapshot:
-        outcomes = Counter(self.outcomes)
+        outcomes, refusals = Counter(self.outcomes), Counter(self.refusals)
         outcomes.update(other.outcomes)
+        refusals.update(other.refusals)
         mine, theirs = self.latencies(), other.latencies()
         return dataclasses.replace(
             self,
             outcomes=dict(outcomes),
+            refusals=dict(refusals),
             bytes_in=self.bytes_in + other.bytes_in,
             bytes_out=self.bytes_out + other.bytes_out,
             **{name: histogram.merge(theirs[name]) for name, histogram in mine.items()},
@@ -172,6 +186,12 @@ class Kind(enum.Enum):
     KILL_SESSION = "kill_session"
     TASK_DUMP = "task_dump"
     HEAP_PROFILE = "heap_profile"
+    # admission, worker -> master
+    COUNTS_CHANGED = "counts_changed"
+    OFFENCES = "offences"
+    # admission, master -> worker
+    OTHERS_CHANGED = "others_changed"
+    PENALTIES = "penalties"
 
 
 @dataclass(frozen=True)
@@ -256,9 +276,88 @@ class HeapProfileRequest:
     peek: bool
 
 
-WorkerMessage: TypeAlias = Ready | Heartbeat | Draining | SessionClosed | Reply
+# -- admission: host-wide counts and penalties ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CountsChanged:
+    """How this worker's unauthenticated connections (by source netblock) and its sessions per
+    account changed since it last said: negative counts are ones that ended. A worker's own
+    counts are the sum of every change it sent."""
+
+    kind: ClassVar[Kind] = Kind.COUNTS_CHANGED
+    startups: StartupCounts
+    sessions: Mapping[str, int]  # by account
+
+
+@dataclass(frozen=True)
+class OthersChanged:
+    """The same changes, from the host's other workers: a worker adds them to its view of the
+    rest of the host. The first one a worker gets is that whole view."""
+
+    kind: ClassVar[Kind] = Kind.OTHERS_CHANGED
+    startups: StartupCounts
+    sessions: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Offence:
+    """A connection that ended before it authenticated, and how (the penalty's event)."""
+
+    address: IPAddress
+    event: PenaltyEvent
+
+
+@dataclass(frozen=True)
+class Offences:
+    kind: ClassVar[Kind] = Kind.OFFENCES
+    offences: tuple[Offence, ...]
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """What changed in the host's penalty table, applied in field order: penalised, then lifted,
+    then table_full. That is the order `PenaltyBox` says them in; `of` cuts notices in any
+    other order into several messages, so that every worker applies them as the box did."""
+
+    kind: ClassVar[Kind] = Kind.PENALTIES
+    penalised: tuple[Penalised, ...] = ()
+    lifted: tuple[Lifted, ...] = ()
+    table_full: tuple[TableFull, ...] = ()
+
+    @classmethod
+    def of(cls, notices: tuple[Notice, ...]) -> list[Penalties]:
+        groups: list[tuple[list[Penalised], list[Lifted], list[TableFull]]] = [([], [], [])]
+        for notice in notices:
+            _, lifted, full = groups[-1]
+            if isinstance(notice, Penalised):
+                if lifted or full:  # after a later field: a message of its own
+                    groups.append(([], [], []))
+                groups[-1][0].append(notice)
+            elif isinstance(notice, Lifted):
+                if full:
+                    groups.append(([], [], []))
+                groups[-1][1].append(notice)
+            else:
+                full.append(notice)
+        return [cls(tuple(p), tuple(lift), tuple(f)) for p, lift, f in groups if p or lift or f]
+
+    def notices(self) -> tuple[Notice, ...]:
+        return (*self.penalised, *self.lifted, *self.table_full)
+
+
+WorkerMessage: TypeAlias = (
+    Ready | Heartbeat | Draining | SessionClosed | Reply | CountsChanged | Offences
+)
 MasterMessage: TypeAlias = (
-    Drain | DrainNotice | Stop | KillSession | TaskDumpRequest | HeapProfileRequest
+    Drain
+    | DrainNotice
+    | Stop
+    | KillSession
+    | TaskDumpRequest
+    | HeapProfileRequest
+    | OthersChanged
+    | Penalties
 )
 Message: TypeAlias = WorkerMessage | MasterMessage
 
@@ -296,13 +395,47 @@ def _sequence(item: Decoder) -> Decoder:
     return decode
 
 
-def _mapping(item: Decoder) -> Decoder:
-    def decode(value: object, path: str) -> dict[str, Any]:
+def _mapping(key: Decoder, item: Decoder) -> Decoder:
+    def decode(value: object, path: str) -> dict[Any, Any]:
         if not isinstance(value, dict):
             raise ProtocolError(f"{path}: {type(value).__name__} is not an object")
-        return {str(k): item(v, f"{path}.{k}") for k, v in value.items()}
+        return {key(k, f"{path} key"): item(v, f"{path}.{k}") for k, v in value.items()}
 
     return decode
+
+
+def _text(parse: Callable[[str], Any]) -> Decoder:
+    """A value written as text (a network, an address), parsed strictly."""
+
+    def decode(value: object, path: str) -> Any:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{path}: {type(value).__name__} is not str")
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ProtocolError(f"{path}: {exc}") from None
+
+    return decode
+
+
+def _enum(cls: type[enum.Enum]) -> Decoder:
+    """An enum by its value (text, in every enum these messages carry)."""
+    values = {member.value: member for member in cls}
+
+    def decode(value: object, path: str) -> Any:
+        if isinstance(value, str) and value in values:
+            return values[value]
+        raise ProtocolError(f"{path}: {value!r} is not a {cls.__name__}")
+
+    return decode
+
+
+def _network(text: str) -> Netblock:
+    return ipaddress.ip_network(text, strict=True)  # host bits set: not one we sent
+
+
+# Types that travel as text, by the type hint that declares them.
+_TEXTS: dict[object, Decoder] = {Netblock: _text(_network), IPAddress: _text(ipaddress.ip_address)}
 
 
 def _record(cls: type) -> Decoder:
@@ -332,14 +465,18 @@ def _decoder(hint: Any) -> Decoder:
         return lambda value, path: value  # a reply's data: forwarded, never read
     if hint in (bool, int, float, str):
         return _scalar(hint)
+    if hint in _TEXTS:
+        return _TEXTS[hint]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum(hint)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return _record(hint)
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
         return _optional(_decoder(next(a for a in args if a is not type(None))))
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return _sequence(_decoder(args[0]))
-    if origin in (dict, Mapping) and args[0] is str:
-        return _mapping(_decoder(args[1]))
+    if origin in (dict, Mapping) and (args[0] is str or args[0] in _TEXTS):
+        return _mapping(_decoder(args[0]), _decoder(args[1]))
     raise TypeError(f"no control codec for {hint!r}")
 
 
@@ -347,8 +484,28 @@ _MESSAGES: tuple[type[Message], ...] = typing.get_args(Message)
 _DECODERS: dict[Kind, Decoder] = {cls.kind: _record(cls) for cls in _MESSAGES}
 
 
+def _plain(value: object) -> Any:
+    """A value as its JSON has it: records as objects, enums by value, networks and addresses
+    as text (also as an object's keys)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, _ADDRESSES):
+        return str(value)
+    return value
+
+
+_ADDRESSES = (ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address,
+              ipaddress.IPv6Address)  # fmt: skip
+
+
 def encode(message: Message) -> bytes:
-    body = dataclasses.asdict(message)
+    body = _plain(message)
     return json.dumps({"v": VERSION, "kind": message.kind.value, **body}).encode() + b"\n"
 
 

@@ -40,7 +40,7 @@ def serve(config: Config, config_arg: str | None) -> int:
 
 async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> int:
     setproctitle("kilnproxy: master")
-    board = StatusBoard()
+    board = StatusBoard(config.limits.penalty_settings())
     supervisor = Supervisor(config, config_path, board, notifier)
     supervisor.catch_signals()
     sockets = listeners(config.ssh.listen, config.ssh.backlog)

@@ -7,7 +7,9 @@ Rule 2: it never starts, signals or messages a worker: what a reader asks of a w
 through `actions.WorkerActions`.
 
 It holds the connection table, the memory history, the latest heartbeat of each live worker,
-the totals of workers that are gone (so that counters never go backwards) and the restart count.
+the totals of workers that are gone (so that counters never go backwards), the restart count,
+and the host's side of admission (`admission`: the penalty table and every worker's counts,
+which the supervisor also feeds, from the workers' admission messages).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections import Counter
 from typing import Protocol
 
 from kilnproxy.control import Heartbeat, MetricsSnapshot, WorkerStats
+from kilnproxy.policy.penalty import PenaltySettings
+from master.admission import HostAdmission
 from master.history import MemoryHistory
 from master.table import ConnectionTable
 from master.workers import WorkerState
@@ -50,8 +54,9 @@ class WorkerView(Protocol):
 
 
 class StatusBoard:
-    def __init__(self) -> None:
+    def __init__(self, penalties: PenaltySettings | None = None) -> None:
         self.started_at = time.time()
+        self.admission = HostAdmission(penalties or PenaltySettings())
         self.generation = 0
         self.stopping = False
         self.restarts = 0  # workers that died and were replaced

@@ -1,7 +1,8 @@
 """Prometheus metrics from the status board (SPEC 7): worth alerting on, bounded labels.
 
-Labels are vcs, verb, outcome, direction, backend (names from the directory) and worker (an
-index below the worker count): never addresses, users or repositories. The latency histograms
+Labels are vcs, verb, outcome, direction, reason (admission's `Refusal` values), backend (names
+from the directory) and worker (an index below the worker count): never addresses, users or
+repositories. The latency histograms
 are those `control.MetricsSnapshot` declares, named `kilnproxy_<name>_seconds`.
 """
 
@@ -19,7 +20,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kilnproxy.control import BUCKETS, LATENCIES, Histogram, MetricsSnapshot
+from kilnproxy.policy.admission import Refusal
 from kilnproxy.version import build_info
+from master.admission import AdmissionStats
 from master.board import StatusBoard, WorkerView
 from master.table import ConnectionTable
 
@@ -39,7 +42,9 @@ class MasterCollector(Collector):
             "kilnproxy_worker_restarts", "Workers that died and were replaced.", board.restarts
         )
         yield _sessions_open(board.table)
-        yield from _totals(board.totals())
+        totals = board.totals()
+        yield from _totals(totals)
+        yield from _admission(totals, board.admission.statistics())
         yield from _per_worker(board, serving)
 
 
@@ -62,6 +67,25 @@ def _totals(totals: MetricsSnapshot) -> Iterator[Metric]:
     yield relayed
     for name, histogram in totals.latencies().items():
         yield _histogram(f"kilnproxy_{name}_seconds", LATENCIES[name], histogram)
+
+
+def _admission(totals: MetricsSnapshot, now: AdmissionStats) -> Iterator[Metric]:
+    refusals = CounterMetricFamily(
+        "kilnproxy_admission_refusals",
+        "Connections (and sessions: max_sessions_per_account) refused by admission.",
+        labels=["reason"],
+    )
+    for reason in Refusal:  # every reason, at zero too: a rate needs the series to exist
+        refusals.add_metric([reason.value], totals.refusals.get(reason.value, 0))
+    yield refusals
+    yield GaugeMetricFamily(
+        "kilnproxy_unauthenticated_connections",
+        "Connections of the host accepted and not yet authenticated (max_startups counts them).",
+        now.unauthenticated,
+    )
+    yield GaugeMetricFamily(
+        "kilnproxy_penalised_sources", "Source netblocks refused for a penalty.", now.penalised
+    )
 
 
 def _per_worker(board: StatusBoard, serving: list[WorkerView]) -> Iterator[Metric]:

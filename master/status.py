@@ -35,12 +35,15 @@ class StatusAnswers:
     def status(self) -> dict[str, Any]:
         board = self.board
         workers = sorted(board.workers(), key=lambda w: w.index)
+        admission = board.admission.statistics()
         return {
             "version": build_info().version,
             "started_at": board.started_at,
             "uptime": format_uptime(time.time() - board.started_at),
             "master_pid": os.getpid(),
             "generation": board.generation,
+            "unauthenticated": admission.unauthenticated,
+            "penalised_sources": admission.penalised,
             "workers": [self._worker(w, time.monotonic()) for w in workers],
         }
 

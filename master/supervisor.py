@@ -8,7 +8,9 @@ one is told to drain), heartbeats fresh (a silent worker gets SIGABRT, then SIGK
 messages through their channels, decoded by `kilnproxy.control`.
 
 The supervisor feeds the `StatusBoard` and serves `WorkerActions`; it never reads the board's
-readers (HTTP, metrics, status socket) and never imports asyncssh.
+readers (HTTP, metrics, status socket) and never imports asyncssh. It carries admission's
+messages (SPEC 4b) between the workers and the board's `HostAdmission`: counts are passed on
+once per pass of the loop, penalties as they are recorded.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Supervisor:
         self._reloading = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._request_ids = itertools.count(1)
+        self._counts_due = False  # a pass of the loop will tell workers what changed
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -145,6 +148,7 @@ class Supervisor:
         if config.workers.count != self.config.workers.count:
             self.desired = config.workers.count
         self.config = config
+        self.board.admission.reconfigure(config.limits.penalty_settings())
         self.generation += 1
         self.board.generation = self.generation
         self._reloading = True
@@ -267,6 +271,9 @@ class Supervisor:
             self._spawning -= 1
         self.workers.append(handle)
         self.board.joined(handle)
+        for message in self.board.admission.joined(handle.pid):
+            assert handle.channel is not None
+            handle.channel.send(message)
         asyncio.get_running_loop().add_reader(handle.pidfd, self._reap, handle)
         self._background(self._listen(handle))
         log.info("started worker %d (pid %d, generation %d)", index, handle.pid, generation)
@@ -300,6 +307,32 @@ class Supervisor:
                 worker.state = WorkerState.DRAINING  # its replacement starts at once
             case control.SessionClosed():
                 self.board.session_closed(message.session)
+            case control.CountsChanged():
+                self.board.admission.changed(worker.pid, message)
+                self._tell_counts()
+            case control.Offences():
+                for penalties in self.board.admission.offences(message):
+                    self._broadcast(penalties)
+
+    def _tell_counts(self) -> None:
+        """Pass the workers' changed counts on at the end of this pass: one message per
+        worker for whatever this pass brought, from however many workers."""
+        if not self._counts_due:
+            self._counts_due = True
+            asyncio.get_running_loop().call_soon(self._send_counts)
+
+    def _send_counts(self) -> None:
+        self._counts_due = False
+        told = self.board.admission.outbox()
+        for worker in self.workers:
+            message = told.get(worker.pid)
+            if message is not None and worker.channel is not None:
+                worker.channel.send(message)
+
+    def _broadcast(self, message: control.MasterMessage) -> None:
+        for worker in self.workers:
+            if worker.channel is not None and worker.state is not WorkerState.EXITED:
+                worker.channel.send(message)
 
     def _on_ready(self, worker: WorkerHandle) -> None:
         worker.ready_at = time.monotonic()
@@ -331,6 +364,8 @@ class Supervisor:
         worker.state = WorkerState.EXITED
         self.workers.remove(worker)
         self.board.left(worker, died=not expected)
+        self.board.admission.left(worker.pid)
+        self._tell_counts()
         for waiter in worker.pending.values():
             if not waiter.done():
                 waiter.set_exception(WorkerExited(worker.index))

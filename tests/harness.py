@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kilnproxy.cli.admin import add_repo
+from kilnproxy.config import declarations
 from kilnproxy.directory import DirectoryStore, open_directory
 from kilnproxy.policy.access import Role
 from kilnproxy.ssh.keys import parse_public_key
@@ -29,6 +30,18 @@ from kilnproxy.status_socket import request
 
 KILNPROXY = [sys.executable, "-m", "kilnproxy.cli"]
 START_TIMEOUT = 20.0
+# The functional tests clone twenty at once and fail authentication on purpose, all from
+# 127.0.0.1: under the shipped [limits] that would be dropped early or penalised, which is not
+# what they test. tests/integration/test_admission.py tests admission with the shipped
+# defaults (`SHIPPED_LIMITS`), its attackers on other loopback addresses.
+SUITE_LIMITS: dict[str, Any] = {
+    "max_startups": "2000",
+    "max_startups_per_source": 0,
+    "penalty_exempt": ["127.0.0.1/32"],
+}
+SHIPPED_LIMITS: dict[str, Any] = {
+    item.name: item.metadata["default"] for section, item in declarations() if section == "limits"
+}
 
 
 def free_port() -> int:
@@ -96,6 +109,7 @@ class Kiln:
             "ssh": {"listen": [f"127.0.0.1:{self.port}"]},
             "status": {"socket": "kilnproxy.sock", "http": f"127.0.0.1:{self.http_port}"},
             "workers": {"count": 1},
+            "limits": SUITE_LIMITS,
         }
         for section, values in self.settings.items():  # a test's keys, section by section
             settings[section] = {**settings.get(section, {}), **values}

@@ -11,7 +11,11 @@ def _mib(value: object) -> str:
 
 def render(command: str, reply: dict[str, Any]) -> list[str]:
     if command == "status":
-        lines = [f"kilnproxy {reply.get('version')}, up {reply.get('uptime')}"]
+        lines = [
+            f"kilnproxy {reply.get('version')}, up {reply.get('uptime')}",
+            f"unauthenticated connections: {reply.get('unauthenticated')}, "
+            f"penalised sources: {reply.get('penalised_sources')}",
+        ]
         lines.append(f"{'WORKER':>6} {'PID':>8} {'SESSIONS':>8} {'TOTAL':>8} {'RSS':>10}")
         for w in reply.get("workers", []):
             lines.append(

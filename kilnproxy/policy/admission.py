@@ -216,6 +216,10 @@ class StartupCounts:
     def of(self, source: Netblock) -> int:
         return self.by_source.get(source, 0)
 
+    def __neg__(self) -> StartupCounts:
+        """The change that takes these counts away (a worker that exited)."""
+        return StartupCounts(-self.total, {source: -n for source, n in self.by_source.items()})
+
     def __add__(self, other: StartupCounts) -> StartupCounts:
         merged = dict(self.by_source)
         for source, count in other.by_source.items():
@@ -252,35 +256,60 @@ class StartupCounter:
     def of(self, source: Netblock) -> int:
         return self._by_source.get(source, 0)
 
+    def change(self, delta: StartupCounts) -> None:
+        """Add counts that changed elsewhere (negative ones take away): how a worker keeps the
+        rest of the host's view, and the master each worker's, from the changes they send.
+
+        Costs what the change holds, not what the counter holds; a source at zero is dropped.
+        """
+        for source, count in delta.by_source.items():
+            now = self._by_source.get(source, 0) + count
+            if now:
+                self._by_source[source] = now
+            else:
+                self._by_source.pop(source, None)
+        self.total += delta.total
+
     def statistics(self) -> StartupCounts:
         return StartupCounts(self.total, dict(self._by_source))
 
 
 class HostStartups:
-    """The master's sum of every worker's last reported counts.
+    """The master's sum of every worker's counts, as they reported them or their changes.
 
-    A worker is sent `others(itself)`: adding its own live counts to that, it decides on the
-    freshest host view without a round trip on the accept path.
+    A worker is sent `others(itself)` once, then the other workers' changes as they come:
+    adding its own live counts to that, it decides on the freshest host view without a round
+    trip on the accept path.
     """
 
     def __init__(self) -> None:
-        self._workers: dict[int, StartupCounts] = {}
+        self._workers: dict[int, StartupCounter] = {}
 
     def report(self, worker: int, counts: StartupCounts) -> None:
-        self._workers[worker] = counts
+        self._workers[worker] = counter = StartupCounter()
+        counter.change(counts)
 
-    def forget(self, worker: int) -> None:
-        """A worker that exited holds no connections any more."""
-        self._workers.pop(worker, None)
+    def change(self, worker: int, delta: StartupCounts) -> None:
+        self._workers.setdefault(worker, StartupCounter()).change(delta)
+
+    def forget(self, worker: int) -> StartupCounts:
+        """A worker that exited holds no connections any more; what it held."""
+        counter = self._workers.pop(worker, None)
+        return counter.statistics() if counter else StartupCounts()
 
     def others(self, worker: int) -> StartupCounts:
         return sum(
-            (counts for other, counts in self._workers.items() if other != worker),
+            (counts.statistics() for other, counts in self._workers.items() if other != worker),
             StartupCounts(),
         )
 
+    @property
+    def total(self) -> int:
+        """The host's unauthenticated connections, in all."""
+        return sum(counter.total for counter in self._workers.values())
+
     def statistics(self) -> StartupCounts:
-        return sum(self._workers.values(), StartupCounts())
+        return sum((counter.statistics() for counter in self._workers.values()), StartupCounts())
 
 
 # -- sessions per account --------------------------------------------------------------------------

@@ -127,6 +127,10 @@ class TableFull:
     version: int
     until: float
 
+    def __post_init__(self) -> None:
+        if self.version not in (4, 6):
+            raise ValueError(f"IP version {self.version} is neither 4 nor 6")
+
 
 Notice = Penalised | Lifted | TableFull
 

@@ -1,14 +1,21 @@
-"""Accepting SSH connections behind a load balancer that speaks the PROXY protocol (SPEC 3).
+"""Accepting SSH connections: admission at accept, and the PROXY protocol behind a load balancer.
 
-With `[ssh] proxy_protocol` "optional" or "require", a worker accepts on the shared listening
-socket itself, reads the header before asyncssh sees a byte, and hands the connected socket on
-with the address the header gave (`hand_off`). The header is read with MSG_PEEK and a receive
-low-water mark (SO_RCVLOWAT) of the bytes `parse` still needs, so the event loop wakes only when
-there is something new to look at, and only the header's own bytes are ever consumed: a client
-that speaks SSH at once (optional mode) reaches asyncssh with every byte it sent.
+A worker accepts on the shared listening socket itself (`ProxyListener`), so that nothing reaches
+asyncssh before it is admitted: with `[ssh] proxy_protocol` "off" each connection is put to
+admission (SPEC 4b: `admit`, with the peer's address) as soon as it is accepted; with "optional"
+or "require" its header is read first, and admission is asked with the address the header gave.
+A refused connection is closed there and then: no banner, no key exchange. An admitted one is
+handed on with that address and its `Startup` (`hand_off`).
 
-Rules: a connection that is refused, malformed, truncated, oversized or too slow is closed with
-one log line (at most `LOG_BURST` such lines a second), never an exception out of this module;
+The header is read with MSG_PEEK and a receive low-water mark (SO_RCVLOWAT) of the bytes `parse`
+still needs, so the event loop wakes only when there is something new to look at, and only the
+header's own bytes are ever consumed: a client that speaks SSH at once (optional mode) reaches
+asyncssh with every byte it sent.
+
+Rules: a connection whose header is refused, malformed, truncated, oversized or too slow is
+closed with one log line (at most `LOG_BURST` such lines a second; admission logs its own
+refusals), never an exception out of this module; an admitted connection that cannot be handed
+on is closed and its `Startup` with it (it was never served, so never penalised);
 at most `PENDING_LIMIT` connections wait for their header at once (beyond that the worker stops
 accepting and the kernel's listen queue holds the rest). It never speaks SSH: what happens after
 the hand-off is asyncssh's and the session's (whose login grace starts then, at most
@@ -23,18 +30,22 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kilnproxy.config import Network, SshSettings, format_duration
 from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyHeaderError, parse
+from kilnproxy.ssh.services import Startup
 
 log = logging.getLogger("kilnproxy.proxy")
 
 Address = tuple[str, int]
-# The accepted socket, the client's address from the header, and whether it is a balancer's
-# health check rather than a client.
-HandOff = Callable[[socket.socket, Address | None, bool], Awaitable[None]]
+# The connected socket, the header's client address (None: the peer's own), its startup,
+# and whether it is a balancer's health check rather than a client.
+HandOff = Callable[[socket.socket, Address | None, Startup, bool], Awaitable[None]]
+# Admission with the client's address: a Startup, or None to close the connection now.
+Admitter = Callable[[Address], Startup | None]
 
 PENDING_LIMIT = 256  # connections of one worker waiting for their header at once
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
@@ -151,10 +162,10 @@ class RefusalLog:
 
 @dataclass(frozen=True)
 class ProxyStats:
-    pending: int  # waiting for their header now
+    pending: int  # waiting for their header, or being handed on, now
     accepted: int
     admitted: int  # handed to SSH
-    refused: int
+    refused: int  # closed for their header, or by admission
 
 
 # -- the I/O shell ---------------------------------------------------------------------------------
@@ -166,7 +177,8 @@ def _wake(ready: asyncio.Future[None]) -> None:
 
 
 class ProxyListener(asyncio.AbstractServer):
-    """An asyncio server over one listening socket that admits connections by their header.
+    """An asyncio server over one listening socket that admits connections by admission and,
+    when the PROXY protocol is on, by their header first.
 
     asyncssh wraps it in an `SSHAcceptor`, so the worker closes it like any other listener.
     """
@@ -176,6 +188,7 @@ class ProxyListener(asyncio.AbstractServer):
         sock: socket.socket,
         settings: SshSettings,
         hand_off: HandOff,
+        admit: Admitter,
         failing_health_checks: Callable[[], bool] = lambda: False,
     ) -> None:
         self._sock = sock
@@ -184,6 +197,7 @@ class ProxyListener(asyncio.AbstractServer):
         self._allowed = settings.proxy_allowed
         self._timeout = settings.proxy_timeout
         self._hand_off = hand_off
+        self._admit_source = admit
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()
         self._reading = False
@@ -267,14 +281,30 @@ class ProxyListener(asyncio.AbstractServer):
     def _start(self, conn: socket.socket, peer: Address) -> None:
         self._accepted += 1
         conn.setblocking(False)
+        if self._mode is ProxyMode.OFF:  # the peer is the client: admission decides now
+            startup = self._admitted_as(conn, peer)
+            if startup is not None:
+                self._track(self._serve(conn, peer, None, startup, False))
+            return
         allowed = peer_allowed(peer[0], self._allowed)
         refusal = refuse_at_accept(self._mode, allowed)
         if refusal is not None:
             self._refuse(conn, peer, refusal.reason)
             return
-        task = self._loop.create_task(self._admit(conn, peer, allowed))
+        self._track(self._admit(conn, peer, allowed))
+
+    def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coroutine)
         self._pending.add(task)
         task.add_done_callback(self._admit_done)
+
+    def _admitted_as(self, conn: socket.socket, client: Address) -> Startup | None:
+        """Ask admission; a refused connection is closed now (admission logged it)."""
+        startup = self._admit_source(client)
+        if startup is None:
+            self._refused += 1
+            conn.close()
+        return startup
 
     def _admit_done(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
@@ -293,33 +323,61 @@ class ProxyListener(asyncio.AbstractServer):
 
     async def _admit(self, conn: socket.socket, peer: Address, allowed: bool) -> None:
         """Read the header, decide, and hand the socket on or close it; never raises."""
-        handed = False
+        admitted = None
         try:
-            seen = await self._read_header(conn)
-            if isinstance(seen, Silent):
-                log.debug("%s closed before sending anything", format_address(peer))
-                return
-            decision = decide(self._mode, allowed, seen, self._timeout)
-            if isinstance(decision, Refuse):
-                self._refuse(conn, peer, decision.reason)
-                return
-            if self._failing_health_checks() and is_health_check(seen):
-                log.debug("health check from %s failed on purpose: a drain is coming",
-                          format_address(peer))  # fmt: skip
-                return
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            if isinstance(seen, ProxyHeader):
-                _consume(conn, seen.length)
-            await self._hand_off(conn, decision.source, is_health_check(seen))
-            handed = True  # the socket is asyncssh's from here
-            self._admitted += 1
+            admitted = await self._by_header(conn, peer, allowed)
         except ProxyHeaderError as exc:
             self._refuse(conn, peer, str(exc))
-        except OSError as exc:  # reset by the peer while we looked, or the hand-off failed
+        except OSError as exc:  # reset by the peer while we looked
             self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")
         finally:
-            if not handed:  # whatever went wrong, ours to close (a second close is harmless)
+            if admitted is None:
                 conn.close()
+        if admitted is not None:
+            await self._serve(conn, peer, *admitted)
+
+    async def _by_header(
+        self, conn: socket.socket, peer: Address, allowed: bool
+    ) -> tuple[Address | None, Startup, bool] | None:
+        """The header's client address (None: the peer's own) and the startup admission gave
+        it; None if the connection is not to be served."""
+        seen = await self._read_header(conn)
+        if isinstance(seen, Silent):
+            log.debug("%s closed before sending anything", format_address(peer))
+            return None
+        decision = decide(self._mode, allowed, seen, self._timeout)
+        if isinstance(decision, Refuse):
+            self._refuse(conn, peer, decision.reason)
+            return None
+        if self._failing_health_checks() and is_health_check(seen):
+            log.debug("health check from %s failed on purpose: a drain is coming",
+                      format_address(peer))  # fmt: skip
+            return None
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if isinstance(seen, ProxyHeader):
+            _consume(conn, seen.length)
+        startup = self._admitted_as(conn, decision.source or peer)
+        return None if startup is None else (decision.source, startup, is_health_check(seen))
+
+    async def _serve(
+        self,
+        conn: socket.socket,
+        peer: Address,
+        source: Address | None,
+        startup: Startup,
+        health_check: bool,
+    ) -> None:
+        """Hand an admitted connection to SSH; one that cannot be was never served."""
+        self._admitted += 1
+        try:
+            await self._hand_off(conn, source, startup, health_check)
+        except OSError as exc:
+            startup.closed(None)
+            self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")
+        except BaseException:
+            startup.closed(None)
+            conn.close()
+            raise
 
     async def _read_header(self, conn: socket.socket) -> ProxyHeader | TimedOut | Silent | None:
         """Peek at the first bytes until `parse` decides (None: they are not a header); consume

@@ -40,6 +40,7 @@ from kilnproxy.errors import (
     ReadOnly,
 )
 from kilnproxy.policy.access import Access, required_access
+from kilnproxy.policy.admission import TooManySessions
 from kilnproxy.policy.commands import Command, git_protocol, parse_command
 from kilnproxy.ssh.coalesce import Coalescer
 from kilnproxy.ssh.services import Services
@@ -59,6 +60,7 @@ class Outcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"  # the backend command exited non-zero
     DENIED = "denied"
+    REFUSED = "refused"  # over an admission limit: max_sessions_per_account
     BAD_COMMAND = "bad-command"
     BACKEND_ERROR = "backend-error"
     UNAVAILABLE = "unavailable"  # the directory could not be asked
@@ -170,6 +172,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._eof_pending = False
         self._early: list[bytes] = []
         self._exit_when_flushed: int | None = None
+        self._account: str | None = None  # whose session admission counts, while it does
         loop = asyncio.get_running_loop()
         self._to_client = Coalescer(self._write_stdout, loop)
         self._to_backend = Coalescer(self._write_stdin, loop)
@@ -257,6 +260,9 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._close_backend()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._account is not None:
+            self._services.admission.close_session(self._account)
+            self._account = None
         self.state = RelayState.CLOSED
         self._chan = None
         self._owner.relay_closed(self, self.statistics())
@@ -270,6 +276,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         except BadCommand as exc:
             log.info("bad command %r: %s", self._line, exc.message)
             self._refuse(exc, Outcome.BAD_COMMAND)
+        except TooManySessions as exc:  # logged by admission, without flooding the log
+            self._refuse(exc, Outcome.REFUSED)
         except ClientError as exc:
             log.info("denied: %s", exc.message)
             self._refuse(exc, Outcome.DENIED)
@@ -308,6 +316,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         if self._shell or self._line is None:
             raise NoShell(identity.user, identity.account)
         self._command = command = parse_command(self._line)
+        services.admission.open_session(identity.account)
+        self._account = identity.account
         started = time.perf_counter()
         route = await services.directory.route(identity, command.repo)
         services.metrics.route_lookup.observe(time.perf_counter() - started)

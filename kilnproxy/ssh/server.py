@@ -1,7 +1,8 @@
 """The SSH surface of SPEC 3: host keys, the algorithm policy, and the listening acceptor.
 
 Owns the asyncssh options, so that policy lives in one place. Everything per connection is in
-`session`; everything per channel in `relay`; reading PROXY headers in `proxy_accept`.
+`session`; everything per channel in `relay`; accepting (admission, PROXY headers) in
+`proxy_accept`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
 from kilnproxy.ssh.keys import write_new_key
 from kilnproxy.ssh.proxy_accept import Address, ProxyListener
+from kilnproxy.ssh.services import Startup
 from kilnproxy.ssh.session import Session, SessionHost
 from kilnproxy.ssh.signatures import ALLOWED_SIGNATURES, SIGNATURE_ALGS
 
@@ -91,21 +93,22 @@ async def listen(
 ) -> asyncssh.SSHAcceptor:
     """Serve on an already bound socket (the master's, or one of systemd's).
 
-    Behind a load balancer that speaks the PROXY protocol, `ProxyListener` accepts instead
-    of asyncio's server and hands each connection on once its header is read.
+    `ProxyListener` accepts instead of asyncio's server, so that admission closes a refused
+    connection before asyncssh sends a byte (its own server sends the banner at once), and
+    hands each admitted one on, after its PROXY header when the protocol is on.
     """
     ssh = host.config.ssh
-    if ssh.proxy_protocol == "off":
-        return await asyncssh.listen(
-            sock=sock, backlog=ssh.backlog, server_factory=lambda: Session(host), options=options
-        )
     # What asyncssh.listen does once per listener: the options every connection shares.
     options = await asyncssh.SSHServerConnectionOptions.construct(
         options, server_factory=lambda: Session(host)
     )
     sock.listen(ssh.backlog)
     listener = ProxyListener(
-        sock, ssh, partial(_serve_accepted, options), lambda: host.failing_health_checks
+        sock,
+        ssh,
+        partial(_serve_accepted, options),
+        host.services.admission.admit,
+        lambda: host.failing_health_checks,
     )
     await listener.start_serving()
     return asyncssh.SSHAcceptor(listener, options)
@@ -115,15 +118,18 @@ async def _serve_accepted(
     options: asyncssh.SSHServerConnectionOptions,
     sock: socket.socket,
     source: Address | None,
+    startup: Startup,
     health_check: bool,
 ) -> None:
     """Run SSH on a connection `ProxyListener` accepted, as asyncssh.listen's own server
     would; the client's address from the header goes along as the connection's
-    `proxy_source`, which the session takes for its remote address."""
+    `proxy_source`, which the session takes for its remote address, and its admission
+    `startup`, which the session ends."""
     loop = asyncio.get_running_loop()
 
     def connection() -> asyncssh.SSHServerConnection:
         conn = asyncssh.SSHServerConnection(loop, options)
+        conn.set_extra_info(startup=startup)
         if source is not None:
             conn.set_extra_info(proxy_source=source)
         if health_check:  # the session logs it at debug level only: it is no client's

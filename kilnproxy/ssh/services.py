@@ -1,4 +1,5 @@
-"""What a worker lends its SSH sessions and relays: the directory, the backends, the counters.
+"""What a worker lends its SSH sessions and relays: the directory, the backends, the counters,
+admission.
 
 Owns `Services`, the one frozen record a session and each of its relays are given, and the small
 Protocols that say how little of the worker's parts they use. The ssh package is below the
@@ -13,6 +14,7 @@ from typing import Protocol
 
 from kilnproxy.backends import Backend
 from kilnproxy.directory import Directory, Route
+from kilnproxy.policy.penalty import PenaltyEvent
 
 
 class Observer(Protocol):
@@ -48,6 +50,32 @@ class BackendFinder(Protocol):
     def for_route(self, route: Route) -> Backend: ...
 
 
+class Startup(Protocol):
+    """One admitted connection, counted host-wide as unauthenticated until it authenticates or
+    closes, whichever comes first (the second call is ignored)."""
+
+    def authenticated(self) -> None: ...
+
+    def closed(self, event: PenaltyEvent | None) -> None:
+        """`event`: how it ended badly before authenticating, for its source's penalty; None
+        if it did not (authenticated, or cut by us: a drain, a shutdown, an administrator)."""
+
+
+class Admission(Protocol):
+    """SPEC 4b as the SSH surface asks it (the worker's `WorkerAdmission`)."""
+
+    def admit(self, peer: tuple[str, int]) -> Startup | None:
+        """At accept, with the client's address: its `Startup`, or None to close it at once
+        (no banner, no key exchange); the refusal is counted and logged already."""
+        ...
+
+    def open_session(self, account: str) -> None:
+        """At exec: count a session of the account, or raise `TooManySessions`."""
+
+    def close_session(self, account: str) -> None:
+        """Once for each `open_session` that did not raise."""
+
+
 @dataclass(frozen=True)
 class Services:
     """The worker's shared parts, as its sessions and relays see them."""
@@ -55,3 +83,4 @@ class Services:
     directory: Directory
     backends: BackendFinder
     metrics: SessionMetrics
+    admission: Admission

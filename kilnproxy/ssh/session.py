@@ -5,7 +5,8 @@ directory, hands each channel to a `Relay`, and enforces the session timeouts of
 writes the access line of each command from the relay's final `RelayStats`, through the one
 pure `access_fields`. It must never decide access or parse commands itself (that is `commands`,
 `access` and `relay`), and it must leave nothing behind: every timer it starts is cancelled in
-`connection_lost`.
+`connection_lost`, and its admission `Startup` (SPEC 4b) is ended there if authentication has
+not ended it first.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from kilnproxy.control import SessionStats
 from kilnproxy.directory import Identity
 from kilnproxy.errors import CutReason, DirectoryUnavailable
 from kilnproxy.logs import QuietSessionLog, SessionLog, access_line
+from kilnproxy.policy.penalty import PenaltyEvent, event_for
 from kilnproxy.ssh.keys import fingerprint, policy_problem
 from kilnproxy.ssh.relay import Outcome, Relay, RelayStats
-from kilnproxy.ssh.services import Services
+from kilnproxy.ssh.services import Services, Startup
 from kilnproxy.ssh.signatures import restrict_signatures
 
 log = logging.getLogger("kilnproxy.session")
@@ -141,6 +143,7 @@ class Session(asyncssh.SSHServer):
         self._had_relay = False
         self._conn: asyncssh.SSHServerConnection | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._startup: Startup | None = None  # counted by admission until authenticated
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.state.value} {self.remote}>"
@@ -152,6 +155,7 @@ class Session(asyncssh.SSHServer):
         # The client's address from a PROXY header if a load balancer sent one (proxy_accept).
         peer = conn.get_extra_info("proxy_source") or conn.get_extra_info("peername") or ("?", 0)
         self.remote = f"{peer[0]}:{peer[1]}"
+        self._startup = conn.get_extra_info("startup")
         self.health_check = bool(conn.get_extra_info("health_check"))
         if self.health_check:
             self.log = QuietSessionLog(log, self.id)
@@ -172,12 +176,26 @@ class Session(asyncssh.SSHServer):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        if self._startup is not None:
+            self._startup.closed(self._offence())
         self.state = SessionState.CLOSED
         self.host.closed(self)
         if not self._had_relay:
             self._log_without_command(exc)
         self.log.info("connection closed%s", f": {exc}" if exc else "")
         self._conn = None
+
+    def _offence(self) -> PenaltyEvent | None:
+        """How a connection that never authenticated ended, for its source's penalty; None
+        if we cut it ourselves (a drain, a shutdown, an administrator: not the client's doing).
+        An authenticated one is never penalised: its startup has ended already."""
+        if self.cut_reason is not None and self.cut_reason is not CutReason.LOGIN_GRACE:
+            return None
+        if self.health_check:  # the balancer's, every second or so: no client misbehaved
+            return None
+        return event_for(
+            attempted=self._auth_tries > 0, grace_expired=self.cut_reason is CutReason.LOGIN_GRACE
+        )
 
     def _log_without_command(self, exc: Exception | None) -> None:
         """The access line of a connection that never ran a command (SPEC 4: every session)."""
@@ -257,6 +275,8 @@ class Session(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.state = SessionState.AUTHENTICATED
         self._timers.pop("login_grace").cancel()
+        if self._startup is not None:
+            self._startup.authenticated()
         if self.health_check:  # a balancer's connection that logs in is someone's: log it
             self.health_check = False
             self.log = SessionLog(log, self.id)

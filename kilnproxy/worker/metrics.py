@@ -2,7 +2,8 @@
 
 Cumulative since the worker started; the master adds up every worker's, and keeps those of
 workers that are gone, so that its Prometheus counters never go backwards. Label values are
-bounded (outcomes, verbs, backend names from the directory); never addresses or repositories.
+bounded (outcomes, verbs, admission refusals, backend names from the directory); never addresses
+or repositories.
 Recording is a list increment on the session's path; the frozen `control.MetricsSnapshot` is
 made once per heartbeat. Which histograms exist is declared once, by that snapshot's fields.
 """
@@ -14,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kilnproxy.control import BUCKETS, Histogram, MetricsSnapshot
+from kilnproxy.policy.admission import Refusal
 
 
 class LatencyRecorder:
@@ -36,6 +38,7 @@ class LatencyRecorder:
 @dataclass
 class WorkerMetrics:
     outcomes: Counter[str] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)  # by Refusal value
     bytes_in: int = 0
     bytes_out: int = 0
     # One recorder per histogram of control.MetricsSnapshot, of the same name.
@@ -48,9 +51,13 @@ class WorkerMetrics:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
+    def refused(self, reason: Refusal) -> None:
+        self.refusals[reason.value] += 1
+
     def snapshot(self) -> MetricsSnapshot:
         return MetricsSnapshot(
             outcomes=dict(self.outcomes),
+            refusals=dict(self.refusals),
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             auth_lookup=self.auth_lookup.snapshot(),

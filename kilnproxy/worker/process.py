@@ -2,10 +2,11 @@
 
 A fresh interpreter that adopts the listening sockets and the control socketpair it inherited
 (by fd number), serves with a `Worker`, and speaks the `control` protocol: `Ready` once serving,
-a `Heartbeat` every second, `Draining` when a TERM reaches it directly. Its signals and its
-master's messages become `Event`s that one loop acts on: it drains when told to, or when its
-master is gone. A worker that cannot start exits with WORKER_BOOT_ERROR, so the master
-stops instead of restarting it forever.
+a `Heartbeat` every second, `Draining` when a TERM reaches it directly, and admission's counts
+and offences as they change (the master answers with the rest of the host's, and penalties).
+Its signals and its master's messages become `Event`s that one loop acts on: it drains when
+told to, or when its master is gone. A worker that cannot start exits with WORKER_BOOT_ERROR,
+so the master stops instead of restarting it forever.
 
     python -m kilnproxy.worker.process --index N --listen-fds 3,4 --control-fd 5 [--config P]
 """
@@ -78,6 +79,7 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's signal, not ours
         self._channel = channel = await control.ToMaster.open(self._control_sock)
         self.worker.host.on_close = self._session_closed
+        self.worker.admission.report_to(channel.send)
         await self.worker.start()
         channel.send(control.Ready(pid=self.worker.statistics().pid))
         tasks = [
@@ -139,6 +141,10 @@ class WorkerProcess:
                     self.worker.kill_session(session)
                 case control.TaskDumpRequest() | control.HeapProfileRequest():
                     channel.send(self._answer(message))
+                case control.OthersChanged():
+                    self.worker.admission.others_changed(message)
+                case control.Penalties():
+                    self.worker.admission.penalties(message)
 
     def _answer(
         self, request: control.TaskDumpRequest | control.HeapProfileRequest

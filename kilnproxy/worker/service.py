@@ -1,9 +1,9 @@
 """A worker: serves SSH on the sockets it is handed, until it is told to drain or stop.
 
-The worker is the unit the master starts (SPEC 6). It owns its sessions, its directory handle
-and its backend connections, and reports `statistics()` (the `control.WorkerStats` of its
-heartbeat). It knows nothing of supervision: it serves on whatever sockets it is given and drains
-when asked.
+The worker is the unit the master starts (SPEC 6). It owns its sessions, its directory handle,
+its backend connections and its side of admission (`WorkerAdmission`), and reports
+`statistics()` (the `control.WorkerStats` of its heartbeat). It knows nothing of supervision: it
+serves on whatever sockets it is given and drains when asked.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kilnproxy.errors import CutReason
 from kilnproxy.ssh.server import listen, load_host_keys, server_options
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost
+from kilnproxy.worker.admission import WorkerAdmission
 from kilnproxy.worker.introspect import heap_in_use
 from kilnproxy.worker.metrics import WorkerMetrics
 
@@ -60,7 +61,9 @@ class Worker:
             config.timeouts.dial,
             self.metrics.backend_dial.observe,
         )
-        self.host = SessionHost(config, Services(self.directory, self.backends, self.metrics))
+        self.admission = WorkerAdmission(config.limits, self.metrics.refused)
+        services = Services(self.directory, self.backends, self.metrics, self.admission)
+        self.host = SessionHost(config, services)
 
     async def start(self) -> None:
         asyncio.get_running_loop().set_exception_handler(_log_loop_error)

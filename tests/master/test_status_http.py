@@ -20,6 +20,7 @@ from conftest import World, make_world
 from harness import finish_upload_pack, hold_upload_pack
 from prometheus_client.parser import text_string_to_metric_families
 
+from kilnproxy.policy.admission import Refusal
 from kilnproxy.policy.commands import Vcs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,7 +141,15 @@ def test_metrics_parse_and_move_with_a_clone(status_world: World, tmp_path: Path
     assert now[("kilnproxy_workers", ())] == 2
     assert ("kilnproxy_worker_rss_bytes", (("worker", "0"),)) in now
     labels = {label for key in now for label, _ in key[1]}
-    assert labels <= {"vcs", "verb", "outcome", "direction", "backend", "worker", "version", "le"}
+    assert labels <= {
+        "vcs", "verb", "outcome", "direction", "backend", "worker", "version", "le", "reason",
+    }  # fmt: skip
+    # Every admission refusal reason is a series from the start, at zero until one happens.
+    refused = {dict(key[1])["reason"]: value for key, value in now.items()
+               if key[0] == "kilnproxy_admission_refusals_total"}  # fmt: skip
+    assert refused == dict.fromkeys([r.value for r in Refusal], 0.0)
+    assert now[("kilnproxy_unauthenticated_connections", ())] == 0
+    assert now[("kilnproxy_penalised_sources", ())] == 0
 
 
 def test_task_dump_shows_a_waiting_session(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from kilnproxy.policy.admission import (
     Refusal,
     RefusalLog,
     StartupCounter,
+    StartupCounts,
     StartupGate,
     StartupLimits,
     TooManySessions,
@@ -303,3 +304,23 @@ def test_refusal_log_holds_back_a_flood_and_counts_it() -> None:
     assert log.should_log(Refusal.PENALTY, 20.0) == 3  # one line, naming the three held back
     assert log.should_log(Refusal.PENALTY, 20.0) is None
     assert [log.should_log(Refusal.PENALTY, 1000.0) for _ in range(4)] == [1, 0, 0, None]
+
+
+def test_counts_change_by_what_changed_elsewhere() -> None:
+    """How a worker keeps the rest of the host's view, and the master each worker's."""
+    size = NetblockSize()
+    a, b = netblock_of(addr("192.0.2.1"), size), netblock_of(addr("2001:db8::1"), size)
+    view = StartupCounter()
+    view.change(StartupCounts(3, {a: 2, b: 1}))
+    view.change(StartupCounts(-1, {a: -1}))
+    assert (view.total, view.of(a), view.of(b)) == (2, 1, 1)
+    view.change(-view.statistics())
+    assert view.total == 0 and view.statistics().by_source == {}  # nothing left at zero
+    host = HostStartups()
+    host.change(1, StartupCounts(2, {a: 2}))
+    host.change(2, StartupCounts(1, {b: 1}))
+    host.change(1, StartupCounts(-1, {a: -1}))
+    assert host.total == 2 and host.others(2) == StartupCounts(1, {a: 1})
+    assert host.forget(1) == StartupCounts(1, {a: 1})
+    assert host.forget(1) == StartupCounts()
+    assert host.total == 1

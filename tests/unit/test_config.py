@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from kilnproxy.config import (
     with_reference,
 )
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy.admission import NetblockSize, StartupLimits
+from kilnproxy.policy.penalty import Overflow, PenaltySettings
 
 
 @pytest.mark.parametrize(
@@ -109,11 +112,67 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"backend_ssh": {"window": 65536}}, r"\[backend_ssh\] window: expected a string"),
         ({"timeouts": {"drain_notice": "-3s"}}, r"\[timeouts\] drain_notice: '-3s' is not a"),
         ({"timeouts": {"drain": "0s"}}, r"\[timeouts\] drain: '0s' must be longer than zero"),
+        ({"limits": {"max_startups": "10:30"}}, r"\[limits\] max_startups: '10:30' is not"),
+        ({"limits": {"max_startups": "100:30:10"}}, r"max_startups: .* start must be at least 1"),
+        ({"limits": {"max_startups": "10:0:100"}}, r"max_startups: .* rate is a percentage"),
+        ({"limits": {"max_startups": 10}}, r"\[limits\] max_startups: expected a string"),
+        ({"limits": {"max_startups_per_source": -1}}, r"max_startups_per_source: expected a"),
+        ({"limits": {"max_sessions_per_account": "5"}}, r"max_sessions_per_account: expected"),
+        ({"limits": {"penalties": "yes"}}, r"\[limits\] penalties: expected true or false"),
+        ({"limits": {"penalty_authfail": "5"}}, r"penalty_authfail: '5' is not a duration"),
+        ({"limits": {"penalty_max": "0s"}}, r"penalty_max: '0s' must be longer than zero"),
+        ({"limits": {"penalty_netblock": "33:128"}}, r"penalty_netblock: '33:128': at most 32"),
+        ({"limits": {"penalty_netblock": "24/64"}}, r"penalty_netblock: '24/64' is not a"),
+        ({"limits": {"penalty_exempt": ["192.0.2.1/24"]}}, r"penalty_exempt: '192.0.2.1/24' is"),
+        ({"limits": {"penalty_exempt": "192.0.2.0/24"}}, r"penalty_exempt: expected a list"),
+        ({"limits": {"penalty_max_sources6": 0}}, r"penalty_max_sources6: expected a whole"),
+        ({"limits": {"penalty_overflow": "deny"}}, r"penalty_overflow: 'deny' is not one of"),
+        (
+            {"limits": {"penalty_min": "10m", "penalty_max": "5m"}},
+            r"\[limits\] penalty_max must be longer than penalty_min",
+        ),
+        ({"limits": {"max_startup": "10:30:100"}}, r"unknown setting max_startup in \[limits\]"),
     ],
 )
 def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
-    with pytest.raises(OperatorError, match=message):
+    with pytest.raises(OperatorError, match=message) as refused:
         from_mapping(raw, tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_limits(tmp_path: Path) -> None:
+    defaults = from_mapping({}, tmp_path).limits
+    assert defaults.max_startups == StartupLimits(10, 30, 100)
+    assert (defaults.max_startups_per_source, defaults.max_sessions_per_account) == (10, 0)
+    assert defaults.penalty_settings() == PenaltySettings()  # OpenSSH's defaults, both sides
+    raw = {
+        "max_startups": "20:50:60",
+        "max_startups_per_source": 0,
+        "max_sessions_per_account": 25,
+        "penalties": False,
+        "penalty_noauth": "0s",
+        "penalty_grace_exceeded": "20s",
+        "penalty_min": "0s",
+        "penalty_max": "1h",
+        "penalty_netblock": "24:64",
+        "penalty_exempt": ["10.0.0.0/8", "2001:db8::/32"],
+        "penalty_max_sources6": 1000,
+        "penalty_overflow6": "deny-all",
+    }
+    limits = from_mapping({"limits": raw}, tmp_path).limits
+    assert limits.max_startups == StartupLimits(20, 50, 60)
+    assert (limits.max_startups_per_source, limits.max_sessions_per_account) == (0, 25)
+    assert limits.penalty_settings() == PenaltySettings(
+        enabled=False,
+        noauth=0.0,
+        grace_exceeded=20.0,
+        min=0.0,
+        max=3600.0,
+        netblock=NetblockSize(24, 64),
+        exempt=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")),
+        max_sources6=1000,
+        overflow6=Overflow.DENY_ALL,
+    )
 
 
 def test_the_reference_is_every_default_as_toml(tmp_path: Path) -> None:

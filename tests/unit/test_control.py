@@ -4,6 +4,7 @@ ProtocolError for the reader (never another exception, never a message with a wr
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import socket
@@ -15,6 +16,7 @@ from kilnproxy.control import (
     BUCKETS,
     LATENCIES,
     VERSION,
+    CountsChanged,
     Drain,
     Draining,
     HeapProfileRequest,
@@ -23,6 +25,10 @@ from kilnproxy.control import (
     KillSession,
     Message,
     MetricsSnapshot,
+    Offence,
+    Offences,
+    OthersChanged,
+    Penalties,
     PoolStats,
     ProtocolError,
     Ready,
@@ -39,6 +45,8 @@ from kilnproxy.control import (
     from_master,
     from_worker,
 )
+from kilnproxy.policy.admission import StartupCounts
+from kilnproxy.policy.penalty import Lifted, Penalised, PenaltyEvent, TableFull
 
 STATS = WorkerStats(
     index=1, pid=4242, started_at=1700000000.5, sessions=2, sessions_total=9, tasks=30, fds=40,
@@ -61,9 +69,14 @@ def histogram(*observations: int) -> Histogram:
 
 METRICS = MetricsSnapshot(
     outcomes={"ok": 3, "denied": 1}, bytes_in=10, bytes_out=20,
+    refusals={"max_startups_per_source": 50, "penalty": 2},
     auth_lookup=histogram(0, 0, 3), route_lookup=histogram(1), backend_dial=histogram(14),
 )  # fmt: skip
 BEAT = Heartbeat(STATS, METRICS, {"storage": PoolStats(2, 3, 4)}, (ROW,))
+NET4, NET6 = ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")
+STARTUPS = StartupCounts(3, {NET4: 2, NET6: 1})
+PENALISED = Penalised(NET4, 1234.5, PenaltyEvent.AUTHFAIL)
+PENALTIES = Penalties((PENALISED,), (Lifted(NET6),), (TableFull(6, 99.0),))
 
 EVERY_MESSAGE: list[Message] = [
     Ready(pid=4242),
@@ -78,7 +91,15 @@ EVERY_MESSAGE: list[Message] = [
     KillSession("0badf00d"),
     TaskDumpRequest(9),
     HeapProfileRequest(10, top=25, seconds=60.0, stop=False, peek=True),
-]
+    CountsChanged(STARTUPS, {"aviato": 1}),
+    CountsChanged(-STARTUPS, {"aviato": -1, "hooli": 2}),  # what ended: negative counts
+    Offences((Offence(ipaddress.ip_address("192.0.2.7"), PenaltyEvent.NOAUTH),
+              Offence(ipaddress.ip_address("2001:db8::1"), PenaltyEvent.GRACE_EXCEEDED))),
+    OthersChanged(StartupCounts(), {}),
+    OthersChanged(STARTUPS, {"aviato": 2}),
+    PENALTIES,
+    Penalties(),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
@@ -104,6 +125,17 @@ def with_stats(**changes: Any) -> bytes:
     return line_of(data)
 
 
+def with_startups(by_source: dict[str, object]) -> bytes:
+    data = body(CountsChanged(STARTUPS, {}))
+    data["startups"]["by_source"] = by_source
+    return line_of(data)
+
+
+def offence(address: object, event: str) -> bytes:
+    data = {"v": VERSION, "kind": "offences", "offences": [{"address": address, "event": event}]}
+    return line_of(data)
+
+
 def without(key: str) -> bytes:
     data = body(BEAT)
     del data["stats"][key]
@@ -113,23 +145,40 @@ def without(key: str) -> bytes:
 @pytest.mark.parametrize(
     ("line", "says"),
     [
-        (b'{"v": 1, "kind": "ready", "pid": 1}\n', "not a version 2"),
-        (b'{"kind": "ready", "pid": 1}\n', "not a version 2"),
-        (b'{"v": 2, "kind": "nope"}\n', "no such kind"),
-        (b"[]\n", "not a version 2"),
+        (b'{"v": 2, "kind": "ready", "pid": 1}\n', "not a version 3"),
+        (b'{"kind": "ready", "pid": 1}\n', "not a version 3"),
+        (b'{"v": 3, "kind": "nope"}\n', "no such kind"),
+        (b"[]\n", "not a version 3"),
         (b"garbage\n", "not JSON"),
-        (b'{"v": 2, "kind": "ready", "pid": \xff}\n', "not JSON"),
+        (b'{"v": 3, "kind": "ready", "pid": \xff}\n', "not JSON"),
         (b"[" * 100_000 + b"\n", "not JSON"),
-        (b'{"v": 2, "kind": "ready"}\n', "ready: missing ['pid']"),
-        (b'{"v": 2, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
-        (b'{"v": 2, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
-        (b'{"v": 2, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
-        (b'{"v": 2, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
+        (b'{"v": 3, "kind": "ready"}\n', "ready: missing ['pid']"),
+        (b'{"v": 3, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
+        (b'{"v": 3, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
+        (b'{"v": 3, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
+        (b'{"v": 3, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
         (with_stats(rss=None), "heartbeat.stats.rss: NoneType is not int"),
         (with_stats(accepting=1), "heartbeat.stats.accepting: int is not bool"),
         (without("heap"), "heartbeat.stats: missing ['heap']"),
-        (b'{"v": 2, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
-        (b'{"v": 2, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
+        (b'{"v": 3, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
+        (b'{"v": 3, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
+        (
+            with_startups({"192.0.2.1/24": 1}),
+            "counts_changed.startups.by_source key: 192.0.2.1/24 has host bits set",
+        ),
+        (with_startups({"192.0.2.0/24": "1"}), "by_source.192.0.2.0/24: str is not int"),
+        (with_startups({"example.com": 1}), "does not appear to be an IPv4 or IPv6 network"),
+        (offence("192.0.2.300", "authfail"), "offences.offences[0].address: '192.0.2.300'"),
+        (
+            offence("192.0.2.3", "timeout"),
+            "offences.offences[0].event: 'timeout' is not a PenaltyEvent",
+        ),
+        (offence(3232235523, "authfail"), "offences.offences[0].address: int is not str"),
+        (
+            b'{"v": 3, "kind": "penalties", "penalised": [], "lifted": [], "table_full": '
+            b'[{"version": 5, "until": 1.0}]}\n',
+            "penalties.table_full[0]: IP version 5 is",
+        ),
     ],
 )
 def test_malformed_lines_are_protocol_errors(line: bytes, says: str) -> None:
@@ -169,12 +218,41 @@ def test_each_end_hears_only_the_other_side() -> None:
         from_master(encode(BEAT))
 
 
+def test_admission_goes_both_ways_each_its_own() -> None:
+    counts, others = CountsChanged(STARTUPS, {}), OthersChanged(STARTUPS, {})
+    assert from_worker(encode(counts)) == counts
+    assert from_master(encode(others)) == others
+    with pytest.raises(ProtocolError, match="a worker does not send others_changed"):
+        from_worker(encode(others))
+    with pytest.raises(ProtocolError, match="the master does not send counts_changed"):
+        from_master(encode(counts))
+    with pytest.raises(ProtocolError, match="the master does not send offences"):
+        from_master(encode(Offences(())))
+
+
+def test_penalties_keep_the_order_of_the_boxs_notices() -> None:
+    """One message while the notices come in field order; a new one where they go back."""
+    first, again = Lifted(NET4), Penalised(NET4, 2000.0, PenaltyEvent.NOAUTH)
+    full = TableFull(4, 10.0)
+    assert Penalties.of(()) == []
+    assert Penalties.of((PENALISED, first, full)) == [Penalties((PENALISED,), (first,), (full,))]
+    split = Penalties.of((PENALISED, first, again, full, first))
+    assert split == [
+        Penalties((PENALISED,), (first,)),
+        Penalties((again,), (), (full,)),
+        Penalties((), (first,)),
+    ]
+    notices = [n for message in split for n in message.notices()]
+    assert notices == [PENALISED, first, again, full, first]
+
+
 def test_histograms_and_snapshots_merge() -> None:
     merged = histogram(0, 3).merge(histogram(3, 14))
     assert merged.counts[0] == 1 and merged.counts[3] == 2 and merged.counts[14] == 1
     assert merged.total == pytest.approx(0.04)
     total = METRICS.merge(METRICS).merge(MetricsSnapshot())
     assert total.outcomes == {"ok": 6, "denied": 2}
+    assert total.refusals == {"max_startups_per_source": 100, "penalty": 4}
     assert (total.bytes_in, total.bytes_out) == (20, 40)
     assert total.auth_lookup.counts[0] == 4 and total.backend_dial.counts[14] == 2
     assert METRICS.outcomes == {"ok": 3, "denied": 1}  # merging makes a new snapshot

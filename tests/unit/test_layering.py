@@ -177,8 +177,9 @@ def top_level_modules(package_dir: Path) -> list[str]:
 
 SHARED = tuple(f"kilnproxy.{name}" for name in TOP_LEVEL)
 RULES = (
-    Rule(("master.*",), ("kilnproxy.*",), SHARED,
-         "master imports only the shared top-level modules of kilnproxy"),
+    # The policy is pure (it imports only errors): the master decides with it too (admission).
+    Rule(("master.*",), ("kilnproxy.*",), (*SHARED, "kilnproxy.policy.*"),
+         "master imports only the shared top-level modules of kilnproxy and its policy"),
     Rule(("kilnproxy.policy.*",), ("kilnproxy.*",), ("kilnproxy.errors", "kilnproxy.policy.*"),
          "policy imports nothing of kilnproxy but errors"),
     Rule(("kilnproxy.ssh.*", "kilnproxy.backends.*", "kilnproxy.directory.*"),
@@ -291,7 +292,7 @@ def test_a_cycle_in_a_package_on_disk_fails(tmp_path: Path) -> None:
 def test_violations_on_a_synthetic_graph() -> None:
     graph: Graph = {
         "master.arbiter": {"kilnproxy.config", "kilnproxy.worker.process", "os"},
-        "master.http": {"asyncssh", "kilnproxy.control"},
+        "master.http": {"asyncssh", "kilnproxy.control", "kilnproxy.policy.penalty"},
         "kilnproxy.policy.access": {"kilnproxy.policy.commands", "kilnproxy.errors"},
         "kilnproxy.policy.commands": {"kilnproxy.directory.model", "re"},
         "kilnproxy.ssh.relay": {"kilnproxy.worker", "kilnproxy.backends", "asyncssh"},
@@ -300,7 +301,7 @@ def test_violations_on_a_synthetic_graph() -> None:
     }
     assert violations(graph, [*RULES, asyncssh_rule(["config", "errors"])]) == [
         "master.arbiter imports kilnproxy.worker.process: master imports only the shared "
-        "top-level modules of kilnproxy",
+        "top-level modules of kilnproxy and its policy",
         "kilnproxy.policy.commands imports kilnproxy.directory.model: policy imports nothing "
         "of kilnproxy but errors",
         "kilnproxy.ssh.relay imports kilnproxy.worker: ssh, backends and directory never "

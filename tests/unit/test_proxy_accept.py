@@ -1,5 +1,6 @@
-"""Admitting connections by their PROXY header: the policy as plain functions, the settings,
-and `ProxyListener` on real loopback sockets with a recording hand-off in asyncssh's place."""
+"""Admitting connections by admission and by their PROXY header: the policy as plain functions,
+the settings, and `ProxyListener` on real loopback sockets with a recording hand-off in
+asyncssh's place and a recording admission in the worker's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uvloop
 
 from kilnproxy.config import SshSettings, from_mapping
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy.penalty import PenaltyEvent
 from kilnproxy.ssh import proxy_accept
 from kilnproxy.ssh.proxy_accept import (
     Admit,
@@ -30,6 +32,7 @@ from kilnproxy.ssh.proxy_accept import (
     refuse_at_accept,
 )
 from kilnproxy.ssh.proxy_header import ProxyHeader, build_v1, build_v2, parse
+from kilnproxy.ssh.services import Startup
 
 CLIENT = ("203.0.113.7", 40000)
 HEADER = ProxyHeader(version=1, length=40, source=CLIENT, destination=("10.0.0.1", 22))
@@ -148,6 +151,33 @@ def test_bad_settings_are_one_line(tmp_path: Path, raw: dict[str, object], messa
 Received = list[tuple[tuple[str, int] | None, bytes]]
 
 
+class FakeStartup:
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def authenticated(self) -> None:
+        self.ended.append("authenticated")
+
+    def closed(self, event: PenaltyEvent | None) -> None:
+        self.ended.append(f"closed {event}")
+
+
+class Gatekeeper:
+    """Admission in the worker's place: refuses the hosts in `refused`, records every call."""
+
+    def __init__(self, *refused: str) -> None:
+        self.refused = set(refused)
+        self.asked: list[str] = []
+        self.startups: list[FakeStartup] = []
+
+    def __call__(self, client: tuple[str, int]) -> FakeStartup | None:
+        self.asked.append(client[0])
+        if client[0] in self.refused:
+            return None
+        self.startups.append(FakeStartup())
+        return self.startups[-1]
+
+
 def settings(mode: str = "optional", timeout: str = "1s") -> SshSettings:
     raw = {"proxy_protocol": mode, "proxy_allowed": ["127.0.0.0/8"], "proxy_timeout": timeout}
     return from_mapping({"ssh": raw}, Path("/")).ssh
@@ -156,13 +186,18 @@ def settings(mode: str = "optional", timeout: str = "1s") -> SshSettings:
 def serve(
     scenario: Callable[[ProxyListener, int, Received], Awaitable[None]],
     ssh: SshSettings | None = None,
+    admit: Gatekeeper | None = None,
+    fail: bool = False,
 ) -> Received:
-    """Run `scenario` against a listener on uvloop; the hand-off records what SSH would get."""
+    """Run `scenario` against a listener on uvloop; the hand-off records what SSH would get
+    (or, with `fail`, fails as a connection reset before SSH could start would)."""
     received: Received = []
 
     async def hand_off(
-        conn: socket.socket, source: tuple[str, int] | None, health_check: bool
+        conn: socket.socket, source: tuple[str, int] | None, startup: Startup, health_check: bool
     ) -> None:
+        if fail:
+            raise ConnectionResetError(104, "Connection reset by peer")
         loop = asyncio.get_running_loop()
         with conn:
             data = b""
@@ -172,7 +207,7 @@ def serve(
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0)) as sock:
-            listener = ProxyListener(sock, ssh or settings(), hand_off)
+            listener = ProxyListener(sock, ssh or settings(), hand_off, admit or Gatekeeper())
             await listener.start_serving()
             try:
                 await scenario(listener, sock.getsockname()[1], received)
@@ -184,9 +219,12 @@ def serve(
     return received
 
 
-async def send(port: int, *parts: bytes, pause: float = 0.0, eof: bool = True) -> bytes:
-    """Connect, send `parts` (pausing between them) and EOF, and read until the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def send(
+    port: int, *parts: bytes, pause: float = 0.0, eof: bool = True, source: str = "127.0.0.1"
+) -> bytes:
+    """Connect from `source`, send `parts` (pausing between them) and EOF, and read until the
+    server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         for part in parts:
             writer.write(part)
@@ -200,7 +238,7 @@ async def send(port: int, *parts: bytes, pause: float = 0.0, eof: bool = True) -
             return b""
     finally:
         writer.close()
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(OSError):  # reset, or (closed at accept) never quite up
             await writer.wait_closed()
 
 
@@ -303,3 +341,55 @@ def test_a_health_check_is_a_header_without_a_client() -> None:
     assert isinstance(unknown, ProxyHeader) and is_health_check(unknown)
     assert isinstance(client, ProxyHeader) and not is_health_check(client)
     assert not is_health_check(None) and not is_health_check(TimedOut(0))
+
+
+# -- admission at accept ---------------------------------------------------------------------------
+
+
+def test_without_proxy_protocol_admission_decides_at_accept() -> None:
+    """A refused connection is closed before a byte is read or written; an admitted one
+    reaches SSH whole, with its startup."""
+    gate = Gatekeeper("127.0.0.2")
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        assert await send(port, SSH, source="127.0.0.2") == b""
+        await send(port, SSH, source="127.0.0.3")
+        await until(lambda: len(received) == 1)
+        stats = listener.statistics()
+        assert (stats.accepted, stats.admitted, stats.refused) == (2, 1, 1)
+
+    assert serve(scenario, settings("off"), gate) == [(None, SSH)]
+    assert gate.asked == ["127.0.0.2", "127.0.0.3"]
+    assert [s.ended for s in gate.startups] == [[]]  # SSH's to end: the session ends it
+
+
+def test_behind_a_balancer_admission_is_asked_with_the_headers_address() -> None:
+    gate = Gatekeeper(CLIENT[0])
+    header = build_v1(CLIENT, ("10.0.0.1", 22))
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        assert await send(port, header + SSH) == b""
+        await send(port, build_v1(("203.0.113.8", 1), ("10.0.0.1", 22)) + SSH)
+        await send(port, SSH, source="127.0.0.4")  # a direct client: the peer's address
+        await until(lambda: len(received) == 2)
+
+    received = serve(scenario, settings("optional"), gate)
+    assert received == [(("203.0.113.8", 1), SSH), (None, SSH)]
+    assert gate.asked == [CLIENT[0], "203.0.113.8", "127.0.0.4"]
+
+
+@pytest.mark.parametrize("mode", ["off", "optional"])
+def test_a_hand_off_that_fails_ends_its_startup(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gatekeeper()
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        await send(port, SSH)
+        await until(lambda: listener.statistics().refused == 1)
+
+    with caplog.at_level(logging.WARNING, logger="kilnproxy.proxy"):
+        assert serve(scenario, settings(mode), gate, fail=True) == []
+    assert [s.ended for s in gate.startups] == [["closed None"]]  # uncounted, not penalised
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith("connection failed: Connection reset by peer")

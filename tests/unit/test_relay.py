@@ -20,6 +20,7 @@ from kilnproxy.directory import Identity, Route
 from kilnproxy.errors import BackendError, CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog
 from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.admission import AccountSessions
 from kilnproxy.policy.commands import Command, Vcs, Verb
 from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
 from kilnproxy.ssh.services import Services
@@ -174,6 +175,22 @@ class FakeMetrics:
         raise AssertionError("a relay never counts sessions: its owner does, once")
 
 
+class FakeAdmission:
+    """Sessions per account against a cap, counted as the worker's admission counts them."""
+
+    def __init__(self, cap: int = 0) -> None:
+        self.sessions = AccountSessions(cap)
+
+    def admit(self, peer: tuple[str, int]) -> None:
+        raise AssertionError("connections are admitted by the listener, never by a relay")
+
+    def open_session(self, account: str) -> None:
+        self.sessions.open(account)
+
+    def close_session(self, account: str) -> None:
+        self.sessions.close(account)
+
+
 class FakeOwner:
     """The connection a relay runs on: counts touches, keeps the final records."""
 
@@ -198,13 +215,20 @@ def website(access: Access = Access.WRITE, vcs: Vcs = Vcs.GIT) -> Route:
 class Rig:
     """One relay on its fakes, as asyncssh would drive it up to `session_started`."""
 
-    def __init__(self, route: Route | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        route: Route | None = None,
+        env: Mapping[str, str] | None = None,
+        admission: FakeAdmission | None = None,
+    ) -> None:
         self.owner = FakeOwner()
         self.chan = FakeChannel(env)
         self.backend = FakeBackend()
         self.directory = FakeDirectory(route)
         self.metrics = FakeMetrics()
-        services = Services(self.directory, FakeBackends(self.backend), self.metrics)
+        self.admission = admission or FakeAdmission()
+        backends = FakeBackends(self.backend)
+        services = Services(self.directory, backends, self.metrics, self.admission)
         self.relay = Relay(self.owner, services)
         self.relay.connection_made(self.chan)
 
@@ -506,3 +530,39 @@ def test_a_directory_down_at_the_route_or_at_the_key_is_one_line_and_exit_1(
         assert rig.owner.closed[0].outcome is Outcome.UNAVAILABLE
 
     asyncio.run(body())
+
+
+@on_a_loop
+async def test_a_session_over_the_accounts_cap_is_refused_and_a_closed_one_gives_back() -> None:
+    admission = FakeAdmission(cap=1)
+    first = Rig(website(), admission=admission)
+    await first.running()
+    assert admission.sessions.statistics() == {"aviato": 1}
+    second = Rig(website(), admission=admission)
+    second.start()
+    await settle()
+    line = f"kilnproxy: too many concurrent sessions for account 'aviato' (session {SESSION})\n"
+    assert second.chan.sent == [("err", line.encode()), ("exit", 1)]
+    assert second.backend.requests == []
+    second.relay.connection_lost(None)
+    assert second.owner.closed[0].outcome is Outcome.REFUSED
+    assert admission.sessions.statistics() == {"aviato": 1}  # the refused one never counted
+    first.relay.connection_lost(None)
+    assert admission.sessions.statistics() == {}
+    third = Rig(website(), admission=admission)
+    await third.running()
+    third.relay.cut(CutReason.ADMIN)
+    third.relay.connection_lost(None)
+    assert admission.sessions.statistics() == {}
+
+
+@on_a_loop
+async def test_bad_commands_and_shells_take_no_session() -> None:
+    admission = FakeAdmission(cap=1)
+    for line in ("rm -rf /", None):
+        rig = Rig(website(), admission=admission)
+        rig.start(line)
+        await settle()
+        assert rig.chan.sent[-1] == ("exit", 128 if line else 1)
+        assert admission.sessions.statistics() == {}  # while the channel is still open
+        rig.relay.connection_lost(None)

@@ -1,0 +1,234 @@
+"""A worker's admission (SPEC 4b): who may connect and who may open one more session, decided
+in the worker, on the host-wide view its master keeps it told of.
+
+Owns the worker's own live counts (unauthenticated connections by source netblock, sessions per
+account), its view of the rest of the host (the sum of the master's `OthersChanged`), its
+`PenaltyView`, the refusal counters of /metrics and the rate-limited refusal log. The decisions
+are `kilnproxy.policy`'s; this is their shell: it reads the monotonic clock, draws the random
+early drop, and tells the master what changed, at most one `CountsChanged` and one `Offences`
+per pass of the event loop (a burst of accepts is one message, not one each).
+
+Rules: `admit` is on the accept path of every connection, so it never awaits and never waits
+for the master: it decides on the view the master last sent, plus the worker's own counts. A
+refused connection is never counted nor penalised. An admitted one is counted from accept until
+it authenticates or closes, whichever comes first, and is penalised at most once: when it closes
+without having authenticated (`Startup.closed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from kilnproxy.config import LimitSettings
+from kilnproxy.control import CountsChanged, Offence, Offences, OthersChanged, Penalties
+from kilnproxy.control import WorkerMessage as Message
+from kilnproxy.policy.admission import (
+    AccountSessions,
+    IPAddress,
+    Netblock,
+    Refusal,
+    RefusalLog,
+    StartupCounter,
+    StartupCounts,
+    StartupGate,
+    TooManySessions,
+    admit,
+    netblock_of,
+    source_address,
+)
+from kilnproxy.policy.penalty import PenaltyEvent, PenaltyView
+
+log = logging.getLogger("kilnproxy.admission")
+
+Peer = tuple[str, int]
+
+
+class Startup:
+    """One admitted connection, counted as a startup until it authenticates or closes."""
+
+    __slots__ = ("_admission", "_counted", "address", "netblock")
+
+    def __init__(
+        self, admission: WorkerAdmission, address: IPAddress | None, netblock: Netblock | None
+    ) -> None:
+        self._admission = admission
+        self.address = address
+        self.netblock = netblock
+        self._counted = netblock is not None
+
+    def authenticated(self) -> None:
+        """No longer a startup; never penalised from now on."""
+        if self._counted:
+            self._counted = False
+            self._admission.ended(self, None)
+
+    def closed(self, event: PenaltyEvent | None) -> None:
+        """Closed: `event` is how, if it ended badly and had not authenticated (else None)."""
+        if self._counted:
+            self._counted = False
+            self._admission.ended(self, event)
+
+
+class WorkerAdmission:
+    """The `ssh.services.Admission` of one worker: `admit` at accept, `open_session` at exec."""
+
+    def __init__(
+        self,
+        limits: LimitSettings,
+        count_refusal: Callable[[Refusal], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.limits = limits
+        self._penalty_settings = limits.penalty_settings()
+        self._gate = StartupGate(
+            limits.max_startups, limits.max_startups_per_source, rng or random.Random()
+        )
+        self._penalties = PenaltyView(self._penalty_settings)
+        self._own = StartupCounter()
+        self._others = StartupCounter()
+        self._sessions = AccountSessions(limits.max_sessions_per_account)
+        self._sessions_elsewhere: Counter[str] = Counter()
+        self._count_refusal = count_refusal
+        self._clock = clock
+        self._log = RefusalLog()
+        # Told the master at the end of this pass of the event loop (`_flush`), once it can be.
+        self._send: Callable[[Message], None] | None = None
+        self._startups_changed: dict[Netblock, int] = {}
+        self._sessions_changed: Counter[str] = Counter()
+        self._offences: list[Offence] = []
+        self._flush_scheduled = False
+
+    # -- the accept path -----------------------------------------------------------------------
+
+    def admit(self, peer: Peer) -> Startup | None:
+        """A startup to count, or None: close the connection now (counted and logged here).
+
+        `peer` is the client's address: the PROXY header's when one was accepted."""
+        address = source_address(peer[0])
+        now = self._clock()
+        if address is None:  # not an IP peer (no TCP listener has one): nothing to count by
+            return Startup(self, None, None)
+        netblock = netblock_of(address, self.limits.penalty_netblock)
+        startups = self._own.total + self._others.total
+        from_source = self._own.of(netblock) + self._others.of(netblock)
+        refusal = admit(address, now, gate=self._gate, penalties=self._penalties,
+                        startups=startups, source_startups=from_source)  # fmt: skip
+        if refusal is not None:
+            why = self._why(refusal, startups, from_source, netblock)
+            self._refused(refusal, now, f"connection from {peer[0]}:{peer[1]}", why)
+            return None
+        self._own.add(netblock)
+        self._startup_changed(netblock, 1)
+        return Startup(self, address, netblock)
+
+    def ended(self, startup: Startup, event: PenaltyEvent | None) -> None:
+        """`startup` authenticated (event None) or closed; called once for each, by it."""
+        assert startup.netblock is not None and startup.address is not None
+        self._own.discard(startup.netblock)
+        self._startup_changed(startup.netblock, -1)
+        if event is not None and self._send and self._penalised_for(startup.address, event):
+            self._offences.append(Offence(startup.address, event))
+            self._schedule()
+
+    def _penalised_for(self, address: IPAddress, event: PenaltyEvent) -> bool:
+        """Whether the master would record it: no message for what it would drop at once."""
+        settings = self._penalty_settings
+        return settings.enabled and settings.seconds(event) > 0 and not settings.is_exempt(address)
+
+    def _why(self, refusal: Refusal, startups: int, from_source: int, netblock: Netblock) -> str:
+        limits = self._gate.limits
+        if refusal is Refusal.FULL:
+            return f"max_startups: {startups} unauthenticated connections, full at {limits.full}"
+        if refusal is Refusal.RANDOM_EARLY_DROP:
+            return (f"max_startups: random early drop at {startups} unauthenticated "
+                    f"connections ({self._gate.drop_percent(startups)}%)")  # fmt: skip
+        if refusal is Refusal.PER_SOURCE:
+            return f"max_startups_per_source: {from_source} unauthenticated from {netblock}"
+        if refusal is Refusal.PENALTY:
+            return f"source {netblock} is penalised"
+        return f"the IPv{netblock.version} penalty table is full (penalty_overflow = deny-all)"
+
+    def _refused(self, refusal: Refusal, now: float, what: str, why: str) -> None:
+        self._count_refusal(refusal)
+        held = self._log.should_log(refusal, now)
+        if held is not None:
+            more = f" ({held} more of these not logged)" if held else ""
+            log.warning("refused %s: %s%s", what, why, more)
+
+    # -- sessions per account ------------------------------------------------------------------
+
+    def open_session(self, account: str) -> None:
+        """Count one more session of `account`, or raise TooManySessions (counted, logged)."""
+        cap = self._sessions.cap
+        try:
+            self._sessions.open(account, self._sessions_elsewhere[account])
+        except TooManySessions:
+            why = f"max_sessions_per_account is {cap}"
+            what = f"a session of account {account!r}"
+            self._refused(Refusal.ACCOUNT_SESSIONS, self._clock(), what, why)
+            raise
+        if cap:  # without a cap, nobody needs the host's count
+            self._session_changed(account, 1)
+
+    def close_session(self, account: str) -> None:
+        self._sessions.close(account)
+        if self._sessions.cap:
+            self._session_changed(account, -1)
+
+    # -- what the master says ------------------------------------------------------------------
+
+    def others_changed(self, message: OthersChanged) -> None:
+        self._others.change(message.startups)
+        for account, change in message.sessions.items():
+            self._sessions_elsewhere[account] += change
+            if not self._sessions_elsewhere[account]:
+                del self._sessions_elsewhere[account]
+
+    def penalties(self, message: Penalties) -> None:
+        for notice in message.notices():
+            self._penalties.apply(notice)
+
+    # -- telling the master, once per pass -----------------------------------------------------
+
+    def report_to(self, send: Callable[[Message], None]) -> None:
+        """Tell the master from now on; what changed before (nothing, if the worker has not
+        accepted yet) is told at the end of this pass. Offences from before are lost."""
+        self._send = send
+        if self._startups_changed or self._sessions_changed:
+            self._schedule()
+
+    def _startup_changed(self, netblock: Netblock, change: int) -> None:
+        now = self._startups_changed.get(netblock, 0) + change
+        if now:
+            self._startups_changed[netblock] = now
+        else:  # in and out within one pass: nothing to say about it
+            del self._startups_changed[netblock]
+        self._schedule()
+
+    def _session_changed(self, account: str, change: int) -> None:
+        self._sessions_changed[account] += change
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._send is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        assert self._send is not None, "scheduled only once there is a master to tell"
+        startups, self._startups_changed = self._startups_changed, {}
+        sessions = {account: n for account, n in self._sessions_changed.items() if n}
+        self._sessions_changed.clear()
+        if startups or sessions:
+            self._send(CountsChanged(StartupCounts(sum(startups.values()), startups), sessions))
+        if self._offences:
+            offences, self._offences = tuple(self._offences), []
+            self._send(Offences(offences))
