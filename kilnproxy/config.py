@@ -517,6 +517,15 @@ class Config:
     status: StatusSettings
     log: LogSettings
 
+    def problem(self) -> str | None:
+        """What is wrong across sections, if anything."""
+        if self.timeouts.drain_notice and self.ssh.proxy_protocol == "off":
+            return (
+                "[timeouts] drain_notice: a drain notice fails a load balancer's health checks, "
+                "which arrive with a PROXY header: it needs [ssh] proxy_protocol"
+            )
+        return None
+
 
 _SECTIONS: dict[str, type[Any]] = {
     "ssh": SshSettings,
@@ -630,4 +639,8 @@ def from_mapping(raw: dict[str, Any], home: Path, source: Path | None = None) ->
         if problem:
             raise OperatorError(f"{where}[{name}] {problem}")
         sections[name] = section
-    return Config(home=home, source=source, **sections)
+    config = Config(home=home, source=source, **sections)
+    problem = config.problem()
+    if problem:
+        raise OperatorError(f"{where}{problem}")
+    return config

@@ -112,6 +112,10 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"backend_ssh": {"window": 65536}}, r"\[backend_ssh\] window: expected a string"),
         ({"timeouts": {"drain_notice": "-3s"}}, r"\[timeouts\] drain_notice: '-3s' is not a"),
         ({"timeouts": {"drain": "0s"}}, r"\[timeouts\] drain: '0s' must be longer than zero"),
+        (
+            {"timeouts": {"drain_notice": "3s"}},
+            r"\[timeouts\] drain_notice: .* needs \[ssh\] proxy",
+        ),
         ({"limits": {"max_startups": "10:30"}}, r"\[limits\] max_startups: '10:30' is not"),
         ({"limits": {"max_startups": "100:30:10"}}, r"max_startups: .* start must be at least 1"),
         ({"limits": {"max_startups": "10:0:100"}}, r"max_startups: .* rate is a percentage"),
@@ -207,5 +211,6 @@ def test_with_reference_replaces_only_the_block_between_the_markers() -> None:
 
 @pytest.mark.parametrize(("text", "seconds"), [("0s", 0.0), ("0ms", 0.0), ("3s", 3.0)])
 def test_a_drain_notice_may_be_none(tmp_path: Path, text: str, seconds: float) -> None:
-    config = from_mapping({"timeouts": {"drain_notice": text}}, tmp_path)
+    ssh = {"proxy_protocol": "require", "proxy_allowed": ["10.0.0.5/32"]}
+    config = from_mapping({"timeouts": {"drain_notice": text}, "ssh": ssh}, tmp_path)
     assert config.timeouts.drain_notice == seconds
