@@ -17,7 +17,7 @@ import enum
 import ipaddress
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -361,7 +361,8 @@ class AccountSessions:
 
 
 class RefusalLog:
-    """Whether to log one more refusal: at most `burst` lines per reason, refilled over `period`.
+    """Whether to log one more refusal: at most `burst` lines per reason (any hashable kind of
+    refusal), refilled over `period`.
 
     A flood of refusals is counted exactly in /metrics; the log only needs enough lines to show
     what is happening, and the count of the lines it held back.
@@ -370,11 +371,11 @@ class RefusalLog:
     def __init__(self, burst: int = 5, period: float = 60.0) -> None:
         self.burst = burst
         self.period = period
-        self._tokens: dict[Refusal, float] = {}
-        self._last: dict[Refusal, float] = {}
-        self._held: dict[Refusal, int] = {}
+        self._tokens: dict[Hashable, float] = {}
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
 
-    def should_log(self, reason: Refusal, now: float) -> int | None:
+    def should_log(self, reason: Hashable, now: float) -> int | None:
         """None: do not log this one. Else log it, saying how many were held back before it."""
         elapsed = now - self._last.get(reason, now)
         tokens = min(

@@ -29,12 +29,12 @@ import enum
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kilnproxy.config import Network, SshSettings, format_duration
+from kilnproxy.policy.admission import RefusalLog
 from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyHeaderError, parse
 from kilnproxy.ssh.services import Startup
 
@@ -136,30 +136,6 @@ def format_address(address: Address) -> str:
     return f"{address[0]}:{address[1]}"
 
 
-class RefusalLog:
-    """One line per refused connection, at most `burst` a second: a flood of bad connections
-    costs the log `burst` lines a second, and the next line logged says how many were left out."""
-
-    def __init__(self, burst: int = LOG_BURST, clock: Callable[[], float] = time.monotonic) -> None:
-        self._burst = burst
-        self._clock = clock
-        self._window = clock()
-        self._logged = 0
-        self._left_out = 0
-
-    def refused(self, peer: str, reason: str) -> None:
-        now = self._clock()
-        if now - self._window >= 1.0:
-            self._window, self._logged = now, 0
-        if self._logged >= self._burst:
-            self._left_out += 1
-            return
-        self._logged += 1
-        more = f" ({self._left_out} more not logged)" if self._left_out else ""
-        self._left_out = 0
-        log.warning("closed connection from %s: %s%s", peer, reason, more)
-
-
 @dataclass(frozen=True)
 class ProxyStats:
     pending: int  # waiting for their header, or being handed on, now
@@ -203,7 +179,8 @@ class ProxyListener(asyncio.AbstractServer):
         self._reading = False
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
-        self._refusals = RefusalLog()
+        # One line per refused connection, LOG_BURST a second at most, then a count.
+        self._refusals = RefusalLog(burst=LOG_BURST, period=1.0)
         self._accepted = 0
         self._admitted = 0
         self._refused = 0
@@ -316,7 +293,10 @@ class ProxyListener(asyncio.AbstractServer):
 
     def _refuse(self, conn: socket.socket, peer: Address, reason: str) -> None:
         self._refused += 1
-        self._refusals.refused(format_address(peer), reason)
+        held = self._refusals.should_log("header", self._loop.time())
+        if held is not None:
+            more = f" ({held} more not logged)" if held else ""
+            log.warning("closed connection from %s: %s%s", format_address(peer), reason, more)
         conn.close()
 
     # -- one connection ------------------------------------------------------------------------
