@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kilnproxy.config import Network, SshSettings, format_duration
-from kilnproxy.policy.admission import RefusalLog
+from kilnproxy.policy.admission import RefusalLog, source_address
 from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyHeaderError, parse
 from kilnproxy.ssh.services import Startup
 
@@ -88,14 +87,9 @@ class Refuse:
 
 def peer_allowed(host: str, allowed: Iterable[Network]) -> bool:
     """Whether a peer may send a header. An IPv4 peer on a dual-stack socket shows up as
-    `::ffff:10.0.0.5`; it is matched as the IPv4 address it is."""
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in allowed)
+    `::ffff:10.0.0.5`; it is matched as the IPv4 address it is (`source_address`)."""
+    address = source_address(host)
+    return address is not None and any(address in network for network in allowed)
 
 
 def refuse_at_accept(mode: ProxyMode, allowed: bool) -> Refuse | None:
