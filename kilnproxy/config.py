@@ -478,6 +478,13 @@ class BackendSshSettings:
     pool_idle: float = setting(
         duration, "60s", "How long an idle pooled backend connection stays open."
     )
+    keepalive: float = setting(
+        duration,
+        "15s",
+        "How often a silent pooled backend connection is asked whether the storage is still "
+        "there; three unanswered asks close it, and its sessions are told the storage is "
+        "unavailable (a storage server that froze is found within 3 to 4 times this).",
+    )
     window: int = setting(
         window_size,
         "512KiB",

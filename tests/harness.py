@@ -16,10 +16,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from kilnproxy.cli.admin import add_repo
 from kilnproxy.config import declarations
@@ -68,6 +70,27 @@ def run(
             f"stderr: {done.stderr[-4000:]!r}"
         )
     return done
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `condition` until it holds; return how long that took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def gone(pid: int) -> Callable[[], bool]:
+    """Whether the process has exited (a zombie that nobody reaped yet counts as exited)."""
+
+    def check() -> bool:
+        try:
+            return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return True
+
+    return check
 
 
 def keygen(path: Path) -> Path:
@@ -338,6 +361,17 @@ def finish_upload_pack(client: subprocess.Popen[bytes]) -> int:
     client.stdin.write(b"0000")
     client.stdin.close()
     return client.wait(timeout=20)
+
+
+def ssh_client_of(git: subprocess.Popen[bytes], timeout: float = 20) -> psutil.Process:
+    """The OpenSSH client that a running `git` started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(git.pid).children(recursive=True):
+            if child.name() == "ssh":
+                return child
+        time.sleep(0.05)
+    raise AssertionError("git started no ssh client")
 
 
 def pack_bytes_received(clone: Path) -> int:

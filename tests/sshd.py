@@ -84,6 +84,28 @@ class Sshd:
         self.proc.wait(10)
         self.proc = None
 
+    def processes(self) -> list[psutil.Process]:
+        """Every process serving a connection (sshd and what it runs), not the listener."""
+        if self.proc is None:
+            return []
+        children: list[psutil.Process] = psutil.Process(self.proc.pid).children(recursive=True)
+        return children
+
+    def serving(self, client_pid: int) -> list[psutil.Process]:
+        """The processes (sshd and what it runs) serving one client process's connections."""
+        ports = {
+            c.laddr.port
+            for c in psutil.Process(client_pid).net_connections("tcp")
+            if c.raddr and c.raddr.port == self.port
+        }
+        found: dict[int, psutil.Process] = {}
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(c.raddr and c.raddr.port in ports for c in process.net_connections("tcp")):
+                    for p in [process, *process.children(recursive=True)]:
+                        found[p.pid] = p
+        return list(found.values())
+
     def kill_connections(self) -> int:
         """SIGKILL every per-connection sshd, as a storage server crashing would; keep listening."""
         assert self.proc is not None

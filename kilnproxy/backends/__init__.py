@@ -52,6 +52,7 @@ class Backends:
             ssh.pool_idle,
             self._dial_timeout,
             self._on_dial,
+            ssh.keepalive,
         )
         return SshBackend(name, pool, ssh.window)
 

@@ -2,7 +2,12 @@
 
 Owns the subprocesses it starts, and nothing else. The relay's flow control maps directly onto
 the pipes: a full stdin pipe pauses the client channel, a paused client pauses reading stdout
-and stderr, so no bytes pile up here. A process that is aborted is killed and reaped by the loop.
+and stderr, so no bytes pile up here. A command that is aborted (its client left, or it was cut)
+loses its pipes and gets SIGTERM, with everything it started (its process group): git and hg
+remove their lock files and temporary objects on SIGTERM, so a push cut at any point leaves the
+repository as it was before or after. It must never be SIGKILLed first: a receive-pack killed
+while it holds a ref's lock leaves `refs/heads/X.lock` behind, and every later push to that
+branch fails until an administrator removes it. SIGKILL comes only after KILL_GRACE.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from kilnproxy.backends.base import (
 from kilnproxy.errors import BackendError, ReadOnly
 from kilnproxy.policy.commands import Verb
 
+# After SIGTERM, how long an aborted command has to clean up and exit before SIGKILL.
+KILL_GRACE = 2.0
 # What the backend processes inherit from the proxy's own environment.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "HGRCPATH", "GIT_CONFIG_NOSYSTEM")
 
@@ -79,6 +86,7 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
     def __init__(self, sink: BackendSink) -> None:
         self.sink: BackendSink | None = sink
         self.transport: asyncio.SubprocessTransport | None = None
+        self.kill_timer: asyncio.TimerHandle | None = None  # set while an abort waits
         self._open_pipes = {1, 2}
         self._exited = False
 
@@ -106,6 +114,9 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
     def _maybe_finish(self) -> None:
         if not self._exited or self._open_pipes or self.transport is None:
             return
+        if self.kill_timer is not None:
+            self.kill_timer.cancel()
+            self.kill_timer = None
         code = self.transport.get_returncode()
         self.transport.close()
         sink, self.sink = self.sink, None
@@ -149,11 +160,30 @@ class LocalStream:
                 pipe.resume_reading()
 
     def abort(self) -> None:
-        self._process.sink = None
-        if self._transport.get_returncode() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._transport.send_signal(signal.SIGKILL)
-        self._transport.close()
+        process, transport = self._process, self._transport
+        process.sink = None
+        if transport.get_returncode() is not None:
+            transport.close()
+            return
+        # Not transport.close(): with the process running, it sends SIGKILL. The pipes go now
+        # (the fds are released at once); the transport closes when the process has exited.
+        for pipe in (self._stdin, *self._outputs):
+            if pipe is not None:
+                pipe.close()
+        signal_group(transport.get_pid(), signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        process.kill_timer = loop.call_later(KILL_GRACE, self._kill_if_running)
+
+    def _kill_if_running(self) -> None:
+        self._process.kill_timer = None
+        if self._transport.get_returncode() is None:  # its pid is still its own
+            signal_group(self._transport.get_pid(), signal.SIGKILL)
+
+
+def signal_group(pid: int, signum: int) -> None:
+    """Signal a command and every process it started (it leads its own process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signum)
 
 
 class LocalBackend:

@@ -31,8 +31,7 @@ BACKEND_CIPHERS = [
     "chacha20-poly1305@openssh.com",
 ]
 BACKEND_KEX = ["curve25519-sha256", "curve25519-sha256@libssh.org", "diffie-hellman-group16-sha512"]
-KEEPALIVE_INTERVAL = 15.0
-KEEPALIVE_COUNT = 3
+KEEPALIVE_COUNT = 3  # unanswered keepalives before a connection is given up
 
 
 class LinkState(enum.Enum):
@@ -80,8 +79,10 @@ class Pool:
         idle: float,
         dial_timeout: float,
         on_dial: Callable[[float], None] | None = None,
+        keepalive: float = 15.0,
     ) -> None:
         self.target = target
+        self.keepalive = keepalive
         self.on_dial = on_dial  # told how long each successful dial took
         self.max_sessions = max_sessions
         self.idle = idle
@@ -149,7 +150,7 @@ class Pool:
                     client_keys=[str(target.key)],
                     known_hosts=str(target.known_hosts),
                     connect_timeout=self.dial_timeout,
-                    keepalive_interval=KEEPALIVE_INTERVAL,
+                    keepalive_interval=self.keepalive,
                     keepalive_count_max=KEEPALIVE_COUNT,
                     encryption_algs=BACKEND_CIPHERS,
                     kex_algs=BACKEND_KEX,

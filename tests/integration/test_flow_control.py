@@ -8,22 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 from conftest import World
-from harness import pack_bytes_received, run, seed_git
+from harness import pack_bytes_received, run, seed_git, ssh_client_of
 
 SIZE = 100 * 1024 * 1024
 RSS_BOUND = 16 * 1024 * 1024
-
-
-def ssh_client_of(git: subprocess.Popen[bytes], timeout: float = 20) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in psutil.Process(git.pid).children(recursive=True):
-            if child.name() == "ssh":
-                return child
-        time.sleep(0.05)
-    raise AssertionError("git started no ssh client")
 
 
 def bytes_out(world: World) -> int:

@@ -18,33 +18,13 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import World
-from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run
+from harness import KILNPROXY, finish_upload_pack, gone, hold_upload_pack, run, wait_until
 
 Factory = Callable[..., World]
 
 
 def title(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def gone(pid: int) -> Callable[[], bool]:
-    """Whether the process has exited (a zombie that nobody reaped yet counts as exited)."""
-
-    def check() -> bool:
-        try:
-            return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-        except psutil.NoSuchProcess:
-            return True
-
-    return check
 
 
 def held_session(w: World) -> subprocess.Popen[bytes]:

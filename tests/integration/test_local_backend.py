@@ -1,0 +1,108 @@
+"""The local backend's processes (SPEC 5): an aborted command ends, and all it started with it.
+
+A command is aborted when its client leaves or its session is cut. It gets SIGTERM, so that git
+and hg clean up after themselves (test_faults shows a push cut at any point leaves the repository
+whole), and SIGKILL only if it is still there after KILL_GRACE. Here: a command that ignores
+SIGTERM, as a hung hook might.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import uvloop
+from harness import gone, wait_until
+
+from kilnproxy.backends.base import BackendRequest
+from kilnproxy.backends.local import KILL_GRACE, LocalBackend
+from kilnproxy.directory.model import Identity, Route
+from kilnproxy.errors import BackendError
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Vcs, Verb
+
+DEAF_GIT = """#!/bin/sh
+trap '' TERM
+sleep 60 &
+echo started
+wait
+"""
+
+
+class Sink:
+    """A relay's side of a backend stream, recording what it is told."""
+
+    def __init__(self) -> None:
+        self.stdout = b""
+        self.spoke = asyncio.Event()
+        self.ended: list[object] = []
+
+    def backend_stdout(self, data: bytes) -> None:
+        self.stdout += data
+        self.spoke.set()
+
+    def backend_stderr(self, data: bytes) -> None:
+        pass
+
+    def backend_pause_input(self) -> None:
+        pass
+
+    def backend_resume_input(self) -> None:
+        pass
+
+    def backend_finished(self, exit_status: int) -> None:
+        self.ended.append(exit_status)
+
+    def backend_lost(self, error: BackendError) -> None:
+        self.ended.append(error)
+
+
+def test_a_command_deaf_to_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted local command gets SIGTERM, it and everything it started; whatever is still
+    running KILL_GRACE later gets SIGKILL. No callback reaches the relay after the abort."""
+    fake = tmp_path / "bin" / "git"
+    fake.parent.mkdir()
+    fake.write_text(DEAF_GIT)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    route = Route("aviato/deaf", Vcs.GIT, "local", "local:///", str(tmp_path), Access.READ)
+    who = Identity("aviato", "alice", Role.READ, "laptop", "SHA256:x")
+    request = BackendRequest("0badf00d", Verb.UPLOAD_PACK, route, who, None)
+    sink = Sink()
+
+    async def abort_and_watch() -> tuple[list[str], float]:
+        stream = await LocalBackend("local", tmp_path / "state").open(request, sink)
+        await asyncio.wait_for(sink.spoke.wait(), 10)  # "started": the sleep is forked
+        running = ["git", "sleep"]  # once the fork has exec'd
+        wait_until(lambda: names_of(command_group(fake)) == running, 10, "the sleep to start")
+        group = command_group(fake)
+        stream.abort()
+        started = time.monotonic()
+        await asyncio.sleep(0.5)
+        deaf = [p.name() for p in group if not gone(p.pid)()]
+        while not all(gone(p.pid)() for p in group):
+            assert time.monotonic() - started < KILL_GRACE + 5, group
+            await asyncio.sleep(0.05)
+        return deaf, time.monotonic() - started
+
+    deaf, ended = uvloop.run(abort_and_watch())
+    assert deaf == ["git", "sleep"]  # SIGTERM reached both, and both ignored it
+    assert KILL_GRACE <= ended < KILL_GRACE + 1
+    assert sink.ended == []
+
+
+def names_of(processes: list[psutil.Process]) -> list[str]:
+    return [p.name() for p in processes]
+
+
+def command_group(script: Path) -> list[psutil.Process]:
+    """The process group of the command running `script`, among this process's children."""
+    children = psutil.Process().children(recursive=True)
+    leader = next(p for p in children if str(script) in " ".join(p.cmdline()))
+    return [p for p in children if os.getpgid(p.pid) == leader.pid]
