@@ -2,8 +2,11 @@
 
 kilnproxy with 2 workers in front of a real storage sshd (its ssh:// backend, built by
 bench/fixtures.py), a small git and a small hg repository, and 50 client threads each looping
-git clone, git fetch, git push (to its own branch), hg clone, hg pull, hg push (its own named
-branch) until the end. Meanwhile the master gets a SIGHUP every 2 minutes and one worker a SIGKILL
+git clone, git fetch, git push (to its own branch of the one git repository), hg clone, hg pull,
+hg push (each client its own hg repository: Mercurial answers concurrent pushes to one repository
+with its own "remote repository changed while pushing - please try again", a race between
+clients, not a fault of the proxy; the 3-minute run in bench/results/soak-3min.json had 2) until
+the end. Meanwhile the master gets a SIGHUP every 2 minutes and one worker a SIGKILL
 every 5 minutes (both scaled down in shorter runs, so each happens several times). Each client
 connects from its own loopback address, so the connection table tells which client a killed
 worker was serving: an operation failing within KILL_WINDOW of a kill that was on that worker
@@ -39,8 +42,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixtures import Paths, build, git_repo, hg_repo, register
+from harness import run
 from run import versions
 from soak_report import growth, plot
+
+from kilnproxy.cli.admin import add_repo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("git clone", "git fetch", "git push", "hg clone", "hg pull", "hg push")
@@ -58,6 +64,7 @@ class Op:
     ended: float
     ok: bool
     stderr: str = ""
+    returncode: int | None = None
 
 
 @dataclass
@@ -133,10 +140,11 @@ class Client(threading.Thread):
         started = time.monotonic()
         try:
             done = self.operation(kind)
-            ok, err = done.returncode == 0, done.stderr.decode(errors="replace")
+            code: int | None = done.returncode
+            ok, err = code == 0, (done.stdout + done.stderr).decode(errors="replace")
         except subprocess.TimeoutExpired:
-            ok, err = False, f"timed out after {OP_TIMEOUT:.0f} s"
-        self.ledger.add(Op(kind, self.n, started, time.monotonic(), ok, err[-600:]))
+            code, ok, err = None, False, f"timed out after {OP_TIMEOUT:.0f} s"
+        self.ledger.add(Op(kind, self.n, started, time.monotonic(), ok, err[-600:], code))
 
     def operation(self, kind: str) -> subprocess.CompletedProcess[bytes]:
         git_work, hg_work = self.dir / "git", self.dir / "hg"
@@ -167,7 +175,7 @@ class Client(threading.Thread):
         return self.hg(hg_work, "push", "-q", "--new-branch", "-r", ".")
 
     def url(self, vcs: str) -> str:
-        return self.paths.kiln.url("bench/soak-git" if vcs == "git" else "bench/soak-hg")
+        return self.paths.kiln.url("bench/soak-git" if vcs == "git" else f"bench/soak-hg-{self.n}")
 
     def git(self, cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
         cwd.mkdir(parents=True, exist_ok=True)
@@ -263,15 +271,16 @@ def on_killed_worker(op: Op, kills: list[Kill]) -> bool:
     return False
 
 
-def tally(ledger: Ledger) -> dict[str, Any]:
+def tally(ledger: Ledger, t0: float) -> dict[str, Any]:
     counts = {kind: {"ok": 0, "failed": 0, "killed": 0} for kind in KINDS}
     failures: list[dict[str, Any]] = []
     for op in ledger.ops:
         verdict = "ok" if op.ok else "killed" if on_killed_worker(op, ledger.kills) else "failed"
         counts[op.kind][verdict] += 1
         if verdict == "failed" and len(failures) < KEPT_FAILURES:
-            failures.append({"kind": op.kind, "client": op.client,
-                             "seconds": round(op.ended - op.started, 1),
+            failures.append({"kind": op.kind, "client": op.client, "exit": op.returncode,
+                             "started": round(op.started - t0, 1),
+                             "ended": round(op.ended - t0, 1),
                              "stderr": op.stderr[-400:]})  # fmt: skip
     totals = {v: sum(c[v] for c in counts.values()) for v in ("ok", "failed", "killed")}
     return {"operations": counts, "totals": totals, "failures": failures}
@@ -301,12 +310,13 @@ def soak(paths: Paths, minutes: float, clients: int) -> dict[str, Any]:
             "kills": [{"t": round(k.at - t0, 1), "index": k.index, "pid": k.pid,
                        "clients_on_it": len(k.addresses)} for k in ledger.kills],
             "growth": growth(samples, ledger.seen),
-            "worker_processes": len(ledger.seen), **tally(ledger)}  # fmt: skip
+            "worker_processes": len(ledger.seen), **tally(ledger, t0)}  # fmt: skip
 
 
-def prepare(root: Path) -> Paths:
+def prepare(root: Path, clients: int) -> Paths:
     """kilnproxy (2 workers, no source penalised: every client has its own loopback address)
-    in front of the storage sshd, with bench/soak-git (~250 KB) and bench/soak-hg."""
+    in front of the storage sshd, with bench/soak-git (~250 KB) and bench/soak-hg-N for each
+    client (copies of one 200-changeset repository)."""
     settings: dict[str, dict[str, Any]] = {
         "workers": {"count": 2},
         "limits": {"penalty_exempt": ["127.0.0.0/8"]},
@@ -317,7 +327,10 @@ def prepare(root: Path) -> Paths:
     git_repo(base / "soak-git.git", 30, 10, 8_000)
     register(paths, "soak-git", "git")
     hg_repo(base / "soak-hg", 200)
-    register(paths, "soak-hg", "hg")
+    with paths.kiln.directory() as directory:
+        for n in range(clients):
+            run(["hg", "clone", "-q", "-U", str(base / "soak-hg"), str(base / f"soak-hg-{n}")])
+            add_repo(directory, f"bench/soak-hg-{n}", "hg", "storage", None, init=False)
     return paths
 
 
@@ -349,7 +362,7 @@ def main() -> None:
         parser.error("--minutes and --clients must be positive")
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = prepare(Path(tmp))
+        paths = prepare(Path(tmp), args.clients)
         try:
             figures = soak(paths, args.minutes, args.clients)
         finally:
