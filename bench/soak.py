@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures import Paths, build, git_repo, hg_repo, register
 from harness import run
 from run import versions
-from soak_report import growth, plot
+from soak_report import growth, log_digest, plot
 
 from kilnproxy.cli.admin import add_repo
 
@@ -345,6 +345,9 @@ def summary(f: dict[str, Any]) -> str:
         lines.append(f"  slot {slot}: RSS {g['rss_first_mib']} -> {g['rss_last_mib']} MiB, "
                      f"{g['kib_per_1000_sessions']} KiB per 1000 sessions "
                      f"({g['sessions_served']} served), {g['kib_per_minute']} KiB/min")  # fmt: skip
+    log = f["server_log"]
+    lines.append(f"  server log: {log['levels']}, {log['tracebacks']} tracebacks, "
+                 f"access outcomes {log['access_outcomes']}")  # fmt: skip
     for failure in f["failures"][:3]:
         lines.append(f"  failed {failure['kind']} (client {failure['client']}): "
                      f"{failure['stderr'].strip()[-200:]}")  # fmt: skip
@@ -368,6 +371,7 @@ def main() -> None:
         finally:
             for server in (paths.kiln, paths.storage, paths.front):
                 server.stop()
+        figures["server_log"] = log_digest(paths.kiln.log())
     figures |= {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - started), "versions": versions()}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)

@@ -7,8 +7,12 @@ file it is given); it never talks to the servers.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+KEPT_LOG_LINES = 30
 
 
 def slope(points: list[tuple[float, float]]) -> float | None:
@@ -72,6 +76,24 @@ def growth(
             "sessions_served": served(rows, seen)[-1],
         }
     return out
+
+
+def log_digest(text: str) -> dict[str, Any]:
+    """What kilnproxy's own log says about the run: access lines by outcome, lines by level,
+    tracebacks, and each kind of warning and error (to explain a failed operation)."""
+    outcomes: Counter[str] = Counter(re.findall(r"^\S+ \w+ \S+ \[\w+\] access .* outcome=(\S+)",
+                                                text, re.M))  # fmt: skip
+    levels: Counter[str] = Counter(re.findall(r"^\S+Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ",
+                                              text, re.M))  # fmt: skip
+    # Warnings and errors by kind (numbers masked): how many of each, and the first of each.
+    kinds: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        if re.match(r"^\S+Z (WARNING|ERROR|CRITICAL) ", line):
+            kind = re.sub(r"\d+", "N", line.split(" ", 1)[1])
+            kinds.setdefault(kind, {"count": 0, "first": line})["count"] += 1
+    return {"access_outcomes": dict(outcomes), "levels": dict(levels),
+            "tracebacks": text.count("Traceback (most recent call last)"),
+            "warnings_and_errors": list(kinds.values())[:KEPT_LOG_LINES]}  # fmt: skip
 
 
 def plot(figures: dict[str, Any], target: Path) -> None:
