@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export KILNPROXY_HOME ?= $(CURDIR)/var
 
-.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-lookup bench-deps
+.PHONY: run test lint readme deps venv clean bench bench-quick bench-profile bench-lookup bench-deps soak
 
 $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ bench-lookup: bench-deps
 # Where a relaying worker's CPU goes (py-spy): bench/results/profile-C.txt.
 bench-profile: bench-deps
 	$(BIN)/python bench/profile.py --path C
+
+# The soak (issue 12): 50 clients cloning, fetching and pushing git and hg through the ssh://
+# backend while the master is HUPed and workers are killed; bench/results/$(SOAK_NAME).{json,png}.
+SOAK_MINUTES ?= 30
+SOAK_NAME ?= soak
+soak: bench-deps
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python bench/soak.py --name $(SOAK_NAME)
 
 # `patch` applies bench/asyncssh-hotpath.patch to a scratch copy for --asyncssh-patch.
 bench-deps: deps venv
