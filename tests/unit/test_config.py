@@ -109,6 +109,10 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         ({"backend_ssh": {"window": 65536}}, r"\[backend_ssh\] window: expected a string"),
         ({"timeouts": {"drain_notice": "-3s"}}, r"\[timeouts\] drain_notice: '-3s' is not a"),
         ({"timeouts": {"drain": "0s"}}, r"\[timeouts\] drain: '0s' must be longer than zero"),
+        (
+            {"ssh": {"fallback_encryption_algs": "aes128-ctr"}},
+            r"\[ssh\] fallback_encryption_algs: expected a list of strings",
+        ),
     ],
 )
 def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
@@ -150,3 +154,11 @@ def test_with_reference_replaces_only_the_block_between_the_markers() -> None:
 def test_a_drain_notice_may_be_none(tmp_path: Path, text: str, seconds: float) -> None:
     config = from_mapping({"timeouts": {"drain_notice": text}}, tmp_path)
     assert config.timeouts.drain_notice == seconds
+
+
+def test_fallback_ciphers_may_be_none(tmp_path: Path) -> None:
+    """Unlike `encryption_algs`: `[]` offers every client `encryption_algs` alone."""
+    config = from_mapping({"ssh": {"fallback_encryption_algs": []}}, tmp_path)
+    assert config.ssh.fallback_encryption_algs == ()
+    with pytest.raises(OperatorError, match=r"\[ssh\] encryption_algs: at least one name"):
+        from_mapping({"ssh": {"encryption_algs": []}}, tmp_path)
