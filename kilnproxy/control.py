@@ -1,7 +1,7 @@
 """The socketpair protocol between the master and a worker: small, typed, versioned.
 
 Every message is a frozen dataclass of this module, sent as one JSON object per line,
-`{"v": 2, "kind": ..., <its fields>}`. Workers say `Ready` once they serve, a `Heartbeat` every
+`{"v": 3, "kind": ..., <its fields>}`. Workers say `Ready` once they serve, a `Heartbeat` every
 second (their `WorkerStats`, cumulative `MetricsSnapshot`, `PoolStats` and the `SessionStats` rows
 that changed), `Draining` when they start draining on their own (a TERM sent to them),
 `SessionClosed` when a session ends, and a `Reply` to a request. The master says `Drain`, `Stop`
@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
 log = logging.getLogger("kilnproxy.control")
 
-VERSION = 2
+VERSION = 3
 MAX_LINE = 4 * 1024 * 1024
 # The exit status of a worker that cannot start: the master must not retry it forever.
 WORKER_BOOT_ERROR = 3
@@ -107,6 +107,16 @@ LATENCIES: dict[str, str] = {
 }
 
 
+class FastPathState(enum.Enum):
+    """Whether a worker runs kilnproxy/ssh/fast_path.py; /info, `kilnproxy status` and /metrics
+    say it."""
+
+    NOT_APPLIED = "not applied"  # `apply` has not run: stock asyncssh
+    ON = "on"
+    DISABLED = "disabled"  # `[ssh] fast_path = false`: stock asyncssh
+    UNSUPPORTED = "unsupported"  # asyncssh is not the pinned version: stock asyncssh
+
+
 @dataclass(frozen=True)
 class WorkerStats:
     """A worker's `statistics()`: what the status page and the process title show."""
@@ -122,6 +132,7 @@ class WorkerStats:
     heap: int
     accepting: bool
     backend_connections: int
+    fast_path: FastPathState
 
 
 @dataclass(frozen=True)
@@ -283,6 +294,16 @@ def _scalar(kind: type) -> Decoder:
     return decode
 
 
+def _enum(kind: type[enum.Enum]) -> Decoder:
+    def decode(value: object, path: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise ProtocolError(f"{path}: {value!r} is not a {kind.__name__}") from None
+
+    return decode
+
+
 def _optional(inner: Decoder) -> Decoder:
     return lambda value, path: None if value is None else inner(value, path)
 
@@ -332,6 +353,8 @@ def _decoder(hint: Any) -> Decoder:
         return lambda value, path: value  # a reply's data: forwarded, never read
     if hint in (bool, int, float, str):
         return _scalar(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum(hint)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return _record(hint)
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
@@ -347,9 +370,17 @@ _MESSAGES: tuple[type[Message], ...] = typing.get_args(Message)
 _DECODERS: dict[Kind, Decoder] = {cls.kind: _record(cls) for cls in _MESSAGES}
 
 
+def _plain(value: object) -> object:
+    """What JSON cannot write of a message as it is: an enum is written as its value."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"no control encoding for {type(value).__name__}")
+
+
 def encode(message: Message) -> bytes:
     body = dataclasses.asdict(message)
-    return json.dumps({"v": VERSION, "kind": message.kind.value, **body}).encode() + b"\n"
+    line = json.dumps({"v": VERSION, "kind": message.kind.value, **body}, default=_plain)
+    return line.encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:

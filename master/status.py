@@ -14,7 +14,7 @@ from kilnproxy.config import format_uptime
 from kilnproxy.status_socket import Command, StatusRequest
 from kilnproxy.version import build_info
 from master.actions import WorkerActions
-from master.board import StatusBoard, WorkerView
+from master.board import StatusBoard, WorkerView, fast_path_summary
 
 
 class StatusAnswers:
@@ -41,6 +41,7 @@ class StatusAnswers:
             "uptime": format_uptime(time.time() - board.started_at),
             "master_pid": os.getpid(),
             "generation": board.generation,
+            "fast_path": fast_path_summary(board.fast_path()),
             "workers": [self._worker(w, time.monotonic()) for w in workers],
         }
 
@@ -58,5 +59,6 @@ class StatusAnswers:
             "tasks": stats.tasks,
             "fds": stats.fds,
             "backend_connections": stats.backend_connections,
+            "fast_path": stats.fast_path.value,
             "heartbeat_age": round(now - worker.last_heartbeat, 3),
         }
