@@ -132,4 +132,7 @@ def test_the_status_socket_says_each_error_in_one_line(tmp_path: Path) -> None:
 def test_the_status_reply_lists_no_worker_before_any_started(tmp_path: Path) -> None:
     (reply,) = ask_socket(tmp_path / "status.sock", FakeActions(None), b'{"command": "status"}\n')
     assert reply["workers"] == [] and reply["generation"] == 0
-    assert set(reply) == {"version", "started_at", "uptime", "master_pid", "generation", "workers"}
+    assert set(reply) == {
+        "version", "started_at", "uptime", "master_pid", "generation", "fast_path", "workers",
+    }  # fmt: skip
+    assert reply["fast_path"] == "none"
