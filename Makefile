@@ -29,18 +29,20 @@ venv: $(BIN)/kilnproxy $(PARAMIKO_OLD)/paramiko/__init__.py
 # for the dashboard test, and PostgreSQL (the tests run their own throwaway cluster with its
 # binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used). The other SSH
 # clients git can use: PuTTY's plink and puttygen, Dropbear's dbclient and dropbearconvert
-# (dropbear-bin: no server is started), and curl, built on Debian's libssh2.
+# (dropbear-bin: no server is started), curl, built on Debian's libssh2, and Go with its
+# x/crypto (a test builds an ssh command on golang.org/x/crypto/ssh).
 deps:
 	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
 	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ] || \
 	    ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
 	    ! command -v plink >/dev/null || ! command -v puttygen >/dev/null || \
 	    ! command -v dbclient >/dev/null || ! command -v dropbearconvert >/dev/null || \
-	    ! command -v curl >/dev/null; then \
+	    ! command -v curl >/dev/null || ! command -v go >/dev/null || \
+	    [ ! -d /usr/share/gocode/src/golang.org/x/crypto/ssh ]; then \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    openssh-server openssh-client git mercurial chromium postgresql \
-	    putty-tools dropbear-bin curl >/dev/null; \
+	    putty-tools dropbear-bin curl golang-go golang-golang-x-crypto-dev >/dev/null; \
 	fi
 	@# sshd's privilege separation directory, normally made by its (here unused) service.
 	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd

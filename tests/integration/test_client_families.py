@@ -5,14 +5,15 @@ Clients without AES-GCM get the fallback ciphers (kilnproxy/ssh/kex_offer.py), t
 AES-GCM, which is what a default OpenSSH client must end up with. Dropbear's client also sends
 a guessed first key exchange packet that RFC 4253 has the server ignore: it connects only if
 that is done. Clients come from Debian (OpenSSH, PuTTY's plink, Dropbear's dbclient, curl on
-Debian's libssh2) and PyPI (paramiko current and 3.4, libssh2 1.11 in ssh2-python's wheel),
-each installed by `make deps` or `make venv`. Not here: JGit, whose maintained transport is
-Apache MINA sshd (Debian packages only JGit 4.11 on JSch, whose key exchanges are all NIST
-curves or SHA-1), and Go, whose toolchain Debian ships at 450 MB for one client.
+Debian's libssh2, Go's x/crypto/ssh built with Debian's Go) and PyPI (paramiko current and 3.4,
+libssh2 1.11 in ssh2-python's wheel), each installed by `make deps` or `make venv`. Not here:
+JGit, whose maintained transport is Apache MINA sshd, which Debian does not package (its JGit
+4.11 runs on JSch, whose key exchanges are all NIST curves or SHA-1).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -62,6 +63,16 @@ def dbclient(kiln: Kiln, key: Path, tmp: Path) -> dict[str, str]:
     }  # fmt: skip
 
 
+def go(kiln: Kiln, key: Path, tmp: Path) -> dict[str, str]:
+    """tests/go_ssh on Go's x/crypto/ssh, built with Debian's Go and x/crypto (no download)."""
+    binary = tmp / "go_ssh"
+    env = {"PATH": os.environ["PATH"], "GO111MODULE": "off", "GOPATH": "/usr/share/gocode",
+           "GOCACHE": str(tmp / "go-cache")}  # fmt: skip
+    run(["go", "build", "-o", str(binary), "."], cwd=TESTS / "go_ssh", env=env)
+    command = f"{binary} -i {key} -k {kiln.known_hosts}"
+    return kiln.client_env(key) | {"GIT_SSH_COMMAND": command, "GIT_SSH_VARIANT": "ssh"}
+
+
 def library(name: str, path: Path | None = None) -> Setup:
     """tests/library_ssh.py over `name`, imported from `path` first if given."""
 
@@ -95,6 +106,7 @@ FAMILIES = {
         "aes128-ctr+hmac-sha2-256-etm@openssh.com",
     ),
     "libssh2": Family(library("libssh2"), "SSH-2.0-libssh2_1.11.1", "aes256-gcm@openssh.com"),
+    "go": Family(go, "SSH-2.0-Go", "aes128-gcm@openssh.com"),
 }
 
 
