@@ -13,20 +13,37 @@ $(BIN)/kilnproxy: pyproject.toml setup.py constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-venv: $(BIN)/kilnproxy
+# paramiko as it was before AES-GCM (3.4), beside the current one in the venv: its own
+# directory, taken by tests/integration/test_client_families.py through PYTHONPATH (it runs on
+# the venv's cryptography; bcrypt and PyNaCl as constraints.txt pins them).
+PARAMIKO_OLD := $(VENV)/paramiko-3.4
+$(PARAMIKO_OLD)/paramiko/__init__.py: constraints.txt | $(BIN)/kilnproxy
+	rm -rf $(PARAMIKO_OLD)
+	$(BIN)/pip install --quiet --no-deps --target $(PARAMIKO_OLD) \
+	  paramiko==3.4.1 bcrypt==5.0.0 PyNaCl==1.6.2
+	touch $@
+
+venv: $(BIN)/kilnproxy $(PARAMIKO_OLD)/paramiko/__init__.py
 
 # What the tests run against: OpenSSH server and client, git, Mercurial, Debian's Chromium
 # for the dashboard test, and PostgreSQL (the tests run their own throwaway cluster with its
-# binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used), and HAProxy
-# for the two-host test (started by the test on loopback, never as a service).
+# binaries in /usr/lib/postgresql/N/bin; the package's own cluster is not used), HAProxy
+# for the two-host test (started by the test on loopback, never as a service), and the other SSH
+# clients git can use: PuTTY's plink and puttygen, Dropbear's dbclient and dropbearconvert
+# (dropbear-bin: no server is started), curl, built on Debian's libssh2, and Go with its
+# x/crypto (a test builds an ssh command on golang.org/x/crypto/ssh).
 deps:
 	@if ! command -v git >/dev/null || ! command -v hg >/dev/null || \
 	    ! command -v ssh >/dev/null || [ ! -x /usr/sbin/sshd ] || \
 	    ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
-	    ! command -v haproxy >/dev/null; then \
+	    ! command -v plink >/dev/null || ! command -v puttygen >/dev/null || \
+	    ! command -v dbclient >/dev/null || ! command -v dropbearconvert >/dev/null || \
+	    ! command -v curl >/dev/null || ! command -v go >/dev/null || \
+	    [ ! -d /usr/share/gocode/src/golang.org/x/crypto/ssh ] || ! command -v haproxy >/dev/null; then \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openssh-server openssh-client git mercurial chromium postgresql haproxy >/dev/null; \
+	    openssh-server openssh-client git mercurial chromium postgresql haproxy \
+	    putty-tools dropbear-bin curl golang-go golang-golang-x-crypto-dev >/dev/null; \
 	fi
 	@# sshd's privilege separation directory, normally made by its (here unused) service.
 	@[ -d /run/sshd ] || $(SUDO) install -d -m 0755 /run/sshd

@@ -168,6 +168,11 @@ def names(raw: object, home: Path) -> tuple[str, ...]:
     return tuple(items)
 
 
+def names_or_none(raw: object, home: Path) -> tuple[str, ...]:
+    """A list of names that may be empty (`[]`: none)."""
+    return tuple(_string_list(raw))
+
+
 def networks(raw: object, home: Path) -> tuple[Network, ...]:
     """CIDRs like `10.0.0.0/8` or `2001:db8::/32`; a bare address is one host."""
     out = []
@@ -288,15 +293,20 @@ DEFAULT_KEX = [
     "diffie-hellman-group16-sha512",
     "diffie-hellman-group18-sha512",
 ]
-# AES-GCM only: the client picks the cipher, and OpenSSH clients pick chacha20-poly1305 (then
-# AES-CTR) whenever it is offered. Both are AEAD and equally strong, but asyncssh builds three
-# ChaCha20 ciphers per packet: 3x the CPU of AES-GCM per packet, a third of all the relay's CPU
-# (bench/results/). Every maintained client git or hg uses has AES-GCM (OpenSSH since 6.2,
-# PuTTY/plink since 0.76, libssh2 since 1.11, Apache MINA sshd for JGit, Go's x/crypto/ssh);
-# an operator with older clients adds "chacha20-poly1305@openssh.com" or "aes128-ctr" here.
+# AES-GCM for every client that has it: the client picks the cipher (its first that the server
+# offers), and OpenSSH clients pick chacha20-poly1305 (then AES-CTR) whenever it is offered. Both
+# are AEAD and equally strong, but ChaCha20-Poly1305 costs kilnproxy 1.6-1.7x the CPU of AES-GCM
+# per byte relayed, even on the fast path (README). Clients without AES-GCM (Dropbear as Debian 12
+# ships it, paramiko before 3.5) are offered the fallback ciphers too: kilnproxy reads the
+# client's KEXINIT before it sends its own (kilnproxy/ssh/kex_offer.py).
 DEFAULT_CIPHERS = [
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
+]
+DEFAULT_FALLBACK_CIPHERS = [
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
 ]
 DEFAULT_MACS = [
     "hmac-sha2-256-etm@openssh.com",
@@ -315,7 +325,17 @@ class SshSettings:
     )
     backlog: int = setting(positive_int, 1024, "Listen backlog of the SSH socket.")
     kex_algs: tuple[str, ...] = setting(names, DEFAULT_KEX, "Key exchange algorithms offered.")
-    encryption_algs: tuple[str, ...] = setting(names, DEFAULT_CIPHERS, "Ciphers offered.")
+    encryption_algs: tuple[str, ...] = setting(
+        names,
+        DEFAULT_CIPHERS,
+        "Ciphers offered to every client (the client's order decides which).",
+    )
+    fallback_encryption_algs: tuple[str, ...] = setting(
+        names_or_none,
+        DEFAULT_FALLBACK_CIPHERS,
+        "Ciphers offered, after encryption_algs, only to a client that has none of those "
+        "(kilnproxy reads the client's offer before it sends its own); empty: never.",
+    )
     mac_algs: tuple[str, ...] = setting(names, DEFAULT_MACS, "MACs offered (encrypt-then-MAC).")
     max_channels: int = setting(positive_int, 10, "Concurrent channels on one connection.")
     max_auth_tries: int = setting(positive_int, 6, "Public keys a client may offer per connection.")

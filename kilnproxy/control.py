@@ -45,7 +45,7 @@ from kilnproxy.policy.penalty import Lifted, Notice, Penalised, PenaltyEvent, Ta
 
 log = logging.getLogger("kilnproxy.control")
 
-VERSION = 3
+VERSION = 4
 MAX_LINE = 4 * 1024 * 1024
 # The exit status of a worker that cannot start: the master must not retry it forever.
 WORKER_BOOT_ERROR = 3
@@ -121,6 +121,16 @@ LATENCIES: dict[str, str] = {
 }
 
 
+class FastPathState(enum.Enum):
+    """Whether a worker runs kilnproxy/ssh/fast_path.py; /info, `kilnproxy status` and /metrics
+    say it."""
+
+    NOT_APPLIED = "not applied"  # `apply` has not run: stock asyncssh
+    ON = "on"
+    DISABLED = "disabled"  # `[ssh] fast_path = false`: stock asyncssh
+    UNSUPPORTED = "unsupported"  # asyncssh is not the pinned version: stock asyncssh
+
+
 @dataclass(frozen=True)
 class WorkerStats:
     """A worker's `statistics()`: what the status page and the process title show."""
@@ -136,6 +146,7 @@ class WorkerStats:
     heap: int
     accepting: bool
     backend_connections: int
+    fast_path: FastPathState
 
 
 @dataclass(frozen=True)
@@ -382,6 +393,18 @@ def _scalar(kind: type) -> Decoder:
     return decode
 
 
+def _enum(kind: type[enum.Enum]) -> Decoder:
+    """An enum by its value."""
+
+    def decode(value: object, path: str) -> Any:
+        try:
+            return kind(value)
+        except (ValueError, TypeError):  # TypeError: a list or an object, unhashable
+            raise ProtocolError(f"{path}: {value!r} is not a {kind.__name__}") from None
+
+    return decode
+
+
 def _optional(inner: Decoder) -> Decoder:
     return lambda value, path: None if value is None else inner(value, path)
 
@@ -414,18 +437,6 @@ def _text(parse: Callable[[str], Any]) -> Decoder:
             return parse(value)
         except ValueError as exc:
             raise ProtocolError(f"{path}: {exc}") from None
-
-    return decode
-
-
-def _enum(cls: type[enum.Enum]) -> Decoder:
-    """An enum by its value (text, in every enum these messages carry)."""
-    values = {member.value: member for member in cls}
-
-    def decode(value: object, path: str) -> Any:
-        if isinstance(value, str) and value in values:
-            return values[value]
-        raise ProtocolError(f"{path}: {value!r} is not a {cls.__name__}")
 
     return decode
 

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from typing import Protocol
 
-from kilnproxy.control import Heartbeat, MetricsSnapshot, WorkerStats
+from kilnproxy.control import FastPathState, Heartbeat, MetricsSnapshot, WorkerStats
 from kilnproxy.policy.penalty import PenaltySettings
 from master.admission import HostAdmission
 from master.history import MemoryHistory
@@ -30,8 +30,19 @@ HEALTHY_HEARTBEAT = 3.0  # watchdog pings pause when a worker is quieter than th
 # What the board reports of a worker not heard from yet.
 SILENT = WorkerStats(
     index=0, pid=0, started_at=0.0, sessions=0, sessions_total=0, tasks=0, fds=0, rss=0, heap=0,
-    accepting=False, backend_connections=0,
+    accepting=False, backend_connections=0, fast_path=FastPathState.NOT_APPLIED,
 )  # fmt: skip
+
+
+def fast_path_summary(states: Counter[FastPathState]) -> str:
+    """The serving workers' fast path in one word when they agree ("on"); else each state with
+    its count ("on 3, unsupported 1"); "none" without a serving worker."""
+    if len(states) == 1:
+        return next(iter(states)).value
+    if not states:
+        return "none"
+    return ", ".join(f"{state.value} {count}" for state, count in sorted(
+        states.items(), key=lambda item: item[0].value))  # fmt: skip
 
 
 class WorkerView(Protocol):
@@ -113,6 +124,10 @@ class StatusBoard:
         for beat in self._latest.values():
             total = total.merge(beat.metrics)
         return total
+
+    def fast_path(self) -> Counter[FastPathState]:
+        """How many serving workers are in each fast path state (kilnproxy/ssh/fast_path.py)."""
+        return Counter(self.stats(worker).fast_path for worker in self.serving())
 
     def pooled(self) -> Counter[str]:
         """Pooled backend connections of the serving workers, by backend."""

@@ -27,7 +27,7 @@ from master.actions import (
     WorkerFailed,
     WorkerTimeout,
 )
-from master.board import StatusBoard
+from master.board import StatusBoard, fast_path_summary
 from master.metrics import MasterCollector
 
 SESSION_ID = re.compile(r"[0-9a-f]{8}")
@@ -93,6 +93,7 @@ async def info(request: web.Request) -> web.Response:
         "now": now,
         "uptime": format_uptime(now - board.started_at),
         "workers": len(board.serving()),
+        "fast_path": fast_path_summary(board.fast_path()),
     })  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics from the status board (SPEC 7): worth alerting on, bounded labels.
 
 Labels are vcs, verb, outcome, direction, reason (admission's `Refusal` values), backend (names
-from the directory) and worker (an index below the worker count): never addresses, users or
+from the directory), worker (an index below the worker count) and state (a fast path state):
+never addresses, users or
 repositories. The latency histograms
 are those `control.MetricsSnapshot` declares, named `kilnproxy_<name>_seconds`.
 """
@@ -19,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kilnproxy.control import BUCKETS, LATENCIES, Histogram, MetricsSnapshot
+from kilnproxy.control import BUCKETS, LATENCIES, FastPathState, Histogram, MetricsSnapshot
 from kilnproxy.policy.admission import Refusal
 from kilnproxy.version import build_info
 from master.admission import AdmissionStats
@@ -41,11 +42,26 @@ class MasterCollector(Collector):
         yield CounterMetricFamily(
             "kilnproxy_worker_restarts", "Workers that died and were replaced.", board.restarts
         )
+        yield _fast_path(board)
         yield _sessions_open(board.table)
         totals = board.totals()
         yield from _totals(totals)
         yield from _admission(totals, board.admission.statistics())
         yield from _per_worker(board, serving)
+
+
+def _fast_path(board: StatusBoard) -> Metric:
+    """Serving workers by fast path state, every state always (0 too), so that an alert can
+    compare `{state="on"}` with kilnproxy_workers."""
+    family = GaugeMetricFamily(
+        "kilnproxy_fast_path_workers",
+        "Serving workers by state of the per-packet fast path (kilnproxy/ssh/fast_path.py).",
+        labels=["state"],
+    )
+    counts = board.fast_path()
+    for state in FastPathState:
+        family.add_metric([state.value], counts[state])
+    return family
 
 
 def _sessions_open(table: ConnectionTable) -> Metric:

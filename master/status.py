@@ -14,7 +14,7 @@ from kilnproxy.config import format_uptime
 from kilnproxy.status_socket import Command, StatusRequest
 from kilnproxy.version import build_info
 from master.actions import WorkerActions
-from master.board import StatusBoard, WorkerView
+from master.board import StatusBoard, WorkerView, fast_path_summary
 
 
 class StatusAnswers:
@@ -44,6 +44,7 @@ class StatusAnswers:
             "generation": board.generation,
             "unauthenticated": admission.unauthenticated,
             "penalised_sources": admission.penalised,
+            "fast_path": fast_path_summary(board.fast_path()),
             "workers": [self._worker(w, time.monotonic()) for w in workers],
         }
 
@@ -61,5 +62,6 @@ class StatusAnswers:
             "tasks": stats.tasks,
             "fds": stats.fds,
             "backend_connections": stats.backend_connections,
+            "fast_path": stats.fast_path.value,
             "heartbeat_age": round(now - worker.last_heartbeat, 3),
         }

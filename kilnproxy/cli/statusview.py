@@ -12,15 +12,18 @@ def _mib(value: object) -> str:
 def render(command: str, reply: dict[str, Any]) -> list[str]:
     if command == "status":
         lines = [
-            f"kilnproxy {reply.get('version')}, up {reply.get('uptime')}",
+            f"kilnproxy {reply.get('version')}, up {reply.get('uptime')}, "
+            f"fast path {reply.get('fast_path')}",
             f"unauthenticated connections: {reply.get('unauthenticated')}, "
             f"penalised sources: {reply.get('penalised_sources')}",
         ]
-        lines.append(f"{'WORKER':>6} {'PID':>8} {'SESSIONS':>8} {'TOTAL':>8} {'RSS':>10}")
+        lines.append(
+            f"{'WORKER':>6} {'PID':>8} {'SESSIONS':>8} {'TOTAL':>8} {'RSS':>10}  FAST PATH"
+        )
         for w in reply.get("workers", []):
             lines.append(
                 f"{w.get('index'):>6} {w.get('pid'):>8} {w.get('sessions'):>8} "
-                f"{w.get('sessions_total'):>8} {_mib(w.get('rss')):>10}"
+                f"{w.get('sessions_total'):>8} {_mib(w.get('rss')):>10}  {w.get('fast_path')}"
             )
         return lines
     if command == "connections":

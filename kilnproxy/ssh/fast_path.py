@@ -24,7 +24,6 @@ asyncssh does on an error (a packet that fails its MAC still ends the connection
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -43,18 +42,11 @@ from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 from cryptography.hazmat.primitives.ciphers.modes import CBC
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from kilnproxy.control import FastPathState
+
 PINNED_ASYNCSSH = "2.24.1"
 
 log = logging.getLogger("kilnproxy.fast_path")
-
-
-class FastPathState(enum.Enum):
-    """Whether this process runs the fast path; /info, `kilnproxy status` and /metrics say it."""
-
-    NOT_APPLIED = "not applied"  # `apply` has not run: stock asyncssh
-    ON = "on"
-    DISABLED = "disabled"  # `[ssh] fast_path = false`: stock asyncssh
-    UNSUPPORTED = "unsupported"  # asyncssh is not PINNED_ASYNCSSH: stock asyncssh
 
 
 @dataclass
@@ -66,6 +58,7 @@ _applied = _Applied()
 
 
 def fast_path_state() -> FastPathState:
+    """This process's state, which its worker reports in every heartbeat (WorkerStats)."""
     return _applied.state
 
 

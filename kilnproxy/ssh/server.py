@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import asyncssh
+from asyncssh.encryption import get_encryption_algs
 
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
@@ -61,10 +62,15 @@ def server_options(
         raise OperatorError("no usable host key (ed25519, ecdsa or rsa)")
     ssh = config.ssh
     timeouts = config.timeouts
+    known = {alg.decode("ascii") for alg in get_encryption_algs()}
+    for alg in ssh.fallback_encryption_algs:
+        if alg not in known:
+            raise OperatorError(f"[ssh] fallback_encryption_algs: unknown cipher {alg!r}")
     try:
         return asyncssh.SSHServerConnectionOptions(
             server_host_keys=keys,
             kex_algs=list(ssh.kex_algs),
+            # kex_offer adds ssh.fallback_encryption_algs for a client that has none of these.
             encryption_algs=list(ssh.encryption_algs),
             mac_algs=list(ssh.mac_algs),
             compression_algs=["none"],

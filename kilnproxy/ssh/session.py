@@ -118,6 +118,19 @@ def access_fields(
     }
 
 
+def transport_summary(extra: Callable[[str], object]) -> str:
+    """The negotiated cipher, client to server, as the authenticated line names it: an AEAD
+    cipher alone, any other with its MAC (`aes128-ctr+hmac-sha2-256-etm@openssh.com`); the
+    other direction only where it differs. `extra` is the connection's get_extra_info."""
+
+    def one(cipher: object, mac: object) -> str:
+        return str(cipher) if mac in (cipher, None, "") else f"{cipher}+{mac}"
+
+    inbound = one(extra("recv_cipher"), extra("recv_mac"))
+    outbound = one(extra("send_cipher"), extra("send_mac"))
+    return inbound if inbound == outbound else f"{inbound} (to client {outbound})"
+
+
 class Session(asyncssh.SSHServer):
     def __init__(self, host: SessionHost) -> None:
         self.host = host
@@ -292,13 +305,17 @@ class Session(asyncssh.SSHServer):
         identity = self._candidate
         assert identity is not None, "asyncssh completed auth without a validated key"
         self.identity = identity
+        conn = self._conn
+        assert conn is not None, "asyncssh completed auth on a closed connection"
         self.log.info(
-            "authenticated %s/%s as %s with key %r %s",
+            "authenticated %s/%s as %s with key %r %s over %s from client %r",
             identity.account,
             identity.user,
             self.login,
             identity.key_name,
             identity.fingerprint,
+            transport_summary(conn.get_extra_info),
+            conn.get_extra_info("client_version"),
         )
 
     # -- channels ---------------------------------------------------------------------------------

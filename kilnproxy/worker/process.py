@@ -32,7 +32,7 @@ from kilnproxy import control
 from kilnproxy.config import Config, load
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import configure
-from kilnproxy.ssh import fast_path
+from kilnproxy.ssh import fast_path, kex_offer
 from kilnproxy.worker.introspect import HeapTracer, task_dump
 from kilnproxy.worker.service import Worker
 
@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load(args.config)
         configure(config.log.format, config.log.level, config.log.file)
         faulthandler.enable(file=fault_log(config), all_threads=True)
-        fast_path.apply(config.ssh.fast_path)  # process-wide, before any connection exists
+        # Process-wide, before any connection exists.
+        fast_path.apply(config.ssh.fast_path)
+        kex_offer.apply(config.ssh.fallback_encryption_algs)
         sockets = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")]
         control_sock = socket.socket(fileno=args.control_fd)
         for sock in (*sockets, control_sock):

@@ -24,6 +24,7 @@ from kilnproxy.config import Config
 from kilnproxy.control import PoolStats, SessionStats, WorkerStats
 from kilnproxy.directory import directory_for
 from kilnproxy.errors import CutReason
+from kilnproxy.ssh.fast_path import fast_path_state
 from kilnproxy.ssh.server import listen, load_host_keys, server_options
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost
@@ -158,6 +159,7 @@ class Worker:
             heap=heap_in_use(),
             accepting=self.host.accepting,
             backend_connections=sum(p.connections for p in self.pool_statistics().values()),
+            fast_path=fast_path_state(),
         )
 
     def pool_statistics(self) -> dict[str, PoolStats]:

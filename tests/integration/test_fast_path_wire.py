@@ -11,10 +11,12 @@ and each key exchange: counted, with the fast path off as a control.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +249,7 @@ def test_off_sends_stock_asyncssh_ignore_packets(tmp_path: Path) -> None:
         assert done.status == 0, done.log[-3000:]
         assert done.sha256 == payload.sha256
         assert done.count(IGNORE_LINE) > (4 << 20) // (64 << 10)
+        assert fast_path_shown(off.kiln) == "disabled"
     finally:
         off.kiln.stop()
 
@@ -268,5 +271,16 @@ def test_another_asyncssh_version_runs_stock_with_a_warning(tmp_path: Path) -> N
         assert (
             log.count("asyncssh 2.24.0 is installed, not 2.24.1: kilnproxy's fast path is off") == 1
         )
+        assert fast_path_shown(other.kiln) == "unsupported"
     finally:
         other.kiln.stop()
+
+
+def fast_path_shown(kiln: Kiln) -> str:
+    """The fast path's state as /info and `kilnproxy status` show it, which must agree."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{kiln.http_port}/info", timeout=30) as page:
+        info = json.load(page)
+    status = kiln.status()
+    assert [worker["fast_path"] for worker in status["workers"]] == [info["fast_path"]]
+    assert status["fast_path"] == info["fast_path"]
+    return str(info["fast_path"])

@@ -21,10 +21,11 @@ def ssh_with(
     return world.kiln.ssh(key or world.alice, *options, command, input=b"0000")
 
 
-def server_offer(world: World) -> dict[str, list[str]]:
+def server_offer(world: World, *options: str) -> dict[str, list[str]]:
     """The server's KEXINIT proposal, as OpenSSH reports it at debug level 2."""
     kiln = world.kiln
-    argv = [*kiln.ssh_argv(world.alice, "DEBUG2"), "-p", str(kiln.port), "git@127.0.0.1"]
+    argv = [*kiln.ssh_argv(world.alice, "DEBUG2"), *options, "-p", str(kiln.port),
+            "git@127.0.0.1"]  # fmt: skip
     done = subprocess.run(
         [*argv, "git-upload-pack 'aviato/website'"], env=kiln.client_env(world.alice),
         input=b"0000", capture_output=True, timeout=60, check=False,
@@ -60,11 +61,33 @@ def test_server_offers_only_the_policy(world: World) -> None:
 
 
 @pytest.mark.parametrize(
+    ("ciphers", "chosen"),
+    [
+        ("chacha20-poly1305@openssh.com,aes256-ctr", "chacha20-poly1305@openssh.com"),
+        ("aes256-ctr,aes128-ctr", "aes256-ctr"),
+    ],
+)
+def test_a_client_without_aes_gcm_is_offered_the_fallback_ciphers(
+    world: World, ciphers: str, chosen: str
+) -> None:
+    """As Dropbear 2022.83 or paramiko 3.4 would be (tests/integration/test_client_families)."""
+    offer = server_offer(world, "-o", f"Ciphers={ciphers}")
+    assert offer["ciphers stoc"] == [
+        "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr",
+    ]  # fmt: skip
+    assert offer["chosen"] == [chosen]
+    # A MAC that is not encrypt-then-MAC: refused, unless the cipher is AEAD and needs none.
+    non_etm = ssh_with(world, "-o", f"Ciphers={ciphers}", "-o", "MACs=hmac-sha2-256")
+    assert non_etm.returncode == (0 if chosen.startswith("chacha") else 255)
+
+
+@pytest.mark.parametrize(
     "option",
     [
         "KexAlgorithms=ecdh-sha2-nistp256",
         "KexAlgorithms=diffie-hellman-group14-sha1",
-        "Ciphers=aes128-cbc",
+        "Ciphers=aes128-cbc",  # offered the fallback ciphers too, none of them CBC
         "HostKeyAlgorithms=ssh-rsa",
     ],
 )

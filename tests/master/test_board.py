@@ -7,9 +7,12 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kilnproxy.control import (
     BUCKETS,
+    FastPathState,
     Heartbeat,
     Histogram,
     MetricsSnapshot,
@@ -17,7 +20,8 @@ from kilnproxy.control import (
     SessionStats,
     WorkerStats,
 )
-from master.board import SILENT, StatusBoard
+from master.board import SILENT, StatusBoard, fast_path_summary
+from master.metrics import MasterCollector
 from master.workers import WorkerState
 
 
@@ -35,8 +39,12 @@ class FakeWorker:
         return self.state in (WorkerState.STARTING, WorkerState.READY)
 
 
-def stats(pid: int, sessions: int = 0, rss: int = 1000) -> WorkerStats:
-    return dataclasses.replace(SILENT, pid=pid, sessions=sessions, rss=rss, heap=rss // 2)
+def stats(
+    pid: int, sessions: int = 0, rss: int = 1000, fast: FastPathState = FastPathState.NOT_APPLIED
+) -> WorkerStats:
+    return dataclasses.replace(
+        SILENT, pid=pid, sessions=sessions, rss=rss, heap=rss // 2, fast_path=fast
+    )
 
 
 def row(session: str, started_at: float = 1.0, vcs: str | None = "git") -> SessionStats:
@@ -138,3 +146,29 @@ def test_pools_of_serving_workers_and_health() -> None:
     assert board.healthy(now)  # the draining worker's silence does not count
     ready.last_heartbeat = now - 4
     assert not board.healthy(now)
+
+
+def fast_path_workers(board: StatusBoard) -> dict[str, float]:
+    """kilnproxy_fast_path_workers by state, as /metrics shows it."""
+    registry = CollectorRegistry()
+    registry.register(MasterCollector(board))
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    family = next(f for f in families if f.name == "kilnproxy_fast_path_workers")
+    return {sample.labels["state"]: sample.value for sample in family.samples}
+
+
+def test_the_fast_path_of_serving_workers_in_a_word_and_by_state() -> None:
+    board = StatusBoard()
+    assert fast_path_summary(board.fast_path()) == "none"
+    on, other, draining = FakeWorker(0, 100), FakeWorker(1, 101), FakeWorker(2, 102)
+    for worker in (on, other, draining):
+        board.joined(worker)
+    board.heard(on, dataclasses.replace(beat(100), stats=stats(100, fast=FastPathState.ON)))
+    board.heard(other, beat(101))  # heard from, with the fast path not applied
+    assert fast_path_summary(board.fast_path()) == "not applied 2, on 1"
+    board.heard(other, dataclasses.replace(beat(101), stats=stats(101, fast=FastPathState.ON)))
+    draining.state = WorkerState.DRAINING  # not serving: not counted
+    assert fast_path_summary(board.fast_path()) == "on"
+    assert fast_path_workers(board) == {
+        "not applied": 0, "on": 2, "disabled": 0, "unsupported": 0,
+    }  # fmt: skip

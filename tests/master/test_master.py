@@ -48,9 +48,10 @@ def test_three_workers_status_and_connections(new_world: Factory) -> None:
         assert title(worker["pid"]) == f"kilnproxy: worker {worker['index']} (0 sessions)"
     env = kiln.server_env()
     status = run([*KILNPROXY, "status", "--config", str(kiln.config_path)], env=env).stdout.decode()
+    assert status.splitlines()[0].endswith(", fast path on")
     for worker in workers:
         assert re.search(
-            rf"^\s+{worker['index']}\s+{worker['pid']}\s+0\s+\d+\s+[\d.]+ MiB$", status, re.M
+            rf"^\s+{worker['index']}\s+{worker['pid']}\s+0\s+\d+\s+[\d.]+ MiB\s+on$", status, re.M
         )
     with held_session(w) as client:
         pid = owner_of_held(w)

@@ -133,7 +133,8 @@ def test_the_status_reply_lists_no_worker_before_any_started(tmp_path: Path) -> 
     (reply,) = ask_socket(tmp_path / "status.sock", FakeActions(None), b'{"command": "status"}\n')
     assert reply["workers"] == [] and reply["generation"] == 0
     assert set(reply) == {
-        "version", "started_at", "uptime", "master_pid", "generation", "workers",
+        "version", "started_at", "uptime", "master_pid", "generation", "fast_path", "workers",
         "unauthenticated", "penalised_sources",
     }  # fmt: skip
     assert (reply["unauthenticated"], reply["penalised_sources"]) == (0, 0)
+    assert reply["fast_path"] == "none"

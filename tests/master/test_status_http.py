@@ -83,6 +83,7 @@ def test_info(status_world: World) -> None:
     assert isinstance(first["started_at"], float) and isinstance(first["now"], float)
     assert first["now"] >= first["started_at"]
     assert re.fullmatch(r"(\d+h)?(\d+m)?(\d+s)?", first["uptime"])
+    assert first["fast_path"] == "on"  # both workers, on the pinned asyncssh
     time.sleep(2.2)
     second = get_json(status_world, "/info")
     assert second["now"] > first["now"] and second["uptime"] != first["uptime"]
@@ -139,10 +140,14 @@ def test_metrics_parse_and_move_with_a_clone(status_world: World, tmp_path: Path
     wait_for(moved, 10, "the counters to move")
     now = metric_values(w)
     assert now[("kilnproxy_workers", ())] == 2
+    fast_path = {state: now[("kilnproxy_fast_path_workers", (("state", state),))]
+                 for state in ("on", "disabled", "unsupported", "not applied")}  # fmt: skip
+    assert fast_path == {"on": 2, "disabled": 0, "unsupported": 0, "not applied": 0}
     assert ("kilnproxy_worker_rss_bytes", (("worker", "0"),)) in now
     labels = {label for key in now for label, _ in key[1]}
     assert labels <= {
         "vcs", "verb", "outcome", "direction", "backend", "worker", "version", "le", "reason",
+        "state",
     }  # fmt: skip
     # Every admission refusal reason is a series from the start, at zero until one happens.
     refused = {dict(key[1])["reason"]: value for key, value in now.items()

@@ -136,6 +136,10 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
             r"\[limits\] penalty_max must be longer than penalty_min",
         ),
         ({"limits": {"max_startup": "10:30:100"}}, r"unknown setting max_startup in \[limits\]"),
+        (
+            {"ssh": {"fallback_encryption_algs": "aes128-ctr"}},
+            r"\[ssh\] fallback_encryption_algs: expected a list of strings",
+        ),
     ],
 )
 def test_bad_values(tmp_path: Path, raw: dict[str, object], message: str) -> None:
@@ -214,3 +218,11 @@ def test_a_drain_notice_may_be_none(tmp_path: Path, text: str, seconds: float) -
     ssh = {"proxy_protocol": "require", "proxy_allowed": ["10.0.0.5/32"]}
     config = from_mapping({"timeouts": {"drain_notice": text}, "ssh": ssh}, tmp_path)
     assert config.timeouts.drain_notice == seconds
+
+
+def test_fallback_ciphers_may_be_none(tmp_path: Path) -> None:
+    """Unlike `encryption_algs`: `[]` offers every client `encryption_algs` alone."""
+    config = from_mapping({"ssh": {"fallback_encryption_algs": []}}, tmp_path)
+    assert config.ssh.fallback_encryption_algs == ()
+    with pytest.raises(OperatorError, match=r"\[ssh\] encryption_algs: at least one name"):
+        from_mapping({"ssh": {"encryption_algs": []}}, tmp_path)

@@ -19,6 +19,7 @@ from kilnproxy.control import (
     CountsChanged,
     Drain,
     Draining,
+    FastPathState,
     HeapProfileRequest,
     Heartbeat,
     Histogram,
@@ -51,6 +52,7 @@ from kilnproxy.policy.penalty import Lifted, Penalised, PenaltyEvent, TableFull
 STATS = WorkerStats(
     index=1, pid=4242, started_at=1700000000.5, sessions=2, sessions_total=9, tasks=30, fds=40,
     rss=50_000_000, heap=3_000_000, accepting=True, backend_connections=1,
+    fast_path=FastPathState.UNSUPPORTED,
 )  # fmt: skip
 ROW = SessionStats(
     session="0badf00d", remote_addr="127.0.0.1:50000", login="git", account="aviato",
@@ -145,23 +147,27 @@ def without(key: str) -> bytes:
 @pytest.mark.parametrize(
     ("line", "says"),
     [
-        (b'{"v": 2, "kind": "ready", "pid": 1}\n', "not a version 3"),
-        (b'{"kind": "ready", "pid": 1}\n', "not a version 3"),
-        (b'{"v": 3, "kind": "nope"}\n', "no such kind"),
-        (b"[]\n", "not a version 3"),
+        (b'{"v": 1, "kind": "ready", "pid": 1}\n', "not a version 4"),
+        (b'{"v": 2, "kind": "ready", "pid": 1}\n', "not a version 4"),
+        (b'{"v": 3, "kind": "ready", "pid": 1}\n', "not a version 4"),
+        (b'{"kind": "ready", "pid": 1}\n', "not a version 4"),
+        (b'{"v": 4, "kind": "nope"}\n', "no such kind"),
+        (b"[]\n", "not a version 4"),
         (b"garbage\n", "not JSON"),
-        (b'{"v": 3, "kind": "ready", "pid": \xff}\n', "not JSON"),
+        (b'{"v": 4, "kind": "ready", "pid": \xff}\n', "not JSON"),
         (b"[" * 100_000 + b"\n", "not JSON"),
-        (b'{"v": 3, "kind": "ready"}\n', "ready: missing ['pid']"),
-        (b'{"v": 3, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
-        (b'{"v": 3, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
-        (b'{"v": 3, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
-        (b'{"v": 3, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
+        (b'{"v": 4, "kind": "ready"}\n', "ready: missing ['pid']"),
+        (b'{"v": 4, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
+        (b'{"v": 4, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
+        (b'{"v": 4, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
+        (b'{"v": 4, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
         (with_stats(rss=None), "heartbeat.stats.rss: NoneType is not int"),
         (with_stats(accepting=1), "heartbeat.stats.accepting: int is not bool"),
         (without("heap"), "heartbeat.stats: missing ['heap']"),
-        (b'{"v": 3, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
-        (b'{"v": 3, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
+        (with_stats(fast_path="fast"), "heartbeat.stats.fast_path: 'fast' is not a FastPathState"),
+        (with_stats(fast_path=None), "heartbeat.stats.fast_path: None is not a FastPathState"),
+        (b'{"v": 4, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
+        (b'{"v": 4, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
         (
             with_startups({"192.0.2.1/24": 1}),
             "counts_changed.startups.by_source key: 192.0.2.1/24 has host bits set",
@@ -175,7 +181,7 @@ def without(key: str) -> bytes:
         ),
         (offence(3232235523, "authfail"), "offences.offences[0].address: int is not str"),
         (
-            b'{"v": 3, "kind": "penalties", "penalised": [], "lifted": [], "table_full": '
+            b'{"v": 4, "kind": "penalties", "penalised": [], "lifted": [], "table_full": '
             b'[{"version": 5, "until": 1.0}]}\n',
             "penalties.table_full[0]: IP version 5 is",
         ),

@@ -27,10 +27,10 @@ import pytest
 import uvloop
 from asyncssh.encryption import Encryption, get_encryption, get_encryption_params
 
+from kilnproxy.control import FastPathState
 from kilnproxy.ssh import fast_path
 from kilnproxy.ssh.fast_path import (
     PINNED_ASYNCSSH,
-    FastPathState,
     _InputBuffer,
     apply,
     fast_path_state,
