@@ -172,6 +172,9 @@ class WorkerProcess:
                 sessions=self._changed_sessions(),
             )
             channel.send(beat)
+            # After the beat: a release blocks the loop a while, and the master's watchdog
+            # counts from the last beat it had.
+            self.worker.settle_memory()
             await asyncio.sleep(HEARTBEAT)
 
     def _changed_sessions(self) -> tuple[control.SessionStats, ...]:

@@ -29,11 +29,12 @@ from kilnproxy.ssh.server import listen, load_host_keys, server_options
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost
 from kilnproxy.worker.admission import WorkerAdmission
-from kilnproxy.worker.introspect import heap_in_use
+from kilnproxy.worker.introspect import heap_in_use, release_memory
 from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
 SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s
+RELEASE_AFTER = 1000  # closed connections between two releases of memory, at least
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -65,6 +66,7 @@ class Worker:
         self.admission = WorkerAdmission(config.limits, self.metrics.refused)
         services = Services(self.directory, self.backends, self.metrics, self.admission)
         self.host = SessionHost(config, services)
+        self._closed_at_release = 0
 
     async def start(self) -> None:
         asyncio.get_running_loop().set_exception_handler(_log_loop_error)
@@ -142,6 +144,22 @@ class Worker:
         self.stop_accepting()
         await self.backends.close()
         self.directory.close()
+
+    def settle_memory(self) -> bool:
+        """After many connections have closed, free what they held (`release_memory`);
+        whether it did. Called once a second: only once more connections have closed since
+        the last release than are open now, so that its cost (a full collection, in
+        proportion to what is alive) is spread over the connections that made it needed."""
+        live = len(self.host.sessions)
+        closed = self.host.total - live - self._closed_at_release
+        if closed < RELEASE_AFTER or closed <= live:
+            return False
+        started = time.monotonic()
+        release_memory()
+        self._closed_at_release += closed
+        log.info("worker %d released the memory of %d closed connections in %.2fs",
+                 self.index, closed, time.monotonic() - started)  # fmt: skip
+        return True
 
     def connections(self) -> list[SessionStats]:
         return [session.statistics() for session in self.host.sessions.values()]
