@@ -2,11 +2,11 @@
 
 Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy ssh backend,
 D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
-to A: small-clone latency, large-clone wall time, raw relay throughput and the proxy's CPU per
-GB relayed (bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker
-against sshd), memory per idle connection and per active session, hg clone, and the cost of a
-directory lookup (bench/lookup.py: TCP connect to authenticated, SQLite against PostgreSQL).
-Writes
+to A: small-clone latency, large-clone wall time (a blob-heavy repository, and a history-heavy
+one: bench/history.py), raw relay throughput and the proxy's CPU per GB relayed
+(bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker against
+sshd), memory per idle connection and per active session, hg clone, and the cost of a directory
+lookup (bench/lookup.py: TCP connect to authenticated, SQLite against PostgreSQL). Writes
 bench/results/NAME.{json,md,png} (NAME is `latest` unless given).
 
     python bench/run.py [--quick] [--ciphers LIST] [--window SIZE] [--asyncssh-patch] [--name NAME]
