@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import KILNPROXY, Kiln, run
+from history import Shape, history_repo
 from measure import cpu_seconds
 from sshd import Sshd
 
@@ -197,13 +198,16 @@ def add_small(paths: Paths) -> int:
 
 
 def add_repositories(
-    paths: Paths, large_commits: int, large_blob: int, hg_commits: int
+    paths: Paths, large_commits: int, large_blob: int, hg_commits: int, history_commits: int
 ) -> dict[str, int]:
-    """small, large (`large_commits` x `large_blob`), and an hg repository."""
+    """small, large (`large_commits` x `large_blob`: its cost is bytes), history
+    (`history_commits` small source edits: its cost is objects) and an hg repository."""
     base = paths.storage.base / "bench"
     sizes = {"small": add_small(paths)}
     sizes["large"] = git_repo(base / "large.git", large_commits, 400, large_blob)
     register(paths, "large", "git")
+    sizes["history"] = history_repo(base / "history.git", Shape(history_commits))
+    register(paths, "history", "git")
     hg_repo(base / "designs", hg_commits)
     register(paths, "designs", "hg")
     return sizes

@@ -2,11 +2,11 @@
 
 Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy ssh backend,
 D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
-to A: small-clone latency, large-clone wall time, raw relay throughput and the proxy's CPU per
-GB relayed (bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker
-against sshd), memory per idle connection and per active session, hg clone, and the cost of a
-directory lookup (bench/lookup.py: TCP connect to authenticated, SQLite against PostgreSQL).
-Writes
+to A: small-clone latency, large-clone wall time (a blob-heavy repository, and a history-heavy
+one: bench/history.py), raw relay throughput and the proxy's CPU per GB relayed
+(bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker against
+sshd), memory per idle connection and per active session, hg clone, and the cost of a directory
+lookup (bench/lookup.py: TCP connect to authenticated, SQLite against PostgreSQL). Writes
 bench/results/NAME.{json,md,png} (NAME is `latest` unless given).
 
     python bench/run.py [--quick] [--ciphers LIST] [--window SIZE] [--asyncssh-patch] [--name NAME]
@@ -64,11 +64,13 @@ ASYNCSSH_PATCH = BENCH / "asyncssh-hotpath.patch"
 PATHS = ("A", "B", "C", "D")
 PROFILES: dict[str, dict[str, int]] = {
     "quick": {"small_rounds": 5, "large_rounds": 2, "large_commits": 600, "large_blob": 70_000,
-              "hg_commits": 300, "hg_rounds": 3, "connections": 100, "idle": 300,
+              "history_commits": 3000, "hg_commits": 300, "hg_rounds": 3, "connections": 100,
+              "idle": 300,
               "sshd_idle": 50, "active": 20, "relay_bytes": 256 << 20, "relay_rounds": 2,
               "lookups": 200},
     "full": {"small_rounds": 15, "large_rounds": 5, "large_commits": 3000, "large_blob": 70_000,
-             "hg_commits": 1000, "hg_rounds": 5, "connections": 300, "idle": 2000,
+             "history_commits": 20_000, "hg_commits": 1000, "hg_rounds": 5, "connections": 300,
+             "idle": 2000,
              "sshd_idle": 200, "active": 50, "relay_bytes": 1 << 30, "relay_rounds": 3,
              "lookups": 1000},
 }  # fmt: skip
@@ -220,7 +222,7 @@ def main() -> None:
         try:
             plain = plain_sshd(paths.root, paths.backend_key)
             sizes = add_repositories(paths, profile["large_commits"], profile["large_blob"],
-                                     profile["hg_commits"])  # fmt: skip
+                                     profile["hg_commits"], profile["history_commits"])  # fmt: skip
             raw = add_raw_relay(paths, profile["relay_bytes"], settings)
             figures = measure_all(paths, plain, raw, profile)
         finally:
@@ -279,14 +281,17 @@ def measure_all(
     settle(paths.kiln)
     small = clones(paths, "small", "git", profile["small_rounds"])
     large = clones(paths, "large", "git", profile["large_rounds"])
+    history = clones(paths, "history", "git", profile["large_rounds"])
     hg = clones(paths, "designs", "hg", profile["hg_rounds"])
     relayed = relays(raw, profile["relay_rounds"])
-    for label, runs in (("small_clone", small), ("large_clone", large), ("hg_clone", hg),
+    for label, runs in (("small_clone", small), ("large_clone", large),
+                        ("history_clone", history), ("hg_clone", hg),
                         ("relay", relayed)):  # fmt: skip
         figures[f"{label}_seconds"] = {p: median(runs[p], "seconds") for p in PATHS}
-    a = figures["large_clone_seconds"]["A"]
-    figures["large_clone_ratio_local"] = figures["large_clone_seconds"]["B"] / a
-    figures["large_clone_ratio_ssh"] = figures["large_clone_seconds"]["C"] / a
+    for label in ("large", "history"):
+        seconds = figures[f"{label}_clone_seconds"]
+        figures[f"{label}_clone_ratio_local"] = seconds["B"] / seconds["A"]
+        figures[f"{label}_clone_ratio_ssh"] = seconds["C"] / seconds["A"]
     figures["small_clone_ratio_ssh"] = (figures["small_clone_seconds"]["C"]
                                         / figures["small_clone_seconds"]["A"])  # fmt: skip
     gigabytes = raw.size / 1e9
@@ -337,7 +342,7 @@ def markdown(f: dict[str, Any]) -> str:
         lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if value <= bound else 'no'} |")
     lines += ["", "| median seconds | A direct | B local | C ssh | D ForceCommand |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    for label in ("small_clone", "large_clone", "hg_clone", "relay"):
+    for label in ("small_clone", "large_clone", "history_clone", "hg_clone", "relay"):
         row = f[f"{label}_seconds"]
         lines.append(
             f"| {label.replace('_', ' ')} | " + " | ".join(f"{row[p]:.3f}" for p in PATHS) + " |"
@@ -345,6 +350,12 @@ def markdown(f: dict[str, Any]) -> str:
     cpu, clone_cpu, rate = (f["proxy_cpu_seconds_per_gb"], f["clone_cpu_seconds_per_gb"],
                             f["relay_mb_per_s"])  # fmt: skip
     relayed = f["relay_bytes"] / 2**20
+    sizes = f["repository_bytes"]
+    lines += ["", f"History clone (many small objects, a {sizes['history'] / 1e6:.0f} MB pack; "
+              f"large: {sizes['large'] / 1e6:.0f} MB of blobs): C/A "
+              f"{f['history_clone_ratio_ssh']:.2f}, B/A {f['history_clone_ratio_local']:.2f} "
+              f"(large: C/A {f['large_clone_ratio_ssh']:.2f}, B/A "
+              f"{f['large_clone_ratio_local']:.2f})."]  # fmt: skip
     lines += ["", f"Raw relay ({relayed:.0f} MiB of zeros): " + ", ".join(
                   f"{p} {rate[p]:.0f} MB/s" for p in PATHS) + ".",
               f"Proxy CPU seconds per GB, raw relay: B {cpu['B']:.2f}, C {cpu['C']:.2f}, "
@@ -377,18 +388,19 @@ def plot(f: dict[str, Any], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 6, figsize=(24, 4))
     colors = ["#6b7785", "#2563eb", "#16a34a", "#dc2626"]
-    for ax, label in zip(axes[:3], ("small_clone", "large_clone", "hg_clone"), strict=True):
+    labels = ("small_clone", "large_clone", "history_clone", "hg_clone")
+    for ax, label in zip(axes[:4], labels, strict=True):
         row = f[f"{label}_seconds"]
         ax.bar(PATHS, [row[p] for p in PATHS], color=colors)
         ax.set_title(label.replace("_", " ") + " (s, median)")
     rate = f["relay_mb_per_s"]
-    axes[3].bar(PATHS, [rate[p] for p in PATHS], color=colors)
-    axes[3].set_title("raw relay (MB/s)")
+    axes[4].bar(PATHS, [rate[p] for p in PATHS], color=colors)
+    axes[4].set_title("raw relay (MB/s)")
     cpu = f["proxy_cpu_seconds_per_gb"]
-    axes[4].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
-    axes[4].set_title("proxy CPU s per GB relayed")
+    axes[5].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
+    axes[5].set_title("proxy CPU s per GB relayed")
     fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand")
     fig.tight_layout()
     fig.savefig(target, dpi=100)
