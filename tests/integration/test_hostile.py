@@ -174,9 +174,23 @@ async def read_packet(reader: asyncio.StreamReader) -> bytes:
     return body[1 : length - body[0]]
 
 
-def kexinit(servers: bytes) -> bytes:
-    """A KEXINIT the server accepts (its own lists, our cookie): key exchange has begun."""
-    return packet(servers[:1] + os.urandom(16) + servers[17:])
+def name_list(*names: str) -> bytes:
+    text = ",".join(names).encode()
+    return struct.pack(">I", len(text)) + text
+
+
+def client_kexinit() -> bytes:
+    """A KEXINIT the server accepts, sent first as OpenSSH sends it (kilnproxy reads the
+    client's before it sends its own, to fit its cipher offer)."""
+    lists = [
+        name_list("curve25519-sha256"),
+        name_list("ssh-ed25519"),
+        *[name_list("aes128-gcm@openssh.com")] * 2,
+        *[name_list("hmac-sha2-256-etm@openssh.com")] * 2,
+        *[name_list("none")] * 2,
+        *[name_list()] * 2,
+    ]
+    return packet(b"\x14" + os.urandom(16) + b"".join(lists) + b"\x00" + bytes(4))
 
 
 CLIENT_BANNER = b"SSH-2.0-hostile\r\n"
@@ -210,8 +224,9 @@ async def stall(kind: int, reader: asyncio.StreamReader, writer: asyncio.StreamW
     if kind == 0:  # our banner, then nothing
         writer.write(CLIENT_BANNER)
     elif kind == 1:  # KEXINIT, never the key exchange's next message
-        writer.write(CLIENT_BANNER)  # asyncssh sends its KEXINIT once it has our banner
-        writer.write(kexinit(await read_packet(reader)))
+        writer.write(CLIENT_BANNER + client_kexinit())
+        await writer.drain()
+        assert (await read_packet(reader))[:1] == b"\x14"  # its KEXINIT: the exchange has begun
     elif kind == 2:  # half a packet: a header that promises 1000 bytes, and 3 of them
         writer.write(CLIENT_BANNER + struct.pack(">IBBB", 1000, 8, 20, 0))
     else:  # a NUL in the banner, which asyncssh lets by: then nothing
