@@ -22,7 +22,6 @@ import psutil
 from harness import (
     Kiln,
     finish_upload_pack,
-    hold_upload_pack,
     pack_bytes_received,
     ssh_client_of,
     wait_until,
@@ -94,8 +93,15 @@ def bystanders(kiln: Kiln, key: Path) -> Iterator[dict[int, Bystander]]:
     held: dict[int, Bystander] = {}
     workers = {int(row["index"]) for row in kiln.workers()}
     try:
-        for _ in range(10):
-            for client in [hold_upload_pack(kiln, key) for _ in workers - set(held)]:
+        for _ in range(20):
+            # Several at once: a worker idle since the last accept tends to win every race for
+            # connections that arrive one by one, so one at a time may never reach the other.
+            wanted = 2 * len(workers - set(held)) + 1
+            clients = [kiln.ssh_popen(key, "git-upload-pack 'aviato/website.git'")
+                       for _ in range(wanted)]  # fmt: skip
+            for client in clients:
+                assert client.stdout is not None
+                assert b" HEAD\x00" in client.stdout.read(200)  # the advertisement has begun
                 extra = Bystander(client, int(row_of(kiln, client.pid)["worker"]))
                 if extra.worker in held:
                     extra.finish()
