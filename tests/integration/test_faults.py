@@ -349,8 +349,10 @@ def test_worker_killed_mid_clone(rig: Rig, tmp_path: Path) -> None:
     report("worker killed mid-clone", status, stderr)
     # Nobody is left to say more than OpenSSH's client does: the connection broke.
     assert status != 0 and not KILNPROXY_LINE.search(stderr)
-    # OpenSSH says it one of these ways, depending on whether it was writing or reading.
-    broke = r"client_loop: send disconnect: Broken pipe|closed by remote host|Connection reset"
+    # OpenSSH says it one of these ways, depending on whether it was writing or reading; or,
+    # when the dead worker's socket simply closed, only git says that the stream broke.
+    broke = (r"client_loop: send disconnect: Broken pipe|closed by remote host|Connection reset"
+             r"|fetch-pack: unexpected disconnect|early EOF")  # fmt: skip
     assert re.search(broke, stderr), stderr
     for process in git:  # the dead worker's git, orphaned, ends on its broken pipe
         wait_until(gone(process.pid), 10, f"{process} to end")
