@@ -1,4 +1,5 @@
-"""Measuring one path: wall time, CPU seconds of a process tree, memory of processes."""
+"""Measuring one path: wall time, CPU seconds of a process tree, syscalls and memory of
+processes."""
 
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ def cpu_seconds(pids: Iterable[int], children: bool = False) -> float:
         return float(times.user + times.system + reaped)
 
     return _total(pids, used)
+
+
+def io_calls(pids: Iterable[int]) -> tuple[int, int]:
+    """Write and read syscalls made so far by these processes' live threads: syscw and syscr of
+    /proc/PID/task/TID/io, which count write/writev and read/readv (how libuv, under uvloop,
+    writes and reads sockets and pipes) but not send/sendmsg/recv. Per thread, because
+    /proc/PID/io also adds the children the process has reaped (a local backend's git)."""
+    writes = reads = 0
+    for pid in pids:
+        for io in Path(f"/proc/{pid}/task").glob("*/io"):
+            try:
+                fields = dict(line.split(": ") for line in io.read_text().splitlines())
+            except OSError:  # the thread has ended
+                continue
+            writes, reads = writes + int(fields["syscw"]), reads + int(fields["syscr"])
+    return writes, reads
 
 
 def tree(pid: int) -> list[int]:

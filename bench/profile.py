@@ -3,7 +3,9 @@
 Sets up the benchmark's paths (bench/fixtures.py, bench/relay.py), relays SIZE MiB through
 path B or C once to warm up, then once more under `py-spy record`, and writes the functions that
 take the most samples, by their own time and with what they call, to
-bench/results/profile-PATH.txt (profile-PATH-asyncssh-patch.txt with the patch).
+bench/results/profile-PATH.txt (profile-PATH-asyncssh-patch.txt with the patch), with the
+worker's write and read syscalls per MB and the machine's figures (bench/machine.py; path A is
+relayed once for its raw throughput).
 
     python bench/profile.py [--path C] [--mib 512] [--asyncssh-patch] [--ciphers LIST]
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import machine
 from fixtures import build, kiln_settings
 from relay import add_raw_relay
 from run import ASYNCSSH_PATCH, RESULTS, patched_asyncssh
@@ -77,6 +80,7 @@ def main() -> None:
         paths = build(Path(tmp), settings)
         raw = add_raw_relay(paths, args.mib << 20, settings)
         try:
+            direct = raw.once("A")  # the machine's raw relay throughput, for its figures
             raw.once(args.path)
             kiln = raw.local if args.path == "B" else paths.kiln
             worker = int(kiln.workers()[0]["pid"])
@@ -98,13 +102,18 @@ def main() -> None:
             for server in (paths.kiln, paths.storage, paths.front):
                 server.stop()
             raw.stop()
+    figures = machine.machine_figures(raw.size / 1e6 / direct["seconds"])
     variant = f"ciphers {args.ciphers or 'default'}, asyncssh " + (
         f"with {ASYNCSSH_PATCH.name}" if args.asyncssh_patch else "as released"
     )
+    megabytes = raw.size / 1e6
     lines = [
         f"py-spy, {RATE} Hz, on the worker of path {args.path} relaying {args.mib} MiB "
         f"({run['seconds']:.2f} s, {run['cpu']:.2f} CPU s in the proxy); {variant}.",
         f"{total} samples; uvloop's own C code (epoll, socket reads) counts as Runner.run.",
+        f"The worker's write and read syscalls per MB relayed: {run['writes'] / megabytes:.1f}, "
+        f"{run['reads'] / megabytes:.1f} (bench/measure.py io_calls).",
+        *machine.describe(figures),
         "",
         *table("-- own time", own, total),
         "",

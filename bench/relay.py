@@ -8,7 +8,9 @@ B: a second kilnproxy whose local backend finds a `git` on its PATH that is that
 C: the benchmark's kilnproxy, whose repository bench/zero lives on the zero sshd as its backend;
 D: an OpenSSH ForceCommand proxy in front of the zero sshd.
 
-The client pipes into `wc -c`, which checks that every byte came.
+The client pipes into `wc -c`, which checks that every byte came. For B and C, the kilnproxy
+worker's write and read syscalls during the relay are counted too (bench/measure.py io_calls):
+the per-packet work that remains, as writes per MB relayed.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fixtures import Paths, forcecommand_proxy, openssh_argv, server_cpu
+from fixtures import Paths, forcecommand_proxy, kiln_pids, openssh_argv, server_cpu
 from harness import KILNPROXY, Kiln, run
+from measure import io_calls
 from sshd import Sshd
 
 from kilnproxy.policy.access import Role
@@ -55,9 +58,15 @@ class RawRelay:
         proxies: dict[str, Kiln | Sshd] = {"B": self.local, "C": self.paths.kiln, "D": self.front}
         return server_cpu(proxies[path]) if path in proxies else 0.0
 
+    def worker_syscalls(self, path: str) -> tuple[int, int]:
+        """Write and read syscalls made so far by the kilnproxy workers of path B or C."""
+        return io_calls(kiln_pids(self.local if path == "B" else self.paths.kiln)[1:])
+
     def once(self, path: str) -> dict[str, float]:
-        """Relay `size` bytes once; wall seconds and proxy CPU seconds."""
+        """Relay `size` bytes once; wall seconds and proxy CPU seconds, and for B and C the
+        worker's write and read syscalls."""
         before = self.proxy_cpu(path)
+        calls = self.worker_syscalls(path) if path in ("B", "C") else (0, 0)
         started = time.perf_counter()
         done = subprocess.run(
             f"{shlex.join(self.argv(path))} | wc -c",
@@ -68,7 +77,11 @@ class RawRelay:
         if done.returncode != 0 or received != self.size:
             raise RuntimeError(f"relay {path}: {received} of {self.size} bytes: {done.stderr!r}")
         time.sleep(0.3)  # let per-connection processes exit and be counted
-        return {"seconds": seconds, "cpu": self.proxy_cpu(path) - before}
+        figures = {"seconds": seconds, "cpu": self.proxy_cpu(path) - before}
+        if path in ("B", "C"):
+            writes, reads = self.worker_syscalls(path)
+            figures |= {"writes": writes - calls[0], "reads": reads - calls[1]}
+        return figures
 
     def stop(self) -> None:
         for server in (self.local, self.source, self.front):

@@ -4,10 +4,14 @@ Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy
 D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
 to A: small-clone latency, large-clone wall time (a blob-heavy repository, and a history-heavy
 one: bench/history.py), raw relay throughput and the proxy's CPU per GB relayed
-(bench/relay.py), server CPU per new authenticated connection (kilnproxy's one worker against
-sshd), memory per idle connection and per active session, hg clone, and the cost of a directory
-lookup (bench/lookup.py: TCP connect to authenticated, SQLite against PostgreSQL). Writes
-bench/results/NAME.{json,md,png} (NAME is `latest` unless given).
+(bench/relay.py) with the worker's write and read syscalls per MB, server CPU per new
+authenticated connection (kilnproxy's one worker against sshd), memory per idle connection and
+per active session, hg clone, the proxy CPU per GB cloned by each SSH client family through C
+(bench/per_client.py), and the cost of a directory lookup (bench/lookup.py: TCP connect to
+authenticated, SQLite against PostgreSQL). Every results file carries the machine's own figures
+(bench/machine.py: CPU model, A's raw relay throughput, a socket send+recv pair's time), so that
+runs on different machines can be read together. Writes bench/results/NAME.{json,md,png} (NAME
+is `latest` unless given).
 
     python bench/run.py [--quick] [--ciphers LIST] [--window SIZE] [--asyncssh-patch] [--name NAME]
 
@@ -40,6 +44,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import machine
 from clients import hold
 from fixtures import (
     Paths,
@@ -53,6 +58,7 @@ from fixtures import (
 from harness import Kiln, finish_upload_pack, hold_upload_pack
 from lookup import measure_lookups
 from measure import clone, rss, uss
+from per_client import client_rows, client_table
 from relay import RawRelay, add_raw_relay
 from sshd import Sshd
 
@@ -67,12 +73,12 @@ PROFILES: dict[str, dict[str, int]] = {
               "history_commits": 3000, "hg_commits": 300, "hg_rounds": 3, "connections": 100,
               "idle": 300,
               "sshd_idle": 50, "active": 20, "relay_bytes": 256 << 20, "relay_rounds": 2,
-              "lookups": 200},
+              "lookups": 200, "client_rounds": 1},
     "full": {"small_rounds": 15, "large_rounds": 5, "large_commits": 3000, "large_blob": 70_000,
              "history_commits": 20_000, "hg_commits": 1000, "hg_rounds": 5, "connections": 300,
              "idle": 2000,
              "sshd_idle": 200, "active": 50, "relay_bytes": 1 << 30, "relay_rounds": 3,
-             "lookups": 1000},
+             "lookups": 1000, "client_rounds": 3},
 }  # fmt: skip
 
 
@@ -231,6 +237,8 @@ def main() -> None:
                     server.stop()
             if raw is not None:
                 raw.stop()
+    # Once the servers have stopped: the send+recv pairs are timed on a machine at rest.
+    figures["machine"] = machine.machine_figures(figures["relay_mb_per_s"]["A"])
     with tempfile.TemporaryDirectory() as tmp:  # its own servers, once the others have stopped
         figures |= lookups(Path(tmp), profile["lookups"])
     figures |= {"profile": profile_name, "variant": variant, "repository_bytes": sizes,
@@ -299,9 +307,13 @@ def measure_all(
     cpu_per_gb = {p: median(relayed[p], "cpu") / gigabytes for p in "BCD"}
     figures["proxy_cpu_seconds_per_gb"] = cpu_per_gb
     figures["relay_cpu_ratio_ssh_vs_forcecommand"] = cpu_per_gb["C"] / cpu_per_gb["D"]
+    megabytes = raw.size / 1e6
+    for calls in ("writes", "reads"):
+        figures[f"{calls}_per_mb"] = {p: median(relayed[p], calls) / megabytes for p in "BC"}
     clone_cpu = {p: median(large[p], "cpu") / (median(large[p], "bytes") / 1e9) for p in "BCD"}
     figures["clone_cpu_seconds_per_gb"] = clone_cpu
     figures["clone_cpu_ratio_ssh_vs_forcecommand"] = clone_cpu["C"] / clone_cpu["D"]
+    figures["clients"] = client_rows(paths, profile["client_rounds"])
     figures |= asyncio.run(connection_cost(paths, plain, profile["connections"]))
     figures["conn_cpu_ratio_vs_sshd"] = (figures["kilnproxy_cpu_ms_per_conn"]
                                          / figures["sshd_cpu_ms_per_conn"])  # fmt: skip
@@ -331,6 +343,7 @@ TARGETS = [
 def markdown(f: dict[str, Any]) -> str:
     lines = [f"# kilnproxy benchmark ({f['profile']}), {f['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in f["versions"].items()]
+    lines += machine.describe(f["machine"])
     variant = f["variant"]
     lines += [
         f"- kilnproxy ciphers: {variant['ciphers']}; backend window: "
@@ -367,8 +380,32 @@ def markdown(f: dict[str, Any]) -> str:
               f"({f['sshd_conn_per_s']:.0f}/s).",
               f"Memory per idle connection: kilnproxy {f['idle_conn_kb']:.1f} KiB, "
               f"sshd {f['sshd_idle_conn_kb']:.1f} KiB (USS of its processes).",
-              lookup_line(f), ""]  # fmt: skip
+              syscalls_line(f), lookup_line(f)]  # fmt: skip
+    lines += [
+        "",
+        "Proxy CPU per GB cloned through C (the large repository, git over each SSH "
+        "client family with its defaults; cipher from kilnproxy's access line):",
+        "",
+    ]
+    lines += [*client_table(f["clients"]), ""]
     return "\n".join(lines)
+
+
+def syscalls_line(f: dict[str, Any]) -> str:
+    """The kilnproxy worker's write and read syscalls per MB of the raw relay, and per 32 KiB
+    (one full channel data packet): bench/measure.py io_calls."""
+    writes, reads, packets = f["writes_per_mb"], f["reads_per_mb"], 1e6 / 32768
+    each = [
+        f"{p} {writes[p]:.1f} writes, {reads[p]:.1f} reads ({writes[p] / packets:.2f} and "
+        f"{reads[p] / packets:.2f} per 32 KiB packet)"
+        for p in "BC"
+    ]
+    return (
+        "Worker syscalls per MB of the raw relay (its own threads' write/writev and read/readv, "
+        "from /proc; not the local backend's git, nor send, recv or getrandom): "
+        + "; ".join(each)
+        + "."
+    )
 
 
 def lookup_line(f: dict[str, Any]) -> str:
@@ -401,7 +438,10 @@ def plot(f: dict[str, Any], target: Path) -> None:
     cpu = f["proxy_cpu_seconds_per_gb"]
     axes[5].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
     axes[5].set_title("proxy CPU s per GB relayed")
-    fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand")
+    m = f["machine"]
+    fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand\n"
+                 f"{m['cpu_model']}: raw relay A {m['raw_relay_a_mb_per_s']:.0f} MB/s, send+recv "
+                 f"pair {m['send_recv_pair_us_64b']:.2f} us (64 B)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(target, dpi=100)
 
