@@ -183,6 +183,8 @@ class AgentStream:
         self._repo = repo
         self._window = window
         self._credit = 0  # stdin bytes the agent will take
+        self._held = bytearray()  # stdin past the credit, sent as credit comes
+        self._eof = False  # the client's EOF, sent after what is held
         self._input_paused = False  # the relay was told to stop reading the client
         self._output_paused = False
         self._owed = 0  # output bytes passed on, not yet granted back
@@ -203,7 +205,7 @@ class AgentStream:
             self._credit += each.count()
             if not self.started.done():
                 self.started.set_result(None)
-            self.update_input()
+            self._send_input()
         elif each.kind is Kind.EXIT:
             status = each.count()
             self._end()
@@ -231,7 +233,7 @@ class AgentStream:
         """Pause or resume the client as the credit and the connection's buffer allow."""
         if self.sink is None:
             return
-        wanted = self._credit <= 0 or self.conn.write_paused
+        wanted = self._credit <= 0 or bool(self._held) or self.conn.write_paused
         if wanted and not self._input_paused:
             self._input_paused = True
             self.sink.backend_pause_input()
@@ -251,13 +253,27 @@ class AgentStream:
     def write(self, data: bytes) -> None:
         if self._link is None:
             return
-        self.conn.send(data_frames(Kind.STDIN, self.channel, data))
-        self._credit -= len(data)
-        self.update_input()
+        self._held += data  # only past the credit: the relay is paused meanwhile
+        self._send_input()
 
     def write_eof(self) -> None:
-        if self._link is not None:
+        self._eof = True
+        self._send_input()
+
+    def _send_input(self) -> None:
+        """Send what the credit allows, hold the rest: the agent never gets more than it
+        granted. What the relay writes after it was paused is bounded by its SSH window."""
+        if self._link is None:
+            return
+        if self._held and self._credit > 0:
+            piece = bytes(self._held[: self._credit])
+            del self._held[: len(piece)]
+            self.conn.send(data_frames(Kind.STDIN, self.channel, piece))
+            self._credit -= len(piece)
+        if self._eof and not self._held:
+            self._eof = False
             self.conn.send(frame(Kind.STDIN_EOF, self.channel))
+        self.update_input()
 
     def pause_output(self) -> None:
         self._output_paused = True

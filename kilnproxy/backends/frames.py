@@ -7,9 +7,11 @@ One TLS connection carries many sessions, each on its own channel (a number the 
 A frame is a 9-byte header (kind, channel, payload length) and at most MAX_PAYLOAD bytes.
 Flow control is per channel and per direction, in credits: a side may send only as many STDIN
 (proxy) or STDOUT+STDERR (agent) bytes as the other side has granted with CREDIT frames, and
-grants more only once it has passed the bytes on. So a client that stops reading stops the
-agent's command (its stdout pipe is no longer read), and neither side holds more than one
-window per channel. Rule: nothing here may block, read a socket, or know a process.
+grants more only once it has passed the bytes on. The proxy never sends past its credit (it
+holds the rest of a write, and stops reading its client); the agent may go past its credit by
+what it read from the command's pipe at once, and then stops reading it. So a client that stops
+reading stops the agent's command, and neither side holds much more than one window per
+channel. Rule: nothing here may block, read a socket, or know a process.
 """
 
 from __future__ import annotations
