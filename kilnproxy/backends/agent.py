@@ -89,7 +89,8 @@ class AgentConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if not self.pong.done():
-            self.pong.set_exception(ConnectionError(str(exc or "closed by the agent")))
+            why = exc or "closed before it answered (does it trust our certificate?)"
+            self.pong.set_exception(ConnectionError(str(why)))
             self.pong.exception()  # retrieved: a dial that gave up does not leave it unread
         self.link.lost(exc)
         streams, self.streams = self.streams, {}
