@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 from pathlib import Path
 from typing import cast
@@ -48,6 +49,13 @@ class _Handshake(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp = cast(asyncio.Transport, transport)
+        # A proxy host that vanishes without a word must not leave its commands waiting for
+        # credit forever: the kernel asks after a silent minute, and gives up 30 s later.
+        sock = tcp.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         # The ClientHello is for start_tls, not for us. (asyncio starts reading after this
         # call; uvloop 0.23 starts before it, and the hello is lost: the agent runs on asyncio.)
         tcp.pause_reading()

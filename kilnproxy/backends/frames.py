@@ -126,32 +126,48 @@ def count_frame(kind: Kind, channel: int, value: int) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, whole frames out: what a connection's data_received feeds."""
+    """Bytes in, whole frames out: what a connection's data_received feeds.
+
+    Every payload is copied once, out of what it arrived in: this is the proxy's per-byte work
+    on the agent leg, so it reads straight from `data` when nothing is left over from before.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        buffer = self._buffer
-        buffer += data
-        frames: list[Frame] = []
-        start, size = 0, len(buffer)
-        while size - start >= HEADER.size:
-            kind, channel, length = HEADER.unpack_from(buffer, start)
-            if length > MAX_PAYLOAD:
-                raise FrameError(f"a frame of {length} bytes (at most {MAX_PAYLOAD})")
-            end = start + HEADER.size + length
-            if end > size:
-                break
-            try:
-                known = Kind(kind)
-            except ValueError:
-                raise FrameError(f"unknown frame kind {kind}") from None
-            frames.append(Frame(known, channel, bytes(buffer[start + HEADER.size : end])))
-            start = end
-        del buffer[:start]
+        if self._buffer:
+            self._buffer += data
+            with memoryview(self._buffer) as view:
+                frames, used = _parse(view)
+            del self._buffer[:used]
+            return frames
+        with memoryview(data) as view:
+            frames, used = _parse(view)
+        if used < len(data):
+            self._buffer += data[used:]
         return frames
 
     def pending(self) -> int:
         """Bytes of an incomplete frame held (at most one header and MAX_PAYLOAD)."""
         return len(self._buffer)
+
+
+def _parse(view: memoryview) -> tuple[list[Frame], int]:
+    """The whole frames at the start of `view`, and how many bytes they took."""
+    frames: list[Frame] = []
+    start, size = 0, len(view)
+    while size - start >= HEADER.size:
+        kind, channel, length = HEADER.unpack_from(view, start)
+        if length > MAX_PAYLOAD:
+            raise FrameError(f"a frame of {length} bytes (at most {MAX_PAYLOAD})")
+        end = start + HEADER.size + length
+        if end > size:
+            break
+        try:
+            known = Kind(kind)
+        except ValueError:
+            raise FrameError(f"unknown frame kind {kind}") from None
+        frames.append(Frame(known, channel, view[start + HEADER.size : end].tobytes()))
+        start = end
+    return frames, start
