@@ -8,12 +8,14 @@ for it, and stdin credit is granted back only once the command's stdin pipe took
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Protocol
 
 from kilnproxy.agent.paths import Refused, confine
 from kilnproxy.backends.frames import (
+    MAX_PAYLOAD,
     FrameError,
     Kind,
     OpenRequest,
@@ -27,6 +29,12 @@ from kilnproxy.logs import SessionLog
 from kilnproxy.policy.commands import Verb
 
 log = logging.getLogger("kilnproxy.agent")
+# git writes its pack in pieces of 8 to 64 KiB, and the agent reads them as they come: sent as
+# they are, the proxy pays its per-frame work every 20 KiB or so. Output that follows other
+# output within GATHER seconds is gathered into frames of up to MAX_PAYLOAD; output after a
+# silence goes at once, so a reply in a conversation (a negotiation, hg's commands) waits for
+# nothing.
+GATHER = 0.001
 
 
 class Wire(Protocol):
@@ -55,6 +63,9 @@ class Channel:
         self._input_room = window  # stdin the proxy may still send
         self._input_owed = 0  # stdin passed to the pipe, not yet granted back
         self._input_held = False  # the stdin pipe is full
+        self._gathered: list[bytes] = []  # stdout held for one frame
+        self._gathered_size = 0
+        self._gather_timer: asyncio.TimerHandle | None = None
 
     async def start(self, base: Path, hook_rc: Path) -> None:
         """Check the request and start its command; REFUSED to the proxy if it may not run."""
@@ -102,6 +113,8 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        self._stop_gathering()
+        self._gathered.clear()
         self.wire.forget(self.number)
         if self.stream is not None:
             self.log.info("aborting %s (repo %s): %s", self.request.verb, self.request.repo, why)
@@ -134,10 +147,40 @@ class Channel:
         self._output(Kind.STDERR, data)
 
     def _output(self, kind: Kind, data: bytes) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        self._output_credit -= len(data)
+        if kind is Kind.STDERR or self._gather_timer is None:
+            self._flush()  # what came before goes first
             self.wire.send(data_frames(kind, self.number, data))
-            self._output_credit -= len(data)
-            self.update_output()
+            if kind is Kind.STDOUT:  # more may follow: gather it for a moment
+                loop = asyncio.get_running_loop()
+                self._gather_timer = loop.call_later(GATHER, self._gathered_enough)
+        else:
+            self._gathered.append(data)
+            self._gathered_size += len(data)
+            if self._gathered_size >= MAX_PAYLOAD:
+                self._flush()
+        self.update_output()
+
+    def _gathered_enough(self) -> None:
+        self._gather_timer = None
+        if self._gathered and not self.closed:
+            self._flush()
+            loop = asyncio.get_running_loop()  # still streaming: keep gathering
+            self._gather_timer = loop.call_later(GATHER, self._gathered_enough)
+
+    def _flush(self) -> None:
+        if self._gathered:
+            data = b"".join(self._gathered)
+            self._gathered.clear()
+            self._gathered_size = 0
+            self.wire.send(data_frames(Kind.STDOUT, self.number, data))
+
+    def _stop_gathering(self) -> None:
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+            self._gather_timer = None
 
     def backend_pause_input(self) -> None:
         self._input_held = True
@@ -148,7 +191,9 @@ class Channel:
 
     def backend_finished(self, exit_status: int) -> None:
         self.log.info("exit=%d %s (repo %s)", exit_status, self.request.verb, self.request.repo)
+        self._stop_gathering()
         if not self.closed:
+            self._flush()  # every byte of output before the status
             self.closed = True
             self.wire.send(count_frame(Kind.EXIT, self.number, exit_status))
             self.wire.forget(self.number)
