@@ -110,7 +110,7 @@ async def dial(port: int, context: ssl.SSLContext) -> AgentConnection:
         lambda: AgentConnection(link, 60), "127.0.0.1", port, ssl=context,
         server_hostname="127.0.0.1",
     )  # fmt: skip
-    await conn.pong
+    await conn.answered
     return conn
 
 
@@ -187,10 +187,10 @@ async def measure_channels(
         await sink.done
         link = made._by_key[("agent", url)].pool.links[0]  # type: ignore[attr-defined]
         conn: AgentConnection = link.conn
-        conn.pong = asyncio.get_running_loop().create_future()
+        conn.answered = asyncio.get_running_loop().create_future()
         wall, cpu = clocks()
         conn.send(frame(Kind.PING, CONTROL))
-        await conn.pong
+        await conn.answered
         pings.append(time.perf_counter() - wall)
         ping_cpus.append(time.process_time() - cpu)
     await made.close()

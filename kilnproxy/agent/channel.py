@@ -106,7 +106,7 @@ class Channel:
 
     def credit(self, count: int) -> None:
         self._output_credit += count
-        self.update_output()
+        self.update_flow()
 
     def close(self, why: str) -> None:
         """The proxy closed the channel, or lost the connection: the command is aborted."""
@@ -120,7 +120,7 @@ class Channel:
             self.log.info("aborting %s (repo %s): %s", self.request.verb, self.request.repo, why)
             self.stream.abort()
 
-    def update_output(self) -> None:
+    def update_flow(self) -> None:
         """Read the command's output while the proxy has room for it and our socket takes it."""
         if self.stream is None or self.closed:
             return
@@ -161,7 +161,7 @@ class Channel:
             self._gathered_size += len(data)
             if self._gathered_size >= MAX_PAYLOAD:
                 self._flush()
-        self.update_output()
+        self.update_flow()
 
     def _gathered_enough(self) -> None:
         self._gather_timer = None

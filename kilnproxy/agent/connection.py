@@ -9,18 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 from kilnproxy.agent.channel import Channel
-from kilnproxy.backends.frames import (
-    CONTROL,
-    Frame,
-    FrameError,
-    FrameReader,
-    Kind,
-    OpenRequest,
-    frame,
-)
+from kilnproxy.backends.frames import Frame, FrameError, Kind, OpenRequest, frame
+from kilnproxy.backends.wire import FrameConnection
 
 log = logging.getLogger("kilnproxy.agent")
 
@@ -38,37 +31,20 @@ class Host(Protocol):
     def gone(self, conn: ProxyConnection) -> None: ...
 
 
-class ProxyConnection(asyncio.Protocol):
+class ProxyConnection(FrameConnection[Channel]):
     def __init__(self, host: Host, peer: str) -> None:
+        super().__init__()
         self.host = host
         self.peer = peer
-        self.transport: asyncio.Transport | None = None
-        self.channels: dict[int, Channel] = {}
-        self.write_paused = False
-        self._reader = FrameReader()
-        # What was sent before start_tls handed us the transport (the proxy's first PING may
-        # come with the end of the handshake).
-        self._early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        cert = self.transport.get_extra_info("peercert") or {}
+        cert = transport.get_extra_info("peercert") or {}
         subject = dict(pair[0] for pair in cert.get("subject", ()))
         log.info("proxy %s connected (certificate %s)", self.peer, subject.get("commonName", "?"))
-        early, self._early = self._early, []
-        for data in early:
-            self.send(data)
+        super().connection_made(transport)  # what was sent before start_tls handed it over
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            for each in self._reader.feed(data):
-                self._dispatch(each)
-        except FrameError as exc:
-            log.warning("proxy %s: protocol error, closing: %s", self.peer, exc)
-            self.abort()
-
-    def eof_received(self) -> bool | None:
-        return False
+    def protocol_error(self, error: FrameError) -> None:
+        log.warning("proxy %s: protocol error, closing: %s", self.peer, error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         channels, self.channels = self.channels, {}
@@ -77,23 +53,7 @@ class ProxyConnection(asyncio.Protocol):
         log.info("proxy %s disconnected", self.peer)
         self.host.gone(self)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        for channel in list(self.channels.values()):
-            channel.update_output()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        for channel in list(self.channels.values()):
-            channel.update_output()
-
-    def _dispatch(self, each: Frame) -> None:
-        if each.channel == CONTROL:
-            if each.kind is Kind.PING:
-                self.send(frame(Kind.PONG, CONTROL))
-            elif each.kind is not Kind.PONG:
-                raise FrameError(f"{each.kind.name} on the control channel")
-            return
+    def channel_frame(self, each: Frame) -> None:
         if each.kind is Kind.OPEN:
             self._open(each)
             return
@@ -124,21 +84,7 @@ class ProxyConnection(asyncio.Protocol):
         self.channels[each.channel] = channel
         self.host.start(channel)
 
-    def send(self, data: bytes) -> None:
-        if self.transport is None:
-            self._early.append(data)
-        elif not self.transport.is_closing():
-            self.transport.write(data)
-
     def forget(self, channel: int) -> None:
         self.channels.pop(channel, None)
         if self.host.draining and not self.channels:
             self.close()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()

@@ -15,14 +15,12 @@ import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
 from kilnproxy.backends.frames import (
     CONTROL,
     Frame,
     FrameError,
-    FrameReader,
     Kind,
     OpenRequest,
     count_frame,
@@ -30,6 +28,7 @@ from kilnproxy.backends.frames import (
     frame,
 )
 from kilnproxy.backends.pool import DialFailed, Link, Pool
+from kilnproxy.backends.wire import FrameConnection
 from kilnproxy.errors import BackendError
 
 log = logging.getLogger("kilnproxy.backend")
@@ -48,17 +47,14 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-class AgentConnection(asyncio.Protocol):
+class AgentConnection(FrameConnection["AgentStream"]):
     """One TLS connection to an agent; its sessions are channels."""
 
     def __init__(self, link: Link[AgentConnection], keepalive: float) -> None:
+        super().__init__()
         self.link = link
         self.keepalive = keepalive
-        self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, AgentStream] = {}
-        self.write_paused = False
-        self.pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reader = FrameReader()
+        self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next_channel = 1
         self._heard = True  # anything received since the last keepalive tick
         self._missed = 0
@@ -67,62 +63,38 @@ class AgentConnection(asyncio.Protocol):
     # -- asyncio callbacks -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
         self.send(frame(Kind.PING, CONTROL))  # its PONG proves the agent accepted our cert
         self._timer = asyncio.get_running_loop().call_later(self.keepalive, self._tick)
 
     def data_received(self, data: bytes) -> None:
         self._heard = True
-        try:
-            frames = self._reader.feed(data)
-            for each in frames:
-                self._dispatch(each)
-        except FrameError as exc:
-            log.warning("backend %s: protocol error: %s", self.link.pool.name, exc)
-            self._abort()
+        super().data_received(data)
 
-    def eof_received(self) -> bool | None:
-        return False  # the agent hung up: close, connection_lost follows
+    def protocol_error(self, error: FrameError) -> None:
+        log.warning("backend %s: protocol error: %s", self.link.pool.name, error)
+
+    def pong(self) -> None:
+        if not self.answered.done():
+            self.answered.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.pong.done():
+        if not self.answered.done():
             why = exc or "closed before it answered (does it trust our certificate?)"
-            self.pong.set_exception(ConnectionError(str(why)))
-            self.pong.exception()  # retrieved: a dial that gave up does not leave it unread
+            self.answered.set_exception(ConnectionError(str(why)))
+            self.answered.exception()  # retrieved: a dial that gave up does not leave it unread
         self.link.lost(exc)
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream.lost(f"connection lost ({exc or 'closed'})")
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        for stream in list(self.streams.values()):
-            stream.update_input()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        for stream in list(self.streams.values()):
-            stream.update_input()
+        self._lose_streams(f"connection lost ({exc or 'closed'})")
 
     # -- frames ----------------------------------------------------------------------------------
 
-    def _dispatch(self, each: Frame) -> None:
-        if each.channel == CONTROL:
-            if each.kind is Kind.PING:
-                self.send(frame(Kind.PONG, CONTROL))
-            elif each.kind is Kind.PONG:
-                if not self.pong.done():
-                    self.pong.set_result(None)
-            else:
-                raise FrameError(f"{each.kind.name} on the control channel")
-            return
-        stream = self.streams.get(each.channel)
-        if stream is None:
-            return  # a channel we closed: its last frames were in flight
-        stream.received(each)
+    def channel_frame(self, each: Frame) -> None:
+        stream = self.channels.get(each.channel)
+        if stream is not None:  # else a channel we closed: its last frames were in flight
+            stream.received(each)
 
     def _tick(self) -> None:
         """Every `keepalive`: a silent connection is asked; KEEPALIVE_COUNT silences end it."""
@@ -132,36 +104,26 @@ class AgentConnection(asyncio.Protocol):
             self._missed += 1
             if self._missed >= KEEPALIVE_COUNT:
                 log.warning("backend %s: keepalive timed out", self.link.pool.name)
-                self._abort(TimeoutError("keepalive timed out"))
+                self.abort()
+                # uvloop reports an abort as a plain close: say why to the sessions ourselves.
+                self._lose_streams("connection lost (keepalive timed out)")
                 return
             self.send(frame(Kind.PING, CONTROL))
         self._timer = asyncio.get_running_loop().call_later(self.keepalive, self._tick)
 
-    def _abort(self, reason: Exception | None = None) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
-        if reason is not None:
-            # uvloop reports an abort as a plain close: say why to the sessions ourselves.
-            streams, self.streams = self.streams, {}
-            for stream in streams.values():
-                stream.lost(f"connection lost ({reason})")
-
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def _lose_streams(self, detail: str) -> None:
+        streams, self.channels = self.channels, {}
+        for stream in streams.values():
+            stream.lost(detail)
 
     def open_channel(self, stream: AgentStream) -> int:
         channel = self._next_channel
         self._next_channel += 1
-        self.streams[channel] = stream
+        self.channels[channel] = stream
         return channel
 
     def forget(self, channel: int) -> None:
-        self.streams.pop(channel, None)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.channels.pop(channel, None)
 
 
 AgentPool = Pool[AgentConnection]
@@ -230,7 +192,7 @@ class AgentStream:
         if sink is not None:
             sink.backend_lost(error)
 
-    def update_input(self) -> None:
+    def update_flow(self) -> None:
         """Pause or resume the client as the credit and the connection's buffer allow."""
         if self.sink is None:
             return
@@ -274,7 +236,7 @@ class AgentStream:
         if self._eof and not self._held:
             self._eof = False
             self.conn.send(frame(Kind.STDIN_EOF, self.channel))
-        self.update_input()
+        self.update_flow()
 
     def pause_output(self) -> None:
         self._output_paused = True
@@ -322,7 +284,7 @@ def agent_pool(
             ssl_handshake_timeout=dial_timeout,
         )
         try:
-            await conn.pong  # the agent accepted our certificate (TLS 1.3 says so only now)
+            await conn.answered  # the agent accepted our certificate (TLS 1.3 says so only now)
         except ConnectionError as exc:
             raise DialFailed(f"refused by the agent: {exc}") from None
         return conn
