@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from harness import KILNPROXY, free_port
+from harness import KILNPROXY, free_port, wait_for_line
 
 from kilnproxy.cli.pki import init_ca, issue
 
@@ -132,11 +132,4 @@ class Agent:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_for_log(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log(), re.M)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no agent log line matches {pattern!r}:\n{self.log()}")
-            time.sleep(0.05)
+        return wait_for_line(self.log, pattern, timeout)
