@@ -6,6 +6,7 @@ storage's faults (killed, stopped) in test_faults.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -20,6 +21,8 @@ from agent import Agent, Pki
 from conftest import World, make_world
 from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run, seed_git
 from midway import release
+
+from kilnproxy.backends.frames import Frame, FrameReader, Kind, OpenRequest, frame
 
 UNAVAILABLE = (
     r"kilnproxy: storage for {} is unavailable, try again later \(session [0-9a-f]{{8}}\)\n"
@@ -177,3 +180,38 @@ def test_sigterm_drains(site: Site) -> None:
     agent.wait_for_log(r"drain timeout: cutting 1 command\(s\)")
     assert held.wait(10) != 0
     assert re.fullmatch(UNAVAILABLE.format("aviato/on-draining"), release(held).decode())
+
+
+def speak(site: Site, agent: Agent, *frames: bytes) -> list[Frame]:
+    """A proxy's certificate, and frames written by hand: what the agent answers, until it
+    closes the connection or falls silent for a second."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(site.pki.ca)
+    context.load_cert_chain(*site.pki.issue("proxy", "proxy"))
+    reader, answers = FrameReader(), []
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), 5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"".join(frames))
+        tls.settimeout(1)
+        with contextlib.suppress(TimeoutError, ssl.SSLError, ConnectionError):
+            while data := tls.recv(65536):
+                answers += reader.feed(data)
+    return answers
+
+
+def test_only_the_local_backends_commands_run(site: Site) -> None:
+    """The agent trusts a proxy's certificate, not its requests: a command that is not git's or
+    hg's is refused, and a broken frame closes the connection."""
+    agent = site.agent("strict")
+    path = str(site.repo(agent, "strict", "aviato/on-strict"))
+    env = {"KILNPROXY_SESSION": "5ca1ab1e"}
+    shell = OpenRequest("5ca1ab1e", "aviato/on-strict", "sh", path, env, 65536)
+    answers = speak(site, agent, shell.encode(1))
+    assert [(a.kind, a.channel) for a in answers] == [(Kind.REFUSED, 1)]
+    assert answers[0].payload == b"command 'sh' is not one the agent runs"
+    agent.wait_for_log(r"\[5ca1ab1e\] refused sh .* command 'sh' is not one the agent runs")
+    assert speak(site, agent, frame(Kind.OPEN, 1, b"{not json")) == []
+    agent.wait_for_log(r"proxy 127\.0\.0\.1:\d+: protocol error, closing: OPEN is not JSON")
+    assert "started" not in agent.log()
