@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,3 +215,21 @@ def test_only_the_local_backends_commands_run(site: Site) -> None:
     assert speak(site, agent, frame(Kind.OPEN, 1, b"{not json")) == []
     agent.wait_for_log(r"proxy 127\.0\.0\.1:\d+: protocol error, closing: OPEN is not JSON")
     assert "started" not in agent.log()
+
+
+def test_a_proxy_without_its_certificate_says_so(new_world: Callable[..., World]) -> None:
+    """[backend_agent] naming files that are not there: every dial says which, in the log;
+    the client gets the one line, and the worker goes on serving."""
+    missing = {"ca": "/nonexistent/ca.pem", "cert": "/nonexistent/c.pem", "key": "/nonexistent/k"}
+    w = new_world({"timeouts": {"dial": "2s"}, "backend_agent": missing})
+    config = ["--config", str(w.kiln.config_path)]
+    run([*KILNPROXY, "backends", "add", "nowhere", "agent://127.0.0.1:9/srv", *config],
+        env=w.kiln.server_env())  # fmt: skip
+    run([*KILNPROXY, "repos", "add", "aviato/far", "--vcs", "git", "--backend", "nowhere",
+         *config], env=w.kiln.server_env())  # fmt: skip
+    done = w.kiln.ssh(w.alice, "git-upload-pack 'aviato/far'")
+    assert_unavailable(done, "aviato/far")
+    w.kiln.wait_for_log(r"backend nowhere: cannot connect to 127\.0\.0\.1:9: cannot load "
+                        r"\[backend_agent\] ca, cert or key")  # fmt: skip
+    assert w.kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000").returncode == 0
+    w.kiln.stop()
