@@ -515,6 +515,61 @@ class BackendSshSettings:
 
 
 @dataclass(frozen=True)
+class BackendAgentSettings:
+    """The proxy's side of agent:// backends (`kilnproxy agent` on the storage servers)."""
+
+    ca: Path = setting(
+        path, "agent_ca.pem", "CA certificate(s) the agents' certificates must be signed by."
+    )
+    cert: Path = setting(
+        path, "proxy_cert.pem", "The proxy's client certificate, shown to every agent."
+    )
+    key: Path = setting(path, "proxy_key.pem", "The private key of the proxy's certificate.")
+    max_sessions_per_connection: int = setting(
+        positive_int, 16, "Sessions multiplexed on one pooled agent connection."
+    )
+    pool_idle: float = setting(
+        duration, "60s", "How long an idle pooled agent connection stays open."
+    )
+    keepalive: float = setting(
+        duration,
+        "15s",
+        "How often a silent agent connection is pinged; three unanswered pings close it, and "
+        "its sessions are told the storage is unavailable.",
+    )
+    window: int = setting(
+        window_size,
+        "1MiB",
+        "Per session, how much output an agent may send ahead of us (flow control).",
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """`kilnproxy agent`, the storage agent: what it serves, to whom."""
+
+    listen: tuple[Address, ...] = setting(
+        addresses, ["127.0.0.1:9422"], "Addresses the agent accepts TLS on."
+    )
+    base: Path = setting(
+        path,
+        "repos",
+        "The only directory whose repositories the agent serves (symlinks that "
+        "lead out of it are refused).",
+    )
+    ca: Path = setting(
+        path, "proxy_ca.pem", "CA certificate(s) that sign the proxies' client certificates."
+    )
+    cert: Path = setting(path, "agent_cert.pem", "The agent's server certificate.")
+    key: Path = setting(path, "agent_key.pem", "The private key of the agent's certificate.")
+    window: int = setting(
+        window_size,
+        "1MiB",
+        "Per session, how much input a proxy may send ahead of the command (flow control).",
+    )
+
+
+@dataclass(frozen=True)
 class StatusSettings:
     http: Address = setting(address, "127.0.0.1:8022", "Intranet HTTP status page.")
     socket: Path = setting(path, "kilnproxy.sock", "Unix status socket for the CLI (mode 0600).")
@@ -541,6 +596,8 @@ class Config:
     timeouts: TimeoutSettings
     directory: DirectorySettings
     backend_ssh: BackendSshSettings
+    backend_agent: BackendAgentSettings
+    agent: AgentSettings
     status: StatusSettings
     log: LogSettings
 
@@ -561,6 +618,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "timeouts": TimeoutSettings,
     "directory": DirectorySettings,
     "backend_ssh": BackendSshSettings,
+    "backend_agent": BackendAgentSettings,
+    "agent": AgentSettings,
     "status": StatusSettings,
     "log": LogSettings,
 }

@@ -81,6 +81,18 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
     return time.monotonic() - started
 
 
+def wait_for_line(read: Callable[[], str], pattern: str, timeout: float) -> re.Match[str]:
+    """Wait until a line of what `read` returns (a log) matches `pattern`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        match = re.search(pattern, read(), re.M)
+        if match:
+            return match
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line matches {pattern!r}:\n{read()[-3000:]}")
+        time.sleep(0.05)
+
+
 def gone(pid: int) -> Callable[[], bool]:
     """Whether the process has exited (a zombie that nobody reaped yet counts as exited)."""
 
@@ -233,14 +245,7 @@ class Kiln:
 
     def wait_for_log(self, pattern: str, timeout: float = 10) -> re.Match[str]:
         """Wait until a log line matches `pattern` (lines are written as sessions end)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log(), re.M)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
+        return wait_for_line(self.log, pattern, timeout)
 
     def status(self) -> dict[str, Any]:
         return request(self.home / "kilnproxy.sock", "status")

@@ -48,18 +48,18 @@ READ_ONLY_HOOK = (
 _HG_DEFAULT_RC = ("/etc/mercurial/hgrc", "/etc/mercurial/hgrc.d", "~/.hgrc", "~/.config/hg/hgrc")
 
 
-def command_argv(request: BackendRequest) -> list[str]:
-    path = request.route.path
-    if request.verb is Verb.HG_SERVE:
+def command_argv(verb: Verb, path: str) -> list[str]:
+    if verb is Verb.HG_SERVE:
         return ["hg", "-R", path, "serve", "--stdio"]
     # `git upload-pack`, not `git-upload-pack`: git finds its own helpers, PATH may not have them.
-    return ["git", request.verb.value.removeprefix("git-"), path]
+    return ["git", verb.value.removeprefix("git-"), path]
 
 
-def command_env(request: BackendRequest, hook_rc: Path) -> dict[str, str]:
+def command_env(verb: Verb, variables: dict[str, str], hook_rc: Path) -> dict[str, str]:
+    """The process environment: a few of ours, then the session's `variables` (SPEC 5)."""
     env = {name: os.environ[name] for name in _INHERITED if name in os.environ}
-    env.update(request.environment())
-    if request.verb is Verb.HG_SERVE:
+    env.update(variables)
+    if verb is Verb.HG_SERVE:
         inherited = os.environ.get("HGRCPATH")
         if inherited is not None:
             rc_path = inherited.split(os.pathsep)
@@ -186,31 +186,40 @@ def signal_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)
 
 
+async def start_command(
+    verb: Verb, path: Path, variables: dict[str, str], hook_rc: Path, repo: str, sink: BackendSink
+) -> LocalStream:
+    """Run one repository command in `path`, its output to `sink` (the storage agent's too)."""
+    # One stat on the repository disk: cheap enough to do inline.
+    if not path.is_dir():  # noqa: ASYNC240
+        raise BackendError(repo, f"repository path {path} does not exist")
+    loop = asyncio.get_running_loop()
+    try:
+        _, process = await loop.subprocess_exec(
+            lambda: _Process(sink),
+            *command_argv(verb, str(path)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=command_env(verb, variables, hook_rc),
+            cwd=path,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise BackendError(repo, f"cannot start backend command: {exc}") from exc
+    return LocalStream(process)
+
+
 class LocalBackend:
     def __init__(self, name: str, state_dir: Path) -> None:
         self.name = name
         self.hook_rc = write_hook_rc(state_dir)
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
-        path = Path(request.route.path)
-        # One stat on the repository disk: cheap enough to do inline.
-        if not path.is_dir():  # noqa: ASYNC240
-            raise BackendError(request.route.repo, f"repository path {path} does not exist")
-        loop = asyncio.get_running_loop()
-        try:
-            _, process = await loop.subprocess_exec(
-                lambda: _Process(sink),
-                *command_argv(request),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=command_env(request, self.hook_rc),
-                cwd=path,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise BackendError(request.route.repo, f"cannot start backend command: {exc}") from exc
-        return LocalStream(process)
+        path, repo = Path(request.route.path), request.route.repo
+        return await start_command(
+            request.verb, path, request.environment(), self.hook_rc, repo, sink
+        )
 
     async def close(self) -> None:
         return None

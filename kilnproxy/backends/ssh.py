@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import asyncssh
 
@@ -19,9 +22,18 @@ from kilnproxy.backends.base import (
     BackendStream,
     StdinBackPressure,
 )
-from kilnproxy.backends.pool import Link, Pool
+from kilnproxy.backends.pool import DialFailed, Link, Pool
 from kilnproxy.errors import BackendError
 from kilnproxy.policy.commands import Verb
+
+# The backend leg is ours on both ends: AES-GCM is the cheapest AEAD in this stack.
+BACKEND_CIPHERS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+]
+BACKEND_KEX = ["curve25519-sha256", "curve25519-sha256@libssh.org", "diffie-hellman-group16-sha512"]
+KEEPALIVE_COUNT = 3  # unanswered keepalives before a connection is given up
 
 # A storage sshd reads at most 32 KiB from git per turn and sends what it has at once: with a
 # window that is never short, it sends git's 8 KiB writes as 8 KiB packets, and each packet costs
@@ -29,6 +41,68 @@ from kilnproxy.policy.commands import Verb
 # fuller packets, up to this size, without holding a transfer back on a datacenter network.
 MAX_PACKET = 256 * 1024
 _SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ABRT": 6, "KILL": 9, "SEGV": 11, "PIPE": 13, "TERM": 15}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to reach one storage server's sshd."""
+
+    name: str
+    host: str
+    port: int
+    user: str
+    key: Path
+    known_hosts: Path
+    keepalive: float = 15.0
+
+
+SshPool = Pool[asyncssh.SSHClientConnection]
+SshLink = Link[asyncssh.SSHClientConnection]
+
+
+class _Client(asyncssh.SSHClient):
+    """Tells the pool when its connection is gone."""
+
+    def __init__(self, link: SshLink) -> None:
+        self.link = link
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.lost(exc)
+
+
+def ssh_pool(
+    target: Target,
+    max_sessions: int,
+    idle: float,
+    dial_timeout: float,
+    on_dial: Callable[[float], None] | None = None,
+) -> SshPool:
+    async def connect(link: SshLink) -> asyncssh.SSHClientConnection:
+        try:
+            conn, _ = await asyncssh.create_connection(
+                lambda: _Client(link),
+                target.host,
+                target.port,
+                username=target.user,
+                client_keys=[str(target.key)],
+                known_hosts=str(target.known_hosts),
+                connect_timeout=dial_timeout,
+                keepalive_interval=target.keepalive,
+                keepalive_count_max=KEEPALIVE_COUNT,
+                encryption_algs=BACKEND_CIPHERS,
+                kex_algs=BACKEND_KEX,
+                compression_algs=["none"],
+                agent_path=None,
+                config=None,
+                preferred_auth=["publickey"],
+            )
+        except asyncssh.Error as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise DialFailed(detail) from None
+        return conn
+
+    address = (target.host, target.port)
+    return Pool(target.name, address, connect, max_sessions, idle, dial_timeout, on_dial)
 
 
 def remote_command(request: BackendRequest) -> str:
@@ -41,10 +115,10 @@ def remote_command(request: BackendRequest) -> str:
 class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
     """One channel on a pooled connection, relaying to a BackendSink."""
 
-    def __init__(self, sink: BackendSink, pool: Pool, link: Link, repo: str) -> None:
+    def __init__(self, sink: BackendSink, pool: SshPool, link: SshLink, repo: str) -> None:
         self.sink: BackendSink | None = sink
         self._pool = pool
-        self._link: Link | None = link
+        self._link: SshLink | None = link
         self._repo = repo
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._status: int | None = None
@@ -113,7 +187,7 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
 
 
 class SshBackend:
-    def __init__(self, name: str, pool: Pool, window: int) -> None:
+    def __init__(self, name: str, pool: SshPool, window: int) -> None:
         self.name = name
         self.pool = pool
         self.window = window

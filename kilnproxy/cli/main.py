@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from kilnproxy.cli import admin
@@ -111,6 +112,45 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     if made:
         print(f"generated backend key {config.backend_ssh.key}", file=sys.stderr)
     return serve(config, args.config)
+
+
+def _agent(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.agent.server import run as run_agent
+    from kilnproxy.logs import configure
+
+    configure(config.log.format, config.log.level, config.log.file)
+    return run_agent(config)
+
+
+def _pki_init(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.cli.pki import init_ca
+
+    return _print(init_ca(Path(args.dir), args.name))
+
+
+def _pki_issue(args: argparse.Namespace, config: Config) -> int:
+    from kilnproxy.cli.pki import issue
+
+    return _print(issue(Path(args.ca), args.kind, args.name, Path(args.out), args.days))
+
+
+def _add_pki_commands(commands: Any, command: Command) -> None:
+    pki = commands.add_parser("pki", help="certificates for agent:// backends").add_subparsers(
+        dest="sub", required=True
+    )
+    sub = command(pki, "init", _pki_init, "make a CA (DIR/ca.pem, DIR/ca.key)")
+    sub.add_argument("dir", metavar="DIR")
+    sub.add_argument("--name", default="kilnproxy CA", help="the CA's common name")
+    sub = command(pki, "issue", _pki_issue, "issue an agent's or a proxy's certificate")
+    sub.add_argument("out", metavar="OUT", help="writes OUT.pem and OUT.key")
+    sub.add_argument("--ca", required=True, metavar="DIR", help="the CA made by `pki init`")
+    sub.add_argument("--kind", required=True, choices=["agent", "proxy"])
+    sub.add_argument(
+        "--name", required=True, action="append",
+        help="the agent's host name or address as backend URLs write it (repeatable), "
+        "or the proxy's name",
+    )  # fmt: skip
+    sub.add_argument("--days", type=int, default=825, help="validity (default 825)")
 
 
 def _backend_key(args: argparse.Namespace, config: Config) -> int:
@@ -278,6 +318,7 @@ def build_parser() -> OneLineParser:
         return sub
 
     command(commands, "serve", _serve, "run the server in the foreground")
+    command(commands, "agent", _agent, "run the storage agent ([agent]) in the foreground")
     command(commands, "version", _version, "print the version")
     command(commands, "config", _show_config, "list every setting with its default and help")
     command(commands, "demo", _demo, "seed the demo account and repositories (make run)")
@@ -290,6 +331,7 @@ def build_parser() -> OneLineParser:
     command(commands, "kill", _status_request("kill"), "end one session").add_argument("session")
 
     _add_directory_commands(commands, command)
+    _add_pki_commands(commands, command)
     return parser
 
 

@@ -62,7 +62,7 @@ class PublicKey:
 
 @dataclass(frozen=True)
 class BackendUrl:
-    scheme: str  # "local" or "ssh"
+    scheme: str  # "local", "ssh" or "agent"
     base: PurePosixPath
     user: str = ""
     host: str = ""
@@ -84,7 +84,18 @@ def parse_backend_url(url: str) -> BackendUrl:
             raise OperatorError(f"{url!r}: an ssh backend is ssh://USER@HOST:PORT/ABSOLUTE/PATH")
         base = PurePosixPath(parts.path)
         return BackendUrl("ssh", base, parts.username, parts.hostname, port)
-    raise OperatorError(f"{url!r}: a backend URL is local:///PATH or ssh://USER@HOST:PORT/PATH")
+    if parts.scheme == "agent":
+        try:
+            agent_port = parts.port
+        except ValueError:
+            raise OperatorError(f"{url!r}: the port is not a number") from None
+        if not parts.hostname or not agent_port or parts.username or not parts.path.startswith("/"):
+            raise OperatorError(f"{url!r}: an agent backend is agent://HOST:PORT/ABSOLUTE/PATH")
+        return BackendUrl("agent", PurePosixPath(parts.path), "", parts.hostname, agent_port)
+    raise OperatorError(
+        f"{url!r}: a backend URL is local:///PATH, ssh://USER@HOST:PORT/PATH "
+        "or agent://HOST:PORT/PATH"
+    )
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class Worker:
         self.backends = Backends(
             config.home / "state",
             config.backend_ssh,
+            config.backend_agent,
             config.timeouts.dial,
             self.metrics.backend_dial.observe,
         )

@@ -92,6 +92,14 @@ def test_admin_workflow(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> Non
         (["grant", "aviato/u", "aviato/x", "admin"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
         (["serve", "--config", "/nonexistent.toml"], "cannot read config /nonexistent.toml"),
+        (["backends", "add", "b", "agent://h/srv"], "agent://HOST:PORT/ABSOLUTE/PATH"),
+        (["agent"], "[agent] base"),
+        (["agent", "--config", "/nonexistent.toml"], "cannot read config /nonexistent.toml"),
+        (
+            ["pki", "issue", "--ca", "/nonexistent", "--kind", "agent", "--name", "h", "/x/y"],
+            "cannot read the CA in /nonexistent",
+        ),
+        (["pki", "issue", "--ca", "/x", "--kind", "web", "--name", "h", "/x/y"], "invalid choice"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -159,3 +167,27 @@ def test_status_without_server_is_one_line(cli: tuple[Path, dict[str, str]]) -> 
     done = kp(env, "status")
     assert done.returncode == 2
     assert done.stderr.decode().startswith("kilnproxy: error: cannot reach kilnproxy at")
+
+
+def test_pki_makes_a_ca_and_certificates_once(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    _, env = cli
+    pki = tmp_path / "pki"
+    assert kp(env, "pki", "init", str(pki)).returncode == 0
+    issued = kp(env, "pki", "issue", "--ca", str(pki), "--kind", "agent", "--name",
+                "repo1.internal", "--name", "10.0.0.7", str(pki / "repo1"))  # fmt: skip
+    assert issued.stdout.decode().startswith("agent certificate for repo1.internal, 10.0.0.7: ")
+    assert (pki / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (pki / "repo1.key").stat().st_mode & 0o777 == 0o600
+    text = run(["openssl", "x509", "-in", str(pki / "repo1.pem"), "-noout", "-text"]).stdout
+    assert b"DNS:repo1.internal, IP Address:10.0.0.7" in text
+    assert b"TLS Web Server Authentication" in text
+    verified = run(["openssl", "verify", "-CAfile", str(pki / "ca.pem"), str(pki / "repo1.pem")])
+    assert verified.stdout.decode().endswith(": OK\n")
+    again = kp(env, "pki", "init", str(pki))
+    assert again.returncode == 2
+    assert (
+        again.stderr.decode()
+        == f"kilnproxy: error: {pki / 'ca.key'} exists already; not overwriting it\n"
+    )

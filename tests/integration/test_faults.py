@@ -7,7 +7,10 @@ back where they were). A push cut at any point (by its client, its worker or its
 the repository as it was before or after the push, never broken: `git fsck` passes, no ref lock
 or hg journal is left behind, and the next push goes through.
 
-Neighbouring cases live elsewhere: test_ssh_backend (a storage that is down, silent, or shows
+The storage's cases run against both kinds of storage server: a real OpenSSH sshd (ssh://) and a
+real `kilnproxy agent` (agent://, its CA made in the test's directory). Neighbouring cases live
+elsewhere: test_agent (certificates refused both ways, paths outside the agent's base, its
+drain), test_ssh_backend (a storage that is down, silent, or shows
 another host key; its sshd connections killed mid-clone), test_master (a worker SIGKILLed while
 a session waits; the workers of a dead master drain), test_local_backend (a command deaf to
 SIGTERM), test_timeouts (dial and idle timeouts). `pytest -s` prints what each client saw.
@@ -28,6 +31,7 @@ from typing import Any
 
 import psutil
 import pytest
+from agent import Agent, Pki
 from conftest import World, make_world
 from harness import KILNPROXY, Kiln, gone, run, seed_git, ssh_client_of, wait_until
 from midway import Bystander, RawPush, bystanders, stalled_clone
@@ -41,25 +45,41 @@ DRAIN_CUT = r"kilnproxy: server is restarting and the drain timeout expired \(se
 KILNPROXY_LINE = re.compile(r"^kilnproxy: .*$", re.M)
 
 
+# The storage servers: each kind's backend name, and the prefix of its repositories' names.
+BACKEND = {"ssh": "storage", "agent": "agent-storage"}
+PREFIX = {"ssh": "remote", "agent": "agent"}
+STORAGES = ("ssh", "agent")
+
+
 @dataclass
 class Rig:
-    """A server with two workers, a storage sshd, and repositories on both backends."""
+    """A server with two workers, a storage sshd, a storage agent, and repositories on each
+    backend."""
 
     world: World
     storage: Sshd
+    agent: Agent
     paths: dict[str, Path] = field(default_factory=dict)  # each repository's, on its backend
 
     @property
     def kiln(self) -> Kiln:
         return self.world.kiln
 
+    def server(self, kind: str) -> Sshd | Agent:
+        return self.storage if kind == "ssh" else self.agent
+
+    def server_of(self, repo: str) -> Sshd | Agent:
+        return self.agent if repo.startswith("aviato/agent-") else self.storage
+
     def remote_repo(self, repo: str, files: dict[str, bytes]) -> Path:
-        path = self.storage.base / f"{repo}.git"
+        server = self.server_of(repo)
+        path = server.base / f"{repo}.git"
         path.parent.mkdir(parents=True, exist_ok=True)
         run(["git", "init", "-q", "--bare", "--initial-branch=main", str(path)])
-        seed_git(path, self.storage.root / f"seed-{repo.replace('/', '-')}", files)
+        seed_git(path, server.root / f"seed-{repo.replace('/', '-')}", files)
+        backend = BACKEND["agent" if server is self.agent else "ssh"]
         with self.kiln.directory() as directory:
-            add_repo(directory, repo, "git", "storage", None, init=False)
+            add_repo(directory, repo, "git", backend, None, init=False)
         self.paths[repo] = path
         return path
 
@@ -78,26 +98,37 @@ def kiln_cli(kiln: Kiln, *args: str) -> str:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     root = tmp_path_factory.mktemp("faults")
+    pki = Pki(root / "pki")
+    agent_settings = {"pool_idle": "1s", "keepalive": "1s", **pki.proxy_settings()}
     settings: dict[str, dict[str, Any]] = {
         "workers": {"count": 2},
         "timeouts": {"dial": "2s"},
         "backend_ssh": {"pool_idle": "1s", "keepalive": "1s"},
+        "backend_agent": agent_settings,
     }
     w = make_world(root / "kiln", settings)
-    r = Rig(w, Sshd(root / "storage"))
+    r = Rig(w, Sshd(root / "storage"), Agent(root / "agent", pki))
     r.storage.authorize(kiln_cli(w.kiln, "backends", "key").splitlines()[-1])
     r.storage.start()
+    r.agent.start()
     kiln_cli(w.kiln, "backends", "add", "storage", r.storage.url)
     kiln_cli(w.kiln, "backends", "trust", "storage")
+    kiln_cli(w.kiln, "backends", "add", "agent-storage", r.agent.url)
     payload = {"big.bin": os.urandom(SIZE)}  # incompressible: the pack is as large as the file
-    for path in (r.remote_repo("aviato/remote-big", payload), r.local_repo("aviato/big", payload)):
+    for path in (
+        r.remote_repo("aviato/remote-big", payload),
+        r.remote_repo("aviato/agent-big", payload),
+        r.local_repo("aviato/big", payload),
+    ):
         run(["git", "--git-dir", str(path), "repack", "-adq"])
-    r.remote_repo("aviato/remote-small", {"README": b"small\n"})
+    for kind in STORAGES:
+        r.remote_repo(f"aviato/{PREFIX[kind]}-small", {"README": b"small\n"})
+        watch_pushes(r.remote_repo(f"aviato/{PREFIX[kind]}-pushed", {"README": b"pushed\n"}))
     watch_pushes(r.local_repo("aviato/pushed", {"README": b"pushed\n"}))
-    watch_pushes(r.remote_repo("aviato/remote-pushed", {"README": b"pushed\n"}))
     yield r
     w.kiln.stop()
     r.storage.stop()
+    r.agent.stop()
 
 
 # -- what every case checks ----------------------------------------------------------------------
@@ -121,13 +152,13 @@ def quiet(rig: Rig, timeout: float = 15, pools: bool = True) -> dict[int, tuple[
             return False
         if any(psutil.Process(r["pid"]).children() for r in rows):
             return False
-        left = rig.storage.processes()
+        left = rig.storage.processes() + rig.agent.processes()
         return not (left if pools else [p for p in left if p.name() != "sshd"])
 
     try:
         wait_until(settled, timeout, "quiet workers and storage")
     except AssertionError:
-        left = rig.storage.processes()
+        left = rig.storage.processes() + rig.agent.processes()
         raise AssertionError(f"not quiet: {kiln.workers()}, on the storage: {left}") from None
     return {index: (r["tasks"], r["fds"]) for index, r in worker_rows(kiln).items()}
 
@@ -155,29 +186,31 @@ def untouched(held: dict[int, Bystander]) -> None:
         bystander.finish()
 
 
-def test_storage_killed_mid_clone(rig: Rig, tmp_path: Path) -> None:
-    kiln, alice = rig.kiln, rig.world.alice
+@pytest.mark.parametrize("kind", STORAGES)
+def test_storage_killed_mid_clone(rig: Rig, kind: str, tmp_path: Path) -> None:
+    kiln, alice, server = rig.kiln, rig.world.alice, rig.server(kind)
+    big, small = f"aviato/{PREFIX[kind]}-big", f"aviato/{PREFIX[kind]}-small"
     before = quiet(rig)
     try:
         with bystanders(kiln, alice) as held:
-            with stalled_clone(kiln, alice, "aviato/remote-big", tmp_path / "clone") as clone:
-                rig.storage.stop()  # the listener and every process serving a connection
+            with stalled_clone(kiln, alice, big, tmp_path / "clone") as clone:
+                server.stop()  # the listener and every process serving a connection
                 status, stderr = clone.resume()
             # While it is down, a new session is told the same, at once.
             started = time.monotonic()
-            down = kiln.ssh(alice, "git-upload-pack 'aviato/remote-big'")
+            down = kiln.ssh(alice, f"git-upload-pack '{big}'")
             took = time.monotonic() - started
             untouched(held)
     finally:
-        if rig.storage.proc is None:
-            rig.storage.start()
-    report("storage killed mid-clone", status, stderr)
+        if server.proc is None:
+            server.start()
+    report(f"{kind} storage killed mid-clone", status, stderr)
     assert status != 0
-    told_once(stderr, UNAVAILABLE.format("aviato/remote-big"))
-    report("storage down", down.returncode, down.stderr.decode())
+    told_once(stderr, UNAVAILABLE.format(big))
+    report(f"{kind} storage down", down.returncode, down.stderr.decode())
     assert down.returncode == 1 and took < 2, took
-    told_once(down.stderr.decode(), UNAVAILABLE.format("aviato/remote-big"))
-    kiln.git(alice, "clone", "-q", kiln.url("aviato/remote-small"), str(tmp_path / "after"))
+    told_once(down.stderr.decode(), UNAVAILABLE.format(big))
+    kiln.git(alice, "clone", "-q", kiln.url(small), str(tmp_path / "after"))
     back_to(rig, before)
 
 
@@ -194,44 +227,56 @@ def frozen(processes: list[psutil.Process]) -> Iterator[None]:
                 process.resume()
 
 
-def test_storage_stopped_mid_clone(rig: Rig, tmp_path: Path) -> None:
+# How each pool says a storage server stopped answering its keepalives.
+KEEPALIVE_LOST = {
+    "ssh": r"backend storage: connection lost \(.*[Kk]eepalive",
+    "agent": r"backend agent-storage: keepalive timed out",
+}
+
+
+@pytest.mark.parametrize("kind", STORAGES)
+def test_storage_stopped_mid_clone(rig: Rig, kind: str, tmp_path: Path) -> None:
     """A storage server that freezes is found by the keepalive: three unanswered asks."""
-    kiln, alice = rig.kiln, rig.world.alice
+    kiln, alice, server = rig.kiln, rig.world.alice, rig.server(kind)
+    big, small = f"aviato/{PREFIX[kind]}-big", f"aviato/{PREFIX[kind]}-small"
     before = quiet(rig)
     with bystanders(kiln, alice) as held:
-        with stalled_clone(kiln, alice, "aviato/remote-big", tmp_path / "clone") as clone:
-            storage = rig.storage.serving(worker_rows(kiln)[clone.worker]["pid"])
-            assert storage, rig.storage.processes()
+        with stalled_clone(kiln, alice, big, tmp_path / "clone") as clone:
+            storage = server.serving(worker_rows(kiln)[clone.worker]["pid"])
+            assert storage, server.processes()
             with frozen(storage):
                 started = time.monotonic()
                 status, stderr = clone.resume()
                 took = time.monotonic() - started
         untouched(held)
-    report("storage stopped mid-clone", status, stderr)
-    assert status != 0 and took < 10, took  # [backend_ssh] keepalive = 1s: found in 3 to 4 s
-    told_once(stderr, UNAVAILABLE.format("aviato/remote-big"))
-    kiln.wait_for_log(r"backend storage: connection lost \(.*[Kk]eepalive")
-    kiln.git(alice, "clone", "-q", kiln.url("aviato/remote-small"), str(tmp_path / "after"))
+    report(f"{kind} storage stopped mid-clone", status, stderr)
+    assert status != 0 and took < 10, took  # keepalive = 1s: found in 3 to 4 s
+    told_once(stderr, UNAVAILABLE.format(big))
+    kiln.wait_for_log(KEEPALIVE_LOST[kind])
+    kiln.git(alice, "clone", "-q", kiln.url(small), str(tmp_path / "after"))
     back_to(rig, before)
 
 
-def test_storage_stopped_at_dial(rig: Rig, tmp_path: Path) -> None:
-    """The storage's sshd is frozen while no connection to it is open: the kernel accepts the
-    TCP connection into the backlog, and nobody speaks SSH on it. The dial timeout ends it."""
-    kiln, alice = rig.kiln, rig.world.alice
+@pytest.mark.parametrize("kind", STORAGES)
+def test_storage_stopped_at_dial(rig: Rig, kind: str, tmp_path: Path) -> None:
+    """The storage server (sshd, or the agent) is frozen while no connection to it is open:
+    the kernel accepts the TCP connection into the backlog, and nobody speaks SSH or TLS on
+    it. The dial timeout ends it."""
+    kiln, alice, server = rig.kiln, rig.world.alice, rig.server(kind)
+    small = f"aviato/{PREFIX[kind]}-small"
     before = quiet(rig)
-    assert rig.storage.proc is not None
+    assert server.proc is not None
     with bystanders(kiln, alice) as held:
-        with frozen([psutil.Process(rig.storage.proc.pid)]):
+        with frozen([psutil.Process(server.proc.pid)]):
             started = time.monotonic()
-            done = kiln.ssh(alice, "git-upload-pack 'aviato/remote-small'")
+            done = kiln.ssh(alice, f"git-upload-pack '{small}'")
             took = time.monotonic() - started
         untouched(held)
-    report("storage stopped at dial", done.returncode, done.stderr.decode())
+    report(f"{kind} storage stopped at dial", done.returncode, done.stderr.decode())
     assert done.returncode == 1 and 2 <= took < 6, took  # [timeouts] dial = 2s
-    told_once(done.stderr.decode(), UNAVAILABLE.format("aviato/remote-small"))
-    kiln.wait_for_log(r"backend storage: cannot connect to 127\.0\.0\.1:\d+: TimeoutError")
-    kiln.git(alice, "clone", "-q", kiln.url("aviato/remote-small"), str(tmp_path / "after"))
+    told_once(done.stderr.decode(), UNAVAILABLE.format(small))
+    kiln.wait_for_log(rf"backend {BACKEND[kind]}: cannot connect to 127\.0\.0\.1:\d+: TimeoutError")
+    kiln.git(alice, "clone", "-q", kiln.url(small), str(tmp_path / "after"))
     back_to(rig, before)
 
 
@@ -468,7 +513,7 @@ def push_until(push: RawPush, path: Path, pack: bytes, point: str) -> None:
 
 @dataclass(frozen=True)
 class Cut:
-    how: str  # who breaks: the client, the worker (SIGKILL) or the storage (sshd killed)
+    how: str  # who breaks: the client, the worker (SIGKILL) or the storage (sshd or agent killed)
     repo: str
     point: str  # commands sent; half the pack; all of it, refs locked; reported done
 
@@ -477,10 +522,11 @@ class Cut:
 
 
 POINTS = ("commands", "half", "locked", "reported")
+PUSHED = ("aviato/pushed", "aviato/remote-pushed", "aviato/agent-pushed")
 CUTS = [
-    *(Cut("client", repo, p) for repo in ("aviato/pushed", "aviato/remote-pushed") for p in POINTS),
+    *(Cut("client", repo, p) for repo in PUSHED for p in POINTS),
     *(Cut("worker", "aviato/pushed", p) for p in ("commands", "half", "locked")),
-    *(Cut("storage", "aviato/remote-pushed", p) for p in ("commands", "half", "reported")),
+    *(Cut("storage", repo, p) for repo in PUSHED[1:] for p in ("commands", "half", "reported")),
 ]
 
 
@@ -489,7 +535,7 @@ def cut_push(rig: Rig, push: RawPush, cut: Cut) -> None:
     if cut.how == "client":
         push.client.kill()
     elif cut.how == "storage":
-        assert rig.storage.kill_connections() > 0
+        assert rig.server_of(cut.repo).kill_connections() > 0
     else:
         pid = worker_rows(kiln)[push.worker()]["pid"]
         children = psutil.Process(pid).children(recursive=True)

@@ -36,18 +36,29 @@ def test_service_is_notify_with_drain_reload_and_hardening() -> None:
     assert service["SystemCallFilter"]
 
 
+def test_agent_service_drains_and_runs_with_no_capability() -> None:
+    service = unit("kilnproxy-agent.service")["Service"]
+    assert service["ExecStart"].endswith("kilnproxy agent --config /etc/kilnproxy/agent.toml")
+    assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
+    assert int(service["TimeoutStopSec"].removesuffix("min")) > 10  # above the 10m drain
+    assert service["RestartPreventExitStatus"] == "2"
+    assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    assert service["ReadWritePaths"] and service["CapabilityBoundingSet"] == ""
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not here")
 def test_units_verify(tmp_path: Path) -> None:
     kilnproxy = Path(sys.executable).with_name("kilnproxy")
     assert kilnproxy.exists()
-    for name in ("kilnproxy.service", "kilnproxy.socket"):
+    for name in ("kilnproxy.service", "kilnproxy.socket", "kilnproxy-agent.service"):
         text = (UNITS / name).read_text()
         # Verified as installed: the ExecStart binary must exist, so point it at ours.
         (tmp_path / name).write_text(
             text.replace("/opt/kilnproxy/.venv/bin/kilnproxy", str(kilnproxy))
         )
     done = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "kilnproxy.socket", "kilnproxy.service"],
+        ["systemd-analyze", "verify", "--man=no", "kilnproxy.socket", "kilnproxy.service",
+         "kilnproxy-agent.service"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -32,15 +32,16 @@ def _request(verb: Verb, path: str, git_protocol: str | None = None) -> BackendR
 def test_each_verb_runs_its_command(verb: Verb, argv: list[str], command: str) -> None:
     path = "/srv/aviato/web site"
     tail = ["serve", "--stdio"] if verb.vcs is Vcs.HG else []
-    assert command_argv(_request(verb, path)) == [*argv, path, *tail]
+    assert command_argv(verb, path) == [*argv, path, *tail]
     assert remote_command(_request(verb, path)) == " ".join([command, f"'{path}'", *tail])
 
 
 def test_the_environment_names_the_session_and_only_hg_gets_the_hook(tmp_path: Path) -> None:
     hook = tmp_path / "hg-read-only.rc"
-    git = command_env(_request(Verb.UPLOAD_PACK, "/srv/a.git", "version=2"), hook)
+    request = _request(Verb.UPLOAD_PACK, "/srv/a.git", "version=2")
+    git = command_env(request.verb, request.environment(), hook)
     assert (git["KILNPROXY_SESSION"], git["KILNPROXY_ACCESS"]) == ("3f9c2a1b", "read")
     assert (git["KILNPROXY_REPO"], git["GIT_PROTOCOL"]) == ("aviato/website", "version=2")
     assert str(hook) not in git.get("HGRCPATH", "")
-    hg = command_env(_request(Verb.HG_SERVE, "/srv/a"), hook)
+    hg = command_env(Verb.HG_SERVE, _request(Verb.HG_SERVE, "/srv/a").environment(), hook)
     assert hg["HGRCPATH"].endswith(str(hook)) and "GIT_PROTOCOL" not in hg

@@ -183,8 +183,13 @@ RULES = (
     Rule(("kilnproxy.policy.*",), ("kilnproxy.*",), ("kilnproxy.errors", "kilnproxy.policy.*"),
          "policy imports nothing of kilnproxy but errors"),
     Rule(("kilnproxy.ssh.*", "kilnproxy.backends.*", "kilnproxy.directory.*"),
-         ("kilnproxy.cli.*", "kilnproxy.worker.*"), (),
-         "ssh, backends and directory never import cli or worker"),
+         ("kilnproxy.cli.*", "kilnproxy.worker.*", "kilnproxy.agent.*"), (),
+         "ssh, backends and directory never import cli, worker or agent"),
+    # The storage agent runs on storage servers: the local backend and the frames, no more.
+    Rule(("kilnproxy.agent.*",),
+         ("kilnproxy.ssh.*", "kilnproxy.worker.*", "kilnproxy.cli.*", "kilnproxy.directory.*",
+          "asyncssh.*"), (),
+         "agent never imports ssh, worker, cli, directory or asyncssh"),
 )  # fmt: skip
 
 
@@ -298,6 +303,7 @@ def test_violations_on_a_synthetic_graph() -> None:
         "kilnproxy.ssh.relay": {"kilnproxy.worker", "kilnproxy.backends", "asyncssh"},
         "kilnproxy.config": {"asyncssh.public_key"},
         "kilnproxy.worker": {"kilnproxy.cli.main"},
+        "kilnproxy.agent.server": {"kilnproxy.backends.local", "kilnproxy.ssh.server"},
     }
     assert violations(graph, [*RULES, asyncssh_rule(["config", "errors"])]) == [
         "master.arbiter imports kilnproxy.worker.process: master imports only the shared "
@@ -305,7 +311,9 @@ def test_violations_on_a_synthetic_graph() -> None:
         "kilnproxy.policy.commands imports kilnproxy.directory.model: policy imports nothing "
         "of kilnproxy but errors",
         "kilnproxy.ssh.relay imports kilnproxy.worker: ssh, backends and directory never "
-        "import cli or worker",
+        "import cli, worker or agent",
+        "kilnproxy.agent.server imports kilnproxy.ssh.server: agent never imports ssh, worker, "
+        "cli, directory or asyncssh",
         "kilnproxy.config imports asyncssh.public_key: master and the shared top-level modules "
         "never import asyncssh",
         "master.http imports asyncssh: master and the shared top-level modules never import "

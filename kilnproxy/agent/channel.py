@@ -1,0 +1,202 @@
+"""One command the agent runs for a proxy: a channel's frames in, a local command's pipes out.
+
+The command itself is the local backend's (`backends.local.start_command`): the same argv,
+environment, read-only hg hook and abort (SIGTERM to its process group, SIGKILL after a grace).
+This module only maps credits onto its pipes: output is read while the proxy has granted room
+for it, and stdin credit is granted back only once the command's stdin pipe took the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from kilnproxy.agent.paths import Refused, confine
+from kilnproxy.backends.frames import (
+    MAX_PAYLOAD,
+    FrameError,
+    Kind,
+    OpenRequest,
+    count_frame,
+    data_frames,
+    frame,
+)
+from kilnproxy.backends.local import LocalStream, start_command
+from kilnproxy.errors import BackendError
+from kilnproxy.logs import SessionLog
+from kilnproxy.policy.commands import Verb
+
+log = logging.getLogger("kilnproxy.agent")
+# git writes its pack in pieces of 8 to 64 KiB, and the agent reads them as they come: sent as
+# they are, the proxy pays its per-frame work every 20 KiB or so. Output that follows other
+# output within GATHER seconds is gathered into frames of up to MAX_PAYLOAD; output after a
+# silence goes at once, so a reply in a conversation (a negotiation, hg's commands) waits for
+# nothing.
+GATHER = 0.001
+
+
+class Wire(Protocol):
+    """What a channel needs of its connection."""
+
+    write_paused: bool
+
+    def send(self, data: bytes) -> None: ...
+
+    def forget(self, channel: int) -> None: ...
+
+
+class Channel:
+    """A BackendSink for the command's pipes, and the channel's frames for the command."""
+
+    def __init__(self, wire: Wire, number: int, request: OpenRequest, window: int) -> None:
+        self.wire = wire
+        self.number = number
+        self.request = request
+        self.log = SessionLog(log, request.session)
+        self.stream: LocalStream | None = None
+        self.closed = False  # CLOSE came, or the connection went: nothing more is sent
+        self._window = window
+        self._output_credit = request.window
+        self._output_paused = False
+        self._input_room = window  # stdin the proxy may still send
+        self._input_owed = 0  # stdin passed to the pipe, not yet granted back
+        self._input_held = False  # the stdin pipe is full
+        self._gathered: list[bytes] = []  # stdout held for one frame
+        self._gathered_size = 0
+        self._gather_timer: asyncio.TimerHandle | None = None
+
+    async def start(self, base: Path, hook_rc: Path) -> None:
+        """Check the request and start its command; REFUSED to the proxy if it may not run."""
+        request = self.request
+        try:
+            try:
+                verb = Verb(request.verb)
+            except ValueError:
+                raise Refused(f"command {request.verb!r} is not one the agent runs") from None
+            path = confine(base, request.path)
+            self.stream = await start_command(verb, path, request.env, hook_rc, request.repo, self)
+        except (Refused, BackendError) as exc:
+            detail = exc.detail if isinstance(exc, BackendError) else str(exc)
+            self.log.warning("refused %s %s (repo %s): %s", request.verb, request.path,
+                             request.repo, detail)  # fmt: skip
+            self.wire.send(frame(Kind.REFUSED, self.number, detail.encode()))
+            self.wire.forget(self.number)
+            return
+        self.log.info("started %s %s (repo %s)", request.verb, path, request.repo)
+        if self.closed:  # the proxy gave up while the command was starting
+            self.stream.abort()
+            return
+        self.wire.send(count_frame(Kind.CREDIT, self.number, self._window))
+
+    # -- frames from the proxy -------------------------------------------------------------------
+
+    def stdin(self, data: bytes) -> None:
+        self._input_room -= len(data)
+        if self.stream is None or self._input_room < 0:
+            raise FrameError(f"STDIN beyond its credit on channel {self.number}")
+        self.stream.write(data)
+        self._input_owed += len(data)
+        self._grant_input()
+
+    def stdin_eof(self) -> None:
+        if self.stream is not None:
+            self.stream.write_eof()
+
+    def credit(self, count: int) -> None:
+        self._output_credit += count
+        self.update_flow()
+
+    def close(self, why: str) -> None:
+        """The proxy closed the channel, or lost the connection: the command is aborted."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_gathering()
+        self._gathered.clear()
+        self.wire.forget(self.number)
+        if self.stream is not None:
+            self.log.info("aborting %s (repo %s): %s", self.request.verb, self.request.repo, why)
+            self.stream.abort()
+
+    def update_flow(self) -> None:
+        """Read the command's output while the proxy has room for it and our socket takes it."""
+        if self.stream is None or self.closed:
+            return
+        wanted = self._output_credit <= 0 or self.wire.write_paused
+        if wanted and not self._output_paused:
+            self._output_paused = True
+            self.stream.pause_output()
+        elif not wanted and self._output_paused:
+            self._output_paused = False
+            self.stream.resume_output()
+
+    def _grant_input(self) -> None:
+        if not self._input_held and self._input_owed >= self._window // 4:
+            self.wire.send(count_frame(Kind.CREDIT, self.number, self._input_owed))
+            self._input_room += self._input_owed
+            self._input_owed = 0
+
+    # -- BackendSink: the command's pipes --------------------------------------------------------
+
+    def backend_stdout(self, data: bytes) -> None:
+        self._output(Kind.STDOUT, data)
+
+    def backend_stderr(self, data: bytes) -> None:
+        self._output(Kind.STDERR, data)
+
+    def _output(self, kind: Kind, data: bytes) -> None:
+        if self.closed:
+            return
+        self._output_credit -= len(data)
+        if kind is Kind.STDERR or self._gather_timer is None:
+            self._flush()  # what came before goes first
+            self.wire.send(data_frames(kind, self.number, data))
+            if kind is Kind.STDOUT:  # more may follow: gather it for a moment
+                loop = asyncio.get_running_loop()
+                self._gather_timer = loop.call_later(GATHER, self._gathered_enough)
+        else:
+            self._gathered.append(data)
+            self._gathered_size += len(data)
+            if self._gathered_size >= MAX_PAYLOAD:
+                self._flush()
+        self.update_flow()
+
+    def _gathered_enough(self) -> None:
+        self._gather_timer = None
+        if self._gathered and not self.closed:
+            self._flush()
+            loop = asyncio.get_running_loop()  # still streaming: keep gathering
+            self._gather_timer = loop.call_later(GATHER, self._gathered_enough)
+
+    def _flush(self) -> None:
+        if self._gathered:
+            data = b"".join(self._gathered)
+            self._gathered.clear()
+            self._gathered_size = 0
+            self.wire.send(data_frames(Kind.STDOUT, self.number, data))
+
+    def _stop_gathering(self) -> None:
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+            self._gather_timer = None
+
+    def backend_pause_input(self) -> None:
+        self._input_held = True
+
+    def backend_resume_input(self) -> None:
+        self._input_held = False
+        self._grant_input()
+
+    def backend_finished(self, exit_status: int) -> None:
+        self.log.info("exit=%d %s (repo %s)", exit_status, self.request.verb, self.request.repo)
+        self._stop_gathering()
+        if not self.closed:
+            self._flush()  # every byte of output before the status
+            self.closed = True
+            self.wire.send(count_frame(Kind.EXIT, self.number, exit_status))
+            self.wire.forget(self.number)
+
+    def backend_lost(self, error: BackendError) -> None:  # a local command is never "lost"
+        self.backend_finished(255)

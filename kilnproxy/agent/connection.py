@@ -1,0 +1,90 @@
+"""One proxy's TLS connection to the agent: frames in, each channel's command out.
+
+The connection owns its channels; when it goes (the proxy closed it, or the network did),
+every command still running is aborted as the local backend aborts one whose client left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from kilnproxy.agent.channel import Channel
+from kilnproxy.backends.frames import Frame, FrameError, Kind, OpenRequest, frame
+from kilnproxy.backends.wire import FrameConnection
+
+log = logging.getLogger("kilnproxy.agent")
+
+
+class Host(Protocol):
+    """What a connection needs of the agent serving it."""
+
+    base: Path
+    hook_rc: Path
+    window: int
+    draining: bool
+
+    def start(self, channel: Channel) -> None: ...
+
+    def gone(self, conn: ProxyConnection) -> None: ...
+
+
+class ProxyConnection(FrameConnection[Channel]):
+    def __init__(self, host: Host, peer: str) -> None:
+        super().__init__()
+        self.host = host
+        self.peer = peer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cert = transport.get_extra_info("peercert") or {}
+        subject = dict(pair[0] for pair in cert.get("subject", ()))
+        log.info("proxy %s connected (certificate %s)", self.peer, subject.get("commonName", "?"))
+        super().connection_made(transport)  # what was sent before start_tls handed it over
+
+    def protocol_error(self, error: FrameError) -> None:
+        log.warning("proxy %s: protocol error, closing: %s", self.peer, error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        channels, self.channels = self.channels, {}
+        for channel in channels.values():
+            channel.close(f"connection from {self.peer} lost ({exc or 'closed'})")
+        log.info("proxy %s disconnected", self.peer)
+        self.host.gone(self)
+
+    def channel_frame(self, each: Frame) -> None:
+        if each.kind is Kind.OPEN:
+            self._open(each)
+            return
+        channel = self.channels.get(each.channel)
+        if channel is None:
+            return  # ended here while the proxy was still sending
+        if each.kind is Kind.STDIN:
+            channel.stdin(each.payload)
+        elif each.kind is Kind.STDIN_EOF:
+            channel.stdin_eof()
+        elif each.kind is Kind.CREDIT:
+            channel.credit(each.count())
+        elif each.kind is Kind.CLOSE:
+            channel.close("closed by the proxy")
+        else:
+            raise FrameError(f"{each.kind.name} from a proxy")
+
+    def _open(self, each: Frame) -> None:
+        if each.channel in self.channels:
+            raise FrameError(f"channel {each.channel} opened twice")
+        request = OpenRequest.decode(each.payload)
+        channel = Channel(self, each.channel, request, self.host.window)
+        if self.host.draining:
+            channel.log.warning("refused %s (repo %s): the agent is shutting down",
+                                request.verb, request.repo)  # fmt: skip
+            self.send(frame(Kind.REFUSED, each.channel, b"the agent is shutting down"))
+            return
+        self.channels[each.channel] = channel
+        self.host.start(channel)
+
+    def forget(self, channel: int) -> None:
+        self.channels.pop(channel, None)
+        if self.host.draining and not self.channels:
+            self.close()

@@ -1,0 +1,27 @@
+"""Which repository paths the agent serves: only those that lie under its base directory.
+
+A path is resolved first (`..` and every symlink followed), so a symlink inside the base that
+leads out of it is refused like a path written outside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kilnproxy.errors import KilnproxyError
+
+
+class Refused(KilnproxyError):
+    """A request the agent will not run; the message goes back to the proxy and to the log."""
+
+
+def confine(base: Path, requested: str) -> Path:
+    """The resolved repository path of `requested`, which must lie strictly under `base`."""
+    path = Path(requested)
+    if not path.is_absolute():
+        raise Refused(f"path {requested!r} is not absolute")
+    root = base.resolve()
+    resolved = path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise Refused(f"path {requested!r} is outside the agent's base {root}")
+    return resolved

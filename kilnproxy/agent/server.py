@@ -1,0 +1,185 @@
+"""`kilnproxy agent`: the listener, TLS with client certificates, and the drain on SIGTERM.
+
+The TLS handshake is ours to await (`start_tls`), not the server's to hide: a proxy whose
+certificate is refused gets one log line here, with its address and the reason. On SIGTERM
+(or SIGINT) the agent stops accepting, closes the connections that run nothing, lets running
+commands finish for up to `[timeouts] drain`, then aborts what is left (SIGTERM to each
+command's process group, SIGKILL after the local backend's grace) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+from pathlib import Path
+from typing import cast
+
+from kilnproxy.agent.channel import Channel
+from kilnproxy.agent.connection import ProxyConnection
+from kilnproxy.backends.local import KILL_GRACE, write_hook_rc
+from kilnproxy.config import Config
+from kilnproxy.errors import OperatorError
+
+log = logging.getLogger("kilnproxy.agent")
+
+
+def server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.3 only, and a client certificate signed by `ca` required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cafile=ca)
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise OperatorError(
+            f"[agent] cannot load ca {ca}, cert {cert} or key {key}: {exc}"
+        ) from None
+    return context
+
+
+class _Handshake(asyncio.Protocol):
+    """A TCP connection until its TLS handshake is done; it reads nothing itself."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)
+        # A proxy host that vanishes without a word must not leave its commands waiting for
+        # credit forever: the kernel asks after a silent minute, and gives up 30 s later.
+        sock = tcp.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        # The ClientHello is for start_tls, not for us. (asyncio starts reading after this
+        # call; uvloop 0.23 starts before it, and the hello is lost: the agent runs on asyncio.)
+        tcp.pause_reading()
+        self.agent.handshake(tcp)
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        settings = config.agent
+        self.base = settings.base
+        self.window = settings.window
+        self.listen = settings.listen
+        self.context = server_context(settings.ca, settings.cert, settings.key)
+        self.hook_rc = write_hook_rc(config.home / "state")
+        self.handshake_timeout = config.timeouts.dial
+        self.drain_timeout = config.timeouts.drain
+        self.draining = False
+        self.connections: set[ProxyConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._drain = asyncio.Event()  # SIGTERM came
+        self._stop = asyncio.Event()  # draining, and no connection is left
+
+    # -- Host ------------------------------------------------------------------------------------
+
+    def start(self, channel: Channel) -> None:
+        self._spawn(channel.start(self.base, self.hook_rc))
+
+    def gone(self, conn: ProxyConnection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self._stop.set()
+
+    # -- accepting -------------------------------------------------------------------------------
+
+    def handshake(self, transport: asyncio.Transport) -> None:
+        self._spawn(self._handshake(transport))
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        host, port = transport.get_extra_info("peername")[:2]
+        peer = f"{host}:{port}"
+        conn = ProxyConnection(self, peer)
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport,
+                conn,
+                self.context,
+                server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning("refused connection from %s: TLS handshake failed: %s", peer, reason)
+            transport.abort()
+            return
+        if tls is None:  # the loop closed meanwhile
+            transport.abort()
+            return
+        conn.connection_made(tls)  # start_tls leaves that to us
+        self.connections.add(conn)
+        if self.draining:
+            conn.close()
+
+    def _spawn(self, work: object) -> None:
+        assert asyncio.iscoroutine(work)
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for address in self.listen:
+            try:
+                server = await loop.create_server(
+                    lambda: _Handshake(self), address.host, address.port, backlog=1024
+                )
+            except OSError as exc:
+                raise OperatorError(f"[agent] cannot listen on {address}: {exc.strerror}") from None
+            self._servers.append(server)
+            log.info("agent listening on %s, serving %s", address, self.base)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._begin_drain)
+        await self._drain.wait()
+        await self._finish()
+
+    def _begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._drain.set()
+        running = sum(len(conn.channels) for conn in self.connections)
+        log.info("draining: %d command(s) running, waiting up to %.0fs", running,
+                 self.drain_timeout)  # fmt: skip
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if not conn.channels:
+                conn.close()
+        if not self.connections:
+            self._stop.set()
+
+    async def _finish(self) -> None:
+        try:
+            async with asyncio.timeout(self.drain_timeout):
+                await self._stop.wait()
+        except TimeoutError:
+            left = [c for conn in self.connections for c in conn.channels.values()]
+            log.warning("drain timeout: cutting %d command(s)", len(left))
+            for channel in left:
+                channel.close("the drain timeout expired")
+            for conn in list(self.connections):
+                conn.abort()
+            await asyncio.sleep(KILL_GRACE + 0.5)  # the grace before SIGKILL runs on this loop
+        log.info("agent stopped")
+
+
+def run(config: Config) -> int:
+    agent_settings = config.agent
+    if not agent_settings.base.is_dir():
+        raise OperatorError(f"[agent] base {agent_settings.base} is not a directory")
+
+    async def main() -> None:
+        await Agent(config).serve()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,97 @@
+"""One connection that speaks the agent protocol (`frames`), from either end: what the proxy's
+`AgentConnection` and the agent's `ProxyConnection` share.
+
+It owns the frame decoder, the control channel (a PING is answered with a PONG), and the
+connection's write back-pressure, which it passes to every channel (`Flow.update_flow`): a full
+socket pauses them all. What a channel's frames mean is the subclass's business. It never
+interprets a channel's bytes, and never buffers beyond what is sent before the transport exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Generic, Protocol, TypeVar, cast
+
+from kilnproxy.backends.frames import CONTROL, Frame, FrameError, FrameReader, Kind, frame
+
+
+class Flow(Protocol):
+    def update_flow(self) -> None:
+        """The connection's write buffer filled or drained: pause or resume as it allows."""
+
+
+F = TypeVar("F", bound=Flow)
+
+
+class FrameConnection(asyncio.Protocol, Generic[F]):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.channels: dict[int, F] = {}
+        self.write_paused = False
+        self._reader = FrameReader()
+        self._early: list[bytes] = []  # sent before the transport was handed over
+
+    # -- for subclasses --------------------------------------------------------------------------
+
+    def channel_frame(self, each: Frame) -> None:
+        """A frame of a channel (not the control channel's)."""
+        raise NotImplementedError
+
+    def protocol_error(self, error: FrameError) -> None:
+        """The peer broke the protocol: log it; the connection is aborted after this."""
+
+    def pong(self) -> None:
+        """The peer answered a PING."""
+
+    # -- asyncio callbacks -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.send(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for each in self._reader.feed(data):
+                if each.channel != CONTROL:
+                    self.channel_frame(each)
+                elif each.kind is Kind.PING:
+                    self.send(frame(Kind.PONG, CONTROL))
+                elif each.kind is Kind.PONG:
+                    self.pong()
+                else:
+                    raise FrameError(f"{each.kind.name} on the control channel")
+        except FrameError as exc:
+            self.protocol_error(exc)
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return False  # the peer hung up: close; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for channel in list(self.channels.values()):
+            channel.update_flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for channel in list(self.channels.values()):
+            channel.update_flow()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None:
+            self._early.append(data)
+        elif not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()

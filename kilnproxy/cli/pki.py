@@ -1,0 +1,122 @@
+"""`kilnproxy pki`: a CA and the certificates of agents and proxies (agent:// backends).
+
+Built on `cryptography` (asyncssh's own dependency). ECDSA P-256 keys, written with mode 0600;
+nothing is ever overwritten. The README gives the same steps with `openssl`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kilnproxy.errors import OperatorError
+
+CA_DAYS = 3650
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise OperatorError(f"{path} exists already; not overwriting it") from None
+    except OSError as exc:
+        raise OperatorError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def init_ca(directory: Path, name: str) -> list[str]:
+    """DIR/ca.pem and DIR/ca.key: a CA that signs agents' and proxies' certificates."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_new(directory / "ca.key", _key_pem(key), 0o600)
+    _write_new(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return [f"CA {name!r}: {directory / 'ca.pem'} (key {directory / 'ca.key'})"]
+
+
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    except OSError as exc:
+        raise OperatorError(f"cannot read the CA in {directory}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise OperatorError(f"the CA in {directory} is not readable: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise OperatorError(f"the CA key in {directory} is not an ECDSA key")
+    return cert, key
+
+
+def _subject_names(names: list[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for item in names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(item)))
+        except ValueError:
+            out.append(x509.DNSName(item))
+    return out
+
+
+def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> list[str]:
+    """OUT.pem and OUT.key: an agent's server certificate for `names` (host names or
+    addresses, as the backend URLs write them), or a proxy's client certificate."""
+    if days < 1:
+        raise OperatorError(f"--days must be at least 1, not {days}")
+    ca_cert, ca_key = _load_ca(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "agent" else ExtendedKeyUsageOID.CLIENT_AUTH
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if kind == "agent":
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(_subject_names(names)), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
+    _write_new(key_path, _key_pem(key), 0o600)
+    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return [f"{kind} certificate for {', '.join(names)}: {cert_path} (key {key_path})"]

@@ -1,0 +1,235 @@
+"""The storage agent's own guards (SPEC 5, agent://): certificates both ways, its base
+directory, its drain. Each case has real `kilnproxy agent` processes with CAs made in the
+test's directory; the contract every backend keeps is in test_backend_contract, and the
+storage's faults (killed, stopped) in test_faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import socket
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from agent import Agent, Pki
+from conftest import World, make_world
+from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run, seed_git
+from midway import release
+
+from kilnproxy.backends.frames import Frame, FrameReader, Kind, OpenRequest, frame
+
+UNAVAILABLE = (
+    r"kilnproxy: storage for {} is unavailable, try again later \(session [0-9a-f]{{8}}\)\n"
+)
+
+
+@dataclass
+class Site:
+    world: World
+    pki: Pki  # signs the proxy's certificate, and the agents' it trusts
+    root: Path
+    agents: list[Agent]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        kiln = self.world.kiln
+        argv = [*KILNPROXY, *args, "--config", str(kiln.config_path)]
+        return run(argv, env=kiln.server_env(), check=check)
+
+    def agent(
+        self, backend: str, pki: Pki | None = None, proxies: Pki | None = None, name: str = ""
+    ) -> Agent:
+        """A started agent, added as `backend`; its certificate signed by `pki` for `name`."""
+        agent = Agent(self.root / backend, pki or self.pki, proxies, name or "127.0.0.1")
+        self.agents.append(agent)
+        agent.start()
+        self.cli("backends", "add", backend, agent.url)
+        return agent
+
+    def repo(self, agent: Agent, backend: str, repo: str, path: Path | None = None) -> Path:
+        """A seeded repository in the agent's base (or at `path`), routed to it."""
+        where = path or agent.base / f"{repo}.git"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        run(["git", "init", "-q", "--bare", "--initial-branch=main", str(where)])
+        seed_git(where, self.root / f"seed-{repo.replace('/', '-')}", {"README": b"hi\n"})
+        extra = ["--path", str(path)] if path else []
+        self.cli("repos", "add", repo, "--vcs", "git", "--backend", backend, *extra)
+        return where
+
+    def upload_pack(self, repo: str) -> subprocess.CompletedProcess[bytes]:
+        return self.world.kiln.ssh(self.world.alice, f"git-upload-pack '{repo}'", input=b"0000")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("agents")
+    pki = Pki(root / "pki")
+    settings = {"timeouts": {"dial": "2s"}, "backend_agent": pki.proxy_settings()}
+    s = Site(make_world(root / "kiln", settings), pki, root, [])
+    yield s
+    s.world.kiln.stop()
+    for agent in s.agents:
+        agent.stop()
+
+
+def assert_unavailable(done: subprocess.CompletedProcess[bytes], repo: str) -> None:
+    assert done.returncode == 1, done
+    assert re.fullmatch(UNAVAILABLE.format(repo), done.stderr.decode()), done.stderr
+
+
+def test_a_good_agent_serves(site: Site) -> None:
+    agent = site.agent("good")
+    site.repo(agent, "good", "aviato/on-good")
+    done = site.upload_pack("aviato/on-good")
+    assert done.returncode == 0 and b"refs/heads/main" in done.stdout, done
+    agent.wait_for_log(r"\[[0-9a-f]{8}\] started git-upload-pack .*aviato/on-good\.git")
+    agent.wait_for_log(r"\[[0-9a-f]{8}\] exit=0 git-upload-pack \(repo aviato/on-good\)")
+    agent.wait_for_log(r"proxy 127\.0\.0\.1:\d+ connected \(certificate proxy\)")
+
+
+def test_a_proxy_certificate_of_another_ca_is_refused(site: Site) -> None:
+    agent = site.agent("picky", proxies=Pki(site.root / "other-proxies"))
+    site.repo(agent, "picky", "aviato/on-picky")
+    assert_unavailable(site.upload_pack("aviato/on-picky"), "aviato/on-picky")
+    agent.wait_for_log(r"refused connection from 127\.0\.0\.1:\d+: TLS handshake failed: .*"
+                       r"(certificate verify failed|unknown ca)")  # fmt: skip
+    site.world.kiln.wait_for_log(
+        r"backend picky: cannot connect to 127\.0\.0\.1:\d+: refused by the agent: "
+        r"(.*(UNKNOWN_CA|unknown ca)|closed before it answered \(does it trust our certificate)"
+    )
+    assert "started" not in agent.log()
+
+
+def test_an_agent_certificate_of_another_ca_is_refused(site: Site) -> None:
+    agent = site.agent("impostor", pki=Pki(site.root / "other-agents"), proxies=site.pki)
+    site.repo(agent, "impostor", "aviato/on-impostor")
+    assert_unavailable(site.upload_pack("aviato/on-impostor"), "aviato/on-impostor")
+    site.world.kiln.wait_for_log(
+        r"backend impostor: cannot connect to 127\.0\.0\.1:\d+: "
+        r"SSLCertVerificationError: .*certificate verify failed"
+    )
+    assert "started" not in agent.log()
+
+
+def test_an_agent_certificate_for_another_name_is_refused(site: Site) -> None:
+    agent = site.agent("misnamed", name="storage.invalid")
+    site.repo(agent, "misnamed", "aviato/on-misnamed")
+    assert_unavailable(site.upload_pack("aviato/on-misnamed"), "aviato/on-misnamed")
+    site.world.kiln.wait_for_log(r"backend misnamed: cannot connect to 127\.0\.0\.1:\d+: "
+                                 r"SSLCertVerificationError: .*(mismatch|match)")  # fmt: skip
+    assert "started" not in agent.log()
+
+
+def test_tls_below_1_3_is_refused(site: Site) -> None:
+    agent = site.agent("modern")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(site.pki.ca)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    cert, key = site.pki.issue("proxy", "proxy")
+    context.load_cert_chain(cert, key)
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), 5) as raw,
+        pytest.raises(ssl.SSLError, match=r"(?i)version|protocol"),
+    ):
+        context.wrap_socket(raw, server_hostname="127.0.0.1")
+    agent.wait_for_log(r"refused connection from 127\.0\.0\.1:\d+: TLS handshake failed")
+
+
+def test_paths_outside_the_base_are_refused(site: Site, tmp_path: Path) -> None:
+    agent = site.agent("confined")
+    outside = site.repo(agent, "confined", "aviato/dotdot", agent.base / ".." / "outside.git")
+    site.repo(agent, "confined", "aviato/inside")
+    link = agent.base / "aviato" / "link.git"
+    link.symlink_to(outside)  # inside the base by name, outside it in truth
+    site.cli("repos", "add", "aviato/link", "--vcs", "git", "--backend", "confined",
+             "--path", str(link))  # fmt: skip
+    for repo in ("aviato/dotdot", "aviato/link"):
+        assert_unavailable(site.upload_pack(repo), repo)
+        agent.wait_for_log(rf"\[[0-9a-f]{{8}}\] refused git-upload-pack \S+ \(repo {repo}\): "
+                           r"path .* is outside the agent's base")  # fmt: skip
+    site.world.kiln.wait_for_log(r"backend confined failed: agent refused: path .* outside")
+    assert "started" not in agent.log()
+    assert site.upload_pack("aviato/inside").returncode == 0  # the connection still serves
+
+
+def test_sigterm_drains(site: Site) -> None:
+    """On TERM the agent stops accepting, lets a running command finish, and exits; a command
+    that outlives [timeouts] drain (5 s here) is cut, and its client told so."""
+    kiln, alice = site.world.kiln, site.world.alice
+    agent = site.agent("draining")
+    site.repo(agent, "draining", "aviato/on-draining")
+    held = hold_upload_pack(kiln, alice, "aviato/on-draining")
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGTERM)
+    agent.wait_for_log(r"draining: 1 command\(s\) running")
+    assert_unavailable(site.upload_pack("aviato/on-draining"), "aviato/on-draining")
+    assert finish_upload_pack(held) == 0
+    assert release(held) == b""
+    assert agent.proc.wait(10) == 0
+    assert "agent stopped" in agent.log()
+
+    agent.start()
+    held = hold_upload_pack(kiln, alice, "aviato/on-draining")
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+    agent.wait_for_log(r"drain timeout: cutting 1 command\(s\)")
+    assert held.wait(10) != 0
+    assert re.fullmatch(UNAVAILABLE.format("aviato/on-draining"), release(held).decode())
+
+
+def speak(site: Site, agent: Agent, *frames: bytes) -> list[Frame]:
+    """A proxy's certificate, and frames written by hand: what the agent answers, until it
+    closes the connection or falls silent for a second."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(site.pki.ca)
+    context.load_cert_chain(*site.pki.issue("proxy", "proxy"))
+    reader, answers = FrameReader(), []
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), 5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"".join(frames))
+        tls.settimeout(1)
+        with contextlib.suppress(TimeoutError, ssl.SSLError, ConnectionError):
+            while data := tls.recv(65536):
+                answers += reader.feed(data)
+    return answers
+
+
+def test_only_the_local_backends_commands_run(site: Site) -> None:
+    """The agent trusts a proxy's certificate, not its requests: a command that is not git's or
+    hg's is refused, and a broken frame closes the connection."""
+    agent = site.agent("strict")
+    path = str(site.repo(agent, "strict", "aviato/on-strict"))
+    env = {"KILNPROXY_SESSION": "5ca1ab1e"}
+    shell = OpenRequest("5ca1ab1e", "aviato/on-strict", "sh", path, env, 65536)
+    answers = speak(site, agent, shell.encode(1))
+    assert [(a.kind, a.channel) for a in answers] == [(Kind.REFUSED, 1)]
+    assert answers[0].payload == b"command 'sh' is not one the agent runs"
+    agent.wait_for_log(r"\[5ca1ab1e\] refused sh .* command 'sh' is not one the agent runs")
+    assert speak(site, agent, frame(Kind.OPEN, 1, b"{not json")) == []
+    agent.wait_for_log(r"proxy 127\.0\.0\.1:\d+: protocol error, closing: OPEN is not JSON")
+    assert "started" not in agent.log()
+
+
+def test_a_proxy_without_its_certificate_says_so(new_world: Callable[..., World]) -> None:
+    """[backend_agent] naming files that are not there: every dial says which, in the log;
+    the client gets the one line, and the worker goes on serving."""
+    missing = {"ca": "/nonexistent/ca.pem", "cert": "/nonexistent/c.pem", "key": "/nonexistent/k"}
+    w = new_world({"timeouts": {"dial": "2s"}, "backend_agent": missing})
+    config = ["--config", str(w.kiln.config_path)]
+    run([*KILNPROXY, "backends", "add", "nowhere", "agent://127.0.0.1:9/srv", *config],
+        env=w.kiln.server_env())  # fmt: skip
+    run([*KILNPROXY, "repos", "add", "aviato/far", "--vcs", "git", "--backend", "nowhere",
+         *config], env=w.kiln.server_env())  # fmt: skip
+    done = w.kiln.ssh(w.alice, "git-upload-pack 'aviato/far'")
+    assert_unavailable(done, "aviato/far")
+    w.kiln.wait_for_log(r"backend nowhere: cannot connect to 127\.0\.0\.1:9: cannot load "
+                        r"\[backend_agent\] ca, cert or key")  # fmt: skip
+    assert w.kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000").returncode == 0
+    w.kiln.stop()

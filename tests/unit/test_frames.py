@@ -1,0 +1,66 @@
+"""The agent protocol's frames (backends.frames): pure encoding and decoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from kilnproxy.backends.frames import (
+    HEADER,
+    MAX_PAYLOAD,
+    Frame,
+    FrameError,
+    FrameReader,
+    Kind,
+    OpenRequest,
+    count_frame,
+    data_frames,
+    frame,
+)
+
+REQUEST = OpenRequest("0badf00d", "aviato/site", "git-upload-pack", "/srv/a.git",
+                      {"KILNPROXY_SESSION": "0badf00d"}, 1 << 20)  # fmt: skip
+
+
+def test_frames_come_out_whole_however_the_bytes_are_cut() -> None:
+    wire = (
+        REQUEST.encode(3) + data_frames(Kind.STDIN, 3, b"x" * 1000) + count_frame(Kind.EXIT, 3, 128)
+    )
+    for step in (1, 7, 4096, len(wire)):
+        reader = FrameReader()
+        frames: list[Frame] = []
+        for i in range(0, len(wire), step):
+            frames += reader.feed(wire[i : i + step])
+        assert [(f.kind, f.channel) for f in frames] == [
+            (Kind.OPEN, 3), (Kind.STDIN, 3), (Kind.EXIT, 3)
+        ]  # fmt: skip
+        assert OpenRequest.decode(frames[0].payload) == REQUEST
+        assert frames[1].payload == b"x" * 1000 and frames[2].count() == 128
+        assert reader.pending() == 0
+
+
+def test_large_data_is_split_into_frames_of_at_most_256_kib() -> None:
+    data = bytes(range(256)) * (MAX_PAYLOAD // 256 * 2 + 10)
+    frames = FrameReader().feed(data_frames(Kind.STDOUT, 1, data))
+    assert [len(f.payload) for f in frames] == [MAX_PAYLOAD, MAX_PAYLOAD, 2560]
+    assert b"".join(f.payload for f in frames) == data
+    with pytest.raises(ValueError, match="at most"):
+        frame(Kind.STDOUT, 1, bytes(MAX_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize(
+    ("wire", "error"),
+    [
+        (HEADER.pack(99, 1, 0), "unknown frame kind 99"),
+        (HEADER.pack(Kind.STDOUT, 1, MAX_PAYLOAD + 1), "at most"),
+        (frame(Kind.OPEN, 1, b"{not json"), "not JSON"),
+        (frame(Kind.OPEN, 1, b'{"verb": "x"}'), "lacks"),
+        (frame(Kind.CREDIT, 1, b"12"), "CREDIT frame of 2 bytes"),
+    ],
+)
+def test_a_broken_peer_is_a_frame_error(wire: bytes, error: str) -> None:
+    with pytest.raises(FrameError, match=error):
+        for each in FrameReader().feed(wire):
+            if each.kind is Kind.OPEN:
+                OpenRequest.decode(each.payload)
+            else:
+                each.count()
