@@ -140,7 +140,9 @@ def _add_pki_commands(commands: Any, command: Command) -> None:
     )
     sub = command(pki, "init", _pki_init, "make a CA (DIR/ca.pem, DIR/ca.key)")
     sub.add_argument("dir", metavar="DIR")
-    sub.add_argument("--name", default="kilnproxy CA", help="the CA's common name")
+    sub.add_argument(
+        "--name", help="the CA's common name (default: kilnproxy CA and a random suffix)"
+    )
     sub = command(pki, "issue", _pki_issue, "issue an agent's or a proxy's certificate")
     sub.add_argument("out", metavar="OUT", help="writes OUT.pem and OUT.key")
     sub.add_argument("--ca", required=True, metavar="DIR", help="the CA made by `pki init`")

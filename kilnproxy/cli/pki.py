@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -45,8 +46,11 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def init_ca(directory: Path, name: str) -> list[str]:
-    """DIR/ca.pem and DIR/ca.key: a CA that signs agents' and proxies' certificates."""
+def init_ca(directory: Path, name: str | None) -> list[str]:
+    """DIR/ca.pem and DIR/ca.key: a CA that signs agents' and proxies' certificates.
+
+    Without a name: "kilnproxy CA" and a random suffix (two CAs of one name are easily confused)."""
+    name = name or f"kilnproxy CA {secrets.token_hex(4)}"
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -61,6 +65,7 @@ def init_ca(directory: Path, name: str) -> list[str]:
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
         )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
     _write_new(directory / "ca.key", _key_pem(key), 0o600)
@@ -110,6 +115,11 @@ def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> li
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        # Names the CA's key, so a bundle of several CAs of the same name still finds the right one.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
     )
     if kind == "agent":
         builder = builder.add_extension(

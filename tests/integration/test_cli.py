@@ -191,3 +191,24 @@ def test_pki_makes_a_ca_and_certificates_once(
         again.stderr.decode()
         == f"kilnproxy: error: {pki / 'ca.key'} exists already; not overwriting it\n"
     )
+
+
+def test_pki_certificates_find_their_ca_in_a_bundle_of_same_named_cas(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """While one CA replaces another, a `ca` file holds both; their names may be the same."""
+    _, env = cli
+    for name in ("old", "new"):
+        assert (
+            kp(env, "pki", "init", "--name", "kilnproxy CA", str(tmp_path / name)).returncode == 0
+        )
+    kp(env, "pki", "issue", "--ca", str(tmp_path / "new"), "--kind", "proxy", "--name", "p1",
+       str(tmp_path / "proxy"))  # fmt: skip
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        (tmp_path / "old/ca.pem").read_bytes() + (tmp_path / "new/ca.pem").read_bytes()
+    )
+    verified = run(["openssl", "verify", "-CAfile", str(bundle), str(tmp_path / "proxy.pem")])
+    assert verified.stdout.decode().endswith(": OK\n")
+    default_names = {kp(env, "pki", "init", str(tmp_path / d)).stdout for d in ("c1", "c2")}
+    assert len(default_names) == 2 and all(b"kilnproxy CA " in n for n in default_names)
