@@ -468,7 +468,7 @@ def plot(f: dict[str, Any], target: Path) -> None:
     # E's agent, on the storage server: beside E's proxy CPU, not part of it.
     axes[5].bar(["E agent"], [f["agent_cpu_seconds_per_gb"]["relay"]], color=colors[4],
                 hatch="//", fill=False, edgecolor=colors[4])  # fmt: skip
-    axes[5].set_title("proxy CPU s per GB relayed")
+    axes[5].set_title("proxy CPU s per GB relayed (hatched: E's agent)")
     m = f["machine"]
     fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand · "
                  "E kilnproxy agent\n"
