@@ -77,9 +77,11 @@ bench-quick: bench-deps
 bench-lookup: bench-deps
 	$(BIN)/python bench/lookup.py
 
-# Where a relaying worker's CPU goes (py-spy): bench/results/profile-C.txt.
+# Where a relaying worker's CPU goes (py-spy), through the ssh:// backend and through an agent:
+# bench/results/profile-C.txt and profile-E.txt.
 bench-profile: bench-deps
 	$(BIN)/python bench/profile.py --path C
+	$(BIN)/python bench/profile.py --path E
 
 # The soak (issue 12): 50 clients cloning, fetching and pushing git and hg through the ssh://
 # backend while the master is HUPed and workers are killed; bench/results/$(SOAK_NAME).{json,png}.

@@ -5,6 +5,10 @@ B: kilnproxy with the local backend serving the same repository directory.
 C: kilnproxy with that sshd as its ssh:// backend.
 D: the proxy an operator would build instead: an sshd whose ForceCommand runs
    `ssh storage "$SSH_ORIGINAL_COMMAND"`.
+E: the same kilnproxy (its one worker, C's settings) with a `kilnproxy agent` as its agent://
+   backend: a second storage server on this machine, whose base directory holds the same
+   repositories (hard links to the sshd's files: the same bytes, the same page cache). The CA
+   and the certificates are made in the run's directory (tests/agent.py Pki).
 Repositories are generated deterministically (seeded bytes, fixed dates) with fast-import.
 """
 
@@ -12,10 +16,12 @@ from __future__ import annotations
 
 import random
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from agent import Agent, Pki
 from harness import KILNPROXY, Kiln, run
 from history import Shape, history_repo
 from measure import cpu_seconds
@@ -56,9 +62,28 @@ def hg_repo(path: Path, commits: int) -> None:
     run(["hg", "-R", str(path), "update", "-q", "null"])
 
 
+class Server(Protocol):
+    def stop(self) -> object: ...
+
+
+def stop_all(servers: Iterable[Server | None]) -> None:
+    """Stop every server, even when one fails to stop (one that had already exited by itself
+    raises in tests/harness.py); then raise the first failure."""
+    failures: list[Exception] = []
+    for server in servers:
+        if server is None:
+            continue
+        try:
+            server.stop()
+        except (AssertionError, OSError) as failure:
+            failures.append(failure)
+    if failures:
+        raise failures[0]
+
+
 @dataclass
 class Paths:
-    """The four ways to the same repositories, and how a client takes each."""
+    """The five ways to the same repositories, and how a client takes each."""
 
     root: Path
     storage: Sshd
@@ -66,6 +91,11 @@ class Paths:
     kiln: Kiln
     client_key: Path
     backend_key: Path
+    pki: Pki
+    agent: Agent  # E's storage server
+
+    def stop(self) -> None:
+        stop_all((self.kiln, self.storage, self.front, self.agent))
 
     def ssh(self, path: str) -> str:
         """The ssh command a client uses on this path."""
@@ -93,8 +123,8 @@ class Paths:
             return f"ssh://root@127.0.0.1:{self.storage.port}{disk}"
         if path == "D":
             return f"ssh://root@127.0.0.1:{self.front.port}{disk}"
-        repo = f"bench/{name}-local" if path == "B" else f"bench/{name}"
-        return self.kiln.url(repo)
+        suffixes = {"B": "-local", "C": "", "E": "-agent"}
+        return self.kiln.url(f"bench/{name}{suffixes[path]}")
 
 
 def openssh_argv(key: Path, known_hosts: Path) -> list[str]:
@@ -129,7 +159,9 @@ def kiln_settings(ciphers: str | None, window: str | None) -> dict[str, dict[str
 
 
 def build(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> Paths:
-    defaults: dict[str, dict[str, Any]] = {"workers": {"count": 1}, "ssh": {"backlog": 4096}}
+    pki = Pki(root / "pki")
+    defaults: dict[str, dict[str, Any]] = {"workers": {"count": 1}, "ssh": {"backlog": 4096},
+                                           "backend_agent": pki.proxy_settings()}  # fmt: skip
     for section, values in (settings or {}).items():  # a variant's keys, section by section
         defaults[section] = defaults.get(section, {}) | values
     kiln = Kiln(root / "kiln", defaults)
@@ -145,7 +177,10 @@ def build(root: Path, settings: dict[str, dict[str, Any]] | None = None) -> Path
     run([*admin, "backends", "add", "storage", storage.url], env=kiln.server_env())
     run([*admin, "backends", "trust", "storage"], env=kiln.server_env())
     front = forcecommand_proxy(root, storage, client_key, backend_key, kiln.home)
-    return Paths(root, storage, front, kiln, client_key, backend_key)
+    agent = Agent(root / "agent", pki)
+    agent.start()
+    run([*admin, "backends", "add", "agent", agent.url], env=kiln.server_env())
+    return Paths(root, storage, front, kiln, client_key, backend_key, pki, agent)
 
 
 def forcecommand_proxy(root: Path, storage: Sshd, client_key: Path, backend_key: Path,
@@ -180,13 +215,19 @@ def write_known_hosts(sshd: Sshd, path: Path) -> None:
 
 def register(paths: Paths, name: str, vcs: str) -> None:
     """bench/NAME on the ssh backend (C) and bench/NAME-local on the local backend (B), both
-    the one repository on the storage server's disk."""
+    the one repository on the storage server's disk; bench/NAME-agent on the agent backend (E),
+    its hard-linked copy in the agent's base."""
     admin = [*KILNPROXY, "--config", str(paths.kiln.config_path)]
     env = paths.kiln.server_env()
-    disk = str(paths.storage.base / "bench" / (f"{name}.git" if vcs == "git" else name))
+    relative = Path("bench") / (f"{name}.git" if vcs == "git" else name)
+    disk, copy = paths.storage.base / relative, paths.agent.base / relative
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-al", str(disk), str(copy)])
     run([*admin, "repos", "add", f"bench/{name}", "--vcs", vcs, "--backend", "storage"], env=env)
     run([*admin, "repos", "add", f"bench/{name}-local", "--vcs", vcs, "--backend", "local",
-         "--path", disk], env=env)  # fmt: skip
+         "--path", str(disk)], env=env)  # fmt: skip
+    run([*admin, "repos", "add", f"bench/{name}-agent", "--vcs", vcs, "--backend", "agent",
+         "--path", str(copy)], env=env)  # fmt: skip
 
 
 def add_small(paths: Paths) -> int:

@@ -1,11 +1,11 @@
 """Where a relaying worker's CPU goes: py-spy on kilnproxy's worker during a raw relay.
 
 Sets up the benchmark's paths (bench/fixtures.py, bench/relay.py), relays SIZE MiB through
-path B or C once to warm up, then once more under `py-spy record`, and writes the functions that
-take the most samples, by their own time and with what they call, to
+path B, C or E (the agent:// backend) once to warm up, then once more under `py-spy record`, and
+writes the functions that take the most samples, by their own time and with what they call, to
 bench/results/profile-PATH.txt (profile-PATH-asyncssh-patch.txt with the patch), with the
-worker's write and read syscalls per MB and the machine's figures (bench/machine.py; path A is
-relayed once for its raw throughput).
+worker's write and read syscalls per MB (for E, the agent's own CPU too) and the machine's
+figures (bench/machine.py; path A is relayed once for its raw throughput).
 
     python bench/profile.py [--path C] [--mib 512] [--asyncssh-patch] [--ciphers LIST]
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import machine
-from fixtures import build, kiln_settings
+from fixtures import build, kiln_settings, stop_all
 from relay import add_raw_relay
 from run import ASYNCSSH_PATCH, RESULTS, patched_asyncssh
 
@@ -66,9 +66,17 @@ def table(title: str, counts: collections.Counter[str], total: int) -> list[str]
     return [title, *(f"{100 * n / total:5.1f}%  {name}" for name, n in counts.most_common(TOP))]
 
 
+def agent_line(run: dict[str, float]) -> list[str]:
+    """For path E: what the agent itself (on the storage server) spent on the profiled run."""
+    if "agent_cpu" not in run:
+        return []
+    return [f"The agent's own process (not the proxy; not its command): {run['agent_cpu']:.2f} "
+            "CPU s."]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--path", choices=("B", "C"), default="C")
+    parser.add_argument("--path", choices=("B", "C", "E"), default="C")
     parser.add_argument("--mib", type=int, default=512, help="MiB relayed per run")
     parser.add_argument("--ciphers", help="kilnproxy's [ssh] encryption_algs, comma-separated")
     parser.add_argument("--asyncssh-patch", action="store_true")
@@ -99,9 +107,7 @@ def main() -> None:
                 raise RuntimeError(f"py-spy wrote nothing: {errors.decode()[-500:]}")
             total, own, inclusive = aggregate(output.read_text())
         finally:
-            for server in (paths.kiln, paths.storage, paths.front):
-                server.stop()
-            raw.stop()
+            stop_all((paths, raw))
     figures = machine.machine_figures(raw.size / 1e6 / direct["seconds"])
     variant = f"ciphers {args.ciphers or 'default'}, asyncssh " + (
         f"with {ASYNCSSH_PATCH.name}" if args.asyncssh_patch else "as released"
@@ -113,6 +119,7 @@ def main() -> None:
         f"{total} samples; uvloop's own C code (epoll, socket reads) counts as Runner.run.",
         f"The worker's write and read syscalls per MB relayed: {run['writes'] / megabytes:.1f}, "
         f"{run['reads'] / megabytes:.1f} (bench/measure.py io_calls).",
+        *agent_line(run),
         *machine.describe(figures),
         "",
         *table("-- own time", own, total),

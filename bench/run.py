@@ -1,10 +1,12 @@
 """kilnproxy against OpenSSH, side by side, in one run: `make bench` or `make bench-quick`.
 
 Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy ssh backend,
-D an OpenSSH ForceCommand proxy. Measures, alternating the paths run by run, medians and ratios
-to A: small-clone latency, large-clone wall time (a blob-heavy repository, and a history-heavy
-one: bench/history.py), raw relay throughput and the proxy's CPU per GB relayed
-(bench/relay.py) with the worker's write and read syscalls per MB, server CPU per new
+D an OpenSSH ForceCommand proxy, E kilnproxy agent:// backend (C's kilnproxy and worker, with a
+`kilnproxy agent` as a second storage server on this machine). Measures, alternating the paths
+run by run, medians and ratios to A: small-clone latency, large-clone wall time (a blob-heavy
+repository, and a history-heavy one: bench/history.py), raw relay throughput and the proxy's CPU
+per GB relayed (bench/relay.py) with the worker's write and read syscalls per MB (and, apart,
+E's agent's own CPU per GB: it runs on the storage server, not the proxy), server CPU per new
 authenticated connection (kilnproxy's one worker against sshd), memory per idle connection and
 per active session, hg clone, the proxy CPU per GB cloned by each SSH client family through C
 (bench/per_client.py), and the cost of a directory lookup (bench/lookup.py: TCP connect to
@@ -54,10 +56,11 @@ from fixtures import (
     kiln_settings,
     plain_sshd,
     server_cpu,
+    stop_all,
 )
 from harness import Kiln, finish_upload_pack, hold_upload_pack
 from lookup import measure_lookups
-from measure import clone, rss, uss
+from measure import clone, cpu_seconds, rss, uss
 from per_client import client_rows, client_table
 from relay import RawRelay, add_raw_relay
 from sshd import Sshd
@@ -67,7 +70,7 @@ from kilnproxy.version import build_info
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 ASYNCSSH_PATCH = BENCH / "asyncssh-hotpath.patch"
-PATHS = ("A", "B", "C", "D")
+PATHS = ("A", "B", "C", "D", "E")
 PROFILES: dict[str, dict[str, int]] = {
     "quick": {"small_rounds": 5, "large_rounds": 2, "large_commits": 600, "large_blob": 70_000,
               "history_commits": 3000, "hg_commits": 300, "hg_rounds": 3, "connections": 100,
@@ -86,17 +89,26 @@ def proxy_cpu(paths: Paths, path: str) -> float:
     return server_cpu(paths.front if path == "D" else paths.kiln)
 
 
+def agent_cpu(paths: Paths) -> float:
+    """CPU seconds of E's agent process itself (not the git and hg it runs, as A's sshd's are
+    not counted either): what the storage server pays for the agent."""
+    assert paths.agent.proc is not None
+    return cpu_seconds([paths.agent.proc.pid])
+
+
 def clones(paths: Paths, name: str, vcs: str, rounds: int) -> dict[str, list[dict[str, float]]]:
-    """Clone through A, B, C, D in turn, `rounds` times; time, proxy CPU and bytes of each."""
+    """Clone through A to E in turn, `rounds` times; time, proxy CPU and bytes of each, and
+    for E the agent's CPU."""
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
     for _ in range(rounds):
         for path in PATHS:
             target = paths.root / f"clone-{path}"
-            before = proxy_cpu(paths, path)
+            before, agent_before = proxy_cpu(paths, path), agent_cpu(paths)
             seconds = clone(paths.clone_argv(path, name, vcs), paths.env(path), target)
             time.sleep(0.3)  # let per-connection processes exit and be counted
             size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
             runs[path].append({"seconds": seconds, "cpu": proxy_cpu(paths, path) - before,
+                               "agent_cpu": agent_cpu(paths) - agent_before,
                                "bytes": size})  # fmt: skip
     return runs
 
@@ -232,11 +244,7 @@ def main() -> None:
             raw = add_raw_relay(paths, profile["relay_bytes"], settings)
             figures = measure_all(paths, plain, raw, profile)
         finally:
-            for server in (paths.kiln, paths.storage, paths.front, plain):
-                if server is not None:
-                    server.stop()
-            if raw is not None:
-                raw.stop()
+            stop_all((paths, plain, raw))
     # Once the servers have stopped: the send+recv pairs are timed on a machine at rest.
     figures["machine"] = machine.machine_figures(figures["relay_mb_per_s"]["A"])
     with tempfile.TemporaryDirectory() as tmp:  # its own servers, once the others have stopped
@@ -268,7 +276,7 @@ def lookups(root: Path, connections: int) -> dict[str, float]:
 
 
 def relays(raw: RawRelay, rounds: int) -> dict[str, list[dict[str, float]]]:
-    """Relay through A, B, C, D in turn, `rounds` times."""
+    """Relay through A to E in turn, `rounds` times."""
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
     for _ in range(rounds):
         for path in PATHS:
@@ -300,19 +308,29 @@ def measure_all(
         seconds = figures[f"{label}_clone_seconds"]
         figures[f"{label}_clone_ratio_local"] = seconds["B"] / seconds["A"]
         figures[f"{label}_clone_ratio_ssh"] = seconds["C"] / seconds["A"]
-    figures["small_clone_ratio_ssh"] = (figures["small_clone_seconds"]["C"]
-                                        / figures["small_clone_seconds"]["A"])  # fmt: skip
+        figures[f"{label}_clone_ratio_agent"] = seconds["E"] / seconds["A"]
+    small_seconds = figures["small_clone_seconds"]
+    figures["small_clone_ratio_ssh"] = small_seconds["C"] / small_seconds["A"]
+    figures["small_clone_ratio_agent"] = small_seconds["E"] / small_seconds["A"]
     gigabytes = raw.size / 1e9
     figures["relay_mb_per_s"] = {p: raw.size / 1e6 / figures["relay_seconds"][p] for p in PATHS}
-    cpu_per_gb = {p: median(relayed[p], "cpu") / gigabytes for p in "BCD"}
+    cpu_per_gb = {p: median(relayed[p], "cpu") / gigabytes for p in "BCDE"}
     figures["proxy_cpu_seconds_per_gb"] = cpu_per_gb
     figures["relay_cpu_ratio_ssh_vs_forcecommand"] = cpu_per_gb["C"] / cpu_per_gb["D"]
+    figures["relay_cpu_ratio_agent_vs_forcecommand"] = cpu_per_gb["E"] / cpu_per_gb["D"]
     megabytes = raw.size / 1e6
     for calls in ("writes", "reads"):
-        figures[f"{calls}_per_mb"] = {p: median(relayed[p], calls) / megabytes for p in "BC"}
-    clone_cpu = {p: median(large[p], "cpu") / (median(large[p], "bytes") / 1e9) for p in "BCD"}
+        figures[f"{calls}_per_mb"] = {p: median(relayed[p], calls) / megabytes for p in "BCE"}
+    cloned_gb = {p: median(large[p], "bytes") / 1e9 for p in PATHS}
+    clone_cpu = {p: median(large[p], "cpu") / cloned_gb[p] for p in "BCDE"}
     figures["clone_cpu_seconds_per_gb"] = clone_cpu
     figures["clone_cpu_ratio_ssh_vs_forcecommand"] = clone_cpu["C"] / clone_cpu["D"]
+    figures["clone_cpu_ratio_agent_vs_forcecommand"] = clone_cpu["E"] / clone_cpu["D"]
+    # E's agent runs on the storage server: its CPU is not the proxy's, reported apart.
+    figures["agent_cpu_seconds_per_gb"] = {
+        "relay": median(relayed["E"], "agent_cpu") / gigabytes,
+        "large_clone": median(large["E"], "agent_cpu") / cloned_gb["E"],
+    }
     figures["clients"] = client_rows(paths, profile["client_rounds"])
     figures |= asyncio.run(connection_cost(paths, plain, profile["connections"]))
     figures["conn_cpu_ratio_vs_sshd"] = (figures["kilnproxy_cpu_ms_per_conn"]
@@ -333,6 +351,9 @@ TARGETS = [
     ("large_clone_ratio_ssh", "large clone C/A", "<= 1.10", 1.10),
     ("small_clone_ratio_ssh", "small clone C/A", "<= 1.0", 1.0),
     ("relay_cpu_ratio_ssh_vs_forcecommand", "proxy CPU per GB relayed, C/D", "<= 0.75", 0.75),
+    ("relay_cpu_ratio_agent_vs_forcecommand", "proxy CPU per GB relayed, E/D", "<= 0.5", 0.5),
+    ("large_clone_ratio_agent", "large clone E/A", "<= 1.03", 1.03),
+    ("small_clone_ratio_agent", "small clone E/A", "<= 0.6", 0.6),
     ("idle_conn_kb", "KiB per idle connection", "<= 32", 32),
     ("active_session_kb", "KiB per active session", "<= 512", 512),
     ("conn_cpu_ratio_vs_sshd", "CPU per new connection / sshd", "<= 0.67", 0.67),
@@ -353,8 +374,8 @@ def markdown(f: dict[str, Any]) -> str:
     for key, label, target, bound in TARGETS:
         value = float(f[key])
         lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if value <= bound else 'no'} |")
-    lines += ["", "| median seconds | A direct | B local | C ssh | D ForceCommand |",
-              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += ["", "| median seconds | A direct | B local | C ssh | D ForceCommand | E agent |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for label in ("small_clone", "large_clone", "history_clone", "hg_clone", "relay"):
         row = f[f"{label}_seconds"]
         lines.append(
@@ -366,15 +387,22 @@ def markdown(f: dict[str, Any]) -> str:
     sizes = f["repository_bytes"]
     lines += ["", f"History clone (many small objects, a {sizes['history'] / 1e6:.0f} MB pack; "
               f"large: {sizes['large'] / 1e6:.0f} MB of blobs): C/A "
-              f"{f['history_clone_ratio_ssh']:.2f}, B/A {f['history_clone_ratio_local']:.2f} "
-              f"(large: C/A {f['large_clone_ratio_ssh']:.2f}, B/A "
-              f"{f['large_clone_ratio_local']:.2f})."]  # fmt: skip
+              f"{f['history_clone_ratio_ssh']:.2f}, B/A {f['history_clone_ratio_local']:.2f}, "
+              f"E/A {f['history_clone_ratio_agent']:.2f} (large: C/A "
+              f"{f['large_clone_ratio_ssh']:.2f}, B/A {f['large_clone_ratio_local']:.2f}, "
+              f"E/A {f['large_clone_ratio_agent']:.2f})."]  # fmt: skip
+    agent = f["agent_cpu_seconds_per_gb"]
     lines += ["", f"Raw relay ({relayed:.0f} MiB of zeros): " + ", ".join(
                   f"{p} {rate[p]:.0f} MB/s" for p in PATHS) + ".",
-              f"Proxy CPU seconds per GB, raw relay: B {cpu['B']:.2f}, C {cpu['C']:.2f}, "
-              f"D {cpu['D']:.2f}; during the large clone: B {clone_cpu['B']:.2f}, "
-              f"C {clone_cpu['C']:.2f}, D {clone_cpu['D']:.2f} (C/D "
-              f"{f['clone_cpu_ratio_ssh_vs_forcecommand']:.2f}).",
+              "Proxy CPU seconds per GB, raw relay: " + ", ".join(
+                  f"{p} {cpu[p]:.2f}" for p in "BCDE") + " (E/D "
+              f"{f['relay_cpu_ratio_agent_vs_forcecommand']:.2f}); during the large clone: "
+              + ", ".join(f"{p} {clone_cpu[p]:.2f}" for p in "BCDE") + " (C/D "
+              f"{f['clone_cpu_ratio_ssh_vs_forcecommand']:.2f}, E/D "
+              f"{f['clone_cpu_ratio_agent_vs_forcecommand']:.2f}).",
+              f"E's agent process (on the storage server, not counted in the proxy's CPU; not "
+              f"the git it runs): {agent['relay']:.2f} CPU s per GB of the raw relay, "
+              f"{agent['large_clone']:.2f} per GB of the large clone.",
               f"Server CPU per new connection: kilnproxy {f['kilnproxy_cpu_ms_per_conn']:.2f} ms "
               f"({f['kilnproxy_conn_per_s']:.0f}/s), sshd {f['sshd_cpu_ms_per_conn']:.2f} ms "
               f"({f['sshd_conn_per_s']:.0f}/s).",
@@ -398,7 +426,7 @@ def syscalls_line(f: dict[str, Any]) -> str:
     each = [
         f"{p} {writes[p]:.1f} writes, {reads[p]:.1f} reads ({writes[p] / packets:.2f} and "
         f"{reads[p] / packets:.2f} per 32 KiB packet)"
-        for p in "BC"
+        for p in "BCE"
     ]
     return (
         "Worker syscalls per MB of the raw relay (its own threads' write/writev and read/readv, "
@@ -426,7 +454,7 @@ def plot(f: dict[str, Any], target: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 6, figsize=(24, 4))
-    colors = ["#6b7785", "#2563eb", "#16a34a", "#dc2626"]
+    colors = ["#6b7785", "#2563eb", "#16a34a", "#dc2626", "#9333ea"]
     labels = ("small_clone", "large_clone", "history_clone", "hg_clone")
     for ax, label in zip(axes[:4], labels, strict=True):
         row = f[f"{label}_seconds"]
@@ -436,10 +464,14 @@ def plot(f: dict[str, Any], target: Path) -> None:
     axes[4].bar(PATHS, [rate[p] for p in PATHS], color=colors)
     axes[4].set_title("raw relay (MB/s)")
     cpu = f["proxy_cpu_seconds_per_gb"]
-    axes[5].bar(["B", "C", "D"], [cpu[p] for p in "BCD"], color=colors[1:])
-    axes[5].set_title("proxy CPU s per GB relayed")
+    axes[5].bar(["B", "C", "D", "E"], [cpu[p] for p in "BCDE"], color=colors[1:])
+    # E's agent, on the storage server: beside E's proxy CPU, not part of it.
+    axes[5].bar(["E agent"], [f["agent_cpu_seconds_per_gb"]["relay"]], color=colors[4],
+                hatch="//", fill=False, edgecolor=colors[4])  # fmt: skip
+    axes[5].set_title("proxy CPU s per GB relayed (hatched: E's agent)")
     m = f["machine"]
-    fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand\n"
+    fig.suptitle("A direct sshd · B kilnproxy local · C kilnproxy ssh · D sshd ForceCommand · "
+                 "E kilnproxy agent\n"
                  f"{m['cpu_model']}: raw relay A {m['raw_relay_a_mb_per_s']:.0f} MB/s, send+recv "
                  f"pair {m['send_recv_pair_us_64b']:.2f} us (64 B)")  # fmt: skip
     fig.tight_layout()

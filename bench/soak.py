@@ -369,8 +369,7 @@ def main() -> None:
         try:
             figures = soak(paths, args.minutes, args.clients)
         finally:
-            for server in (paths.kiln, paths.storage, paths.front):
-                server.stop()
+            paths.stop()
         figures["server_log"] = log_digest(paths.kiln.log())
     figures |= {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - started), "versions": versions()}  # fmt: skip

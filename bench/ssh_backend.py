@@ -32,9 +32,7 @@ def main() -> None:
             add_small(paths)
             results = measure(paths, rounds)
         finally:
-            paths.kiln.stop()
-            paths.storage.stop()
-            paths.front.stop()
+            paths.stop()
     report(results, rounds)
 
 
