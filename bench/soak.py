@@ -7,22 +7,31 @@ hg push (each client its own hg repository: Mercurial answers concurrent pushes 
 with its own "remote repository changed while pushing - please try again", a race between
 clients, not a fault of the proxy; the 3-minute run in bench/results/soak-3min.json had 2) until
 the end. Meanwhile the master gets a SIGHUP every 2 minutes and one worker a SIGKILL
-every 5 minutes (both scaled down in shorter runs, so each happens several times). Each client
-connects from its own loopback address, so the connection table tells which client a killed
-worker was serving: an operation failing within KILL_WINDOW of a kill that was on that worker
-counts apart ("killed"); any other failure is a failure, its stderr kept. Every minute (at least
-10 samples a run) it records each worker's RSS, fds, asyncio tasks and sessions, and writes
-bench/results/NAME.json and NAME.png (NAME is `soak` unless given).
+every 5 minutes (both scaled down in shorter runs, so each happens several times).
 
-    python bench/soak.py [--minutes N] [--clients N] [--name NAME]
+Which operations a kill cut is proved, not guessed from timing. kilnproxy logs JSON lines here,
+each with the pid of the process that wrote it, and each client connects from its own loopback
+address (`ssh -b`, for git and hg alike): so the log names, for every operation, the session its
+connection opened, the worker pid that accepted it, and how it ended (its access line). An
+operation counts apart ("killed") only if one of its sessions was accepted by a worker pid that
+was then SIGKILLed and never wrote its access line. Any other failure is a failure, kept with its
+stderr, sessions, pid and worker. Per kill, the results also give the sessions the master's
+connection table gave that slot just before the kill (the table is fed by heartbeats: a session
+younger than a beat is not in it yet, so the log is the proof, the table a cross-check).
 
-It never runs as part of the tests and never touches anything outside its temporary directory
-and bench/results.
+Every minute (at least 10 samples a run) it records each worker's RSS, fds, asyncio tasks and
+sessions, and writes bench/results/NAME.json and NAME.png (NAME is `soak` unless given).
+
+    python bench/soak.py [--minutes N] [--clients N] [--name NAME] [--log FILE]
+
+It never runs as part of the tests and never touches anything outside its temporary directory,
+bench/results and the --log file it is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -35,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -276,13 +286,23 @@ def sample(paths: Paths, ledger: Ledger, t0: float) -> dict[str, Any]:
             "workers": workers}  # fmt: skip
 
 
-def its_sessions(op: Op, logged: dict[str, dict[str, Any]]) -> list[str]:
+def by_address(logged: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, str]]]:
+    """The logged sessions of each client address, (opened, id) in the order they opened."""
+    out: dict[str, list[tuple[float, str]]] = {}
+    for sid, session in logged.items():
+        out.setdefault(session["ip"], []).append((session["opened"], sid))
+    for rows in out.values():
+        rows.sort()
+    return out
+
+
+def its_sessions(op: Op, index: dict[str, list[tuple[float, str]]]) -> list[str]:
     """The sessions kilnproxy's log shows the operation's client opening while it ran (its
     client is one thread with its own address, so only this operation's connection)."""
-    low, high = op.wall_started - CLOCK_SLACK, op.wall_ended + CLOCK_SLACK
-    return sorted((sid for sid, s in logged.items()
-                   if s["ip"] == address(op.client) and low <= s["opened"] <= high),
-                  key=lambda sid: logged[sid]["opened"])  # fmt: skip
+    rows = index.get(address(op.client), [])
+    low = bisect.bisect_left(rows, (op.wall_started - CLOCK_SLACK, ""))
+    high = bisect.bisect_right(rows, (op.wall_ended + CLOCK_SLACK, "~"))
+    return [sid for _, sid in rows[low:high]]
 
 
 def cut_by_kill(session: dict[str, Any], kills: list[Kill]) -> Kill | None:
@@ -301,11 +321,14 @@ def tally(ledger: Ledger, t0: float, logged: dict[str, dict[str, Any]]) -> dict[
     failures: list[dict[str, Any]] = []
     killed: list[dict[str, Any]] = []
     slots = {pid: entry["index"] for pid, entry in ledger.seen.items()}
+    index = by_address(logged)
+    verdicts: dict[str, str] = {}  # session id -> the verdict on the operation it served
     for op in ledger.ops:
-        mine = its_sessions(op, logged) if not op.ok else []
+        mine = its_sessions(op, index)
         cuts = [(sid, kill) for sid in mine if (kill := cut_by_kill(logged[sid], ledger.kills))]
         verdict = "ok" if op.ok else "killed" if cuts else "failed"
         counts[op.kind][verdict] += 1
+        verdicts |= dict.fromkeys(mine, verdict)
         if verdict == "ok":
             continue
         entry = {"kind": op.kind, "client": op.client, "address": address(op.client),
@@ -322,26 +345,30 @@ def tally(ledger: Ledger, t0: float, logged: dict[str, dict[str, Any]]) -> dict[
         elif len(failures) < KEPT_FAILURES:
             failures.append(entry | {"stderr": op.stderr[-400:]})
     totals = {v: sum(c[v] for c in counts.values()) for v in ("ok", "failed", "killed")}
-    evidence = kill_evidence(ledger, t0, logged)
+    evidence = kill_evidence(ledger, t0, logged, verdicts)
     return {"operations": counts, "totals": totals, "failures": failures,
             "killed_operations": killed, "kill_evidence": evidence}  # fmt: skip
 
 
-def kill_evidence(ledger: Ledger, t0: float, logged: dict[str, dict[str, Any]]) -> list[Any]:
+def kill_evidence(ledger: Ledger, t0: float, logged: dict[str, dict[str, Any]],
+                  verdicts: dict[str, str]) -> list[Any]:  # fmt: skip
     """Per kill: the sessions the connection table gave the victim's slot just before it, those
-    of them the log shows on the victim's pid, and every session the log shows that pid
-    accepting and never ending (each one an operation cut by the kill)."""
+    of them the log shows on the victim's pid, every session the log shows that pid accepting
+    and never ending (cut by the kill), and the verdicts on the operations those served (an hg
+    operation may have had all it needed when cut: it ignores ssh's exit status)."""
     out = []
     for kill in ledger.kills:
         cut = sorted(sid for sid, s in logged.items() if cut_by_kill(s, [kill]))
         table_on_pid = sorted(
             sid for sid in kill.sessions if logged.get(sid, {}).get("pid") == kill.pid
         )
+        served = Counter(verdicts.get(sid, "no operation") for sid in cut)
         out.append({"t": round(kill.at - t0, 1), "index": kill.index, "pid": kill.pid,
                     "table_sessions_on_slot": len(kill.sessions),
                     "table_sessions_on_pid": len(table_on_pid),
                     "cut_sessions": len(cut),
                     "cut_not_in_table": sorted(set(cut) - set(table_on_pid)),
+                    "cut_operations": dict(served),
                     "cut_addresses": sorted({logged[sid]["ip"] for sid in cut})})  # fmt: skip
     return out
 
@@ -420,8 +447,9 @@ def summary(f: dict[str, Any]) -> str:
                  f"access outcomes {log['access_outcomes']}")  # fmt: skip
     for kill in f["kill_evidence"]:
         lines.append(f"  kill at {kill['t']} s of worker {kill['index']} (pid {kill['pid']}): "
-                     f"{kill['cut_sessions']} sessions cut, {kill['table_sessions_on_pid']} of "
-                     f"them in its table row just before")  # fmt: skip
+                     f"{kill['cut_sessions']} sessions cut (their operations: "
+                     f"{kill['cut_operations']}), {kill['table_sessions_on_pid']} of them in "
+                     f"the connection table just before")  # fmt: skip
     for failure in f["failures"][:5]:
         where = ", ".join(f"{s['session']} on pid {s['pid']} ({s['outcome']})"
                           for s in failure["sessions"]) or "no session in the log"  # fmt: skip
