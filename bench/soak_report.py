@@ -7,8 +7,10 @@ file it is given); it never talks to the servers.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +80,72 @@ def growth(
     return out
 
 
+def log_records(text: str) -> list[dict[str, Any]]:
+    """The records of a kilnproxy log written with `[log] format = "json"` (one object a line;
+    a line that is not one, such as a worker's fault output, is left out)."""
+    records = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def epoch(stamp: str) -> float:
+    """A log record's `time` (`2026-11-29T17:28:53.968Z`) as seconds since the epoch."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def sessions(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every session the log names, by id: the pid of the worker that accepted it, the client's
+    address and port, when it connected, and how it ended (its access line's outcome and exit,
+    None if it has none: a session whose worker was killed never writes one)."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        session = record.get("session")
+        if not isinstance(session, str):
+            continue
+        message = str(record.get("message", ""))
+        if message.startswith("connection from "):
+            ip, _, port = message.removeprefix("connection from ").rpartition(":")
+            out[session] = {"pid": record.get("pid"), "ip": ip, "port": port,
+                            "opened": epoch(str(record["time"])), "outcome": None,
+                            "exit": None, "verbs": []}  # fmt: skip
+        elif message.startswith("access ") and session in out:
+            out[session]["outcome"] = record.get("outcome")
+            out[session]["exit"] = record.get("exit")
+            if record.get("verb"):
+                out[session]["verbs"].append(record["verb"])
+    return out
+
+
 def log_digest(text: str) -> dict[str, Any]:
-    """What kilnproxy's own log says about the run: access lines by outcome, lines by level,
-    tracebacks, and each kind of warning and error (to explain a failed operation)."""
-    outcomes: Counter[str] = Counter(re.findall(r"^\S+ \w+ \S+ \[\w+\] access .* outcome=(\S+)",
-                                                text, re.M))  # fmt: skip
-    levels: Counter[str] = Counter(re.findall(r"^\S+Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ",
-                                              text, re.M))  # fmt: skip
+    """What kilnproxy's own (JSON) log says about the run: access lines by outcome, lines by
+    level, tracebacks (in records, or plain text such as a worker's fault output), and each kind
+    of warning and error (to explain a failed operation)."""
+    records = log_records(text)
+    plain = "\n".join(line for line in text.splitlines() if not line.startswith("{"))
+    outcomes: Counter[str] = Counter(
+        str(r.get("outcome")) for r in records if str(r.get("message", "")).startswith("access ")
+    )
+    levels: Counter[str] = Counter(str(r.get("level", "?")).upper() for r in records)
     # Warnings and errors by kind (numbers masked): how many of each, and the first of each.
     kinds: dict[str, dict[str, Any]] = {}
-    for line in text.splitlines():
-        if re.match(r"^\S+Z (WARNING|ERROR|CRITICAL) ", line):
+    for r in records:
+        if str(r.get("level")) in ("warning", "error", "critical"):
+            line = f"{r.get('time')} {str(r.get('level')).upper()} {r.get('logger')} " + str(
+                r.get("message")
+            )
             kind = re.sub(r"\d+", "N", line.split(" ", 1)[1])
             kinds.setdefault(kind, {"count": 0, "first": line})["count"] += 1
     return {"access_outcomes": dict(outcomes), "levels": dict(levels),
-            "tracebacks": text.count("Traceback (most recent call last)"),
+            "tracebacks": sum("traceback" in r for r in records)
+            + plain.count("Traceback (most recent call last)"),
             "warnings_and_errors": list(kinds.values())[:KEPT_LOG_LINES]}  # fmt: skip
 
 

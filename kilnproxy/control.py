@@ -577,7 +577,12 @@ class Channel:
         try:
             line = await self._reader.readline()
             return decoder(line) if line else None
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+        except ConnectionError as exc:
+            # The other process died (a worker SIGKILLed while the master wrote to it): its
+            # end says why (the master logs the worker's exit status); no protocol was broken.
+            log.warning("control channel lost: %s", exc)
+            return None
+        except (asyncio.LimitOverrunError, ValueError) as exc:
             # ValueError: a ProtocolError, or a line over MAX_LINE (readline's own)
             log.error("control channel broken: %s", exc)
             return None

@@ -282,6 +282,27 @@ def test_a_broken_peer_reads_as_gone() -> None:
     assert asyncio.run(exchange()) == [Ready(pid=1), None]
 
 
+def test_a_peer_that_died_reads_as_gone_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A worker SIGKILLed while the master writes to it (the soak's HUP and kill at one moment):
+    the channel reads as gone, logged as lost (a warning), not as a broken protocol (an error)."""
+
+    async def exchange() -> object:
+        ours, theirs = socket.socketpair()
+        channel = await ToWorker.open(ours)
+        theirs.close()
+        for _ in range(50):  # the first writes may be buffered; one meets the closed end
+            channel.send(KillSession("0badf00d"))
+            await asyncio.sleep(0)
+        received = await channel.receive()
+        channel.close()
+        return received
+
+    assert asyncio.run(exchange()) is None
+    levels = {r.levelname for r in caplog.records if r.name == "kilnproxy.control"}
+    assert levels == {"WARNING"}, caplog.text
+    assert "control channel lost" in caplog.text
+
+
 def test_a_message_sent_the_wrong_way_breaks_the_channel() -> None:
     async def exchange() -> list[object]:
         ours, theirs = socket.socketpair()
