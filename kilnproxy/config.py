@@ -204,6 +204,13 @@ def positive_int(raw: object, home: Path) -> int:
     return raw
 
 
+def growth_factor(raw: object, home: Path) -> float:
+    """A factor over a baseline, from 1.1 up; 0 for never."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not (raw == 0 or raw >= 1.1):
+        raise ValueError(f"expected a factor of at least 1.1, or 0 for never, got {raw!r}")
+    return float(raw)
+
+
 def worker_count(raw: object, home: Path) -> int:
     if raw == "auto":
         return os.cpu_count() or 1
@@ -456,6 +463,15 @@ class LimitSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     count: int = setting(worker_count, "auto", "Worker processes; `auto` is one per CPU.")
+    recycle_rss_factor: float = setting(
+        growth_factor,
+        2.0,
+        "Replace a worker gracefully (one step of a rolling restart: its replacement is ready "
+        "before it drains) once its RSS has stayed above this many times its RSS just after "
+        "start for 10s while the host has no pre-auth flood (at most 10 unauthenticated "
+        "connections per worker); one at a time. What a flood leaves mapped is given back "
+        "this way. 0: never.",
+    )
 
 
 @dataclass(frozen=True)

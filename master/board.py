@@ -71,6 +71,7 @@ class StatusBoard:
         self.generation = 0
         self.stopping = False
         self.restarts = 0  # workers that died and were replaced
+        self.recycles = 0  # workers replaced for their memory ([workers] recycle_rss_factor)
         self.table = ConnectionTable()
         self.memory = MemoryHistory()
         self.retired = MetricsSnapshot()  # what workers that are gone had counted

@@ -42,6 +42,11 @@ class MasterCollector(Collector):
         yield CounterMetricFamily(
             "kilnproxy_worker_restarts", "Workers that died and were replaced.", board.restarts
         )
+        yield CounterMetricFamily(
+            "kilnproxy_worker_recycles",
+            "Workers replaced gracefully for their memory ([workers] recycle_rss_factor).",
+            board.recycles,
+        )
         yield _fast_path(board)
         yield _sessions_open(board.table)
         totals = board.totals()

@@ -36,6 +36,7 @@ from master.actions import NoSession, NoWorker, WorkerExited, WorkerFailed, Work
 from master.board import StatusBoard
 from master.liveness import BOOT_TIMEOUT, Escalation, Liveness, escalation
 from master.notify import Notifier
+from master.recycle import due, host_quiet, observe
 from master.workers import WorkerHandle, WorkerState, spawn
 
 log = logging.getLogger("kilnproxy.master")
@@ -222,13 +223,17 @@ class Supervisor:
         elif len(serving) > self.desired and not starting:
             self._drain_one(self._surplus(serving))
         elif not starting and self._spawning == 0:
-            old = [w for w in serving if w.generation < self.generation]
+            old = [w for w in serving if self._stale(w)]
             if old:
                 self._start(old[0].index)  # the replacement; old[0] drains once it is READY
             elif self._reloading:
                 self._reloading = False
                 self.notifier.ready()
                 log.info("rolling restart to generation %d complete", self.generation)
+
+    def _stale(self, worker: WorkerHandle) -> bool:
+        """To be replaced: of an older generation (HUP), or recycled for its memory."""
+        return worker.generation < self.generation or worker.recycling
 
     def _spawn_missing(self, serving: list[WorkerHandle], now: float) -> None:
         """Fill the lowest free slots. A slot in backoff is waited for, never skipped: taking
@@ -244,13 +249,13 @@ class Supervisor:
             self._start(index)
 
     def _surplus(self, serving: list[WorkerHandle]) -> WorkerHandle:
-        """Which worker goes: an old one whose slot has its replacement READY, else an old
-        one, else the highest index (TTOU)."""
-        current = {w.index for w in serving if w.generation == self.generation}
+        """Which worker goes: an old (or recycled) one whose slot has its replacement READY,
+        else an old one, else the highest index (TTOU)."""
+        current = {w.index for w in serving if not self._stale(w)}
 
         def order(w: WorkerHandle) -> tuple[bool, bool, int, int]:
-            replaced = w.generation < self.generation and w.index in current
-            return (not replaced, w.generation == self.generation, w.generation, -w.index)
+            replaced = self._stale(w) and w.index in current
+            return (not replaced, not self._stale(w), w.generation, -w.index)
 
         return min(serving, key=order)
 
@@ -298,6 +303,7 @@ class Supervisor:
                 self._on_ready(worker)
             case control.Heartbeat():
                 self.board.heard(worker, message)
+                self._watch_memory(worker, message.stats.rss)
             case control.Reply():
                 waiter = worker.pending.pop(message.id, None)
                 if waiter is not None and not waiter.done():
@@ -313,6 +319,26 @@ class Supervisor:
             case control.Offences():
                 for penalties in self.board.admission.offences(message):
                     self._broadcast(penalties)
+
+    def _watch_memory(self, worker: WorkerHandle, rss: int) -> None:
+        """Recycle `worker` once its memory is due (`master.recycle`), if no other worker is
+        being replaced: at most one recycle at a time, and none during a rolling restart."""
+        factor = self.config.workers.recycle_rss_factor
+        now = time.monotonic()
+        serving = [w for w in self.workers if w.serving]
+        quiet = host_quiet(self.board.admission.statistics().unauthenticated, len(serving))
+        ready = worker.state is WorkerState.READY
+        worker.memory = observe(worker.memory, rss, ready, quiet, now, factor)
+        if not due(worker.memory, now) or worker.recycling:
+            return
+        busy = any(w.state is not WorkerState.READY or self._stale(w) for w in self.workers)
+        if busy or self._spawning or self._reloading or self.stopping is not None:
+            return
+        worker.recycling = True
+        self.board.recycles += 1
+        log.info("recycling worker %d (pid %d): RSS %d MiB over %.1fx its %d MiB after start",
+                 worker.index, worker.pid, rss >> 20, factor,
+                 worker.memory.baseline >> 20)  # fmt: skip
 
     def _tell_counts(self) -> None:
         """Pass the workers' changed counts on at the end of this pass: one message per

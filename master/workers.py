@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kilnproxy.control import Reply, ToWorker
 from master.liveness import Liveness
+from master.recycle import MemoryWatch
 
 
 class WorkerState(enum.Enum):
@@ -44,6 +45,8 @@ class WorkerHandle:
     liveness: Liveness = Liveness.ANSWERING
     aborted_at: float = 0.0  # when SIGABRT was sent, once liveness is ABORTED
     pidfd: int = -1
+    memory: MemoryWatch = field(default_factory=MemoryWatch)  # its RSS against its baseline
+    recycling: bool = False  # to be replaced for its memory, as a rolling restart would
 
     @property
     def pid(self) -> int:

@@ -249,6 +249,8 @@ class StartupCounter:
             raise ValueError(f"no unauthenticated connection from {source} to discard")
         if count == 1:
             del self._by_source[source]
+            if not self._by_source:  # a dict never shrinks its table: a flood's stays
+                self._by_source = {}
         else:
             self._by_source[source] = count - 1
         self.total -= 1
@@ -268,6 +270,8 @@ class StartupCounter:
                 self._by_source[source] = now
             else:
                 self._by_source.pop(source, None)
+        if not self._by_source:  # a dict never shrinks its table: a flood's stays
+            self._by_source = {}
         self.total += delta.total
 
     def statistics(self) -> StartupCounts:

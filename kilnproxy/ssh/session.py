@@ -71,6 +71,7 @@ class SessionHost:
     def closed(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         if not self.sessions:
+            self.sessions = {}  # a dict never shrinks its table: a flood's would stay
             self.no_sessions.set()
         if self.on_close is not None:
             self.on_close(session.id)

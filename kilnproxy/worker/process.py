@@ -174,7 +174,8 @@ class WorkerProcess:
             channel.send(beat)
             # After the beat: a release blocks the loop a while, and the master's watchdog
             # counts from the last beat it had.
-            self.worker.settle_memory()
+            if self.worker.settle_memory():
+                self._sent = dict(self._sent)  # a dict never shrinks its table: a flood's
             await asyncio.sleep(HEARTBEAT)
 
     def _changed_sessions(self) -> tuple[control.SessionStats, ...]:

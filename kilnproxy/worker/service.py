@@ -68,6 +68,8 @@ class Worker:
         services = Services(self.directory, self.backends, self.metrics, self.admission)
         self.host = SessionHost(config, services)
         self._closed_at_release = 0
+        self._closed_seen = 0  # closed since the last release, as of the last settle_memory
+        self._flood_tail = False  # released for a flood: once more when its closes stop
 
     async def start(self) -> None:
         asyncio.get_running_loop().set_exception_handler(_log_loop_error)
@@ -150,14 +152,27 @@ class Worker:
         """After many connections have closed, free what they held (`release_memory`);
         whether it did. Called once a second: only once more connections have closed since
         the last release than are open now, so that its cost (a full collection, in
-        proportion to what is alive) is spread over the connections that made it needed."""
+        proportion to what is alive) is spread over the connections that made it needed;
+        and once more when a flood's closes have stopped, for the last of them (short of
+        `RELEASE_AFTER`, their cycles would wait for a collection a quiet worker never
+        makes, each pinning an arena of the flood's memory)."""
         live = len(self.host.sessions)
         closed = self.host.total - live - self._closed_at_release
-        if closed < RELEASE_AFTER or closed <= live:
+        closing, self._closed_seen = closed != self._closed_seen, closed
+        if closed >= RELEASE_AFTER and closed > live:
+            self._flood_tail = True
+        elif self._flood_tail and not closing:
+            self._flood_tail = False
+            if not closed:
+                return False
+        else:
             return False
         started = time.monotonic()
+        # A dict never shrinks its table: the flood's would stay, in the heap just trimmed.
+        self.host.sessions = dict(self.host.sessions)
         release_memory()
         self._closed_at_release += closed
+        self._closed_seen = 0
         log.info("worker %d released the memory of %d closed connections in %.2fs",
                  self.index, closed, time.monotonic() - started)  # fmt: skip
         return True
