@@ -131,6 +131,8 @@ class CutReason(enum.Enum):
     IDLE = "session idle for too long"
     MAX_SESSION = "session reached its maximum duration"
     DRAIN = "server is restarting and the drain timeout expired"
+    # The master is gone: its workers drain on their own, and nothing replaces them.
+    DRAIN_STOP = "server is shutting down and the drain timeout expired"
     SHUTDOWN = "server is shutting down"
     ADMIN = "session ended by an administrator"
 

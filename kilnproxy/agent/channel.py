@@ -24,6 +24,7 @@ from kilnproxy.backends.frames import (
     frame,
 )
 from kilnproxy.backends.local import LocalStream, start_command
+from kilnproxy.backends.wire import FlowSwitch
 from kilnproxy.errors import BackendError
 from kilnproxy.logs import SessionLog
 from kilnproxy.policy.commands import Verb
@@ -59,7 +60,7 @@ class Channel:
         self.closed = False  # CLOSE came, or the connection went: nothing more is sent
         self._window = window
         self._output_credit = request.window
-        self._output_paused = False
+        self._output_flow = FlowSwitch()  # the command's stdout and stderr are not read
         self._input_room = window  # stdin the proxy may still send
         self._input_owed = 0  # stdin passed to the pipe, not yet granted back
         self._input_held = False  # the stdin pipe is full
@@ -122,15 +123,11 @@ class Channel:
 
     def update_flow(self) -> None:
         """Read the command's output while the proxy has room for it and our socket takes it."""
-        if self.stream is None or self.closed:
+        stream = self.stream
+        if stream is None or self.closed:
             return
-        wanted = self._output_credit <= 0 or self.wire.write_paused
-        if wanted and not self._output_paused:
-            self._output_paused = True
-            self.stream.pause_output()
-        elif not wanted and self._output_paused:
-            self._output_paused = False
-            self.stream.resume_output()
+        full = self._output_credit <= 0 or self.wire.write_paused
+        self._output_flow.turn(full, stream.pause_output, stream.resume_output)
 
     def _grant_input(self) -> None:
         if not self._input_held and self._input_owed >= self._window // 4:

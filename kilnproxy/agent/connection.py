@@ -1,7 +1,10 @@
 """One proxy's TLS connection to the agent: frames in, each channel's command out.
 
 The connection owns its channels; when it goes (the proxy closed it, or the network did),
-every command still running is aborted as the local backend aborts one whose client left.
+every command still running is aborted as the local backend aborts one whose client left. When
+the agent drains, the proxy is told (DRAINING), so that it opens its next sessions elsewhere;
+an OPEN that comes all the same is refused with DRAINING, and the connection closes once its
+last command has ended.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kilnproxy.agent.channel import Channel
-from kilnproxy.backends.frames import Frame, FrameError, Kind, OpenRequest, frame
+from kilnproxy.backends.frames import CONTROL, Frame, FrameError, Kind, OpenRequest, frame
 from kilnproxy.backends.wire import FrameConnection
 
 log = logging.getLogger("kilnproxy.agent")
@@ -36,6 +39,7 @@ class ProxyConnection(FrameConnection[Channel]):
         super().__init__()
         self.host = host
         self.peer = peer
+        self.draining = False  # the proxy was told
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cert = transport.get_extra_info("peercert") or {}
@@ -76,10 +80,12 @@ class ProxyConnection(FrameConnection[Channel]):
             raise FrameError(f"channel {each.channel} opened twice")
         request = OpenRequest.decode(each.payload)
         channel = Channel(self, each.channel, request, self.host.window)
-        if self.host.draining:
-            channel.log.warning("refused %s (repo %s): the agent is shutting down",
-                                request.verb, request.repo)  # fmt: skip
-            self.send(frame(Kind.REFUSED, each.channel, b"the agent is shutting down"))
+        if self.host.draining:  # the proxy sent it before it heard our DRAINING
+            channel.log.info("refused %s (repo %s): the agent is draining, the proxy will try "
+                             "another connection", request.verb, request.repo)  # fmt: skip
+            self._tell_draining()
+            self.send(frame(Kind.DRAINING, each.channel))
+            self.forget(each.channel)  # closes the connection if it runs nothing
             return
         self.channels[each.channel] = channel
         self.host.start(channel)
@@ -88,3 +94,14 @@ class ProxyConnection(FrameConnection[Channel]):
         self.channels.pop(channel, None)
         if self.host.draining and not self.channels:
             self.close()
+
+    def drain(self) -> None:
+        """The agent drains: tell the proxy to open nothing more here; close if idle."""
+        self._tell_draining()
+        if not self.channels:
+            self.close()
+
+    def _tell_draining(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.send(frame(Kind.DRAINING, CONTROL))

@@ -2,9 +2,10 @@
 
 The TLS handshake is ours to await (`start_tls`), not the server's to hide: a proxy whose
 certificate is refused gets one log line here, with its address and the reason. On SIGTERM
-(or SIGINT) the agent stops accepting, closes the connections that run nothing, lets running
-commands finish for up to `[timeouts] drain`, then aborts what is left (SIGTERM to each
-command's process group, SIGKILL after the local backend's grace) and exits.
+(or SIGINT) the agent stops accepting, tells every proxy connection that it drains (the proxy
+opens its next sessions elsewhere: on the agent that replaces this one), closes those that run
+nothing, lets running commands finish for up to `[timeouts] drain`, then aborts what is left
+(SIGTERM to each command's process group, SIGKILL after the local backend's grace) and exits.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class Agent:
         conn.connection_made(tls)  # start_tls leaves that to us
         self.connections.add(conn)
         if self.draining:
-            conn.close()
+            conn.drain()
 
     def _spawn(self, work: object) -> None:
         assert asyncio.iscoroutine(work)
@@ -153,8 +154,7 @@ class Agent:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if not conn.channels:
-                conn.close()
+            conn.drain()
         if not self.connections:
             self._stop.set()
 

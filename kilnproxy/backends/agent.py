@@ -4,8 +4,10 @@ server, reached over TLS 1.3 with certificates both ways.
 Owns one Pool of TLS connections per backend; each session is a channel on one of them (the
 frames of `backends.frames`). The channel's credits map onto the relay's flow control both
 ways: output is granted back only while the relay takes it, stdin pauses the client when the
-agent has granted no more. It must never trust an agent whose certificate its CA did not sign
-for the backend's host name, and never hold more than one window of bytes per channel.
+agent has granted no more. A connection whose agent drains is retired from the pool, and a
+session the agent refused for its drain is opened once more, on another connection (the agent
+that replaced it, most often). It must never trust an agent whose certificate its CA did not
+sign for the backend's host name, and never hold more than one window of bytes per channel.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kilnproxy.backends.frames import (
     frame,
 )
 from kilnproxy.backends.pool import DialFailed, Link, Pool
-from kilnproxy.backends.wire import FrameConnection
+from kilnproxy.backends.wire import FlowSwitch, FrameConnection
 from kilnproxy.errors import BackendError
 
 log = logging.getLogger("kilnproxy.backend")
@@ -45,6 +47,10 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise DialFailed(f"cannot load [backend_agent] ca, cert or key: {exc}") from None
     return context
+
+
+class AgentDraining(BackendError):
+    """The agent refused a channel because it drains: another connection may take it."""
 
 
 class AgentConnection(FrameConnection["AgentStream"]):
@@ -77,6 +83,9 @@ class AgentConnection(FrameConnection["AgentStream"]):
     def pong(self) -> None:
         if not self.answered.done():
             self.answered.set_result(None)
+
+    def peer_draining(self) -> None:
+        self.link.pool.retire(self.link)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -133,22 +142,20 @@ AgentLink = Link[AgentConnection]
 class AgentStream:
     """One command on a channel, relaying to a BackendSink (a BackendStream)."""
 
-    def __init__(
-        self, sink: BackendSink, pool: AgentPool, link: AgentLink, repo: str, window: int
-    ) -> None:
+    def __init__(self, sink: BackendSink, link: AgentLink, repo: str, window: int) -> None:
         assert link.conn is not None
         self.sink: BackendSink | None = sink
         self.conn = link.conn
         self.channel = self.conn.open_channel(self)
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pool = pool
+        self._pool = link.pool
         self._link: AgentLink | None = link
         self._repo = repo
         self._window = window
         self._credit = 0  # stdin bytes the agent will take
         self._held = bytearray()  # stdin past the credit, sent as credit comes
         self._eof = False  # the client's EOF, sent after what is held
-        self._input_paused = False  # the relay was told to stop reading the client
+        self._input_flow = FlowSwitch()  # the relay was told to stop reading the client
         self._output_paused = False
         self._owed = 0  # output bytes passed on, not yet granted back
 
@@ -174,13 +181,25 @@ class AgentStream:
             self._end()
             if sink is not None:
                 sink.backend_finished(status)
-        elif each.kind is Kind.REFUSED:
-            reason = each.payload.decode(errors="replace")
-            self._end()
-            if not self.started.done():
-                self.started.set_exception(BackendError(self._repo, f"agent refused: {reason}"))
+        elif each.kind is Kind.REFUSED or each.kind is Kind.DRAINING:
+            self._refused(each)
         else:
             raise FrameError(f"{each.kind.name} from an agent")
+
+    def _refused(self, each: Frame) -> None:
+        """The agent did not start the command. If because it drains, the connection is retired
+        here too: its own DRAINING came first, but the retry must not depend on that."""
+        if self.started.done():
+            raise FrameError(f"{each.kind.name} on a running channel")
+        if each.kind is Kind.DRAINING:
+            error: BackendError = AgentDraining(self._repo, "agent refused: it drains")
+            if self._link is not None:
+                self._pool.retire(self._link)
+        else:
+            reason = each.payload.decode(errors="replace")
+            error = BackendError(self._repo, f"agent refused: {reason}")
+        self._end()
+        self.started.set_exception(error)
 
     def lost(self, detail: str) -> None:
         self._release()
@@ -194,15 +213,11 @@ class AgentStream:
 
     def update_flow(self) -> None:
         """Pause or resume the client as the credit and the connection's buffer allow."""
-        if self.sink is None:
+        sink = self.sink
+        if sink is None:
             return
-        wanted = self._credit <= 0 or bool(self._held) or self.conn.write_paused
-        if wanted and not self._input_paused:
-            self._input_paused = True
-            self.sink.backend_pause_input()
-        elif not wanted and self._input_paused:
-            self._input_paused = False
-            self.sink.backend_resume_input()
+        full = self._credit <= 0 or bool(self._held) or self.conn.write_paused
+        self._input_flow.turn(full, sink.backend_pause_input, sink.backend_resume_input)
 
     def _grant_output(self) -> None:
         # A quarter window at a time: one CREDIT frame per few hundred KiB, and the agent
@@ -299,10 +314,17 @@ class AgentBackend:
         self.window = window
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
+        try:
+            return await self._open(request, sink)
+        except AgentDraining:
+            # The pool no longer hands out that connection: this goes to another, dialled anew
+            # unless one has room, and is refused for good if that agent drains too.
+            log.info("backend %s: the agent drains; opening the channel on another connection",
+                     self.name)  # fmt: skip
+        return await self._open(request, sink)
+
+    async def _open(self, request: BackendRequest, sink: BackendSink) -> AgentStream:
         repo = request.route.repo
-        link = await self.pool.acquire(repo)
-        assert link.conn is not None
-        stream = AgentStream(sink, self.pool, link, repo, self.window)
         opening = OpenRequest(
             request.session_id,
             repo,
@@ -311,17 +333,15 @@ class AgentBackend:
             request.environment(),
             self.window,
         )
-        link.conn.send(opening.encode(stream.channel))
-        try:
-            async with asyncio.timeout(self.pool.dial_timeout):  # a wedged agent must not hang us
-                await stream.started
-        except TimeoutError:
-            stream.abort()
-            raise BackendError(repo, f"backend {self.name}: the agent did not answer") from None
-        except BaseException:  # refused, lost, or cancelled: the client left meanwhile
-            stream.abort()
-            raise
-        return stream
+
+        async def start(stream: AgentStream, conn: AgentConnection) -> None:
+            conn.send(opening.encode(stream.channel))
+            await stream.started  # the agent's CREDIT, or why not (refused, draining, lost)
+
+        def stream_on(link: AgentLink) -> AgentStream:
+            return AgentStream(sink, link, repo, self.window)
+
+        return await self.pool.open_channel(repo, stream_on, start)
 
     async def close(self) -> None:
         await self.pool.close()

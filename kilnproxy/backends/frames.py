@@ -11,7 +11,10 @@ grants more only once it has passed the bytes on. The proxy never sends past its
 holds the rest of a write, and stops reading its client); the agent may go past its credit by
 what it read from the command's pipe at once, and then stops reading it. So a client that stops
 reading stops the agent's command, and neither side holds much more than one window per
-channel. Rule: nothing here may block, read a socket, or know a process.
+channel. An agent that drains says so on every connection (DRAINING on CONTROL) before it
+refuses anything for it, and refuses an OPEN with DRAINING on that channel: the proxy then opens
+it on another connection, perhaps to the agent that replaced this one. Rule: nothing here may
+block, read a socket, or know a process.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from kilnproxy.errors import KilnproxyError
 HEADER = struct.Struct("!BII")  # kind, channel, payload length
 MAX_PAYLOAD = 256 * 1024
 _COUNT = struct.Struct("!I")
-CONTROL = 0  # the channel of PING and PONG: the connection itself
+CONTROL = 0  # the channel of PING, PONG and DRAINING: the connection itself
 
 
 class Kind(enum.IntEnum):
@@ -41,6 +44,9 @@ class Kind(enum.IntEnum):
     CLOSE = 9  # proxy -> agent: abort the command; nothing more comes on the channel
     PING = 10  # either way, on CONTROL: answer PONG
     PONG = 11
+    # agent -> proxy. On CONTROL: open no more channels here (running ones go on). On a channel:
+    # its OPEN was refused because the agent drains (the channel ends); try another connection.
+    DRAINING = 12
 
 
 class FrameError(KilnproxyError):

@@ -4,9 +4,12 @@ Owns the connections it dials and nothing else. Each session is a channel on a p
 (at most `max_sessions` at once), so a clone does not pay a handshake. A connection that is being
 dialled already counts its reservations, so a burst of sessions shares a few dials instead of
 each opening its own. Idle connections close after `idle` seconds (a timer, not a task); a broken
-one leaves the pool at once and the next session dials a new one. Every dial is bounded by the
-dial timeout, TCP connect and handshake together. What a connection is (an SSH connection for
-ssh://, a TLS one for agent://) is the `connect` function's business: the pool only counts.
+one leaves the pool at once and the next session dials a new one. A connection whose peer said
+it takes no new channel (an agent that drains) is retired: never handed out again, and closed
+once its last channel has ended. Every dial is bounded by the dial timeout, TCP connect and
+handshake together, and so is opening a channel on a connection (`open_channel`). What a
+connection is (an SSH connection for ssh://, a TLS one for agent://) and how a channel starts on
+it are the backend's business: the pool only counts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ log = logging.getLogger("kilnproxy.backend")
 class LinkState(enum.Enum):
     DIALING = "dialing"
     OPEN = "open"
+    DRAINING = "draining"  # open, but the peer takes no new channel: handed out no more
     CLOSED = "closed"
 
 
@@ -33,7 +37,12 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 C = TypeVar("C", bound=Closable)
+S = TypeVar("S", bound=Abortable)
 
 
 class DialFailed(KilnproxyError):
@@ -61,6 +70,7 @@ class Link(Generic[C]):
 
 
 Connect = Callable[[Link[C]], Awaitable[C]]
+_HANDED_OUT = (LinkState.DIALING, LinkState.OPEN)
 
 
 class Pool(Generic[C]):
@@ -87,7 +97,7 @@ class Pool(Generic[C]):
     async def acquire(self, repo: str) -> Link[C]:
         """A link with a free channel slot, dialing one if none has room."""
         for link in self.links:
-            if link.active < self.max_sessions and link.state is not LinkState.CLOSED:
+            if link.active < self.max_sessions and link.state in _HANDED_OUT:
                 link.active += 1
                 break
         else:
@@ -107,19 +117,64 @@ class Pool(Generic[C]):
             raise
         if link.state is not LinkState.OPEN:
             self.release(link)
-            raise BackendError(repo, failure or f"backend {self.name}: connection closed")
+            detail = failure or f"backend {self.name}: connection {link.state.value}"
+            raise BackendError(repo, detail)
         return link
+
+    async def open_channel(
+        self,
+        repo: str,
+        stream_on: Callable[[Link[C]], S],
+        start: Callable[[S, C], Awaitable[object]],
+    ) -> S:
+        """A channel for `repo`: a slot on a connection, the stream that holds it, and its start
+        (`start` raises BackendError for its own failures) within the dial timeout, so that a
+        wedged storage server cannot hang the session. However the start fails, cancelled too
+        (the client left meanwhile), the stream is aborted, which gives its slot back."""
+        link = await self.acquire(repo)
+        assert link.conn is not None
+        stream = stream_on(link)
+        try:
+            async with asyncio.timeout(self.dial_timeout):
+                await start(stream, link.conn)
+        except TimeoutError:
+            stream.abort()
+            detail = f"backend {self.name}: no channel within {self.dial_timeout:g}s"
+            raise BackendError(repo, detail) from None
+        except BaseException:
+            stream.abort()
+            raise
+        return stream
 
     def release(self, link: Link[C]) -> None:
         link.active -= 1
-        if link.active == 0 and link.state is LinkState.OPEN:
+        if link.active > 0:
+            return
+        if link.state is LinkState.OPEN:
             loop = asyncio.get_running_loop()
             link.idle_timer = loop.call_later(self.idle, self._close_idle, link)
+        elif link.state is LinkState.DRAINING:
+            self._close(link, "closing a drained connection")
+
+    def retire(self, link: Link[C]) -> None:
+        """The peer takes no new channel on `link`: sessions go to another connection, and this
+        one closes once its channels have ended."""
+        if link.state is LinkState.CLOSED or link.state is LinkState.DRAINING:
+            return
+        log.info("backend %s: the peer drains a connection (%d channel(s) on it); new sessions "
+                 "go to another", self.name, link.active)  # fmt: skip
+        link.state = LinkState.DRAINING
+        if link.active == 0:
+            self._close(link, "closing a drained connection")
 
     def _close_idle(self, link: Link[C]) -> None:
         link.idle_timer = None
-        if link.active == 0 and link.conn is not None:
-            log.info("backend %s: closing idle connection", self.name)
+        if link.active == 0:
+            self._close(link, "closing idle connection")
+
+    def _close(self, link: Link[C], why: str) -> None:
+        if link.conn is not None:
+            log.info("backend %s: %s", self.name, why)
             self.drop(link)  # ours: the connection's loss will find it gone, and not warn
             link.conn.close()
 
@@ -148,7 +203,7 @@ class Pool(Generic[C]):
             return
         finally:
             link.dial_task = None
-        if link.state is LinkState.CLOSED:  # lost during the handshake
+        if link.state is not LinkState.DIALING:  # lost, or retired, during the handshake
             link.ready.set_result(None)
             return
         link.state = LinkState.OPEN

@@ -3,12 +3,13 @@
 Owns one Pool per backend. Each request is a channel on a pooled connection: the command with
 the backend path shell-quoted, and GIT_PROTOCOL and KILNPROXY_* as `env` requests (the storage
 sshd must AcceptEnv them). The channel's flow control maps onto the relay's both ways, as the
-local backend's pipes do.
+local backend's pipes do. As the local backend and the agent do, it looks for the repository
+first (the command runs only if its path is a directory): a missing one is the storage's failure,
+said to the client as such, and never git's or hg's own words, which would show the storage path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ KEEPALIVE_COUNT = 3  # unanswered keepalives before a connection is given up
 # us a fixed amount of work. A window of a few hundred KiB ([backend_ssh] window) has it send
 # fuller packets, up to this size, without holding a transfer back on a datacenter network.
 MAX_PACKET = 256 * 1024
+# What the command exits with, having said nothing, when the repository path is not a directory
+# (sysexits' EX_NOINPUT): neither git nor hg exits with it, and each says something when it fails.
+NO_REPOSITORY = 66
 _SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ABRT": 6, "KILL": 9, "SEGV": 11, "PIPE": 13, "TERM": 15}
 
 
@@ -106,22 +110,27 @@ def ssh_pool(
 
 
 def remote_command(request: BackendRequest) -> str:
+    """What the storage sshd runs with the account's (POSIX) shell: the repository's command,
+    if its path is a directory; else nothing is said, and the status is NO_REPOSITORY."""
     path = shlex.quote(request.route.path)
     if request.verb is Verb.HG_SERVE:
-        return f"hg -R {path} serve --stdio"
-    return f"{request.verb.value} {path}"  # a git verb is the command's name
+        command = f"hg -R {path} serve --stdio"
+    else:
+        command = f"{request.verb.value} {path}"  # a git verb is the command's name
+    return f"test -d {path} || exit {NO_REPOSITORY}; exec {command}"
 
 
 class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
     """One channel on a pooled connection, relaying to a BackendSink."""
 
-    def __init__(self, sink: BackendSink, pool: SshPool, link: SshLink, repo: str) -> None:
+    def __init__(self, sink: BackendSink, link: SshLink, repo: str, path: str) -> None:
         self.sink: BackendSink | None = sink
-        self._pool = pool
         self._link: SshLink | None = link
         self._repo = repo
+        self._path = path
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._status: int | None = None
+        self._silent = True  # nothing came on stdout or stderr yet
 
     # -- asyncssh callbacks ----------------------------------------------------------------------
 
@@ -129,6 +138,7 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
         self._chan = chan
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._silent = False
         if self.sink is None:
             return
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -152,6 +162,9 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
             # while output may still be queued: a status is no proof that every byte came), or
             # the server closed the channel without a status.
             detail = f"channel lost ({exc or 'closed without exit status'})"
+            sink.backend_lost(BackendError(self._repo, detail))
+        elif self._status == NO_REPOSITORY and self._silent:
+            detail = f"repository path {self._path} does not exist"
             sink.backend_lost(BackendError(self._repo, detail))
         else:
             sink.backend_finished(self._status)
@@ -183,7 +196,7 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
     def _release(self) -> None:
         link, self._link = self._link, None
         if link is not None:
-            self._pool.release(link)
+            link.pool.release(link)
 
 
 class SshBackend:
@@ -193,14 +206,12 @@ class SshBackend:
         self.window = window
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
-        repo = request.route.repo
-        link = await self.pool.acquire(repo)
-        assert link.conn is not None
-        stream = SshStream(sink, self.pool, link, repo)
+        repo, path = request.route.repo, request.route.path
         env: dict[str | bytes, str | bytes] = {k: v for k, v in request.environment().items()}
-        try:
-            async with asyncio.timeout(self.pool.dial_timeout):  # a wedged sshd must not hang us
-                await link.conn.create_session(
+
+        async def start(stream: SshStream, conn: asyncssh.SSHClientConnection) -> None:
+            try:
+                await conn.create_session(
                     lambda: stream,
                     remote_command(request),
                     env=env,
@@ -208,13 +219,13 @@ class SshBackend:
                     window=self.window,
                     max_pktsize=MAX_PACKET,
                 )
-        except (OSError, TimeoutError, asyncssh.Error) as exc:
-            stream.abort()
-            raise BackendError(repo, f"backend {self.name}: cannot open a channel: {exc}") from exc
-        except BaseException:  # cancelled: the client left while the channel was opening
-            stream.abort()
-            raise
-        return stream
+            except (OSError, asyncssh.Error) as exc:
+                detail = f"backend {self.name}: cannot open a channel: {exc}"
+                raise BackendError(repo, detail) from exc
+
+        return await self.pool.open_channel(
+            repo, lambda link: SshStream(sink, link, repo, path), start
+        )
 
     async def close(self) -> None:
         await self.pool.close()

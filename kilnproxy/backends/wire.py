@@ -1,15 +1,18 @@
 """One connection that speaks the agent protocol (`frames`), from either end: what the proxy's
 `AgentConnection` and the agent's `ProxyConnection` share.
 
-It owns the frame decoder, the control channel (a PING is answered with a PONG), and the
-connection's write back-pressure, which it passes to every channel (`Flow.update_flow`): a full
-socket pauses them all. What a channel's frames mean is the subclass's business. It never
-interprets a channel's bytes, and never buffers beyond what is sent before the transport exists.
+It owns the frame decoder, the control channel (a PING is answered with a PONG; what a peer's
+DRAINING means is the subclass's business), and the connection's write back-pressure, which it
+passes to every channel (`Flow.update_flow`): a full socket pauses them all. Each end's channel
+turns that, and its credit, into a pause or a resume of whatever feeds it (`FlowSwitch`). What a
+channel's frames mean is the subclass's business. It never interprets a channel's bytes, and
+never buffers beyond what is sent before the transport exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
 from kilnproxy.backends.frames import CONTROL, Frame, FrameError, FrameReader, Kind, frame
@@ -18,6 +21,23 @@ from kilnproxy.backends.frames import CONTROL, Frame, FrameError, FrameReader, K
 class Flow(Protocol):
     def update_flow(self) -> None:
         """The connection's write buffer filled or drained: pause or resume as it allows."""
+
+
+class FlowSwitch:
+    """Whether a channel holds back what feeds it (the proxy its client, the agent its command's
+    output): each end's `update_flow` says whether it must, and the switch calls `pause` or
+    `resume` only when that changes, so the feeder hears each change once."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def turn(self, paused: bool, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        if paused is not self.paused:
+            self.paused = paused
+            if paused:
+                pause()
+            else:
+                resume()
 
 
 F = TypeVar("F", bound=Flow)
@@ -43,6 +63,10 @@ class FrameConnection(asyncio.Protocol, Generic[F]):
     def pong(self) -> None:
         """The peer answered a PING."""
 
+    def peer_draining(self) -> None:
+        """The peer takes no new channel on this connection (only an agent says so)."""
+        raise FrameError("DRAINING from a proxy")
+
     # -- asyncio callbacks -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,6 +85,8 @@ class FrameConnection(asyncio.Protocol, Generic[F]):
                     self.send(frame(Kind.PONG, CONTROL))
                 elif each.kind is Kind.PONG:
                     self.pong()
+                elif each.kind is Kind.DRAINING:
+                    self.peer_draining()
                 else:
                     raise FrameError(f"{each.kind.name} on the control channel")
         except FrameError as exc:

@@ -78,6 +78,7 @@ _CUT_OUTCOME = {
     CutReason.IDLE: Outcome.TIMEOUT,
     CutReason.MAX_SESSION: Outcome.TIMEOUT,
     CutReason.DRAIN: Outcome.CUT,
+    CutReason.DRAIN_STOP: Outcome.CUT,
     CutReason.SHUTDOWN: Outcome.CUT,
     CutReason.ADMIN: Outcome.CUT,
 }

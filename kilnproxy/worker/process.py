@@ -30,7 +30,7 @@ from setproctitle import setproctitle
 
 from kilnproxy import control
 from kilnproxy.config import Config, load
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import CutReason, OperatorError
 from kilnproxy.logs import configure
 from kilnproxy.ssh import fast_path, kex_offer
 from kilnproxy.worker.introspect import HeapTracer, task_dump
@@ -107,11 +107,13 @@ class WorkerProcess:
                 return
             if event is Event.DRAIN and self._channel is not None:
                 self._channel.send(control.Draining())
-            await self._drain_unless_hurried()
+            # Told to drain, a worker is replaced (a restart); orphaned, it is the server's end.
+            orphaned = event is Event.ORPHANED
+            await self._drain_unless_hurried(CutReason.DRAIN_STOP if orphaned else CutReason.DRAIN)
             return
 
-    async def _drain_unless_hurried(self) -> None:
-        drain = asyncio.create_task(self.worker.drain(self.config.timeouts.drain))
+    async def _drain_unless_hurried(self, reason: CutReason) -> None:
+        drain = asyncio.create_task(self.worker.drain(self.config.timeouts.drain, reason))
         while not drain.done():
             hurry = asyncio.create_task(self._events.get())
             await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)

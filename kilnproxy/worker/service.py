@@ -94,15 +94,16 @@ class Worker:
         for sock in self._sockets:
             sock.close()
 
-    async def drain(self, within: float) -> None:
-        """Let every session finish; after `within` seconds cut the rest (SPEC 6)."""
+    async def drain(self, within: float, reason: CutReason = CutReason.DRAIN) -> None:
+        """Let every session finish; after `within` seconds cut the rest, telling them `reason`
+        (SPEC 6)."""
         self.stop_accepting()
         await self._handed_over()
         log.info("worker %d draining %d sessions", self.index, len(self.host.sessions))
         for session in list(self.host.sessions.values()):
             session.drain()
         if not await self._sessions_ended(within):
-            self.cut_all(CutReason.DRAIN)
+            self.cut_all(reason)
             await self._sessions_ended(CUT_GRACE + 1)
 
     async def shutdown(self) -> None:

@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from conftest import World, make_world
 from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run, seed_git
 from midway import release
 
-from kilnproxy.backends.frames import Frame, FrameReader, Kind, OpenRequest, frame
+from kilnproxy.backends.frames import CONTROL, Frame, FrameReader, Kind, OpenRequest, frame
 
 UNAVAILABLE = (
     r"kilnproxy: storage for {} is unavailable, try again later \(session [0-9a-f]{{8}}\)\n"
@@ -159,7 +159,9 @@ def test_paths_outside_the_base_are_refused(site: Site, tmp_path: Path) -> None:
 
 def test_sigterm_drains(site: Site) -> None:
     """On TERM the agent stops accepting, lets a running command finish, and exits; a command
-    that outlives [timeouts] drain (5 s here) is cut, and its client told so."""
+    that outlives [timeouts] drain (5 s here) is cut, and its client told so. The proxy hears
+    of the drain on the connection the running command keeps open, and opens no session on it:
+    with no agent to take its place, a new session is told the storage is unavailable."""
     kiln, alice = site.world.kiln, site.world.alice
     agent = site.agent("draining")
     site.repo(agent, "draining", "aviato/on-draining")
@@ -167,7 +169,9 @@ def test_sigterm_drains(site: Site) -> None:
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGTERM)
     agent.wait_for_log(r"draining: 1 command\(s\) running")
+    kiln.wait_for_log(r"backend draining: the peer drains a connection \(1 channel\(s\) on it\)")
     assert_unavailable(site.upload_pack("aviato/on-draining"), "aviato/on-draining")
+    kiln.wait_for_log(r"backend draining: cannot connect to 127\.0\.0\.1:\d+: .*refused")
     assert finish_upload_pack(held) == 0
     assert release(held) == b""
     assert agent.proc.wait(10) == 0
@@ -182,23 +186,102 @@ def test_sigterm_drains(site: Site) -> None:
     assert re.fullmatch(UNAVAILABLE.format("aviato/on-draining"), release(held).decode())
 
 
-def speak(site: Site, agent: Agent, *frames: bytes) -> list[Frame]:
-    """A proxy's certificate, and frames written by hand: what the agent answers, until it
-    closes the connection or falls silent for a second."""
+def test_sessions_go_to_the_agent_that_replaces_a_draining_one(site: Site, tmp_path: Path) -> None:
+    """The storage's agent is restarted (TERM, and a new one on the same port) while a command
+    keeps the proxy's pooled connection to the old one open: the next clone is served by the
+    new agent, and the old one finishes its command and exits."""
+    kiln, alice = site.world.kiln, site.world.alice
+    old = site.agent("relieved")
+    site.repo(old, "relieved", "aviato/on-relieved")
+    held = hold_upload_pack(kiln, alice, "aviato/on-relieved")
+    assert old.proc is not None
+    draining = old.proc
+    draining.send_signal(signal.SIGTERM)
+    old.wait_for_log(r"draining: 1 command\(s\) running")
+    kiln.wait_for_log(r"backend relieved: the peer drains a connection \(1 channel\(s\) on it\)")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "srv").symlink_to(old.base)  # the same repositories, its own log
+    new = Agent(tmp_path / "new", site.pki, port=old.port)
+    site.agents.append(new)
+    new.start()
+    kiln.git(alice, "clone", "-q", kiln.url("aviato/on-relieved"), str(tmp_path / "clone"))
+    assert (tmp_path / "clone" / "README").read_bytes() == b"hi\n"
+    new.wait_for_log(r"\[[0-9a-f]{8}\] exit=0 git-upload-pack \(repo aviato/on-relieved\)")
+    assert "refused" not in old.log()  # the proxy asked the old agent for nothing more
+    assert finish_upload_pack(held) == 0
+    assert release(held) == b""
+    assert draining.wait(10) == 0
+    assert "agent stopped" in old.log()
+
+
+def test_a_draining_agent_says_so_and_refuses_new_channels(site: Site) -> None:
+    """What a draining agent tells a proxy, frame by frame: DRAINING on the connection as the
+    drain begins, DRAINING (not REFUSED) for an OPEN that comes anyway, and the running
+    command's channel served to its end, after which the agent closes the connection."""
+    agent = site.agent("telling")
+    path = str(site.repo(agent, "telling", "aviato/on-telling"))
+    env = {"KILNPROXY_SESSION": "5ca1ab1e"}
+    upload = OpenRequest("5ca1ab1e", "aviato/on-telling", "git-upload-pack", path, env, 65536)
+    with contextlib.closing(tls_to(site, agent)) as tls:
+        answers = Answers(tls)
+        tls.sendall(upload.encode(1))
+        answers.wait_for(Kind.STDOUT, 1)  # the advertisement: the command runs
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        answers.wait_for(Kind.DRAINING, CONTROL)
+        tls.sendall(upload.encode(3))
+        answers.wait_for(Kind.DRAINING, 3)
+        tls.sendall(frame(Kind.STDIN, 1, b"0000") + frame(Kind.STDIN_EOF, 1))
+        answers.wait_for_close()
+    assert [(a.kind, a.count()) for a in answers.frames if a.kind is Kind.EXIT] == [(Kind.EXIT, 0)]
+    assert [a.kind for a in answers.frames if a.channel == 3] == [Kind.DRAINING]
+    assert Kind.REFUSED not in [a.kind for a in answers.frames]
+    assert agent.proc.wait(10) == 0
+    agent.wait_for_log(r"\[5ca1ab1e\] refused git-upload-pack \(repo aviato/on-telling\): "
+                       r"the agent is draining")  # fmt: skip
+
+
+@dataclass
+class Answers:
+    """What an agent sends on a connection written to by hand, read as the test asks."""
+
+    tls: ssl.SSLSocket
+    frames: list[Frame] = field(default_factory=list)
+    reader: FrameReader = field(default_factory=FrameReader)
+
+    def wait_for(self, kind: Kind, channel: int) -> None:
+        while not any(a.kind is kind and a.channel == channel for a in self.frames):
+            data = self.tls.recv(65536)
+            assert data, f"closed before {kind.name} on {channel}: {self.frames}"
+            self.frames += self.reader.feed(data)
+
+    def wait_for_close(self) -> None:
+        """Until the agent closes the connection (or is silent for the socket's timeout)."""
+        with contextlib.suppress(TimeoutError, ssl.SSLError, ConnectionError):
+            while data := self.tls.recv(65536):
+                self.frames += self.reader.feed(data)
+
+
+def tls_to(site: Site, agent: Agent) -> ssl.SSLSocket:
+    """A connection to `agent` with a proxy's certificate, for frames written by hand."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(site.pki.ca)
     context.load_cert_chain(*site.pki.issue("proxy", "proxy"))
-    reader, answers = FrameReader(), []
-    with (
-        socket.create_connection(("127.0.0.1", agent.port), 5) as raw,
-        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
-    ):
+    raw = socket.create_connection(("127.0.0.1", agent.port), 5)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    tls.settimeout(10)
+    return tls
+
+
+def speak(site: Site, agent: Agent, *frames: bytes) -> list[Frame]:
+    """A proxy's certificate, and frames written by hand: what the agent answers, until it
+    closes the connection or falls silent for a second."""
+    with contextlib.closing(tls_to(site, agent)) as tls:
+        answers = Answers(tls)
         tls.sendall(b"".join(frames))
         tls.settimeout(1)
-        with contextlib.suppress(TimeoutError, ssl.SSLError, ConnectionError):
-            while data := tls.recv(65536):
-                answers += reader.feed(data)
-    return answers
+        answers.wait_for_close()
+    return answers.frames
 
 
 def test_only_the_local_backends_commands_run(site: Site) -> None:

@@ -29,6 +29,9 @@ from kilnproxy.backends.local import READ_ONLY_HOOK
 
 KINDS = ("local", "ssh", "agent")
 FLOW_SIZE = 64 * 1024 * 1024
+UNAVAILABLE = (
+    r"kilnproxy: storage for {} is unavailable, try again later \(session [0-9a-f]{{8}}\)\n"
+)
 RSS_BOUND = 16 * 1024 * 1024
 
 
@@ -186,18 +189,27 @@ def test_stderr_exit_status_and_environment(
                        f"git-upload-pack '{repo}.git'", input=b"0000")  # fmt: skip
     assert reply.returncode == 0, reply.stderr
     assert reply.stdout.startswith(b"000eversion 2\n")
-    # A failing command: a storage's own git says so, with its status. The local backend and
-    # the agent look first, and say the storage is unavailable (the client learns no path).
-    ghost = f"aviato/{storage.kind}-ghost"
-    contract.cli("repos", "add", ghost, "--vcs", "git", "--backend", storage.backend)
-    done = w.kiln.ssh(w.alice, f"git-upload-pack '{ghost}.git'")
-    if storage.kind == "ssh":
-        assert done.returncode == 128
-        assert "does not appear to be a git repository" in done.stderr.decode()
-    else:
-        assert done.returncode == 1
-        unavailable = rf"kilnproxy: storage for {ghost} is unavailable, try again later "
-        assert re.fullmatch(unavailable + r"\(session [0-9a-f]{8}\)\n", done.stderr.decode())
+    # A failing command: the storage's own git says so, with its status.
+    done = w.kiln.ssh(w.alice, f"git-upload-pack '{repo}.git'", input=b"not a pkt-line")
+    assert done.returncode == 128, done
+    assert "protocol error" in done.stderr.decode()
+
+
+def test_a_missing_repository_is_the_storages_failure(contract: Contract, storage: Storage) -> None:
+    """The directory names a repository its storage does not have: every backend looks first,
+    and the client is told the storage is unavailable (SPEC 3), never git's or hg's words with
+    the storage's path in them; the proxy's log says which path is missing."""
+    w = contract.world
+    unavailable = UNAVAILABLE.replace("[0-9a-f]{{8}}", "([0-9a-f]{{8}})")  # the session, kept
+    for vcs, command in (("git", "git-upload-pack '{}.git'"), ("hg", "hg -R {} serve --stdio")):
+        ghost = f"aviato/{storage.kind}-ghost-{vcs}"
+        contract.cli("repos", "add", ghost, "--vcs", vcs, "--backend", storage.backend)
+        done = w.kiln.ssh(w.alice, command.format(ghost))
+        assert done.returncode == 1, done
+        told = re.fullmatch(unavailable.format(ghost), done.stderr.decode())
+        assert told, done.stderr
+        path = re.escape(f"{storage.base}/{ghost}")
+        w.kiln.wait_for_log(rf"\[{told[1]}\] backend {storage.backend} failed: .*{path}")
 
 
 def bytes_out(world: World, repo: str) -> int:

@@ -33,7 +33,9 @@ def test_each_verb_runs_its_command(verb: Verb, argv: list[str], command: str) -
     path = "/srv/aviato/web site"
     tail = ["serve", "--stdio"] if verb.vcs is Vcs.HG else []
     assert command_argv(verb, path) == [*argv, path, *tail]
-    assert remote_command(_request(verb, path)) == " ".join([command, f"'{path}'", *tail])
+    run = " ".join([command, f"'{path}'", *tail])
+    # The storage's shell looks for the repository first, and says nothing if it is not there.
+    assert remote_command(_request(verb, path)) == f"test -d '{path}' || exit 66; exec {run}"
 
 
 def test_the_environment_names_the_session_and_only_hg_gets_the_hook(tmp_path: Path) -> None:
