@@ -149,6 +149,11 @@ class Session(asyncssh.SSHServer):
         self._last_activity = self._loop.time()
         self._ends_at = self._last_activity  # max_session's deadline, from connection_made
         self._candidate: Identity | None = None
+        # The identity of the last key the directory knew, on this connection only: OpenSSH
+        # offers a key, is told it would do (PK_OK), then signs with it, and asyncssh asks
+        # validate_public_key both times. The second is answered from the first: one directory
+        # round trip per login, not two (issue 13, small clone latency).
+        self._known: Identity | None = None
         # The directory could not be asked when the last key was offered: that key is let in
         # so that the client can be told so (SPEC 2); it gets no identity, and so no access.
         self._unavailable: DirectoryUnavailable | None = None
@@ -272,10 +277,11 @@ class Session(asyncssh.SSHServer):
                 return False
             restrict_signatures(key)
             print_ = fingerprint(key)
-            started = time.perf_counter()
-            services = self.host.services
-            identity = await services.directory.identity_for_key(print_)
-            services.metrics.auth_lookup.observe(time.perf_counter() - started)
+            known = self._known
+            if known is not None and known.fingerprint == print_:
+                identity: Identity | None = known
+            else:
+                identity = await self._look_up(print_)
         except DirectoryUnavailable as exc:
             self._unavailable = exc  # no await follows: this is the key asyncssh verifies
             return True
@@ -285,11 +291,19 @@ class Session(asyncssh.SSHServer):
         if identity is None:
             self.log.info("unknown key %s", print_)
             return False
-        self._candidate = identity
+        self._known = self._candidate = identity
         return True
+
+    async def _look_up(self, print_: str) -> Identity | None:
+        started = time.perf_counter()
+        services = self.host.services
+        identity = await services.directory.identity_for_key(print_)
+        services.metrics.auth_lookup.observe(time.perf_counter() - started)
+        return identity
 
     def auth_completed(self) -> None:
         self.state = SessionState.AUTHENTICATED
+        self._known = None
         self._timers.pop("login_grace").cancel()
         if self._startup is not None:
             self._startup.authenticated()
