@@ -17,13 +17,18 @@ ignored "even if the error in the guess would not affect the contents". Dropbear
 RFC and sends its packet again, which asyncssh would take as a second one. `guess_is_right` is
 the RFC's rule, applied after asyncssh's.
 
+And the two KEXINIT payloads: asyncssh keeps both for the life of a connection, though only the
+exchange hash of the key exchange that carried them reads them, and every key exchange sets both
+anew before it hashes. About 2 KiB per connection, held by every idle one (issue 13): they are
+dropped when the key exchange ends (NEWKEYS received), unless another has begun by then.
+
 Rules, as for fast_path: it applies only to `PINNED_ASYNCSSH`; with any other version asyncssh
 runs stock (`encryption_algs` alone, asyncssh's rule for guesses) after one warning. The RFC's
-rule applies on the pinned version whatever the offer; the fitted offer only if fallback
-ciphers are configured. It changes when a server sends its first KEXINIT and which ciphers that
-lists, and which guessed packet is ignored; never a client connection's offer (the backend
-pool) nor a rekey's, nor anything after the key exchange. `apply` runs once at worker start,
-before any connection exists.
+rule and the dropped payloads apply on the pinned version whatever the offer; the fitted offer
+only if fallback ciphers are configured. It changes when a server sends its first KEXINIT and
+which ciphers that lists, which guessed packet is ignored, and how long the KEXINIT payloads are
+kept; never a client connection's offer (the backend pool) nor a rekey's, nor anything else
+after the key exchange. `apply` runs once at worker start, before any connection exists.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any, cast
 
 import asyncssh
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_KEXINIT
+from asyncssh.constants import MSG_KEXINIT, MSG_NEWKEYS
 from asyncssh.packet import SSHPacket
 
 from kilnproxy.ssh.fast_path import PINNED_ASYNCSSH
@@ -120,6 +125,7 @@ _stock_send_kexinit = SSHConnection._send_kexinit
 # asyncssh dispatches packets through this class dictionary, not through the method names.
 _handlers = cast(dict[int, Callable[..., Any]], SSHConnection._packet_handlers)
 _stock_process_kexinit = _handlers[MSG_KEXINIT]
+_stock_process_newkeys = _handlers[MSG_NEWKEYS]
 # The first KEXINIT of a server connection while it waits for the client's: the timer that
 # sends the whole offer, then None once the server's KEXINIT is on its way.
 _WAITING = "_kilnproxy_kexinit_waiting"
@@ -165,6 +171,15 @@ async def _process_kexinit(
     self._ignore_first_kex = peer.first_kex_follows and not guess_is_right(client, server)
 
 
+def _process_newkeys(self: SSHConnection, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+    """_process_newkeys, then the KEXINIT payloads dropped if no key exchange is under way:
+    the exchange hash was computed before NEWKEYS was sent (`_kex` is None from then on), and
+    the next key exchange stores both payloads again before it hashes them."""
+    _stock_process_newkeys(self, pkttype, pktid, packet)
+    if self._kex is None and not self._kexinit_sent:
+        self._client_kexinit = self._server_kexinit = b""
+
+
 # -- applying ------------------------------------------------------------------------------------
 
 
@@ -186,6 +201,7 @@ def apply(fallback: Sequence[str], installed: str | None = None) -> OfferState:
         )
         return _applied.state
     _handlers[MSG_KEXINIT] = _process_kexinit
+    _handlers[MSG_NEWKEYS] = _process_newkeys
     if fallback:
         SSHConnection._send_kexinit = _send_kexinit  # type: ignore[method-assign]
         _applied.fallback = tuple(alg.encode("ascii") for alg in fallback)
@@ -199,5 +215,6 @@ def remove() -> None:
     """Put stock asyncssh back (for tests, and for `apply` on another asyncssh version)."""
     SSHConnection._send_kexinit = _stock_send_kexinit  # type: ignore[method-assign]
     _handlers[MSG_KEXINIT] = _stock_process_kexinit
+    _handlers[MSG_NEWKEYS] = _stock_process_newkeys
     _applied.fallback = ()
     _applied.state = OfferState.NOT_APPLIED

@@ -120,6 +120,17 @@ async def listen(
     return asyncssh.SSHAcceptor(listener, options)
 
 
+class _Connection(asyncssh.SSHServerConnection):
+    """asyncssh's server connection, without the copy of its options made at each login."""
+
+    async def reload_config(self) -> None:
+        """Keep the listener's options: asyncssh rebuilds them at the first userauth request,
+        for `Match` blocks of an OpenSSH-style server config file, in a thread of the default
+        executor. kilnproxy never gives asyncssh such a file (`server_options`), so the rebuild
+        is an equal copy: about 4 KiB held for the life of each connection, and a round trip
+        through a thread on every login (issue 13)."""
+
+
 async def _serve_accepted(
     options: asyncssh.SSHServerConnectionOptions,
     sock: socket.socket,
@@ -134,7 +145,7 @@ async def _serve_accepted(
     loop = asyncio.get_running_loop()
 
     def connection() -> asyncssh.SSHServerConnection:
-        conn = asyncssh.SSHServerConnection(loop, options)
+        conn = _Connection(loop, options)
         conn.set_extra_info(startup=startup)
         if source is not None:
             conn.set_extra_info(proxy_source=source)

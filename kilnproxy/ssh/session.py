@@ -148,7 +148,13 @@ class Session(asyncssh.SSHServer):
         self.draining = False
         self._loop = asyncio.get_running_loop()
         self._last_activity = self._loop.time()
+        self._ends_at = self._last_activity  # max_session's deadline, from connection_made
         self._candidate: Identity | None = None
+        # The identity of the last key the directory knew, on this connection only: OpenSSH
+        # offers a key, is told it would do (PK_OK), then signs with it, and asyncssh asks
+        # validate_public_key both times. The second is answered from the first: one directory
+        # round trip per login, not two (issue 13, small clone latency).
+        self._known: Identity | None = None
         # The directory could not be asked when the last key was offered: that key is let in
         # so that the client can be told so (SPEC 2); it gets no identity, and so no access.
         self._unavailable: DirectoryUnavailable | None = None
@@ -180,10 +186,12 @@ class Session(asyncssh.SSHServer):
         self._timers["login_grace"] = self._loop.call_later(
             timeouts.login_grace, self.cut, CutReason.LOGIN_GRACE
         )
-        self._timers["max_session"] = self._loop.call_later(
-            timeouts.max_session, self.cut, CutReason.MAX_SESSION
+        # One timer for both limits of a running session: each costs ~600 bytes in uvloop, for
+        # as long as the connection lasts (issue 13: memory per idle connection).
+        self._ends_at = self._loop.time() + timeouts.max_session
+        self._timers["limits"] = self._loop.call_later(
+            min(timeouts.idle, timeouts.max_session), self._check_limits
         )
-        self._timers["idle"] = self._loop.call_later(timeouts.idle, self._check_idle)
         self.log.info("connection from %s", self.remote)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -270,10 +278,11 @@ class Session(asyncssh.SSHServer):
                 return False
             restrict_signatures(key)
             print_ = fingerprint(key)
-            started = time.perf_counter()
-            services = self.host.services
-            identity = await services.directory.identity_for_key(print_)
-            services.metrics.auth_lookup.observe(time.perf_counter() - started)
+            known = self._known
+            if known is not None and known.fingerprint == print_:
+                identity: Identity | None = known
+            else:
+                identity = await self._look_up(print_)
         except DirectoryUnavailable as exc:
             self._unavailable = exc  # no await follows: this is the key asyncssh verifies
             return True
@@ -283,11 +292,19 @@ class Session(asyncssh.SSHServer):
         if identity is None:
             self.log.info("unknown key %s", print_)
             return False
-        self._candidate = identity
+        self._known = self._candidate = identity
         return True
+
+    async def _look_up(self, print_: str) -> Identity | None:
+        started = time.perf_counter()
+        services = self.host.services
+        identity = await services.directory.identity_for_key(print_)
+        services.metrics.auth_lookup.observe(time.perf_counter() - started)
+        return identity
 
     def auth_completed(self) -> None:
         self.state = SessionState.AUTHENTICATED
+        self._known = None
         self._timers.pop("login_grace").cancel()
         if self._startup is not None:
             self._startup.authenticated()
@@ -387,13 +404,18 @@ class Session(asyncssh.SSHServer):
         """Note a byte in either direction. Called per chunk, so it only stores a float."""
         self._last_activity = self._loop.time()
 
-    def _check_idle(self) -> None:
-        idle = self.host.config.timeouts.idle
-        remaining = self._last_activity + idle - self._loop.time()
-        if remaining > 0:
-            self._timers["idle"] = self._loop.call_later(remaining, self._check_idle)
-        else:
+    def _check_limits(self) -> None:
+        """Cut at max_session, or after `idle` without a byte; else look again when the
+        sooner of the two can be due (activity only ever moves the idle deadline later)."""
+        now = self._loop.time()
+        idle_ends = self._last_activity + self.host.config.timeouts.idle
+        if now >= self._ends_at:
+            self.cut(CutReason.MAX_SESSION)
+        elif now >= idle_ends:
             self.cut(CutReason.IDLE)
+        else:
+            due = min(idle_ends, self._ends_at) - now
+            self._timers["limits"] = self._loop.call_later(due, self._check_limits)
 
     def cut(self, reason: CutReason) -> None:
         """End this session now with a message saying why (SPEC 3 and 4)."""

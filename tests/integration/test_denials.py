@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import World
-from harness import run
+from harness import Kiln, run
 
 SESSION = r"\(session [0-9a-f]{8}\)"
 
@@ -30,6 +32,39 @@ def test_unknown_key_is_refused(world: World) -> None:
     assert done.returncode == 255
     assert "Permission denied (publickey)" in stderr_line(done)
     world.kiln.wait_for_log(r"access .*outcome=auth-failed")
+
+
+def auth_lookups(kiln: Kiln) -> float:
+    """How many keys the workers have looked up in the directory (from /metrics)."""
+    url = f"http://127.0.0.1:{kiln.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    found = re.search(r"^kilnproxy_auth_lookup_seconds_count (\S+)$", text, re.MULTILINE)
+    assert found, text
+    return float(found[1])
+
+
+def test_a_login_asks_the_directory_once(world: World) -> None:
+    """OpenSSH offers the key, then signs with it, and asyncssh asks the session both times:
+    the second answer comes from the first lookup, on that connection only."""
+    kiln = world.kiln
+    before = -1.0
+    while (count := auth_lookups(kiln)) != before:  # the earlier tests' lookups have come in
+        before = count
+        time.sleep(1.5)  # more than a heartbeat
+    done = kiln.ssh(world.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while auth_lookups(kiln) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # one more heartbeat: a second lookup would have arrived with it
+    assert auth_lookups(kiln) == before + 1
+    done = kiln.ssh(world.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while auth_lookups(kiln) == before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert auth_lookups(kiln) == before + 2  # the next connection asks again
 
 
 def test_other_account_gets_not_found(world: World) -> None:

@@ -36,7 +36,7 @@ from kilnproxy.ssh.server import server_options
 GCM = [b"aes128-gcm@openssh.com", b"aes256-gcm@openssh.com"]
 FALLBACK = ["chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
 WHOLE = [*GCM, *(alg.encode() for alg in FALLBACK)]
-MSG_DISCONNECT, MSG_KEXINIT, MSG_KEX_ECDH_INIT = 1, 20, 30
+MSG_DISCONNECT, MSG_KEXINIT, MSG_NEWKEYS, MSG_KEX_ECDH_INIT = 1, 20, 21, 30
 
 
 @pytest.fixture(autouse=True)
@@ -105,34 +105,36 @@ def test_a_guess_is_right_only_when_both_sides_prefer_the_same(
 # -- the version guard ---------------------------------------------------------------------------
 
 
-def patched() -> tuple[bool, bool]:
-    """Whether asyncssh's KEXINIT sending, and its KEXINIT handling, are replaced."""
-    handler = SSHConnection._packet_handlers[MSG_KEXINIT]
+def patched() -> tuple[bool, bool, bool]:
+    """Whether asyncssh's KEXINIT sending, its KEXINIT handling and its NEWKEYS handling are
+    replaced."""
+    handlers = SSHConnection._packet_handlers
     return (
         SSHConnection._send_kexinit is not kex_offer._stock_send_kexinit,
-        handler is not kex_offer._stock_process_kexinit,
+        handlers[MSG_KEXINIT] is not kex_offer._stock_process_kexinit,
+        handlers[MSG_NEWKEYS] is not kex_offer._stock_process_newkeys,
     )
 
 
 def test_the_pinned_version_fits_the_offer_and_remove_puts_asyncssh_back() -> None:
     assert apply(FALLBACK) is OfferState.ON
     assert offer_state() is OfferState.ON
-    assert patched() == (True, True)
+    assert patched() == (True, True, True)
     kex_offer.remove()
-    assert patched() == (False, False)
+    assert patched() == (False, False, False)
     assert offer_state() is OfferState.NOT_APPLIED
 
 
 def test_without_fallback_ciphers_only_the_rfc_rule_for_guesses_applies() -> None:
     assert apply([]) is OfferState.OFF
-    assert patched() == (False, True)
+    assert patched() == (False, True, True)
 
 
 def test_another_version_leaves_asyncssh_untouched(caplog: pytest.LogCaptureFixture) -> None:
     apply(FALLBACK)
     with caplog.at_level(logging.WARNING, logger="kilnproxy.kex_offer"):
         assert apply(FALLBACK, installed="2.25.0") is OfferState.UNSUPPORTED
-    assert patched() == (False, False)
+    assert patched() == (False, False, False)
     assert [r.getMessage() for r in caplog.records] == [
         "asyncssh 2.25.0 is installed, not 2.24.1: [ssh] fallback_encryption_algs is not "
         "offered (clients with none of encryption_algs cannot connect), and a client's "
@@ -334,3 +336,73 @@ def test_asyncssh_clients_complete_the_key_exchange(
     """asyncssh's own default prefers ChaCha20, then AES-256-GCM: fitted, it gets the latter."""
     apply(FALLBACK)
     assert uvloop.run(negotiated(client_algs)) == cipher
+
+
+# -- the KEXINIT payloads, dropped after each key exchange ---------------------------------------
+
+
+async def echo_rekeying(data: bytes, rekey_bytes: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """`data` echoed by an asyncssh server, both ends rekeying every `rekey_bytes`; and the
+    KEXINIT payloads the server connection held when each command began and ended."""
+    held: list[tuple[bytes, bytes]] = []
+
+    async def echo(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        conn: Any = process.channel.get_connection()
+        held.append((conn._client_kexinit, conn._server_kexinit))
+        while chunk := await process.stdin.read(1 << 16):
+            process.stdout.write(chunk)
+            await process.stdout.drain()
+        held.append((conn._client_kexinit, conn._server_kexinit))
+        process.exit(0)
+
+    acceptor = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        server_factory=_Open, process_factory=echo, encoding=None, rekey_bytes=rekey_bytes,
+        encryption_algs=[alg.decode() for alg in GCM],
+    )  # fmt: skip
+    try:
+        async with (
+            asyncssh.connect(
+                "127.0.0.1", acceptor.sockets[0].getsockname()[1], username="test",
+                known_hosts=None, config=None, client_keys=None, agent_path=None,
+                rekey_bytes=rekey_bytes,
+            ) as conn,
+            conn.create_process(encoding=None) as process,
+        ):  # fmt: skip
+
+            async def feed() -> None:
+                for start in range(0, len(data), 1 << 14):
+                    process.stdin.write(data[start : start + (1 << 14)])
+                    await process.stdin.drain()
+                process.stdin.write_eof()
+
+            feeder = asyncio.create_task(feed())
+            echoed = bytes(await process.stdout.read())
+            await feeder
+            return echoed, held
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+
+
+def test_the_kexinit_payloads_are_dropped_after_each_key_exchange(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncssh keeps both payloads for the exchange hash only: dropped once NEWKEYS is in,
+    and the key exchanges after it (every 128 KiB, either end) still agree on their keys."""
+    apply([])
+    data = os.urandom(2 << 20)
+    with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+        echoed, held = uvloop.run(echo_rekeying(data, 128 << 10))
+    assert echoed == data
+    assert held == [(b"", b""), (b"", b"")]
+    kex = [r for r in caplog.records if r.getMessage().endswith("Requesting key exchange")]
+    assert len(kex) >= 2 * 8
+
+
+def test_stock_asyncssh_keeps_the_kexinit_payloads() -> None:
+    """What the test above would see without the replacement: both payloads, all along."""
+    kex_offer.remove()
+    _, held = uvloop.run(echo_rekeying(b"x", 1 << 20))
+    assert all(client.startswith(bytes([MSG_KEXINIT])) for client, _ in held)
+    assert all(server.startswith(bytes([MSG_KEXINIT])) for _, server in held)
