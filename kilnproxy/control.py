@@ -4,7 +4,8 @@ Every message is a frozen dataclass of this module, sent as one JSON object per 
 `{"v": 3, "kind": ..., <its fields>}`. Workers say `Ready` once they serve, a `Heartbeat` every
 second (their `WorkerStats`, cumulative `MetricsSnapshot`, `PoolStats` and the `SessionStats` rows
 that changed), `Draining` when they start draining on their own (a TERM sent to them),
-`SessionClosed` when a session ends, and a `Reply` to a request. The master says `Drain`, `Stop`
+`SessionClosed` when sessions end (those of one pass of its loop: 10,000 connections dropped at
+once are one message, not 10,000), and a `Reply` to a request. The master says `Drain`, `Stop`
 (fast), `KillSession`, `TaskDumpRequest` and `HeapProfileRequest`.
 
 Admission (SPEC 4b) is host-wide, so it has messages of its own, sent as things change (at most
@@ -45,7 +46,7 @@ from kilnproxy.policy.penalty import Lifted, Notice, Penalised, PenaltyEvent, Ta
 
 log = logging.getLogger("kilnproxy.control")
 
-VERSION = 4
+VERSION = 5
 MAX_LINE = 4 * 1024 * 1024
 # The exit status of a worker that cannot start: the master must not retry it forever.
 WORKER_BOOT_ERROR = 3
@@ -229,8 +230,10 @@ class Draining:
 
 @dataclass(frozen=True)
 class SessionClosed:
+    """The sessions that ended in one pass of the worker's loop."""
+
     kind: ClassVar[Kind] = Kind.SESSION_CLOSE
-    session: str
+    sessions: tuple[str, ...]
 
 
 @dataclass(frozen=True)

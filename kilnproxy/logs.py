@@ -86,6 +86,8 @@ def render_fields(fields: Mapping[str, object]) -> str:
 
 
 def access_line(session_id: str, fields: Mapping[str, object], level: int = logging.INFO) -> None:
+    if not ACCESS.isEnabledFor(level):  # a health check's, at debug: not even rendered
+        return
     ACCESS.log(
         level, "access %s", render_fields(fields), extra={"session": session_id, "fields": fields}
     )

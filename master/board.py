@@ -1,6 +1,6 @@
 """The status board: what the master knows of its workers, for whoever reads it.
 
-Rule 1: the supervisor feeds it (`joined`, `heard`, `session_closed`, `left`, and the generation
+Rule 1: the supervisor feeds it (`joined`, `heard`, `sessions_closed`, `left`, and the generation
 and stopping flag) and nothing else writes to it. Its readers are the status socket, the HTTP
 server, the Prometheus collector and the sd_notify reports.
 Rule 2: it never starts, signals or messages a worker: what a reader asks of a worker goes
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Protocol
 
 from kilnproxy.control import FastPathState, Heartbeat, MetricsSnapshot, WorkerStats
@@ -89,8 +90,9 @@ class StatusBoard:
         self._latest[worker.pid] = beat
         self.table.update(worker.pid, worker.index, beat.sessions)
 
-    def session_closed(self, session: str) -> None:
-        self.table.remove(session)
+    def sessions_closed(self, sessions: Iterable[str]) -> None:
+        for session in sessions:
+            self.table.remove(session)
 
     def left(self, worker: WorkerView, died: bool) -> None:
         """`worker` exited; `died` if it was not draining (it is replaced: a restart)."""

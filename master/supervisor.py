@@ -312,7 +312,7 @@ class Supervisor:
                 log.info("worker %d (pid %d) drains on its own", worker.index, worker.pid)
                 worker.state = WorkerState.DRAINING  # its replacement starts at once
             case control.SessionClosed():
-                self.board.session_closed(message.session)
+                self.board.sessions_closed(message.sessions)
             case control.CountsChanged():
                 self.board.admission.changed(worker.pid, message)
                 self._tell_counts()

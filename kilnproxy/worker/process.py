@@ -69,6 +69,7 @@ class WorkerProcess:
         self._control_sock = control_sock
         self._channel: control.ToMaster | None = None
         self._sent: dict[str, tuple[object, ...]] = {}
+        self._closed: list[str] = []  # told the master at the end of this pass of the loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._heap = HeapTracer()
 
@@ -182,18 +183,22 @@ class WorkerProcess:
 
     def _changed_sessions(self) -> tuple[control.SessionStats, ...]:
         """The rows the master has not seen as they are now."""
-        changed = []
-        for row in self.worker.connections():
-            key = (row.bytes_in, row.bytes_out, row.account, row.repo, row.state)
-            if self._sent.get(row.session) != key:
-                self._sent[row.session] = key
-                changed.append(row)
-        return tuple(changed)
+        return tuple(self.worker.changed_connections(self._sent))
 
     def _session_closed(self, session_id: str) -> None:
+        """One message for all that close in one pass: sent one by one, 10,000 connections
+        dropped at once were 10,000 writes to the socketpair in one pass of the loop."""
         self._sent.pop(session_id, None)
+        if self._channel is None:
+            return
+        if not self._closed:
+            asyncio.get_running_loop().call_soon(self._report_closed)
+        self._closed.append(session_id)
+
+    def _report_closed(self) -> None:
+        closed, self._closed = tuple(self._closed), []
         if self._channel is not None:
-            self._channel.send(control.SessionClosed(session_id))
+            self._channel.send(control.SessionClosed(closed))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

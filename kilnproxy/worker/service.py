@@ -146,6 +146,7 @@ class Worker:
 
     async def close(self) -> None:
         self.stop_accepting()
+        self.host.close_logs.run_all()  # the last sessions' lines, before the loop ends
         await self.backends.close()
         self.directory.close()
 
@@ -180,6 +181,18 @@ class Worker:
 
     def connections(self) -> list[SessionStats]:
         return [session.statistics() for session in self.host.sessions.values()]
+
+    def changed_connections(self, seen: dict[str, tuple[object, ...]]) -> list[SessionStats]:
+        """The rows whose `row_key` differs from `seen` (which is updated). A session that has
+        not changed costs a tuple, not a row: 10,000 idle connections made every heartbeat
+        build 10,000 rows (0.1-0.3 s of the loop each second) to send none."""
+        changed = []
+        for session in self.host.sessions.values():
+            key = session.row_key()
+            if seen.get(session.id) != key:
+                seen[session.id] = key
+                changed.append(session.statistics())
+        return changed
 
     def statistics(self) -> WorkerStats:
         return WorkerStats(

@@ -50,6 +50,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
 CLOSED_WITHIN = 15.0  # a connection the server must drop: well before the login grace
 IDLE_PROCESSES = 4  # 20,000 held connections: more than one process may hold (ulimit -n)
 IDLE_EACH = 5000
+# Once the idle connections all close at once, the workers are watched past the master's
+# watchdog (10 s silent, then 2 s to SIGKILL): a new connection must get the banner within
+# LOOP_HELD_AT_MOST every time, and no worker may be replaced.
+WATCHED = 13.0
+LOOP_HELD_AT_MOST = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -355,6 +360,27 @@ async def a_flood_of_channel_opens_on_one_connection(hostile: World, tmp_path: P
     assert counted["shell: refused"] + counted["missing: refused"] > 0
 
 
+async def longest_wait_for_banner(port: int, seconds: float) -> float:
+    """The longest a new connection from the legitimate user waited for the banner, tried
+    every 0.1 s for `seconds`: a worker whose loop is held accepts nothing meanwhile."""
+    longest, deadline = 0.0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        _, writer = await connect(port, "127.0.0.1")
+        longest = max(longest, time.monotonic() - started)
+        writer.close()
+        await asyncio.sleep(0.1)
+    return longest
+
+
+def let_go(holders: list[subprocess.Popen[str]]) -> None:
+    """All at once, as an attacker or a load balancer's restart would: each holder closes
+    all its connections once its standard input closes."""
+    for holder in holders:
+        assert holder.stdin is not None
+        holder.stdin.close()
+
+
 def idle_clients(port: int, index: int) -> subprocess.Popen[str]:
     script = Path(__file__).parent.parent / "idle_clients.py"
     argv = [sys.executable, str(script), str(port), str(IDLE_EACH), str(index * 250)]
@@ -407,9 +433,22 @@ async def idle_connections(hostile: World, tmp_path: Path) -> None:
             held = sum(w["rss"] for w in kiln.workers()) - sum(w["rss"] for w in before.values())
             report("idle connections", f"{held / total / 1024:.1f} KiB of worker RSS each "
                    f"({total} held, spread {[w['sessions'] for w in kiln.workers()]})")  # fmt: skip
+            pids = by_pid(kiln).keys()
+            let_go(holders)
+            longest, seconds = await asyncio.gather(
+                longest_wait_for_banner(kiln.port, WATCHED),
+                asyncio.to_thread(clone, hostile, tmp_path / "as-they-close"),
+            )
+            report("idle connections", f"all closed at once: a git clone took {seconds:.2f} s, "
+                   f"a new connection waited {longest:.2f} s at most for the banner")  # fmt: skip
+            assert by_pid(kiln).keys() == pids, "a worker was replaced: held past the watchdog"
+            assert longest < LOOP_HELD_AT_MOST, f"the workers accepted nothing for {longest:.2f} s"
         finally:
+            let_go([holder for holder in holders if holder.stdin and not holder.stdin.closed])
             for holder in holders:
-                holder.communicate(timeout=60)  # its stdin closes: it lets go of them all
+                assert holder.stdout is not None
+                holder.stdout.close()
+                holder.wait(timeout=60)
         assert [holder.returncode for holder in holders] == [0] * IDLE_PROCESSES
         report("idle connections", "worker RSS once let go: "
                f"{[w['rss'] >> 20 for w in by_slot(kiln).values()]} MiB")  # fmt: skip

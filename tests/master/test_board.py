@@ -78,7 +78,7 @@ def test_rows_follow_heartbeats_closes_and_exits() -> None:
     assert json_row["worker"] == 0 and json_row["repo"] == "aviato/website"
     assert list(json_row)[-1] == "worker"  # after the session's own fields, as always
     assert board.table.owner("cccccccc") == 101
-    board.session_closed("aaaaaaaa")
+    board.sessions_closed(["aaaaaaaa"])
     board.left(two, died=True)
     assert [r.stats.session for r in board.table.rows()] == ["bbbbbbbb"]
     assert board.table.owner("cccccccc") is None
