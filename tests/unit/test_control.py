@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import re
 import socket
 from typing import Any
@@ -36,6 +37,7 @@ from kilnproxy.control import (
     Reply,
     SessionClosed,
     SessionStats,
+    StartupTable,
     Stop,
     TaskDumpRequest,
     ToMaster,
@@ -46,7 +48,6 @@ from kilnproxy.control import (
     from_master,
     from_worker,
 )
-from kilnproxy.policy.admission import StartupCounts
 from kilnproxy.policy.penalty import Lifted, Penalised, PenaltyEvent, TableFull
 
 STATS = WorkerStats(
@@ -76,7 +77,6 @@ METRICS = MetricsSnapshot(
 )  # fmt: skip
 BEAT = Heartbeat(STATS, METRICS, {"storage": PoolStats(2, 3, 4)}, (ROW,))
 NET4, NET6 = ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")
-STARTUPS = StartupCounts(3, {NET4: 2, NET6: 1})
 PENALISED = Penalised(NET4, 1234.5, PenaltyEvent.AUTHFAIL)
 PENALTIES = Penalties((PENALISED,), (Lifted(NET6),), (TableFull(6, 99.0),))
 
@@ -93,12 +93,12 @@ EVERY_MESSAGE: list[Message] = [
     KillSession("0badf00d"),
     TaskDumpRequest(9),
     HeapProfileRequest(10, top=25, seconds=60.0, stop=False, peek=True),
-    CountsChanged(STARTUPS, {"aviato": 1}),
-    CountsChanged(-STARTUPS, {"aviato": -1, "hooli": 2}),  # what ended: negative counts
+    CountsChanged({"aviato": 1}),
+    CountsChanged({"aviato": -1, "hooli": 2}),  # what ended: negative counts
     Offences((Offence(ipaddress.ip_address("192.0.2.7"), PenaltyEvent.NOAUTH),
               Offence(ipaddress.ip_address("2001:db8::1"), PenaltyEvent.GRACE_EXCEEDED))),
-    OthersChanged(StartupCounts(), {}),
-    OthersChanged(STARTUPS, {"aviato": 2}),
+    OthersChanged({}),
+    OthersChanged({"aviato": 2}),
     PENALTIES,
     Penalties(),
 ]  # fmt: skip
@@ -127,9 +127,9 @@ def with_stats(**changes: Any) -> bytes:
     return line_of(data)
 
 
-def with_startups(by_source: dict[str, object]) -> bytes:
-    data = body(CountsChanged(STARTUPS, {}))
-    data["startups"]["by_source"] = by_source
+def penalised(netblock: object) -> bytes:
+    data = body(PENALTIES)
+    data["penalised"][0]["netblock"] = netblock
     return line_of(data)
 
 
@@ -147,33 +147,35 @@ def without(key: str) -> bytes:
 @pytest.mark.parametrize(
     ("line", "says"),
     [
-        (b'{"v": 1, "kind": "ready", "pid": 1}\n', "not a version 4"),
-        (b'{"v": 2, "kind": "ready", "pid": 1}\n', "not a version 4"),
-        (b'{"v": 3, "kind": "ready", "pid": 1}\n', "not a version 4"),
-        (b'{"kind": "ready", "pid": 1}\n', "not a version 4"),
-        (b'{"v": 4, "kind": "nope"}\n', "no such kind"),
-        (b"[]\n", "not a version 4"),
+        (b'{"v": 1, "kind": "ready", "pid": 1}\n', "not a version 5"),
+        (b'{"v": 2, "kind": "ready", "pid": 1}\n', "not a version 5"),
+        (b'{"v": 3, "kind": "ready", "pid": 1}\n', "not a version 5"),
+        (b'{"v": 4, "kind": "ready", "pid": 1}\n', "not a version 5"),
+        (b'{"kind": "ready", "pid": 1}\n', "not a version 5"),
+        (b'{"v": 5, "kind": "nope"}\n', "no such kind"),
+        (b"[]\n", "not a version 5"),
         (b"garbage\n", "not JSON"),
-        (b'{"v": 4, "kind": "ready", "pid": \xff}\n', "not JSON"),
+        (b'{"v": 5, "kind": "ready", "pid": \xff}\n', "not JSON"),
         (b"[" * 100_000 + b"\n", "not JSON"),
-        (b'{"v": 4, "kind": "ready"}\n', "ready: missing ['pid']"),
-        (b'{"v": 4, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
-        (b'{"v": 4, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
-        (b'{"v": 4, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
-        (b'{"v": 4, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
+        (b'{"v": 5, "kind": "ready"}\n', "ready: missing ['pid']"),
+        (b'{"v": 5, "kind": "ready", "pid": 1, "extra": 0}\n', "unexpected ['extra']"),
+        (b'{"v": 5, "kind": "ready", "pid": "1"}\n', "ready.pid: str is not int"),
+        (b'{"v": 5, "kind": "ready", "pid": true}\n', "ready.pid: bool is not int"),
+        (b'{"v": 5, "kind": "ready", "pid": 1.5}\n', "ready.pid: float is not int"),
         (with_stats(rss=None), "heartbeat.stats.rss: NoneType is not int"),
         (with_stats(accepting=1), "heartbeat.stats.accepting: int is not bool"),
         (without("heap"), "heartbeat.stats: missing ['heap']"),
         (with_stats(fast_path="fast"), "heartbeat.stats.fast_path: 'fast' is not a FastPathState"),
         (with_stats(fast_path=None), "heartbeat.stats.fast_path: None is not a FastPathState"),
-        (b'{"v": 4, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
-        (b'{"v": 4, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
+        (b'{"v": 5, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
+        (b'{"v": 5, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
+        (penalised("192.0.2.1/24"), "penalties.penalised[0].netblock: 192.0.2.1/24 has host bits"),
+        (penalised(3232235520), "penalties.penalised[0].netblock: int is not str"),
+        (penalised("example.com"), "does not appear to be an IPv4 or IPv6 network"),
         (
-            with_startups({"192.0.2.1/24": 1}),
-            "counts_changed.startups.by_source key: 192.0.2.1/24 has host bits set",
+            line_of({"v": VERSION, "kind": "counts_changed", "sessions": {"acme": "1"}}),
+            "counts_changed.sessions.acme: str is not int",
         ),
-        (with_startups({"192.0.2.0/24": "1"}), "by_source.192.0.2.0/24: str is not int"),
-        (with_startups({"example.com": 1}), "does not appear to be an IPv4 or IPv6 network"),
         (offence("192.0.2.300", "authfail"), "offences.offences[0].address: '192.0.2.300'"),
         (
             offence("192.0.2.3", "timeout"),
@@ -181,7 +183,7 @@ def without(key: str) -> bytes:
         ),
         (offence(3232235523, "authfail"), "offences.offences[0].address: int is not str"),
         (
-            b'{"v": 4, "kind": "penalties", "penalised": [], "lifted": [], "table_full": '
+            b'{"v": 5, "kind": "penalties", "penalised": [], "lifted": [], "table_full": '
             b'[{"version": 5, "until": 1.0}]}\n',
             "penalties.table_full[0]: IP version 5 is",
         ),
@@ -225,7 +227,7 @@ def test_each_end_hears_only_the_other_side() -> None:
 
 
 def test_admission_goes_both_ways_each_its_own() -> None:
-    counts, others = CountsChanged(STARTUPS, {}), OthersChanged(STARTUPS, {})
+    counts, others = CountsChanged({"acme": 1}), OthersChanged({"acme": 1})
     assert from_worker(encode(counts)) == counts
     assert from_master(encode(others)) == others
     with pytest.raises(ProtocolError, match="a worker does not send others_changed"):
@@ -294,3 +296,29 @@ def test_a_message_sent_the_wrong_way_breaks_the_channel() -> None:
         return received
 
     assert asyncio.run(exchange()) == [KillSession("0badf00d"), None]
+
+
+def test_the_startup_table_is_one_memory_for_whoever_maps_it() -> None:
+    """The master's table and a worker's view of it (mapped again from the fd, as a worker
+    does) are the same cells: a worker's count is seen at once, and cleared by the master."""
+    master = StartupTable.create(slots=4, buckets=16)
+    worker = StartupTable.attach(os.dup(master.fileno()))
+    assert (worker.slots, worker.buckets) == (4, 16)
+    net = ipaddress.ip_network("192.0.2.0/24")
+    assert worker.bucket(net) == master.bucket(net)  # one key for the host
+    bucket = worker.bucket(net)
+    with worker.exclusive():
+        worker.add(3, bucket, 2)
+    worker.add(1, (bucket + 1) % 16, 1)
+    assert (master.total(), master.in_bucket(bucket)) == (3, 2)
+    master.clear(3)  # its worker is gone
+    assert (worker.total(), worker.in_bucket(bucket)) == (1, 0)
+    assert worker.in_bucket((bucket + 1) % 16) == 1
+
+
+def test_a_file_that_is_not_a_startup_table_is_refused() -> None:
+    fd = os.memfd_create("not-a-table")
+    os.ftruncate(fd, 4096)
+    with pytest.raises(ValueError, match="not a kilnproxy startup table"):
+        StartupTable.attach(fd)
+    os.close(fd)
