@@ -4,8 +4,9 @@ every SYN sent before any is answered), so that both workers accept in the same 
 
 Decided on messages, each worker admitted up to a limit before it heard of the other (11 and 20
 of 60 held, for a limit of 10); decided on the shared startup table, the counts are exact
-whichever worker accepts. Each burst's sources are exempt from penalties: the connections they
-close unauthenticated must not get the next round refused.
+whichever worker accepts, and stay so when a worker is SIGKILLed or every worker is replaced.
+Each burst's sources are exempt from penalties: the connections they close unauthenticated must
+not get the next round refused.
 """
 
 from __future__ import annotations
@@ -181,4 +182,45 @@ def test_a_killed_workers_startups_are_no_longer_counted(
         with burst(kiln, [source] * 60) as second:
             assert len(second.held) == held_by_victim, (holders, len(second.held))
             assert kiln.status()["unauthenticated"] == 10
+    wait_for(lambda: kiln.status()["unauthenticated"] == 0)
+
+
+def test_counts_stay_exact_through_a_rolling_restart(new_world: Callable[..., World]) -> None:
+    """Bursts from one new source after another while every worker is replaced: old and new
+    workers hold connections side by side. Then the old ones' connections close and they exit:
+    the host counts exactly the connections still open (the new workers'), and each source may
+    hold ten in all again. Had a replacement shared an old worker's slot, that worker's exit
+    would have zeroed the replacement's counts with its own."""
+    kiln = new_world(two_workers(max_startups="1000")).kiln
+    old_pids = {w["pid"] for w in kiln.workers()}
+    opened: dict[str, Burst] = {}
+    try:
+        kiln.send(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "rolling restart to generation 1 complete" not in kiln.log():
+            assert time.monotonic() < deadline and len(opened) < 60, len(opened)
+            source = f"127.0.1.{len(opened) + 1}"
+            opened[source] = Burst(kiln.port, [source] * 20)
+            assert len(opened[source].held) == 10, source
+            time.sleep(0.05)
+        owner = {r["message"].removeprefix("connection from "): r["pid"] for r in records(kiln)
+                 if r["message"].startswith("connection from 127.0.1.")}  # fmt: skip
+        on_old: Counter[str] = Counter()
+        for source, each in opened.items():
+            for sock in list(each.held):
+                if owner[f"{source}:{sock.getsockname()[1]}"] in old_pids:
+                    each.held.remove(sock)
+                    sock.close()
+                    on_old[source] += 1
+        assert on_old and on_old.total() < 10 * len(opened), on_old  # both kinds held some
+        wait_for(lambda: not old_pids & {w["pid"] for w in kiln.workers()})
+        open_now = {source: len(each.still_open()) for source, each in opened.items()}
+        assert open_now == {source: 10 - on_old[source] for source in opened}
+        wait_for(lambda: kiln.status()["unauthenticated"] == sum(open_now.values()))
+        for source, still in open_now.items():
+            with burst(kiln, [source] * 20) as again:
+                assert len(again.held) == 10 - still, (source, still, len(again.held))
+    finally:
+        for each in opened.values():
+            each.close()
     wait_for(lambda: kiln.status()["unauthenticated"] == 0)
