@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import fcntl
 import ipaddress
 import json
@@ -39,6 +40,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 import types
 import typing
 from collections import Counter
@@ -618,7 +620,8 @@ class StartupTable:
     read, the decision and the count of an admitted connection happen under an exclusive
     record lock (`exclusive`): two workers accepting in the same instant are decided one after
     the other, never both on the count that held before either. A record lock dies with its
-    process, and the master zeroes a dead worker's slot (`clear`) before it assigns it again.
+    process (and is waited for 50 ms at most: a stopped holder must not stop every accept), and
+    the master zeroes a dead worker's slot (`clear`) before it assigns it again.
     Taking a count away needs no lock: a stale count is a higher one, so it can only refuse.
 
     Layout, little-endian int32 after a header: one total per slot, then `buckets` rows of one
@@ -629,6 +632,7 @@ class StartupTable:
     HEADER = struct.Struct("<4sII16s")  # magic, slots, buckets, the buckets' hash key
     BUCKETS = 4096
     TOTALS_AT = 64
+    LOCK_PATIENCE = 0.05  # seconds
 
     def __init__(self, fd: int, memory: mmap.mmap) -> None:
         magic, self.slots, self.buckets, self._key = self.HEADER.unpack_from(memory)
@@ -637,6 +641,7 @@ class StartupTable:
             raise ValueError("not a kilnproxy startup table")
         self._fd = fd
         self._memory = memory
+        self._warned = False
         words = memoryview(memory)
         self._totals = words[self.TOTALS_AT : self.TOTALS_AT + 4 * self.slots].cast("i")
         self._cells = words[cells_at:].cast("i")
@@ -672,13 +677,34 @@ class StartupTable:
         return source_bucket(netblock, self._key, self.buckets)
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Decide and count with no other worker doing the same meanwhile (microseconds)."""
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+    def exclusive(self) -> Iterator[bool]:
+        """Decide and count with no other worker doing the same meanwhile (microseconds each);
+        whether the lock was had. A worker stopped while it holds the lock (SIGSTOP, a
+        debugger) must not stop every other worker's accepts until the master kills it: after
+        `LOCK_PATIENCE` a worker goes on without, its counts then exact but for a race."""
+        locked = self._lock()
         try:
-            yield
+            yield locked
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _lock(self) -> bool:
+        give_up = time.monotonic() + self.LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # not "another has it"
+                    raise
+            if time.monotonic() >= give_up:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("startup table locked over %.0f ms: deciding without the lock "
+                                "(a worker stopped?)", 1000 * self.LOCK_PATIENCE)  # fmt: skip
+                return False
+            time.sleep(0.00005)
 
     def total(self) -> int:
         return sum(self._totals)

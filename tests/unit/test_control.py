@@ -9,6 +9,9 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -322,3 +325,28 @@ def test_a_file_that_is_not_a_startup_table_is_refused() -> None:
     with pytest.raises(ValueError, match="not a kilnproxy startup table"):
         StartupTable.attach(fd)
     os.close(fd)
+
+
+def test_a_lock_held_too_long_is_gone_without(caplog: pytest.LogCaptureFixture) -> None:
+    """Another process (a worker SIGSTOPped inside its decision) holds the table's lock: the
+    accept path waits a bounded time, then decides without it, and says so once."""
+    table = StartupTable.create(slots=2, buckets=4)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, time; fcntl.lockf({table.fileno()}, "
+         "fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)"],
+        pass_fds=[table.fileno()], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        with table.exclusive() as locked:
+            assert not locked
+        assert time.monotonic() - started < 0.5
+        with table.exclusive() as locked:
+            assert not locked
+        assert caplog.text.count("startup table locked over 50 ms") == 1
+    finally:
+        holder.kill()
+        holder.communicate()
+    with table.exclusive() as locked:  # its lock died with it
+        assert locked
