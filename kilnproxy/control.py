@@ -10,10 +10,12 @@ once are one message, not 10,000), and a `Reply` to a request. The master says `
 
 Admission (SPEC 4b) is host-wide, so it has messages of its own, sent as things change (at most
 once per pass of the sender's event loop), not with the heartbeat: a worker's `CountsChanged`
-(its unauthenticated connections by source, its sessions per account) and `Offences` (connections
-that ended badly); the master's `OthersChanged` (the same counts, from the host's other workers)
-and `Penalties` (what changed in the host's penalty table). Their fields are the admission
-policy's own records (`kilnproxy.policy`): networks and addresses travel as text, enums by value.
+(its sessions per account) and `Offences` (connections that ended badly); the master's
+`OthersChanged` (the same counts, from the host's other workers) and `Penalties` (what changed in
+the host's penalty table). Their fields are the admission policy's own records
+(`kilnproxy.policy`): networks and addresses travel as text, enums by value. Unauthenticated
+connections are not in messages, which would come too late for a burst of accepts: every worker
+counts them in the `StartupTable`, memory that the master and its workers share.
 
 Rule 1: a message is encoded and decoded here, once, at the edge. Decoding checks every field's
 type, so the code on either side reads typed fields and never a raw dict (the one opaque part is
@@ -30,18 +32,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
+import fcntl
 import ipaddress
 import json
 import logging
+import mmap
+import os
 import socket
+import struct
+import time
 import types
 import typing
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
-from kilnproxy.policy.admission import IPAddress, Netblock, StartupCounts
+from kilnproxy.policy.admission import IPAddress, Netblock, source_bucket
 from kilnproxy.policy.penalty import Lifted, Notice, Penalised, PenaltyEvent, TableFull
 
 log = logging.getLogger("kilnproxy.control")
@@ -295,12 +304,10 @@ class HeapProfileRequest:
 
 @dataclass(frozen=True)
 class CountsChanged:
-    """How this worker's unauthenticated connections (by source netblock) and its sessions per
-    account changed since it last said: negative counts are ones that ended. A worker's own
-    counts are the sum of every change it sent."""
+    """How this worker's sessions per account changed since it last said: negative counts are
+    ones that ended. A worker's own counts are the sum of every change it sent."""
 
     kind: ClassVar[Kind] = Kind.COUNTS_CHANGED
-    startups: StartupCounts
     sessions: Mapping[str, int]  # by account
 
 
@@ -310,7 +317,6 @@ class OthersChanged:
     rest of the host. The first one a worker gets is that whole view."""
 
     kind: ClassVar[Kind] = Kind.OTHERS_CHANGED
-    startups: StartupCounts
     sessions: Mapping[str, int]
 
 
@@ -606,3 +612,120 @@ class ToMaster(Channel):
 
     async def receive(self) -> MasterMessage | None:
         return await self._receive(from_master)
+
+
+# -- the startup table: unauthenticated connections, in memory the whole host shares --------------
+
+
+class StartupTable:
+    """Every worker's unauthenticated connections (SPEC 4b), in all and by source bucket, in a
+    memfd the master creates and every worker maps (its fd is passed like the listening ones).
+
+    Messages tell the other workers too late: in a burst each worker would admit up to a limit
+    before hearing of the others. Here each worker has a slot of its own (the master assigns
+    one to each live process, a draining worker and its replacement never the same) and is the
+    only writer of it; deciding sums every slot, so it sees the whole host as it is now. The
+    read, the decision and the count of an admitted connection happen under an exclusive
+    record lock (`exclusive`): two workers accepting in the same instant are decided one after
+    the other, never both on the count that held before either. A record lock dies with its
+    process (and is waited for 50 ms at most: a stopped holder must not stop every accept), and
+    the master zeroes a dead worker's slot (`clear`) before it assigns it again.
+    Taking a count away needs no lock: a stale count is a higher one, so it can only refuse.
+
+    Layout, little-endian int32 after a header: one total per slot, then `buckets` rows of one
+    cell per slot (a source's cells are together: one page for a decision, not one a slot).
+    """
+
+    MAGIC = b"KPST"
+    HEADER = struct.Struct("<4sII16s")  # magic, slots, buckets, the buckets' hash key
+    BUCKETS = 4096
+    TOTALS_AT = 64
+    LOCK_PATIENCE = 0.05  # seconds
+
+    def __init__(self, fd: int, memory: mmap.mmap) -> None:
+        magic, self.slots, self.buckets, self._key = self.HEADER.unpack_from(memory)
+        cells_at, size = self._layout(self.slots, self.buckets)
+        if magic != self.MAGIC or len(memory) != size:
+            raise ValueError("not a kilnproxy startup table")
+        self._fd = fd
+        self._memory = memory
+        self._warned = False
+        words = memoryview(memory)
+        self._totals = words[self.TOTALS_AT : self.TOTALS_AT + 4 * self.slots].cast("i")
+        self._cells = words[cells_at:].cast("i")
+
+    @classmethod
+    def _layout(cls, slots: int, buckets: int) -> tuple[int, int]:
+        """Where the cells start (a cache line after the totals), and the whole size."""
+        cells_at = cls.TOTALS_AT + -(-4 * slots // 64) * 64
+        return cells_at, cells_at + 4 * slots * buckets
+
+    @classmethod
+    def create(cls, slots: int, buckets: int = BUCKETS) -> StartupTable:
+        """The master's: zeroed, with a fresh hash key (close-on-exec: passed on explicitly)."""
+        _, size = cls._layout(slots, buckets)
+        fd = os.memfd_create("kilnproxy-startups", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        memory = mmap.mmap(fd, size)
+        memory.write(bytes(size))  # every page now, not at the first flood
+        cls.HEADER.pack_into(memory, 0, cls.MAGIC, slots, buckets, os.urandom(16))
+        return cls(fd, memory)
+
+    @classmethod
+    def attach(cls, fd: int) -> StartupTable:
+        """A worker's view of the master's table, from the fd it inherited."""
+        memory = mmap.mmap(fd, os.fstat(fd).st_size)
+        bytes(memory)  # map every page now: a flood later does not show as the worker's growth
+        return cls(fd, memory)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def bucket(self, netblock: Netblock) -> int:
+        return source_bucket(netblock, self._key, self.buckets)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Decide and count with no other worker doing the same meanwhile (microseconds each);
+        whether the lock was had. A worker stopped while it holds the lock (SIGSTOP, a
+        debugger) must not stop every other worker's accepts until the master kills it: after
+        `LOCK_PATIENCE` a worker goes on without, its counts then exact but for a race."""
+        locked = self._lock()
+        try:
+            yield locked
+        finally:
+            if locked:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _lock(self) -> bool:
+        give_up = time.monotonic() + self.LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # not "another has it"
+                    raise
+            if time.monotonic() >= give_up:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("startup table locked over %.0f ms: deciding without the lock "
+                                "(a worker stopped?)", 1000 * self.LOCK_PATIENCE)  # fmt: skip
+                return False
+            time.sleep(0.00005)
+
+    def total(self) -> int:
+        return sum(self._totals)
+
+    def in_bucket(self, bucket: int) -> int:
+        return sum(self._cells[bucket * self.slots : (bucket + 1) * self.slots])
+
+    def add(self, slot: int, bucket: int, change: int) -> None:
+        """Only slot's own worker calls this, so no write is ever lost."""
+        self._totals[slot] += change
+        self._cells[bucket * self.slots + slot] += change
+
+    def clear(self, slot: int) -> None:
+        """The master's, once slot's worker is gone: what it held is held no more."""
+        self._totals[slot] = 0
+        self._cells[slot :: self.slots] = memoryview(bytes(4 * self.buckets)).cast("i")

@@ -22,6 +22,7 @@ from setproctitle import setproctitle
 from kilnproxy.config import Address, Config
 from kilnproxy.status_socket import serve as serve_status
 from kilnproxy.version import build_info
+from master.admission import MIN_SLOTS
 from master.board import StatusBoard
 from master.http import start as start_http
 from master.notify import Notifier
@@ -40,7 +41,8 @@ def serve(config: Config, config_arg: str | None) -> int:
 
 async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> int:
     setproctitle("kilnproxy: master")
-    board = StatusBoard(config.limits.penalty_settings())
+    # Slots of the startup table: a rolling restart runs each old worker beside its new one.
+    board = StatusBoard(config.limits.penalty_settings(), max(MIN_SLOTS, 4 * config.workers.count))
     supervisor = Supervisor(config, config_path, board, notifier)
     supervisor.catch_signals()
     sockets = listeners(config.ssh.listen, config.ssh.backlog)

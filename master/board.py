@@ -21,7 +21,7 @@ from typing import Protocol
 
 from kilnproxy.control import FastPathState, Heartbeat, MetricsSnapshot, WorkerStats
 from kilnproxy.policy.penalty import PenaltySettings
-from master.admission import HostAdmission
+from master.admission import MIN_SLOTS, HostAdmission
 from master.history import MemoryHistory
 from master.table import ConnectionTable
 from master.workers import WorkerState
@@ -66,9 +66,9 @@ class WorkerView(Protocol):
 
 
 class StatusBoard:
-    def __init__(self, penalties: PenaltySettings | None = None) -> None:
+    def __init__(self, penalties: PenaltySettings | None = None, slots: int = MIN_SLOTS) -> None:
         self.started_at = time.time()
-        self.admission = HostAdmission(penalties or PenaltySettings())
+        self.admission = HostAdmission(penalties or PenaltySettings(), slots=slots)
         self.generation = 0
         self.stopping = False
         self.restarts = 0  # workers that died and were replaced

@@ -266,17 +266,24 @@ class Supervisor:
         self._background(self._spawn(index, self.generation))
 
     async def _spawn(self, index: int, generation: int) -> None:
+        admission = self.board.admission
+        slot = admission.claim_slot()
         try:
-            handle = await spawn(index, generation, self._listeners, self.config_path)
+            if slot is None:
+                raise OSError(f"all {admission.table.slots} slots of the startup table are taken")
+            startups = (admission.table.fileno(), slot)
+            handle = await spawn(index, generation, self._listeners, self.config_path, startups)
         except OSError as exc:
             log.error("cannot start worker %d: %s", index, exc)
+            if slot is not None:
+                admission.release_slot(slot)
             self._not_before[index] = time.monotonic() + self._next_backoff(index)
             return
         finally:
             self._spawning -= 1
         self.workers.append(handle)
         self.board.joined(handle)
-        for message in self.board.admission.joined(handle.pid):
+        for message in admission.joined(handle.pid, slot):
             assert handle.channel is not None
             handle.channel.send(message)
         asyncio.get_running_loop().add_reader(handle.pidfd, self._reap, handle)

@@ -62,14 +62,21 @@ class WorkerHandle:
 
 
 async def spawn(
-    index: int, generation: int, listeners: list[socket.socket], config: Path | None
+    index: int,
+    generation: int,
+    listeners: list[socket.socket],
+    config: Path | None,
+    startups: tuple[int, int],
 ) -> WorkerHandle:
-    """Start one worker process and connect to its end of the socketpair."""
+    """Start one worker process and connect to its end of the socketpair. `startups` is the
+    admission's startup table (its fd) and the worker's slot of it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [sock.fileno() for sock in listeners]
+    table, slot = startups
     argv = [
         sys.executable, "-m", "kilnproxy.worker.process", "--index", str(index),
         "--listen-fds", ",".join(map(str, fds)), "--control-fd", str(theirs.fileno()),
+        "--startups-fd", str(table), "--startups-slot", str(slot),
     ]  # fmt: skip
     if config is not None:
         argv += ["--config", str(config)]
@@ -77,7 +84,7 @@ async def spawn(
         # A plain fork+exec (milliseconds); its exit is watched through a pidfd, so asyncio's
         # child watcher must not reap it.
         proc = subprocess.Popen(  # noqa: ASYNC220
-            argv, pass_fds=[*fds, theirs.fileno()], stdin=subprocess.DEVNULL
+            argv, pass_fds=[*fds, theirs.fileno(), table], stdin=subprocess.DEVNULL
         )
     finally:
         theirs.close()

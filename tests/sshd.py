@@ -49,7 +49,8 @@ class Sshd:
             "PubkeyAuthentication yes\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "PermitRootLogin prohibit-password\nAcceptEnv GIT_PROTOCOL KILNPROXY_*\n"
-            f"SetEnv HOME={self.home}\nLogLevel VERBOSE\n" + self.extra  # OpenSSH's default MaxSessions is 10
+            f"SetEnv HOME={self.home}\nLogLevel VERBOSE\n"
+            + self.extra  # OpenSSH's default MaxSessions is 10
         )
 
     @property

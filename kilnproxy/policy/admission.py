@@ -7,18 +7,19 @@ reasons that /metrics counts, and the rate limit on refusal log lines. Penalties
 
 Rule 1: no I/O and no clock. Time comes in as `now` (a monotonic reading, seconds), randomness as
 a `random.Random`; so every decision is replayed exactly in a unit test.
-Rule 2: counts are supplied, never gathered. A worker passes the host-wide view the master last
-sent it plus its own live counts; nothing here knows there are processes.
+Rule 2: counts are supplied, never gathered. A worker passes the host-wide counts it read from
+the startup table its master shares with it; nothing here knows there are processes.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import random
 import re
-from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from kilnproxy.errors import ClientError
@@ -92,6 +93,18 @@ def netblock_of(address: IPAddress, size: NetblockSize) -> Netblock:
     bits, width = size.ipv6, 128
     mask = ((1 << bits) - 1) << (width - bits)
     return ipaddress.IPv6Network((int(address) & mask, bits))
+
+
+def source_bucket(netblock: Netblock, key: bytes, buckets: int) -> int:
+    """Which of `buckets` counters a source netblock is counted in, host-wide.
+
+    Every process of the host must agree, so not Python's `hash`; keyed (the master draws the
+    key), so that a client cannot choose sources that share a victim's bucket. Sources that do
+    share one are counted together: a per-source limit may then refuse early, never late.
+    """
+    data = bytes((netblock.version, netblock.prefixlen)) + netblock.network_address.packed
+    digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "little") % buckets
 
 
 def parse_exempt(items: Iterable[str]) -> tuple[Netblock, ...]:
@@ -201,119 +214,6 @@ def admit(
         if refused is not None:
             return refused
     return gate.decide(startups, source_startups if address is not None else 0)
-
-
-# -- counting unauthenticated connections ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StartupCounts:
-    """An immutable count of unauthenticated connections, in all and by source netblock."""
-
-    total: int = 0
-    by_source: Mapping[Netblock, int] = field(default_factory=dict)
-
-    def of(self, source: Netblock) -> int:
-        return self.by_source.get(source, 0)
-
-    def __neg__(self) -> StartupCounts:
-        """The change that takes these counts away (a worker that exited)."""
-        return StartupCounts(-self.total, {source: -n for source, n in self.by_source.items()})
-
-    def __add__(self, other: StartupCounts) -> StartupCounts:
-        merged = dict(self.by_source)
-        for source, count in other.by_source.items():
-            merged[source] = merged.get(source, 0) + count
-        return StartupCounts(self.total + other.total, merged)
-
-
-class StartupCounter:
-    """One worker's live unauthenticated connections: `add` at accept, `discard` once the
-    connection authenticates or closes, whichever comes first (and only once).
-
-    Only sources with a connection in flight have an entry, so the size is bounded by the
-    connections themselves, never by how many addresses were ever seen.
-    """
-
-    def __init__(self) -> None:
-        self._by_source: dict[Netblock, int] = {}
-        self.total = 0
-
-    def add(self, source: Netblock) -> None:
-        self._by_source[source] = self._by_source.get(source, 0) + 1
-        self.total += 1
-
-    def discard(self, source: Netblock) -> None:
-        count = self._by_source.get(source, 0)
-        if count == 0:
-            raise ValueError(f"no unauthenticated connection from {source} to discard")
-        if count == 1:
-            del self._by_source[source]
-            if not self._by_source:  # a dict never shrinks its table: a flood's stays
-                self._by_source = {}
-        else:
-            self._by_source[source] = count - 1
-        self.total -= 1
-
-    def of(self, source: Netblock) -> int:
-        return self._by_source.get(source, 0)
-
-    def change(self, delta: StartupCounts) -> None:
-        """Add counts that changed elsewhere (negative ones take away): how a worker keeps the
-        rest of the host's view, and the master each worker's, from the changes they send.
-
-        Costs what the change holds, not what the counter holds; a source at zero is dropped.
-        """
-        for source, count in delta.by_source.items():
-            now = self._by_source.get(source, 0) + count
-            if now:
-                self._by_source[source] = now
-            else:
-                self._by_source.pop(source, None)
-        if not self._by_source:  # a dict never shrinks its table: a flood's stays
-            self._by_source = {}
-        self.total += delta.total
-
-    def statistics(self) -> StartupCounts:
-        return StartupCounts(self.total, dict(self._by_source))
-
-
-class HostStartups:
-    """The master's sum of every worker's counts, as they reported them or their changes.
-
-    A worker is sent `others(itself)` once, then the other workers' changes as they come:
-    adding its own live counts to that, it decides on the freshest host view without a round
-    trip on the accept path.
-    """
-
-    def __init__(self) -> None:
-        self._workers: dict[int, StartupCounter] = {}
-
-    def report(self, worker: int, counts: StartupCounts) -> None:
-        self._workers[worker] = counter = StartupCounter()
-        counter.change(counts)
-
-    def change(self, worker: int, delta: StartupCounts) -> None:
-        self._workers.setdefault(worker, StartupCounter()).change(delta)
-
-    def forget(self, worker: int) -> StartupCounts:
-        """A worker that exited holds no connections any more; what it held."""
-        counter = self._workers.pop(worker, None)
-        return counter.statistics() if counter else StartupCounts()
-
-    def others(self, worker: int) -> StartupCounts:
-        return sum(
-            (counts.statistics() for other, counts in self._workers.items() if other != worker),
-            StartupCounts(),
-        )
-
-    @property
-    def total(self) -> int:
-        """The host's unauthenticated connections, in all."""
-        return sum(counter.total for counter in self._workers.values())
-
-    def statistics(self) -> StartupCounts:
-        return sum((counter.statistics() for counter in self._workers.values()), StartupCounts())
 
 
 # -- sessions per account --------------------------------------------------------------------------

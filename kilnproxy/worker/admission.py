@@ -1,15 +1,17 @@
 """A worker's admission (SPEC 4b): who may connect and who may open one more session, decided
-in the worker, on the host-wide view its master keeps it told of.
+in the worker, on the host-wide view.
 
-Owns the worker's own live counts (unauthenticated connections by source netblock, sessions per
-account), its view of the rest of the host (the sum of the master's `OthersChanged`), its
-`PenaltyView`, the refusal counters of /metrics and the rate-limited refusal log. The decisions
+Owns its slot of the host's `control.StartupTable` (the unauthenticated connections of every
+worker, in all and by source bucket, as they are now), its sessions per account and its view of
+the rest of the host's (the sum of the master's `OthersChanged`), its `PenaltyView`, the refusal
+counters of /metrics and the rate-limited refusal log. The decisions
 are `kilnproxy.policy`'s; this is their shell: it reads the monotonic clock, draws the random
 early drop, and tells the master what changed, at most one `CountsChanged` and one `Offences`
 per pass of the event loop (a burst of accepts is one message, not one each).
 
 Rules: `admit` is on the accept path of every connection, so it never awaits and never waits
-for the master: it decides on the view the master last sent, plus the worker's own counts. A
+for the master: it decides on the startup table (read and counted under its lock, so that two
+workers accepting at once are decided in turn) and the penalties the master last sent. A
 refused connection is never counted nor penalised. An admitted one is counted from accept until
 it authenticates or closes, whichever comes first, and is penalised at most once: when it closes
 without having authenticated (`Startup.closed`).
@@ -25,7 +27,14 @@ from collections import Counter
 from collections.abc import Callable
 
 from kilnproxy.config import LimitSettings
-from kilnproxy.control import CountsChanged, Offence, Offences, OthersChanged, Penalties
+from kilnproxy.control import (
+    CountsChanged,
+    Offence,
+    Offences,
+    OthersChanged,
+    Penalties,
+    StartupTable,
+)
 from kilnproxy.control import WorkerMessage as Message
 from kilnproxy.policy.admission import (
     AccountSessions,
@@ -33,8 +42,6 @@ from kilnproxy.policy.admission import (
     Netblock,
     Refusal,
     RefusalLog,
-    StartupCounter,
-    StartupCounts,
     StartupGate,
     TooManySessions,
     admit,
@@ -51,14 +58,19 @@ Peer = tuple[str, int]
 class Startup:
     """One admitted connection, counted as a startup until it authenticates or closes."""
 
-    __slots__ = ("_admission", "_counted", "address", "netblock")
+    __slots__ = ("_admission", "_counted", "address", "bucket", "netblock")
 
     def __init__(
-        self, admission: WorkerAdmission, address: IPAddress | None, netblock: Netblock | None
+        self,
+        admission: WorkerAdmission,
+        address: IPAddress | None,
+        netblock: Netblock | None,
+        bucket: int = 0,
     ) -> None:
         self._admission = admission
         self.address = address
         self.netblock = netblock
+        self.bucket = bucket  # the netblock's in the startup table
         self._counted = netblock is not None
 
     def authenticated(self) -> None:
@@ -84,15 +96,18 @@ class WorkerAdmission:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        table: StartupTable | None = None,
+        slot: int = 0,
     ) -> None:
+        """`table` and `slot`: the host's, from the master; without, a table of its own."""
         self.limits = limits
+        self._table = table or StartupTable.create(slots=1)
+        self._slot = slot
         self._penalty_settings = limits.penalty_settings()
         self._gate = StartupGate(
             limits.max_startups, limits.max_startups_per_source, rng or random.Random()
         )
         self._penalties = PenaltyView(self._penalty_settings)
-        self._own = StartupCounter()
-        self._others = StartupCounter()
         self._sessions = AccountSessions(limits.max_sessions_per_account)
         self._sessions_elsewhere: Counter[str] = Counter()
         self._count_refusal = count_refusal
@@ -100,7 +115,6 @@ class WorkerAdmission:
         self._log = RefusalLog()
         # Told the master at the end of this pass of the event loop (`_flush`), once it can be.
         self._send: Callable[[Message], None] | None = None
-        self._startups_changed: dict[Netblock, int] = {}
         self._sessions_changed: Counter[str] = Counter()
         self._offences: list[Offence] = []
         self._flush_scheduled = False
@@ -116,23 +130,23 @@ class WorkerAdmission:
         if address is None:  # not an IP peer (no TCP listener has one): nothing to count by
             return Startup(self, None, None)
         netblock = netblock_of(address, self.limits.penalty_netblock)
-        startups = self._own.total + self._others.total
-        from_source = self._own.of(netblock) + self._others.of(netblock)
-        refusal = admit(address, now, gate=self._gate, penalties=self._penalties,
-                        startups=startups, source_startups=from_source)  # fmt: skip
+        table, bucket = self._table, self._table.bucket(netblock)
+        with table.exclusive():
+            startups, from_source = table.total(), table.in_bucket(bucket)
+            refusal = admit(address, now, gate=self._gate, penalties=self._penalties,
+                            startups=startups, source_startups=from_source)  # fmt: skip
+            if refusal is None:
+                table.add(self._slot, bucket, 1)
         if refusal is not None:
             why = self._why(refusal, startups, from_source, netblock)
             self._refused(refusal, now, f"connection from {peer[0]}:{peer[1]}", why)
             return None
-        self._own.add(netblock)
-        self._startup_changed(netblock, 1)
-        return Startup(self, address, netblock)
+        return Startup(self, address, netblock, bucket)
 
     def ended(self, startup: Startup, event: PenaltyEvent | None) -> None:
         """`startup` authenticated (event None) or closed; called once for each, by it."""
         assert startup.netblock is not None and startup.address is not None
-        self._own.discard(startup.netblock)
-        self._startup_changed(startup.netblock, -1)
+        self._table.add(self._slot, startup.bucket, -1)  # no lock: a late -1 only refuses more
         if event is not None and self._send and self._penalised_for(startup.address, event):
             self._offences.append(Offence(startup.address, event))
             self._schedule()
@@ -185,7 +199,7 @@ class WorkerAdmission:
     # -- what the master says ------------------------------------------------------------------
 
     def others_changed(self, message: OthersChanged) -> None:
-        self._others.change(message.startups)
+        """The other workers' sessions per account (their startups are in the table)."""
         for account, change in message.sessions.items():
             self._sessions_elsewhere[account] += change
             if not self._sessions_elsewhere[account]:
@@ -201,16 +215,8 @@ class WorkerAdmission:
         """Tell the master from now on; what changed before (nothing, if the worker has not
         accepted yet) is told at the end of this pass. Offences from before are lost."""
         self._send = send
-        if self._startups_changed or self._sessions_changed:
+        if self._sessions_changed:
             self._schedule()
-
-    def _startup_changed(self, netblock: Netblock, change: int) -> None:
-        now = self._startups_changed.get(netblock, 0) + change
-        if now:
-            self._startups_changed[netblock] = now
-        else:  # in and out within one pass: nothing to say about it
-            del self._startups_changed[netblock]
-        self._schedule()
 
     def _session_changed(self, account: str, change: int) -> None:
         self._sessions_changed[account] += change
@@ -224,11 +230,10 @@ class WorkerAdmission:
     def _flush(self) -> None:
         self._flush_scheduled = False
         assert self._send is not None, "scheduled only once there is a master to tell"
-        startups, self._startups_changed = self._startups_changed, {}
         sessions = {account: n for account, n in self._sessions_changed.items() if n}
         self._sessions_changed.clear()
-        if startups or sessions:
-            self._send(CountsChanged(StartupCounts(sum(startups.values()), startups), sessions))
+        if sessions:
+            self._send(CountsChanged(sessions))
         if self._offences:
             offences, self._offences = tuple(self._offences), []
             self._send(Offences(offences))

@@ -8,7 +8,8 @@ Its signals and its master's messages become `Event`s that one loop acts on: it 
 told to, or when its master is gone. A worker that cannot start exits with WORKER_BOOT_ERROR,
 so the master stops instead of restarting it forever.
 
-    python -m kilnproxy.worker.process --index N --listen-fds 3,4 --control-fd 5 [--config P]
+    python -m kilnproxy.worker.process --index N --listen-fds 3,4 --control-fd 5
+        --startups-fd 6 --startups-slot K [--config P]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import enum
 import faulthandler
 import logging
+import os
 import signal
 import socket
 import sys
@@ -30,6 +32,7 @@ from setproctitle import setproctitle
 
 from kilnproxy import control
 from kilnproxy.config import Config, load
+from kilnproxy.control import StartupTable
 from kilnproxy.errors import CutReason, OperatorError
 from kilnproxy.logs import configure
 from kilnproxy.ssh import fast_path, kex_offer
@@ -206,6 +209,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen-fds", required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--startups-fd", type=int, required=True)
+    parser.add_argument("--startups-slot", type=int, required=True)
     parser.add_argument("--config")
     return parser.parse_args(argv)
 
@@ -231,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         control_sock = socket.socket(fileno=args.control_fd)
         for sock in (*sockets, control_sock):
             sock.set_inheritable(False)  # never into git, hg or ssh children
-        worker = Worker(config, sockets, args.index)
+        os.set_inheritable(args.startups_fd, False)
+        startups = StartupTable.attach(args.startups_fd)
+        worker = Worker(config, sockets, args.index, (startups, args.startups_slot))
     except (OperatorError, OSError, ValueError) as exc:
         print(f"kilnproxy: worker {args.index} cannot start: {exc}", file=sys.stderr)
         return control.WORKER_BOOT_ERROR

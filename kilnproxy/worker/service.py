@@ -21,7 +21,7 @@ import psutil
 
 from kilnproxy.backends import Backends
 from kilnproxy.config import Config
-from kilnproxy.control import PoolStats, SessionStats, WorkerStats
+from kilnproxy.control import PoolStats, SessionStats, StartupTable, WorkerStats
 from kilnproxy.directory import directory_for
 from kilnproxy.errors import CutReason
 from kilnproxy.ssh.fast_path import fast_path_state
@@ -46,7 +46,14 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 
 
 class Worker:
-    def __init__(self, config: Config, sockets: list[socket.socket], index: int = 0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sockets: list[socket.socket],
+        index: int = 0,
+        startups: tuple[StartupTable, int] | None = None,
+    ) -> None:
+        """`startups`: the host's startup table and this worker's slot (else one of its own)."""
         self.config = config
         self.index = index
         self.started_at = time.time()
@@ -64,7 +71,10 @@ class Worker:
             config.timeouts.dial,
             self.metrics.backend_dial.observe,
         )
-        self.admission = WorkerAdmission(config.limits, self.metrics.refused)
+        table, slot = startups or (None, 0)
+        self.admission = WorkerAdmission(
+            config.limits, self.metrics.refused, table=table, slot=slot
+        )
         services = Services(self.directory, self.backends, self.metrics, self.admission)
         self.host = SessionHost(config, services)
         self._closed_at_release = 0

@@ -1,13 +1,12 @@
 """The host's side of admission, fed as the supervisor feeds it (no processes): every worker is
-told what the others hold, a worker that leaves takes its counts with it, offences become
-penalties for every worker."""
+told the sessions the others hold, a worker that leaves takes its counts with it (its slot of
+the startup table too), offences become penalties for every worker."""
 
 from __future__ import annotations
 
 import ipaddress
 
 from kilnproxy.control import CountsChanged, Offence, Offences, OthersChanged, Penalties
-from kilnproxy.policy.admission import StartupCounts
 from kilnproxy.policy.penalty import Penalised, PenaltyEvent, PenaltySettings
 from master.admission import AdmissionStats, HostAdmission
 
@@ -23,39 +22,61 @@ class Clock:
         return self.now
 
 
-def test_each_worker_hears_the_others_summed_once_per_pass() -> None:
+def test_each_worker_hears_the_others_sessions_summed_once_per_pass() -> None:
     host = HostAdmission(PenaltySettings())
-    assert host.joined(100) == [OthersChanged(StartupCounts(), {})]
+    assert host.joined(100) == [OthersChanged({})]
     host.joined(101)
     host.joined(102)
-    host.changed(100, CountsChanged(StartupCounts(2, {A: 2}), {"acme": 1}))
-    host.changed(101, CountsChanged(StartupCounts(1, {B: 1}), {}))
-    host.changed(100, CountsChanged(StartupCounts(-1, {A: -1}), {"acme": -1}))
-    told = host.outbox()
-    assert told == {
-        100: OthersChanged(StartupCounts(1, {B: 1}), {}),
-        101: OthersChanged(StartupCounts(1, {A: 1}), {}),  # acme's session came and went
-        102: OthersChanged(StartupCounts(2, {A: 1, B: 1}), {}),
+    host.changed(100, CountsChanged({"acme": 1}))
+    host.changed(101, CountsChanged({"hooli": 1}))
+    host.changed(100, CountsChanged({"acme": -1}))
+    assert host.outbox() == {
+        100: OthersChanged({"hooli": 1}),
+        102: OthersChanged({"hooli": 1}),  # acme's session came and went
     }
     assert host.outbox() == {}
-    assert host.statistics().unauthenticated == 2
     # A newcomer is told all of it at once.
-    host.changed(101, CountsChanged(StartupCounts(), {"acme": 2}))
-    assert host.joined(103)[0] == OthersChanged(StartupCounts(2, {A: 1, B: 1}), {"acme": 2})
+    host.changed(101, CountsChanged({"acme": 2}))
+    assert host.joined(103)[0] == OthersChanged({"acme": 2, "hooli": 1})
 
 
-def test_a_worker_that_left_takes_its_counts_and_says_nothing_more() -> None:
+def test_a_worker_that_left_takes_its_sessions_and_says_nothing_more() -> None:
     host = HostAdmission(PenaltySettings())
     host.joined(100)
     host.joined(101)
-    host.changed(100, CountsChanged(StartupCounts(3, {A: 3}), {"acme": 1}))
+    host.changed(100, CountsChanged({"acme": 1}))
     host.outbox()
     host.left(100)
-    assert host.outbox() == {101: OthersChanged(StartupCounts(-3, {A: -3}), {"acme": -1})}
-    host.changed(100, CountsChanged(StartupCounts(-3, {A: -3}), {}))  # read after it exited
+    assert host.outbox() == {101: OthersChanged({"acme": -1})}
+    host.changed(100, CountsChanged({"acme": -1}))  # after it exited
     host.left(100)
     assert host.outbox() == {}
-    assert host.statistics().unauthenticated == 0
+
+
+def test_slots_of_the_startup_table_are_never_shared_and_cleared_when_left() -> None:
+    """A draining worker keeps its slot until it exits; its replacement gets another; the
+    slot of a worker that is gone (SIGKILLed included) is zeroed before it is given again."""
+    host = HostAdmission(PenaltySettings(), slots=3)
+    table = host.table
+    old, other = host.claim_slot(), host.claim_slot()
+    assert (old, other) == (0, 1)
+    host.joined(100, old)
+    host.joined(101, other)
+    table.add(0, table.bucket(A), 4)  # as worker 100 would: it holds four from A
+    table.add(1, table.bucket(B), 1)
+    assert host.statistics().unauthenticated == 5
+    replacement = host.claim_slot()  # old drains beside it: not old's slot
+    assert replacement == 2 and host.claim_slot() is None
+    host.joined(102, replacement)
+    host.left(100)  # exited, or was killed, holding its four
+    assert host.statistics().unauthenticated == 1
+    assert table.in_bucket(table.bucket(A)) == 0
+    assert host.claim_slot() == 0
+    host.release_slot(0)  # a spawn that failed gives its slot back
+    host.left(101)
+    host.left(102)
+    assert [host.claim_slot() for _ in range(4)] == [0, 1, 2, None]
+    assert table.total() == 0
 
 
 def test_offences_become_penalties_for_every_worker() -> None:

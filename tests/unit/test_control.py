@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -36,6 +40,7 @@ from kilnproxy.control import (
     Reply,
     SessionClosed,
     SessionStats,
+    StartupTable,
     Stop,
     TaskDumpRequest,
     ToMaster,
@@ -46,7 +51,6 @@ from kilnproxy.control import (
     from_master,
     from_worker,
 )
-from kilnproxy.policy.admission import StartupCounts
 from kilnproxy.policy.penalty import Lifted, Penalised, PenaltyEvent, TableFull
 
 STATS = WorkerStats(
@@ -76,7 +80,6 @@ METRICS = MetricsSnapshot(
 )  # fmt: skip
 BEAT = Heartbeat(STATS, METRICS, {"storage": PoolStats(2, 3, 4)}, (ROW,))
 NET4, NET6 = ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/64")
-STARTUPS = StartupCounts(3, {NET4: 2, NET6: 1})
 PENALISED = Penalised(NET4, 1234.5, PenaltyEvent.AUTHFAIL)
 PENALTIES = Penalties((PENALISED,), (Lifted(NET6),), (TableFull(6, 99.0),))
 
@@ -93,12 +96,12 @@ EVERY_MESSAGE: list[Message] = [
     KillSession("0badf00d"),
     TaskDumpRequest(9),
     HeapProfileRequest(10, top=25, seconds=60.0, stop=False, peek=True),
-    CountsChanged(STARTUPS, {"aviato": 1}),
-    CountsChanged(-STARTUPS, {"aviato": -1, "hooli": 2}),  # what ended: negative counts
+    CountsChanged({"aviato": 1}),
+    CountsChanged({"aviato": -1, "hooli": 2}),  # what ended: negative counts
     Offences((Offence(ipaddress.ip_address("192.0.2.7"), PenaltyEvent.NOAUTH),
               Offence(ipaddress.ip_address("2001:db8::1"), PenaltyEvent.GRACE_EXCEEDED))),
-    OthersChanged(StartupCounts(), {}),
-    OthersChanged(STARTUPS, {"aviato": 2}),
+    OthersChanged({}),
+    OthersChanged({"aviato": 2}),
     PENALTIES,
     Penalties(),
 ]  # fmt: skip
@@ -127,9 +130,9 @@ def with_stats(**changes: Any) -> bytes:
     return line_of(data)
 
 
-def with_startups(by_source: dict[str, object]) -> bytes:
-    data = body(CountsChanged(STARTUPS, {}))
-    data["startups"]["by_source"] = by_source
+def penalised(netblock: object) -> bytes:
+    data = body(PENALTIES)
+    data["penalised"][0]["netblock"] = netblock
     return line_of(data)
 
 
@@ -169,12 +172,13 @@ def without(key: str) -> bytes:
         (with_stats(fast_path=None), "heartbeat.stats.fast_path: None is not a FastPathState"),
         (b'{"v": 5, "kind": "reply", "id": 1, "data": null, "error": null}\n', "either data"),
         (b'{"v": 5, "kind": "reply", "id": 1, "data": [], "error": null}\n', "is not an object"),
+        (penalised("192.0.2.1/24"), "penalties.penalised[0].netblock: 192.0.2.1/24 has host bits"),
+        (penalised(3232235520), "penalties.penalised[0].netblock: int is not str"),
+        (penalised("example.com"), "does not appear to be an IPv4 or IPv6 network"),
         (
-            with_startups({"192.0.2.1/24": 1}),
-            "counts_changed.startups.by_source key: 192.0.2.1/24 has host bits set",
+            line_of({"v": VERSION, "kind": "counts_changed", "sessions": {"acme": "1"}}),
+            "counts_changed.sessions.acme: str is not int",
         ),
-        (with_startups({"192.0.2.0/24": "1"}), "by_source.192.0.2.0/24: str is not int"),
-        (with_startups({"example.com": 1}), "does not appear to be an IPv4 or IPv6 network"),
         (offence("192.0.2.300", "authfail"), "offences.offences[0].address: '192.0.2.300'"),
         (
             offence("192.0.2.3", "timeout"),
@@ -226,7 +230,7 @@ def test_each_end_hears_only_the_other_side() -> None:
 
 
 def test_admission_goes_both_ways_each_its_own() -> None:
-    counts, others = CountsChanged(STARTUPS, {}), OthersChanged(STARTUPS, {})
+    counts, others = CountsChanged({"acme": 1}), OthersChanged({"acme": 1})
     assert from_worker(encode(counts)) == counts
     assert from_master(encode(others)) == others
     with pytest.raises(ProtocolError, match="a worker does not send others_changed"):
@@ -316,3 +320,54 @@ def test_a_message_sent_the_wrong_way_breaks_the_channel() -> None:
         return received
 
     assert asyncio.run(exchange()) == [KillSession("0badf00d"), None]
+
+
+def test_the_startup_table_is_one_memory_for_whoever_maps_it() -> None:
+    """The master's table and a worker's view of it (mapped again from the fd, as a worker
+    does) are the same cells: a worker's count is seen at once, and cleared by the master."""
+    master = StartupTable.create(slots=4, buckets=16)
+    worker = StartupTable.attach(os.dup(master.fileno()))
+    assert (worker.slots, worker.buckets) == (4, 16)
+    net = ipaddress.ip_network("192.0.2.0/24")
+    assert worker.bucket(net) == master.bucket(net)  # one key for the host
+    bucket = worker.bucket(net)
+    with worker.exclusive():
+        worker.add(3, bucket, 2)
+    worker.add(1, (bucket + 1) % 16, 1)
+    assert (master.total(), master.in_bucket(bucket)) == (3, 2)
+    master.clear(3)  # its worker is gone
+    assert (worker.total(), worker.in_bucket(bucket)) == (1, 0)
+    assert worker.in_bucket((bucket + 1) % 16) == 1
+
+
+def test_a_file_that_is_not_a_startup_table_is_refused() -> None:
+    fd = os.memfd_create("not-a-table")
+    os.ftruncate(fd, 4096)
+    with pytest.raises(ValueError, match="not a kilnproxy startup table"):
+        StartupTable.attach(fd)
+    os.close(fd)
+
+
+def test_a_lock_held_too_long_is_gone_without(caplog: pytest.LogCaptureFixture) -> None:
+    """Another process (a worker SIGSTOPped inside its decision) holds the table's lock: the
+    accept path waits a bounded time, then decides without it, and says so once."""
+    table = StartupTable.create(slots=2, buckets=4)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, time; fcntl.lockf({table.fileno()}, "
+         "fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)"],
+        pass_fds=[table.fileno()], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        with table.exclusive() as locked:
+            assert not locked
+        assert time.monotonic() - started < 0.5
+        with table.exclusive() as locked:
+            assert not locked
+        assert caplog.text.count("startup table locked over 50 ms") == 1
+    finally:
+        holder.kill()
+        holder.communicate()
+    with table.exclusive() as locked:  # its lock died with it
+        assert locked

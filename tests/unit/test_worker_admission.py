@@ -14,9 +14,16 @@ from typing import Any
 import pytest
 
 from kilnproxy.config import LimitSettings, from_mapping
-from kilnproxy.control import CountsChanged, Offence, Offences, OthersChanged, Penalties
+from kilnproxy.control import (
+    CountsChanged,
+    Offence,
+    Offences,
+    OthersChanged,
+    Penalties,
+    StartupTable,
+)
 from kilnproxy.control import WorkerMessage as Message
-from kilnproxy.policy.admission import Refusal, StartupCounts, TooManySessions
+from kilnproxy.policy.admission import Refusal, TooManySessions
 from kilnproxy.policy.penalty import Penalised, PenaltyEvent, TableFull
 from kilnproxy.worker.admission import WorkerAdmission
 
@@ -28,13 +35,14 @@ def limits(**raw: Any) -> LimitSettings:
 
 
 class Rig:
-    def __init__(self, **raw: Any) -> None:
+    def __init__(self, table: StartupTable | None = None, slot: int = 0, **raw: Any) -> None:
         self.now = 1000.0
         self.refusals: Counter[Refusal] = Counter()
         self.sent: list[Message] = []
         self.admission = WorkerAdmission(
-            limits(**raw), self.refused, clock=lambda: self.now, rng=random.Random(7)
-        )
+            limits(**raw), self.refused, clock=lambda: self.now, rng=random.Random(7),
+            table=table, slot=slot,
+        )  # fmt: skip
 
     def refused(self, reason: Refusal) -> None:
         self.refusals[reason] += 1
@@ -79,43 +87,66 @@ def test_per_source_then_host_wide_limits_and_refusals_counted(
 
 
 def test_the_rest_of_the_host_counts_too() -> None:
-    rig = Rig(max_startups="20:100:20", max_startups_per_source=3)
-    rig.admission.others_changed(OthersChanged(StartupCounts(19, {NET("127.0.0.3/32"): 2}), {}))
-    assert rig.connect("127.0.0.3") is not None  # 2 elsewhere and this one: 3
-    assert rig.connect("127.0.0.4") is None  # 19 elsewhere, 1 here: full
-    rig.admission.others_changed(OthersChanged(-StartupCounts(5, {NET("127.0.0.3/32"): 2}), {}))
-    assert rig.connect("127.0.0.3") is not None
-    assert rig.connect("127.0.0.3") is not None
-    assert rig.connect("127.0.0.3") is None  # 3 of its own
-    assert rig.refusals == {Refusal.FULL: 1, Refusal.PER_SOURCE: 1}
+    """Two workers on one startup table, as the master's workers are: each decides on the
+    other's connections as they are now, with no message in between."""
+    table = StartupTable.create(slots=4)
+    one = Rig(table, 0, max_startups="20:100:20", max_startups_per_source=3)
+    two = Rig(table, 3, max_startups="20:100:20", max_startups_per_source=3)
+    held = [one.connect("127.0.0.3"), two.connect("127.0.0.3")]
+    held += [one.connect(f"127.0.1.{i}") for i in range(16)]
+    assert all(held) and table.total() == 18
+    assert two.connect("127.0.0.3") is not None  # 2 on the host and this one: 3
+    assert one.connect("127.0.0.3") is None  # 3 from it: per source
+    assert one.connect("127.0.0.5") is not None
+    assert two.connect("127.0.0.4") is None  # 20 on the host: full
+    held[-1].authenticated()
+    held[-2].closed(PenaltyEvent.NOAUTH)
+    assert table.total() == 18
+    assert two.connect("127.0.0.4") is not None
+    assert one.refusals == {Refusal.PER_SOURCE: 1} and two.refusals == {Refusal.FULL: 1}
+    # A worker that is gone: the master clears its slot, and what it held is held no more.
+    table.clear(0)
+    assert table.total() == 3  # two's: two from 127.0.0.3, one from 127.0.0.4
+    admitted = [two.connect("127.0.0.3") is not None for _ in range(2)]
+    assert admitted == [True, False]  # one's from 127.0.0.3 no longer count
+    table.clear(3)
+    assert table.total() == 0
 
 
-def test_what_changed_in_a_pass_is_one_message() -> None:
+def test_sources_that_share_a_bucket_are_counted_together() -> None:
+    """Only a hash collision makes a per-source count too high, never too low."""
+    table = StartupTable.create(slots=1, buckets=1)
+    rig = Rig(table, 0, max_startups_per_source=2)
+    assert rig.connect("192.0.2.1") and rig.connect("198.51.100.1")
+    assert rig.connect("203.0.113.1") is None
+    assert rig.refusals == {Refusal.PER_SOURCE: 1}
+
+
+def test_startups_are_counted_at_once_and_offences_told_once_per_pass() -> None:
     async def body() -> None:
-        rig = Rig()
-        a = rig.connect("192.0.2.1")  # before the channel is up: told once it is
+        table = StartupTable.create(slots=2)
+        rig = Rig(table, 1)
+        a = rig.connect("192.0.2.1")  # before the channel is up
         rig.talking()
         b, c = rig.connect("192.0.2.1"), rig.connect("2001:db8::1")
         d = rig.connect("192.0.2.9")
-        d.authenticated()  # in and out within the pass: nothing to say about it
-        assert rig.sent == []
-        await next_pass()
-        both = StartupCounts(3, {NET("192.0.2.1/32"): 2, NET("2001:db8::1/128"): 1})
-        assert rig.sent == [CountsChanged(both, {})]
-        rig.sent.clear()
+        assert table.total() == 4  # in the table as admitted: no message to wait for
+        assert table.in_bucket(table.bucket(NET("192.0.2.1/32"))) == 2
+        d.authenticated()
+        assert table.total() == 3
         a.closed(PenaltyEvent.NOAUTH)
         b.closed(PenaltyEvent.AUTHFAIL)
         c.authenticated()
         c.closed(PenaltyEvent.NOAUTH)  # authenticated: never penalised
+        assert table.total() == 0 and rig.sent == []
         await next_pass()
-        ended = StartupCounts(-3, {NET("192.0.2.1/32"): -2, NET("2001:db8::1/128"): -1})
         offences = (
             Offence(ipaddress.ip_address("192.0.2.1"), PenaltyEvent.NOAUTH),
             Offence(ipaddress.ip_address("192.0.2.1"), PenaltyEvent.AUTHFAIL),
         )
-        assert rig.sent == [CountsChanged(ended, {}), Offences(offences)]
+        assert rig.sent == [Offences(offences)]
         await next_pass()
-        assert len(rig.sent) == 2  # nothing more
+        assert len(rig.sent) == 1  # nothing more
 
     asyncio.run(body())
 
@@ -153,16 +184,16 @@ def test_sessions_per_account_across_the_host() -> None:
     async def body() -> None:
         rig = Rig(max_sessions_per_account=2)
         rig.talking()
-        rig.admission.others_changed(OthersChanged(StartupCounts(), {"acme": 1}))
+        rig.admission.others_changed(OthersChanged({"acme": 1}))
         rig.admission.open_session("acme")
         with pytest.raises(TooManySessions):
             rig.admission.open_session("acme")
         rig.admission.open_session("hooli")
-        rig.admission.others_changed(OthersChanged(StartupCounts(), {"acme": -1}))
+        rig.admission.others_changed(OthersChanged({"acme": -1}))
         rig.admission.open_session("acme")
         rig.admission.close_session("hooli")
         await next_pass()
-        assert rig.sent == [CountsChanged(StartupCounts(), {"acme": 2})]
+        assert rig.sent == [CountsChanged({"acme": 2})]
         assert rig.refusals == {Refusal.ACCOUNT_SESSIONS: 1}
 
     asyncio.run(body())
