@@ -81,6 +81,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
     return time.monotonic() - started
 
 
+def poll(probe: Callable[[], Any], timeout: float = 15) -> Any:
+    """Call `probe` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (result := probe()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return result
+
+
 def wait_for_line(read: Callable[[], str], pattern: str, timeout: float) -> re.Match[str]:
     """Wait until a line of what `read` returns (a log) matches `pattern`."""
     deadline = time.monotonic() + timeout

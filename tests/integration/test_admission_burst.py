@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import World
-from harness import SHIPPED_LIMITS, Kiln
+from harness import SHIPPED_LIMITS, Kiln, poll
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,14 +38,6 @@ def two_workers(**limits: Any) -> dict[str, dict[str, Any]]:
         "log": {"format": "json"},
         "limits": {**SHIPPED_LIMITS, "penalty_exempt": ["127.0.0.0/8"], **limits},
     }
-
-
-def wait_for(probe: Callable[[], Any], timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return result
 
 
 class Burst:
@@ -138,7 +130,7 @@ def test_a_burst_from_one_source_holds_exactly_the_per_source_limit(
         with burst(kiln, [source] * 60) as opened:
             assert (len(opened.held), opened.refused) == (10, 50), f"round {round_}"
             assert kiln.status()["unauthenticated"] == 10
-        wait_for(lambda: kiln.status()["unauthenticated"] == 0)
+        poll(lambda: kiln.status()["unauthenticated"] == 0)
     accepted = Counter(r["pid"] for r in records(kiln)
                        if r["message"].startswith("connection from 127.0.0."))  # fmt: skip
     assert accepted.total() == 10 * ROUNDS and len(accepted) == 2, accepted  # both took some
@@ -158,7 +150,7 @@ def test_never_more_than_full_held_host_wide(new_world: Callable[..., World]) ->
                 held = len(first.held) + len(second.held)
                 assert held <= 60, (round_, len(first.held), len(second.held))
                 assert kiln.status()["unauthenticated"] == held
-        wait_for(lambda: kiln.status()["unauthenticated"] == 0)
+        poll(lambda: kiln.status()["unauthenticated"] == 0)
 
 
 def test_a_killed_workers_startups_are_no_longer_counted(
@@ -175,14 +167,14 @@ def test_a_killed_workers_startups_are_no_longer_counted(
                           if r["message"].startswith(f"connection from {source}:"))  # fmt: skip
         victim, held_by_victim = holders.most_common(1)[0]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(first.still_open()) == 10 - held_by_victim)
-        wait_for(lambda: kiln.status()["unauthenticated"] == 10 - held_by_victim)
-        wait_for(lambda: len([w for w in kiln.workers() if w["state"] == "ready"]) == 2
+        poll(lambda: len(first.still_open()) == 10 - held_by_victim)
+        poll(lambda: kiln.status()["unauthenticated"] == 10 - held_by_victim)
+        poll(lambda: len([w for w in kiln.workers() if w["state"] == "ready"]) == 2
                  and victim not in {w["pid"] for w in kiln.workers()})  # fmt: skip
         with burst(kiln, [source] * 60) as second:
             assert len(second.held) == held_by_victim, (holders, len(second.held))
             assert kiln.status()["unauthenticated"] == 10
-    wait_for(lambda: kiln.status()["unauthenticated"] == 0)
+    poll(lambda: kiln.status()["unauthenticated"] == 0)
 
 
 def test_counts_stay_exact_through_a_rolling_restart(new_world: Callable[..., World]) -> None:
@@ -215,14 +207,14 @@ def test_counts_stay_exact_through_a_rolling_restart(new_world: Callable[..., Wo
                     on_old[source] += 1
         held = sum(len(each.held) for each in opened.values())
         assert on_old and held, (on_old, held)  # old and new workers both held some
-        wait_for(lambda: not old_pids & {w["pid"] for w in kiln.workers()})
+        poll(lambda: not old_pids & {w["pid"] for w in kiln.workers()})
         open_now = {source: len(each.still_open()) for source, each in opened.items()}
         assert open_now == {source: len(each.held) for source, each in opened.items()}
-        wait_for(lambda: kiln.status()["unauthenticated"] == sum(open_now.values()))
+        poll(lambda: kiln.status()["unauthenticated"] == sum(open_now.values()))
         for source, still in open_now.items():
             with burst(kiln, [source] * 20) as again:
                 assert len(again.held) == 10 - still, (source, still, len(again.held))
     finally:
         for each in opened.values():
             each.close()
-    wait_for(lambda: kiln.status()["unauthenticated"] == 0)
+    poll(lambda: kiln.status()["unauthenticated"] == 0)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import World
-from harness import KILNPROXY, SHIPPED_LIMITS, Kiln, finish_upload_pack, hold_upload_pack, run
+from harness import KILNPROXY, SHIPPED_LIMITS, Kiln, finish_upload_pack, hold_upload_pack, poll, run
 
 BANNER = b"SSH-2.0-kilnproxy"
 # OpenSSH's words for a server that closed before its banner: reset, if the client's own
@@ -40,14 +40,6 @@ def with_limits(**limits: Any) -> dict[str, dict[str, Any]]:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_for(probe: Callable[[], Any], timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return result
 
 
 class Idle:
@@ -72,9 +64,9 @@ class Idle:
             first = b""
         if first == BANNER:
             self.held.append(sock)
-            # Counts reach the other worker through the master: let them, so that the next
-            # connection is judged on the whole host whichever worker takes it.
-            wait_for(lambda: self.kiln.status()["unauthenticated"] == len(self.held))
+            # The host's count is exact at once (a table shared by the workers); `status`
+            # reads it: what this test holds and what the host counts agree before the next.
+            poll(lambda: self.kiln.status()["unauthenticated"] == len(self.held))
             time.sleep(0.05)
             return True
         sock.close()
@@ -157,8 +149,8 @@ def test_one_source_cannot_take_the_table_from_the_others(
         assert admitted == [True] * 10 + [False] * 50
         assert status_line(kiln) == "unauthenticated connections: 10, penalised sources: 0"
         clone(world, tmp_path, "while-held")  # another source is served meanwhile
-    wait_for(lambda: kiln.status()["unauthenticated"] == 0)
-    wait_for(lambda: refusals(kiln, "max_startups_per_source") == 50)
+    poll(lambda: kiln.status()["unauthenticated"] == 0)
+    poll(lambda: refusals(kiln, "max_startups_per_source") == 50)
     assert refusals(kiln, "max_startups_full") == 0
     logged = [r for r in records(kiln) if r["message"].startswith("refused connection")]
     # At most five lines per reason per worker: a flood does not flood the log.
@@ -189,7 +181,7 @@ def test_random_early_drop_between_start_and_full(new_world: Callable[..., World
         assert all(admitted[:30])
         assert 36 <= len(connections.held) <= 60, len(connections.held)
         assert connections.refused == 100 - len(connections.held)
-    wait_for(lambda: refusals(kiln, "max_startups_random") == connections.refused)
+    poll(lambda: refusals(kiln, "max_startups_random") == connections.refused)
 
 
 def test_past_full_every_connection_is_refused(
@@ -201,8 +193,8 @@ def test_past_full_every_connection_is_refused(
         admitted = [connections.connect(f"127.0.2.{1 + i % 7}") for i in range(75)]
         assert admitted == [True] * 60 + [False] * 15
         assert kiln.status()["unauthenticated"] == 60
-    wait_for(lambda: refusals(kiln, "max_startups_full") == 15)
-    wait_for(lambda: kiln.status()["unauthenticated"] == 0)
+    poll(lambda: refusals(kiln, "max_startups_full") == 15)
+    poll(lambda: kiln.status()["unauthenticated"] == 0)
     clone(world, tmp_path, "after")  # the table empties as the connections close
 
 
@@ -229,7 +221,7 @@ def test_failed_authentications_get_a_source_refused(
         assert re.match(CLOSED_AT_ACCEPT, again.stderr), again.stderr
     assert status_line(kiln) == "unauthenticated connections: 0, penalised sources: 1"
     clone(world, tmp_path, "legitimate")
-    wait_for(lambda: refusals(kiln, "penalty") == 7)
+    poll(lambda: refusals(kiln, "penalty") == 7)
     messages = [r["message"] for r in records(kiln)]
     assert any(re.fullmatch(r"source 127\.0\.0\.2/32 penalised for \d+s \(last: authfail\)", m)
                for m in messages)  # fmt: skip
@@ -244,7 +236,7 @@ def test_one_session_too_many_for_an_account_gets_one_line(new_world: Callable[.
     world = new_world(with_limits(max_sessions_per_account=1))
     kiln = world.kiln
     with hold_upload_pack(kiln, world.alice) as held:  # aviato's one session
-        (row,) = wait_for(lambda: [r for r in kiln.connections() if r["repo"]])
+        (row,) = poll(lambda: [r for r in kiln.connections() if r["repo"]])
         holder = next(w["pid"] for w in kiln.workers() if w["index"] == row["worker"])
         refused_on: set[int] = set()
         for _ in range(20):  # until the other worker has refused one too
@@ -255,7 +247,7 @@ def test_one_session_too_many_for_an_account_gets_one_line(new_world: Callable[.
                 rb"\(session [0-9a-f]{8}\)\n",
                 reply.stderr,
             ), reply.stderr
-            access = wait_for(partial(access_line, kiln, reply.stderr.decode()[-10:-2]))
+            access = poll(partial(access_line, kiln, reply.stderr.decode()[-10:-2]))
             assert access["outcome"] == "refused"
             refused_on.add(access["pid"])
             if refused_on - {holder}:
@@ -265,5 +257,5 @@ def test_one_session_too_many_for_an_account_gets_one_line(new_world: Callable[.
         assert b"not found or access denied" in other.stderr
         assert finish_upload_pack(held) == 0
     upload = "git-upload-pack 'aviato/website'"
-    wait_for(lambda: kiln.ssh(world.bob, upload, input=b"0000").returncode == 0)  # a flush-pkt
-    wait_for(lambda: refusals(kiln, "max_sessions_per_account") >= 1)
+    poll(lambda: kiln.ssh(world.bob, upload, input=b"0000").returncode == 0)  # a flush-pkt
+    poll(lambda: refusals(kiln, "max_sessions_per_account") >= 1)

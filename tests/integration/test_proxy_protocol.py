@@ -15,13 +15,13 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import World, make_world
-from harness import KILNPROXY, finish_upload_pack, run
+from harness import KILNPROXY, finish_upload_pack, poll, run
 
 from kilnproxy.ssh.proxy_header import build_v1, build_v2
 
@@ -112,15 +112,6 @@ def wait_for_refusal(world: World, before: int, pattern: str) -> str:
     return lines[-1]
 
 
-def wait_for(probe: Callable[[], Any], timeout: float = 10) -> Any:
-    """Poll until `probe` returns something true: the status tables are reported, not live."""
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return result
-
-
 def closed_without_ssh(port: int, data: bytes, wait: float = 10) -> tuple[bytes, float]:
     """Send `data` and read until the server closes: what it sent, and how long that took."""
     started = time.monotonic()
@@ -169,7 +160,7 @@ def test_connections_show_the_clients_address(proxied: World) -> None:
             assert client.stdout is not None
             assert b" HEAD\x00" in client.stdout.read(200)
             try:
-                (row,) = wait_for(lambda: [r for r in kiln.connections() if r["repo"]])
+                (row,) = poll(lambda: [r for r in kiln.connections() if r["repo"]])
                 assert row["remote_addr"] == "2001:db8::7:40001"
                 cli = run([*KILNPROXY, "connections", "--config", str(kiln.config_path)],
                           env=kiln.server_env())  # fmt: skip
@@ -261,7 +252,7 @@ def test_sessions_behind_the_balancer_leave_nothing_behind(proxied: World) -> No
         closed_without_ssh(proxied.kiln.port, data)
     proxied.kiln.wait_idle()
     baseline = (idle["tasks"], idle["fds"])
-    wait_for(
+    poll(
         lambda: (w := proxied.kiln.worker())["sessions"] == 0 and (w["tasks"], w["fds"]) == baseline
     )
     assert "Traceback" not in proxied.kiln.log()
@@ -289,7 +280,7 @@ def test_require_closes_connections_without_a_header(tmp_path: Path) -> None:
                 reply = ssh_via(world, relay.port, "git-upload-pack 'aviato/website'")
                 assert reply.returncode == 0, reply.stderr
         access = r"access .*remote=(\S+) .*verb=git-upload-pack"
-        remotes = wait_for(lambda: len(r := re.findall(access, kiln.log())) == 4 and r)
+        remotes = poll(lambda: len(r := re.findall(access, kiln.log())) == 4 and r)
         assert remotes == ["203.0.113.7:40000"] * 4
         assert "Traceback" not in kiln.log()
     finally:
