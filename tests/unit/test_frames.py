@@ -14,6 +14,7 @@ from kilnproxy.backends.frames import (
     Kind,
     OpenRequest,
     count_frame,
+    data_frame_of,
     data_frames,
     frame,
 )
@@ -85,6 +86,13 @@ def test_large_data_is_split_into_frames_of_at_most_256_kib() -> None:
     assert b"".join(f.payload for f in frames) == data
     with pytest.raises(ValueError, match="at most"):
         frame(Kind.STDOUT, 1, bytes(MAX_PAYLOAD + 1))
+
+
+def test_pieces_make_the_same_frame_as_their_join() -> None:
+    pieces = [b"a" * 1000, b"", b"b" * (MAX_PAYLOAD - 1000)]
+    assert data_frame_of(Kind.STDOUT, 5, pieces) == frame(Kind.STDOUT, 5, b"".join(pieces))
+    with pytest.raises(ValueError, match="at most"):
+        data_frame_of(Kind.STDOUT, 5, [*pieces, b"c"])
 
 
 @pytest.mark.parametrize(
