@@ -27,9 +27,9 @@ HEADER = struct.Struct("!BII")  # kind, channel, payload length
 MAX_PAYLOAD = 256 * 1024
 _COUNT = struct.Struct("!I")
 CONTROL = 0  # the channel of PING and PONG: the connection itself
-# FrameReader.get_buffer's area: a read of up to four frames at once; an incomplete frame is
-# moved to the front only when less than a frame's room is left, so rarely.
-READ_AREA = 4 * (HEADER.size + MAX_PAYLOAD)
+# FrameReader.get_buffer's area: room for two whole frames. An incomplete frame is moved to the
+# front only when less than a frame's room is left. (Four frames' room measured no faster.)
+READ_AREA = 2 * (HEADER.size + MAX_PAYLOAD)
 
 
 class Kind(enum.IntEnum):
