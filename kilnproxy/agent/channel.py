@@ -20,6 +20,7 @@ from kilnproxy.backends.frames import (
     Kind,
     OpenRequest,
     count_frame,
+    data_frame_of,
     data_frames,
     frame,
 )
@@ -154,6 +155,8 @@ class Channel:
                 loop = asyncio.get_running_loop()
                 self._gather_timer = loop.call_later(GATHER, self._gathered_enough)
         else:
+            if self._gathered_size + len(data) > MAX_PAYLOAD:
+                self._flush()  # frames of at most MAX_PAYLOAD: each is one copy (_flush)
             self._gathered.append(data)
             self._gathered_size += len(data)
             if self._gathered_size >= MAX_PAYLOAD:
@@ -169,10 +172,13 @@ class Channel:
 
     def _flush(self) -> None:
         if self._gathered:
-            data = b"".join(self._gathered)
+            if self._gathered_size <= MAX_PAYLOAD:
+                self.wire.send(data_frame_of(Kind.STDOUT, self.number, self._gathered))
+            else:  # one pipe read larger than a frame
+                data = b"".join(self._gathered)
+                self.wire.send(data_frames(Kind.STDOUT, self.number, data))
             self._gathered.clear()
             self._gathered_size = 0
-            self.wire.send(data_frames(Kind.STDOUT, self.number, data))
 
     def _stop_gathering(self) -> None:
         if self._gather_timer is not None:

@@ -73,9 +73,9 @@ class AgentConnection(FrameConnection["AgentStream"]):
         self.send(frame(Kind.PING, CONTROL))  # its PONG proves the agent accepted our cert
         self._timer = asyncio.get_running_loop().call_later(self.keepalive, self._tick)
 
-    def data_received(self, data: bytes) -> None:
+    def buffer_updated(self, nbytes: int) -> None:
         self._heard = True
-        super().data_received(data)
+        super().buffer_updated(nbytes)
 
     def protocol_error(self, error: FrameError) -> None:
         log.warning("backend %s: protocol error: %s", self.link.pool.name, error)

@@ -43,7 +43,7 @@ class FlowSwitch:
 F = TypeVar("F", bound=Flow)
 
 
-class FrameConnection(asyncio.Protocol, Generic[F]):
+class FrameConnection(asyncio.BufferedProtocol, Generic[F]):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.channels: dict[int, F] = {}
@@ -76,9 +76,14 @@ class FrameConnection(asyncio.Protocol, Generic[F]):
         for data in early:
             self.send(data)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # A BufferedProtocol: TLS decrypts into the frame reader's area, not into bytes of its
+        # own that it would then join (uvloop's and asyncio's SSL protocols both do that).
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            for each in self._reader.feed(data):
+            for each in self._reader.buffer_updated(nbytes):
                 if each.channel != CONTROL:
                     self.channel_frame(each)
                 elif each.kind is Kind.PING:

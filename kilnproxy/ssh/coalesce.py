@@ -7,6 +7,10 @@ so relaying piece by piece sends the client three to four times as many packets 
 One TCP read from the backend carries dozens of those pieces, all delivered in one callback: a
 `Coalescer` collects them and hands them on, joined, once that callback is done.
 
+A chunk of LARGE bytes or more (an agent's frame) is written as it came, never joined: it
+fills packets by itself, and joining it would copy every byte once more to save at most one
+short packet.
+
 It must never hold bytes longer than the current pass of the loop: `add` schedules the flush
 with `call_soon`, and anything that must follow the bytes in order (stderr, EOF, the exit
 status) calls `flush` first.
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+
+LARGE = 64 * 1024  # two of asyncssh's 32 KiB packets
 
 
 class Coalescer:
@@ -39,7 +45,20 @@ class Coalescer:
         if not chunks:
             return
         self._chunks = []
-        self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if len(chunks) == 1:
+            self._write(chunks[0])
+            return
+        small: list[bytes] = []
+        for chunk in chunks:
+            if len(chunk) < LARGE:
+                small.append(chunk)
+                continue
+            if small:
+                self._write(small[0] if len(small) == 1 else b"".join(small))
+                small = []
+            self._write(chunk)
+        if small:
+            self._write(small[0] if len(small) == 1 else b"".join(small))
 
     def discard(self) -> None:
         """Drop what has been gathered: the other side is gone."""

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from kilnproxy.ssh.coalesce import Coalescer
+from kilnproxy.ssh.coalesce import LARGE, Coalescer
 
 
 async def _one_pass() -> None:
@@ -42,6 +42,20 @@ async def _a_single_chunk_is_written_as_it_came() -> None:
     coalescer.add(chunk)
     await _one_pass()
     assert writes[0] is chunk  # no copy
+
+
+def test_large_chunks_are_written_as_they_came_and_small_ones_joined_between() -> None:
+    asyncio.run(_large_chunks_are_written_as_they_came())
+
+
+async def _large_chunks_are_written_as_they_came() -> None:
+    coalescer, writes = _coalescer()
+    first, second = b"a" * LARGE, b"b" * (4 * LARGE)
+    for piece in (b"x", b"y", first, second, b"z"):
+        coalescer.add(piece)
+    await _one_pass()
+    assert writes == [b"xy", first, second, b"z"]
+    assert writes[1] is first and writes[2] is second  # no copy of an agent's frame
 
 
 def test_flush_writes_now_and_the_scheduled_pass_writes_nothing_twice() -> None:

@@ -7,12 +7,14 @@ import pytest
 from kilnproxy.backends.frames import (
     HEADER,
     MAX_PAYLOAD,
+    READ_AREA,
     Frame,
     FrameError,
     FrameReader,
     Kind,
     OpenRequest,
     count_frame,
+    data_frame_of,
     data_frames,
     frame,
 )
@@ -38,6 +40,45 @@ def test_frames_come_out_whole_however_the_bytes_are_cut() -> None:
         assert reader.pending() == 0
 
 
+def _fill(reader: FrameReader, wire: bytes, step: int) -> list[Frame]:
+    """`wire` through get_buffer and buffer_updated, at most `step` bytes per read."""
+    frames: list[Frame] = []
+    done = 0
+    while done < len(wire):
+        room = reader.get_buffer()
+        assert len(room) >= HEADER.size + MAX_PAYLOAD  # a whole frame always fits
+        count = min(step, len(room), len(wire) - done)
+        room[:count] = wire[done : done + count]
+        done += count
+        frames += reader.buffer_updated(count)
+    return frames
+
+
+@pytest.mark.parametrize("step", [1000, 100_003, MAX_PAYLOAD + 5, READ_AREA])
+def test_a_buffered_reader_gives_the_same_frames_however_the_reads_fall(step: int) -> None:
+    """Several areas' worth of frames, cut across frame boundaries (so an incomplete frame is
+    moved to the front of the area many times): every payload whole and in order."""
+    payloads = [bytes([n]) * size for n, size in
+                enumerate([MAX_PAYLOAD, 5, MAX_PAYLOAD - 1, 70_000, MAX_PAYLOAD] * 3)]  # fmt: skip
+    wire = b"".join(data_frames(Kind.STDOUT, 7, p) + count_frame(Kind.CREDIT, 7, n)
+                    for n, p in enumerate(payloads))  # fmt: skip
+    assert len(wire) > 2 * READ_AREA
+    reader = FrameReader()
+    frames = _fill(reader, wire, step)
+    assert [f.payload for f in frames if f.kind is Kind.STDOUT] == payloads
+    assert [f.count() for f in frames if f.kind is Kind.CREDIT] == list(range(len(payloads)))
+    assert reader.pending() == 0
+
+
+def test_a_buffered_reader_holds_an_incomplete_frame() -> None:
+    reader = FrameReader()
+    wire = data_frames(Kind.STDOUT, 1, b"abc" * 100)
+    assert _fill(reader, wire[:50], 50) == []
+    assert reader.pending() == 50
+    (whole,) = _fill(reader, wire[50:], 1 << 20)
+    assert whole.payload == b"abc" * 100 and reader.pending() == 0
+
+
 def test_large_data_is_split_into_frames_of_at_most_256_kib() -> None:
     data = bytes(range(256)) * (MAX_PAYLOAD // 256 * 2 + 10)
     frames = FrameReader().feed(data_frames(Kind.STDOUT, 1, data))
@@ -45,6 +86,13 @@ def test_large_data_is_split_into_frames_of_at_most_256_kib() -> None:
     assert b"".join(f.payload for f in frames) == data
     with pytest.raises(ValueError, match="at most"):
         frame(Kind.STDOUT, 1, bytes(MAX_PAYLOAD + 1))
+
+
+def test_pieces_make_the_same_frame_as_their_join() -> None:
+    pieces = [b"a" * 1000, b"", b"b" * (MAX_PAYLOAD - 1000)]
+    assert data_frame_of(Kind.STDOUT, 5, pieces) == frame(Kind.STDOUT, 5, b"".join(pieces))
+    with pytest.raises(ValueError, match="at most"):
+        data_frame_of(Kind.STDOUT, 5, [*pieces, b"c"])
 
 
 @pytest.mark.parametrize(
