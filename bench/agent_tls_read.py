@@ -3,7 +3,8 @@
 A thread sends 256 KiB STDOUT frames over TLS 1.3 on 127.0.0.1 (ssl.SSLSocket, as fast as it
 can); the main thread takes them on uvloop with a FrameReader, either as a plain Protocol
 (`data_received`: uvloop's SSL protocol decrypts into bytes of its own, one per 16 KiB record,
-and joins them) or as a BufferedProtocol (`get_buffer`: it decrypts straight into the reader's
+and joins them; the reader then copies them into its area: the extra copy a plain Protocol
+costs) or as a BufferedProtocol (`get_buffer`: it decrypts straight into the reader's
 area), which is how `backends.wire.FrameConnection` reads. Prints the receiving thread's CPU per
 GB for each, alternating. The proxy's whole relay (bench/agent_relay.py) is too noisy on a
 shared machine to show a difference of this size; this is not.
@@ -27,7 +28,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from agent import Pki
+from agent import Pki, read_frames
 
 from kilnproxy.backends.frames import MAX_PAYLOAD, FrameReader, Kind, data_frames
 
@@ -37,7 +38,7 @@ class Copied(asyncio.Protocol):
         self.reader, self.received, self.done = FrameReader(), 0, done
 
     def data_received(self, data: bytes) -> None:
-        for each in self.reader.feed(data):
+        for each in read_frames(self.reader, data):
             self.received += len(each.payload)
 
     def connection_lost(self, exc: Exception | None) -> None:

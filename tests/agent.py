@@ -2,7 +2,8 @@
 
 It plays a storage server for agent:// backends, as `sshd.Sshd` does for ssh:// ones, with the
 same methods where the two mean the same (start, stop, processes, serving, kill_connections),
-so that a test of "the storage" runs against either. `Pki` makes the CAs and certificates.
+so that a test of "the storage" runs against either. `Pki` makes the CAs and certificates;
+`read_frames` takes bytes read by hand as the agent backend's connection takes them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,23 @@ from pathlib import Path
 import psutil
 from harness import KILNPROXY, free_port, wait_for_line
 
+from kilnproxy.backends.frames import HEADER, MAX_PAYLOAD, Frame, FrameReader
 from kilnproxy.cli.pki import init_ca, issue
+
+
+def read_frames(reader: FrameReader, data: bytes) -> list[Frame]:
+    """`data` into `reader` as a BufferedProtocol's transport puts it: into `get_buffer`'s
+    room, as much as fits, then `buffer_updated`."""
+    frames: list[Frame] = []
+    view = memoryview(data)
+    while view:
+        room = reader.get_buffer()
+        assert len(room) >= HEADER.size + MAX_PAYLOAD  # a whole frame always fits
+        count = min(len(room), len(view))
+        room[:count] = view[:count]
+        frames += reader.buffer_updated(count)
+        view = view[count:]
+    return frames
 
 
 @dataclass

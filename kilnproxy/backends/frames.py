@@ -144,33 +144,18 @@ def count_frame(kind: Kind, channel: int, value: int) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, whole frames out: what a connection's data_received feeds.
+    """Bytes in, whole frames out: what a connection's `get_buffer` and `buffer_updated`
+    (asyncio.BufferedProtocol) call.
 
-    Every payload is copied once, out of what it arrived in: this is the proxy's per-byte work
-    on the agent leg, so it reads straight from `data` when nothing is left over from before.
-    A BufferedProtocol uses `get_buffer` and `buffer_updated` instead of `feed` (one reader,
-    one way): the TLS layer then decrypts straight into the reader's area, where `feed` would
-    get the TLS layer's copy, joined from one piece per 16 KiB record.
+    The TLS layer decrypts straight into the reader's area, and every payload is copied once,
+    out of it: this is the proxy's per-byte work on the agent leg. (A plain Protocol would get
+    the TLS layer's own bytes, joined from one piece per 16 KiB record, and copy them again.)
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
         self._area = bytearray()  # get_buffer's: allocated on first use, never resized
         self._start = 0  # the area's unread bytes are [_start:_end]
         self._end = 0
-
-    def feed(self, data: bytes) -> list[Frame]:
-        if self._buffer:
-            self._buffer += data
-            with memoryview(self._buffer) as view:
-                frames, used = _parse(view)
-            del self._buffer[:used]
-            return frames
-        with memoryview(data) as view:
-            frames, used = _parse(view)
-        if used < len(data):
-            self._buffer += data[used:]
-        return frames
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes go: room for at least one whole frame."""
@@ -195,7 +180,7 @@ class FrameReader:
 
     def pending(self) -> int:
         """Bytes of an incomplete frame held (at most one header and MAX_PAYLOAD)."""
-        return len(self._buffer) + self._end - self._start
+        return self._end - self._start
 
 
 def _parse(view: memoryview) -> tuple[list[Frame], int]:

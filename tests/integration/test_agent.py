@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent import Agent, Pki
+from agent import Agent, Pki, read_frames
 from conftest import World, make_world
 from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run, seed_git
 from midway import release
@@ -253,13 +253,13 @@ class Answers:
         while not any(a.kind is kind and a.channel == channel for a in self.frames):
             data = self.tls.recv(65536)
             assert data, f"closed before {kind.name} on {channel}: {self.frames}"
-            self.frames += self.reader.feed(data)
+            self.frames += read_frames(self.reader, data)
 
     def wait_for_close(self) -> None:
         """Until the agent closes the connection (or is silent for the socket's timeout)."""
         with contextlib.suppress(TimeoutError, ssl.SSLError, ConnectionError):
             while data := self.tls.recv(65536):
-                self.frames += self.reader.feed(data)
+                self.frames += read_frames(self.reader, data)
 
 
 def tls_to(site: Site, agent: Agent) -> ssl.SSLSocket:

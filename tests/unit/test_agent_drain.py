@@ -11,6 +11,7 @@ import socket
 from typing import cast
 
 import pytest
+from agent import read_frames
 
 from kilnproxy.backends.agent import AgentBackend, AgentConnection, AgentLink, AgentPool
 from kilnproxy.backends.base import BackendRequest
@@ -41,7 +42,7 @@ class ScriptedAgent(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        for each in self._reader.feed(data):
+        for each in read_frames(self._reader, data):
             if each.kind is Kind.PING:
                 self.transport.write(frame(Kind.PONG, CONTROL))
             elif each.kind is Kind.OPEN:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from agent import read_frames
 
 from kilnproxy.backends.frames import (
     HEADER,
@@ -23,35 +24,27 @@ REQUEST = OpenRequest("0badf00d", "aviato/site", "git-upload-pack", "/srv/a.git"
                       {"KILNPROXY_SESSION": "0badf00d"}, 1 << 20)  # fmt: skip
 
 
+def _fill(reader: FrameReader, wire: bytes, step: int) -> list[Frame]:
+    """`wire` into `reader`, at most `step` bytes per read."""
+    frames: list[Frame] = []
+    for i in range(0, len(wire), step):
+        frames += read_frames(reader, wire[i : i + step])
+    return frames
+
+
 def test_frames_come_out_whole_however_the_bytes_are_cut() -> None:
     wire = (
         REQUEST.encode(3) + data_frames(Kind.STDIN, 3, b"x" * 1000) + count_frame(Kind.EXIT, 3, 128)
     )
     for step in (1, 7, 4096, len(wire)):
         reader = FrameReader()
-        frames: list[Frame] = []
-        for i in range(0, len(wire), step):
-            frames += reader.feed(wire[i : i + step])
+        frames = _fill(reader, wire, step)
         assert [(f.kind, f.channel) for f in frames] == [
             (Kind.OPEN, 3), (Kind.STDIN, 3), (Kind.EXIT, 3)
         ]  # fmt: skip
         assert OpenRequest.decode(frames[0].payload) == REQUEST
         assert frames[1].payload == b"x" * 1000 and frames[2].count() == 128
         assert reader.pending() == 0
-
-
-def _fill(reader: FrameReader, wire: bytes, step: int) -> list[Frame]:
-    """`wire` through get_buffer and buffer_updated, at most `step` bytes per read."""
-    frames: list[Frame] = []
-    done = 0
-    while done < len(wire):
-        room = reader.get_buffer()
-        assert len(room) >= HEADER.size + MAX_PAYLOAD  # a whole frame always fits
-        count = min(step, len(room), len(wire) - done)
-        room[:count] = wire[done : done + count]
-        done += count
-        frames += reader.buffer_updated(count)
-    return frames
 
 
 @pytest.mark.parametrize("step", [1000, 100_003, MAX_PAYLOAD + 5, READ_AREA])
@@ -81,7 +74,7 @@ def test_a_buffered_reader_holds_an_incomplete_frame() -> None:
 
 def test_large_data_is_split_into_frames_of_at_most_256_kib() -> None:
     data = bytes(range(256)) * (MAX_PAYLOAD // 256 * 2 + 10)
-    frames = FrameReader().feed(data_frames(Kind.STDOUT, 1, data))
+    frames = read_frames(FrameReader(), data_frames(Kind.STDOUT, 1, data))
     assert [len(f.payload) for f in frames] == [MAX_PAYLOAD, MAX_PAYLOAD, 2560]
     assert b"".join(f.payload for f in frames) == data
     with pytest.raises(ValueError, match="at most"):
@@ -107,7 +100,7 @@ def test_pieces_make_the_same_frame_as_their_join() -> None:
 )
 def test_a_broken_peer_is_a_frame_error(wire: bytes, error: str) -> None:
     with pytest.raises(FrameError, match=error):
-        for each in FrameReader().feed(wire):
+        for each in read_frames(FrameReader(), wire):
             if each.kind is Kind.OPEN:
                 OpenRequest.decode(each.payload)
             else:
