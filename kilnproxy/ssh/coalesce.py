@@ -45,20 +45,20 @@ class Coalescer:
         if not chunks:
             return
         self._chunks = []
-        if len(chunks) == 1:
-            self._write(chunks[0])
-            return
         small: list[bytes] = []
         for chunk in chunks:
             if len(chunk) < LARGE:
                 small.append(chunk)
                 continue
             if small:
-                self._write(small[0] if len(small) == 1 else b"".join(small))
+                self._write_joined(small)
                 small = []
             self._write(chunk)
         if small:
-            self._write(small[0] if len(small) == 1 else b"".join(small))
+            self._write_joined(small)
+
+    def _write_joined(self, chunks: list[bytes]) -> None:
+        self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def discard(self) -> None:
         """Drop what has been gathered: the other side is gone."""
