@@ -1,4 +1,4 @@
-"""kilnproxy's per-packet path for the pinned asyncssh (issue 13): four replacements, one owner.
+"""kilnproxy's per-packet path for the pinned asyncssh (issue 13): seven replacements, one owner.
 
 asyncssh spends most of a relay's CPU on a few methods that run once per SSH packet. This module
 replaces them, in this process only, with versions that put the same bytes on the wire:
@@ -6,14 +6,24 @@ replaces them, in this process only, with versions that put the same bytes on th
 1. `SSHConnection.send_packet` no longer sends an empty MSG_IGNORE before every packet once keys
    are in use, unless the cipher is CBC (kilnproxy never offers one, but asyncssh can do it);
 2. `GCMEncryption.new` gives a cipher that builds one AESGCM per key and direction, not one per
-   packet;
+   packet, and a decrypt_packet that joins a packet's pieces once;
 3. `SSHConnection.data_received` keeps the input buffer as a bytearray consumed from the front,
    instead of bytes re-sliced (a copy of the whole rest of a read) once per header and packet;
 4. `ChachaEncryption.new` gives a cipher that takes the Poly1305 key and the payload from one
-   ChaCha20 stream per packet, instead of a stream for each.
+   ChaCha20 stream per packet, instead of a stream for each;
+5. `SSHChannel.write` and `SSHChannel._flush_send_buf` keep written bytes as a view, build each
+   AES-GCM channel data packet in one step (one copy of the data where asyncssh makes ten), and
+   write all the packets of one flush with one writev, where asyncssh writes each;
+6. `SSHConnection._recv_pkthdr` opens a whole AES-GCM channel data packet in the input buffer and
+   hands the channel its data with one copy, where asyncssh makes six.
 
-bench/asyncssh-hotpath.patch is the same change as a patch to asyncssh, offered upstream: once a
-release carries it, pin that release and delete this module.
+5 and 6 take only the common case (keys in use, no key exchange due, no compression, no packet
+logging, a data packet asyncssh would accept as it stands); anything else goes through
+asyncssh's own code, unchanged.
+
+bench/asyncssh-hotpath.patch is the same change as a patch to asyncssh, offered upstream (5 and 6
+there in asyncssh's own structure, with some more copies): once a release carries it, pin that
+release and reduce this module to what the release lacks.
 
 Rules: it applies only to the asyncssh version it was tested against (`PINNED_ASYNCSSH`, which
 constraints.txt pins; a unit test holds them equal), and any other version runs stock asyncssh
@@ -24,17 +34,27 @@ asyncssh does on an error (a packet that fails its MAC still ends the connection
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
+from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST
+from asyncssh.constants import (
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
+    MSG_CHANNEL_EXTENDED_DATA,
+    MSG_IGNORE,
+    MSG_KEX_LAST,
+)
 from asyncssh.crypto.chacha import _CTR_0, _POLY1305_KEYBYTES, ChachaCipher, chacha20
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import BasicEncryption, ChachaEncryption, Encryption, GCMEncryption
-from asyncssh.packet import SSHPacketLogger
+from asyncssh.packet import SSHPacketLogger, String, UInt32
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -121,16 +141,40 @@ class _GCMCipher(GCMCipher):
         self._invocation = (self._invocation + 1) & _INVOCATION_MASK
         return nonce
 
+    def seal(self, header: bytes, plain: bytes) -> bytes:
+        """The packet after its clear length `header`: ciphertext, then the tag."""
+        return self._aead.encrypt(self._next_nonce(), plain, header)
+
+    def unseal(self, header: bytes, sealed: bytes | memoryview) -> bytes | None:
+        nonce = self._next_nonce()  # advanced on failure too, as asyncssh does
+        try:
+            return self._aead.decrypt(nonce, sealed, header)
+        except InvalidTag:
+            return None  # asyncssh answers MAC verification failed, and disconnects
+
+    def rewind(self) -> None:
+        """Take back the last nonce: a packet opened ahead is opened again by asyncssh (a
+        nonce may be used twice to open the same packet, never to seal two)."""
+        self._invocation = (self._invocation - 1) & _INVOCATION_MASK
+
     def encrypt_and_sign(self, header: bytes, data: bytes) -> tuple[bytes, bytes]:
-        sealed = self._aead.encrypt(self._next_nonce(), data, header)
+        sealed = self.seal(header, data)
         return header + sealed[:-_GCM_TAG], sealed[-_GCM_TAG:]
 
     def verify_and_decrypt(self, header: bytes, data: bytes, mac: bytes) -> bytes | None:
-        nonce = self._next_nonce()  # advanced on failure too, as asyncssh does
-        try:
-            return self._aead.decrypt(nonce, data + mac, header)
-        except InvalidTag:
-            return None  # asyncssh answers MAC verification failed, and disconnects
+        return self.unseal(header, data + mac)
+
+
+class _GCMEncryption(GCMEncryption):
+    """GCMEncryption whose decrypt_packet joins the packet's three pieces once (asyncssh joins
+    the first block's rest and the rest, then that and the tag)."""
+
+    _cipher: _GCMCipher
+
+    def decrypt_packet(
+        self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
+    ) -> bytes | None:
+        return self._cipher.unseal(first[:header_len], b"".join((first[header_len:], rest, mac)))
 
 
 def _gcm_new(
@@ -142,7 +186,7 @@ def _gcm_new(
     mac_key: bytes = b"",
     etm: bool = False,
 ) -> GCMEncryption:
-    return cls(_GCMCipher(cipher_name, key, iv))
+    return _GCMEncryption(_GCMCipher(cipher_name, key, iv))
 
 
 # -- 3. the input buffer consumed from the front -------------------------------------------------
@@ -226,6 +270,202 @@ def _chacha_new(
     return cls(_ChachaCipher(key))
 
 
+# -- 5. channel data: no copy on write, each packet built once, one writev per flush -------------
+
+_DATA = bytes((MSG_CHANNEL_DATA,))
+_stock_flush_send_buf = SSHChannel._flush_send_buf
+_stock_channel_write = SSHChannel.write
+# What a channel's send buffer holds: asyncssh's own bytearrays, or views of bytes (`_write`).
+_Pending = bytearray | memoryview
+
+
+def _write(self: SSHChannel[Any], data: Any, datatype: int | None = None) -> None:
+    """SSHChannel.write, keeping bytes as a view of themselves where asyncssh copies every
+    write into a bytearray (bytes cannot change, so a view is as safe as a copy)."""
+    if type(data) is not bytes or not data or self._send_state != "open" or self._encoding:
+        _stock_channel_write(self, data, datatype)
+        return
+    if datatype is not None and datatype not in self._write_datatypes:
+        raise OSError("Invalid extended data type")
+    self.logger.debug2("Sending %d data byte%s", len(data), "s" if len(data) > 1 else "")
+    _send_buffer(self).append((memoryview(data), datatype))
+    self._send_buf_len += len(data)
+    self._flush_send_buf()
+
+
+def _sealing_cipher(conn: SSHConnection) -> _GCMCipher | None:
+    """The connection's AES-GCM cipher if a channel data packet may be built here: when what
+    send_packet would do with it is exactly number, pad, seal and write it (keys in use, no
+    key exchange due or running, no compression, no packet logging)."""
+    encryption = conn._send_encryption
+    if (
+        not isinstance(encryption, _GCMEncryption)
+        or not (conn._kex_complete and conn._auth_complete)
+        or conn._compressor is not None
+        or conn._rekey_bytes_sent >= conn._rekey_bytes
+        or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
+        or conn.logger._debug_level >= 3
+    ):
+        return None
+    return encryption._cipher
+
+
+def _data_packet(
+    conn: SSHConnection, cipher: _GCMCipher, channel: bytes, data: memoryview
+) -> tuple[bytes, bytes]:
+    """One MSG_CHANNEL_DATA packet as send_packet would send it, as its clear length and its
+    sealed rest: one copy of the data where asyncssh makes ten."""
+    size = len(data)
+    payload = 9 + size  # type, recipient channel, data length, data
+    padlen = -(conn._send_enchdrlen + payload) % conn._send_blocksize
+    if padlen < 4:
+        padlen += conn._send_blocksize
+    pktlen = 1 + payload + padlen
+    header = pktlen.to_bytes(4, "big")
+    plain = b"".join(
+        (bytes((padlen,)), _DATA, channel, size.to_bytes(4, "big"), data, os.urandom(padlen))
+    )
+    conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
+    conn._rekey_bytes_sent += pktlen
+    return header, cipher.seal(header, plain)
+
+
+def _write_packets(conn: SSHConnection | None, packets: list[bytes]) -> None:
+    """Write what `_data_packet` built, in one writev; as SSHConnection._send, nothing once
+    the transport is gone."""
+    transport = conn._transport if conn is not None else None
+    if packets and transport:
+        with contextlib.suppress(ConnectionError):
+            transport.writelines(packets)
+
+
+def _flush_send_buf(self: SSHChannel[Any]) -> None:
+    """SSHChannel._flush_send_buf, sending stdout with `_data_packet` and all of one flush's
+    packets in one write, where asyncssh builds each through three send_packet layers and
+    writes each on its own (34 writes per MB relayed, against 6)."""
+    conn = self._conn
+    send_buf = _send_buffer(self)
+    packets: list[bytes] = []
+    while send_buf and self._send_window:
+        pending, datatype = send_buf[0]
+        size = min(self._send_window, self._send_pktsize, len(pending))
+        cipher = None
+        if conn is not None and datatype is None and self._send_chan is not None:
+            cipher = _sealing_cipher(conn)
+        if cipher is None:
+            _write_packets(conn, packets)  # they go before what send_packet writes
+            packets = []
+            data = bytes(pending[:size])
+            if datatype is None:
+                self.send_packet(MSG_CHANNEL_DATA, String(data))
+            else:
+                self.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), String(data))
+        else:
+            assert conn is not None and self._send_chan is not None
+            channel = self._send_chan.to_bytes(4, "big")
+            with memoryview(pending) as view, view[:size] as piece:
+                packets += _data_packet(conn, cipher, channel, piece)
+        _consume(send_buf, size)
+        self._send_buf_len -= size
+        self._send_window -= size
+    _write_packets(conn, packets)
+    self._pause_resume_writing()
+    if not self._send_buf:
+        if self._send_state == "eof_pending":
+            self.send_packet(MSG_CHANNEL_EOF)
+            self._send_state = "eof"
+        elif self._send_state == "close_pending":
+            self._close_send()
+
+
+def _send_buffer(channel: SSHChannel[Any]) -> list[tuple[_Pending, int | None]]:
+    """A channel's send buffer, as this module fills it."""
+    return cast(list[tuple[_Pending, int | None]], channel._send_buf)
+
+
+def _consume(send_buf: list[tuple[_Pending, int | None]], size: int) -> None:
+    """Drop `size` sent bytes from the front of a channel's send buffer."""
+    pending, datatype = send_buf[0]
+    if size == len(pending):
+        del send_buf[0]
+    elif isinstance(pending, memoryview):
+        send_buf[0] = (pending[size:], datatype)
+    else:
+        del pending[:size]  # CPython moves a bytearray's start: no copy
+
+
+# -- 6. channel data received: opened in the input buffer, delivered with one copy ---------------
+
+_stock_recv_pkthdr = SSHConnection._recv_pkthdr
+_OPEN = "open"
+
+
+def _recv_pkthdr(self: SSHConnection) -> bool:
+    """SSHConnection._recv_pkthdr, taking a whole AES-GCM channel data packet at once.
+
+    asyncssh takes a packet in two steps (its first block, then the rest) and copies its data
+    six times on the way to the channel: out of the buffer, joined, decrypted, the payload
+    sliced out, the string read out, and the buffer's rest. Here, once the whole packet is in
+    the buffer, it is opened straight from the buffer and its data copied once, for the
+    channel. Any other packet, and any packet asyncssh would refuse (wrong tag, unknown channel,
+    window exceeded, bad length), is opened again by asyncssh's own path, which answers it as
+    it always does. A packet not all there yet waits in the buffer, as it would under asyncssh
+    before its first block is taken.
+    """
+    encryption = self._recv_encryption
+    buffer: Any = self._inpbuf
+    if (
+        not isinstance(encryption, _GCMEncryption)
+        or type(buffer) is not _InputBuffer
+        or self._decompressor is not None
+        or not self._auth_complete
+        or self._transport is None
+        or self.logger._debug_level >= 3
+        or len(buffer) < 4
+    ):
+        return _stock_recv_pkthdr(self)
+    pktlen = int.from_bytes(buffer[:4], "big")
+    end = 4 + pktlen + _GCM_TAG
+    if pktlen > self._max_recv_pktlen:
+        return _stock_recv_pkthdr(self)  # which refuses it
+    if len(buffer) < end:
+        return False  # called again when more has come
+    cipher = encryption._cipher
+    with memoryview(buffer) as view, view[:4] as header, view[4:end] as sealed:
+        plain = cipher.unseal(bytes(header), sealed)
+    delivery = _channel_data(self, plain) if plain is not None else None
+    if delivery is None:
+        cipher.rewind()
+        return _stock_recv_pkthdr(self)
+    del buffer[:end]
+    channel, data = delivery
+    channel.logger.debug2("Received %d data byte%s", len(data), "s" if len(data) > 1 else "")
+    channel._accept_data(data)
+    # What _finish_recv_packet does after a channel packet.
+    self._auth_final = True
+    self._recv_seq = (self._recv_seq + 1) & 0xFFFFFFFF
+    return True
+
+
+def _channel_data(conn: SSHConnection, plain: bytes) -> tuple[SSHChannel[Any], bytes] | None:
+    """The channel and the data of an opened packet if it is MSG_CHANNEL_DATA that asyncssh
+    would accept as it stands; None for anything else."""
+    with memoryview(plain) as packet:
+        end = len(packet) - packet[0]  # the padding length comes first
+        if len(packet) < 10 or packet[1] != MSG_CHANNEL_DATA:
+            return None
+        channel = conn._channels.get(int.from_bytes(packet[2:6], "big"))
+        size = int.from_bytes(packet[6:10], "big")
+        if (
+            channel is None
+            or 10 + size != end
+            or channel._recv_state != _OPEN
+            or size > channel._recv_window
+        ):
+            return None
+        return channel, bytes(packet[10:end])
+
+
 # -- applying ------------------------------------------------------------------------------------
 
 # (owner, attribute, replacement): what `apply` sets and `remove` puts back.
@@ -234,6 +474,9 @@ _REPLACEMENTS: tuple[tuple[type[Any], str, object], ...] = (
     (SSHConnection, "data_received", _data_received),
     (GCMEncryption, "new", classmethod(_gcm_new)),
     (ChachaEncryption, "new", classmethod(_chacha_new)),
+    (SSHChannel, "write", _write),
+    (SSHChannel, "_flush_send_buf", _flush_send_buf),
+    (SSHConnection, "_recv_pkthdr", _recv_pkthdr),
 )
 # Read from the class dictionaries, so that a classmethod is put back as the classmethod it was.
 _STOCK = {(owner, name): vars(owner)[name] for owner, name, _ in _REPLACEMENTS}

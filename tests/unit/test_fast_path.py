@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+import asyncssh.channel
 import asyncssh.connection
 import asyncssh.crypto.chacha
 import asyncssh.crypto.cipher
@@ -43,7 +44,13 @@ CBC = ("aes128-cbc", "hmac-sha2-512-etm@openssh.com")
 # Whole packets as send_packet builds them (padding length, payload, padding): the sizes of a
 # KEXINIT-like packet, a window adjust, a full 32 KiB channel data packet, and odd ones.
 PACKET_SIZES = [16, 32, 48, 1008, 32784, 64, 4096 + 16]
-MODULES = [asyncssh.connection, asyncssh.encryption, asyncssh.crypto.cipher, asyncssh.crypto.chacha]
+MODULES = [
+    asyncssh.channel,
+    asyncssh.connection,
+    asyncssh.encryption,
+    asyncssh.crypto.cipher,
+    asyncssh.crypto.chacha,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +79,13 @@ def test_the_upstream_patch_applies_cleanly_to_the_pinned_asyncssh(tmp_path: Pat
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [
         f"checking file asyncssh/{name}"
-        for name in ("connection.py", "crypto/chacha.py", "crypto/cipher.py", "encryption.py")
+        for name in (
+            "channel.py",
+            "connection.py",
+            "crypto/chacha.py",
+            "crypto/cipher.py",
+            "encryption.py",
+        )
     ]
 
 
@@ -213,13 +226,16 @@ def changed_since(before: dict[tuple[str, str, str], object]) -> set[tuple[str, 
     return {key for key in before.keys() | after.keys() if before.get(key) is not after.get(key)}
 
 
-def test_the_pinned_version_replaces_four_methods_and_remove_puts_them_back() -> None:
+def test_the_pinned_version_replaces_seven_methods_and_remove_puts_them_back() -> None:
     before = snapshot()
     assert apply(True) is FastPathState.ON
     assert fast_path_state() is FastPathState.ON
     assert changed_since(before) == {
         ("asyncssh.connection", "SSHConnection", "send_packet"),
         ("asyncssh.connection", "SSHConnection", "data_received"),
+        ("asyncssh.connection", "SSHConnection", "_recv_pkthdr"),
+        ("asyncssh.channel", "SSHChannel", "write"),
+        ("asyncssh.channel", "SSHChannel", "_flush_send_buf"),
         ("asyncssh.encryption", "GCMEncryption", "new"),
         ("asyncssh.encryption", "ChachaEncryption", "new"),
     }

@@ -1,0 +1,326 @@
+"""kilnproxy/ssh/fast_path.py's channel data path, against asyncssh's own, in one process.
+
+asyncssh's channel and connection methods are run on small stand-ins that hold only what those
+methods read and write: the stock channel flush (through send_packet) and the fast one must put
+the same bytes on the wire for the same writes, windows and padding; the fast receive must
+deliver what a data packet holds and hand anything else, untouched, to asyncssh's own path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from asyncssh.channel import SSHChannel
+from asyncssh.connection import SSHConnection
+from asyncssh.constants import (
+    EXTENDED_DATA_STDERR,
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
+    MSG_CHANNEL_WINDOW_ADJUST,
+)
+from asyncssh.encryption import get_encryption, get_encryption_params
+from asyncssh.logging import logger
+from asyncssh.packet import String, UInt32
+
+from kilnproxy.control import FastPathState
+from kilnproxy.ssh import fast_path
+from kilnproxy.ssh.fast_path import _InputBuffer, apply
+
+GCM = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+PKTSIZE = 32768  # what OpenSSH's client asks for a session channel
+TAG = 16
+
+
+@pytest.fixture(autouse=True)
+def fast() -> Iterator[None]:
+    assert apply(True) is FastPathState.ON
+    yield
+    fast_path.remove()
+
+
+@pytest.fixture(autouse=True)
+def fixed_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding that depends on its length only, not the kernel: the same for both paths, which
+    take it from os.urandom when they call it."""
+    monkeypatch.setattr(os, "urandom", lambda size: bytes(range(256))[-size:])
+
+
+def keys(alg: str) -> tuple[bytes, bytes, bytes]:
+    key_size, iv_size, *_ = get_encryption_params(alg.encode(), b"")
+    return alg.encode(), bytes(range(key_size)), bytes(range(100, 100 + iv_size))
+
+
+class Transport:
+    """What SSHConnection writes to: every write and writelines, in order."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.writes.append(b"".join(pieces))
+
+    @property
+    def wire(self) -> bytes:
+        return b"".join(self.writes)
+
+
+@dataclass
+class Connection:
+    """An SSHConnection after key exchange and authentication, as send_packet sees it."""
+
+    alg: str
+    _transport: Transport = field(default_factory=Transport)
+    _auth_complete: bool = True
+    _kex_complete: bool = True
+    _rekey_bytes_sent: int = 0
+    _rekey_bytes: int = 1 << 30
+    _rekey_seconds: float = 0.0
+    _rekey_time: float = 0.0
+    _compressor: object = None
+    _decompressor: object = None
+    _send_enchdrlen: int = 1  # AES-GCM's, as send_newkeys sets them
+    _send_blocksize: int = 16
+    _send_seq: int = 2**32 - 5  # wraps during the test
+    _strict_kex: bool = True
+    _deferred_packets: list[Any] = field(default_factory=list)
+    _channels: dict[int, Any] = field(default_factory=dict)
+    logger: Any = logger
+    _send_encryption: Any = None
+
+    def __post_init__(self) -> None:
+        alg, key, iv = keys(self.alg)
+        self._send_encryption = get_encryption(alg, key, iv, b"", b"", True)
+
+    # asyncssh's own, as the fast path leaves or makes them
+    send_packet = fast_path._send_packet
+    _send = SSHConnection._send
+
+    def log_sent_packet(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Channel:
+    """An open SSHChannel with a peer window, as its write and flush see it."""
+
+    _conn: Connection
+    _send_window: int
+    _send_pktsize: int = PKTSIZE
+    _send_chan: int = 0x01020304
+    _send_state: str = "open"
+    _send_buf: list[Any] = field(default_factory=list)
+    _send_buf_len: int = 0
+    _encoding: str | None = None
+    _write_datatypes: frozenset[int] = frozenset({EXTENDED_DATA_STDERR})
+    logger: Any = logger
+
+    send_packet = SSHChannel.send_packet
+
+    def _pause_resume_writing(self) -> None:
+        pass
+
+    def log_sent_packet(self, *args: object) -> None:
+        pass
+
+
+WRITES = [
+    (b"x" * 10, None),
+    (random.randbytes(1 << 18), None),  # an agent frame: eight full packets
+    (b"to stderr", EXTENDED_DATA_STDERR),
+    (bytes(range(256)) * 200, None),  # 51200: a full packet and a short one
+    (b"", None),
+    (b"y" * (PKTSIZE - 9), None),
+]
+
+
+def run_writes(flush: Any, write: Any, alg: str, window: int) -> Connection:
+    """The WRITES on one channel through `write` and `flush`, the peer granting `window`
+    at a time until all is sent, then EOF."""
+    conn = Connection(alg)
+    channel = Channel(conn, window)
+    channel._flush_send_buf = types.MethodType(flush, channel)  # type: ignore[attr-defined]
+    for data, datatype in WRITES:
+        write(channel, data, datatype)
+    while channel._send_buf:
+        channel._send_window += window
+        flush(channel)
+    channel._send_state = "eof_pending"
+    flush(channel)
+    assert channel._send_state == "eof" and channel._send_buf_len == 0
+    return conn
+
+
+@pytest.mark.parametrize("window", [PKTSIZE, 100_000, 2 << 20])
+@pytest.mark.parametrize("alg", GCM)
+def test_a_flush_sends_what_asyncssh_would_send(alg: str, window: int) -> None:
+    """Byte for byte: the stock write and flush (every packet through send_packet) against the
+    fast ones, with windows that split writes at packet and odd boundaries."""
+    stock = run_writes(fast_path._stock_flush_send_buf, fast_path._stock_channel_write, alg, window)
+    fast = run_writes(fast_path._flush_send_buf, fast_path._write, alg, window)
+    assert fast._transport.wire == stock._transport.wire
+    assert (fast._send_seq, fast._rekey_bytes_sent) == (stock._send_seq, stock._rekey_bytes_sent)
+    assert len(fast._transport.writes) < len(stock._transport.writes)  # one per flush, not packet
+    if window > len(WRITES[1][0]):  # the frame's eight packets in one write
+        assert any(len(write) > 8 * PKTSIZE for write in fast._transport.writes)
+
+
+def test_a_rekey_due_sends_through_asyncssh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a key exchange due, the data goes through send_packet, which starts it."""
+    conn = Connection(GCM[0], _rekey_bytes=0)
+    calls: list[int] = []
+    monkeypatch.setattr(Connection, "send_packet", lambda self, kind, *a, **k: calls.append(kind))
+    fast_path._flush_send_buf(_buffered(Channel(conn, 1 << 20), b"data"))  # type: ignore[arg-type]
+    assert calls == [MSG_CHANNEL_DATA] and not conn._transport.writes
+
+
+def _buffered(channel: Channel, data: bytes) -> Channel:
+    channel._send_buf.append((memoryview(data), None))
+    channel._send_buf_len += len(data)
+    return channel
+
+
+def test_a_view_of_bytes_is_kept_and_other_data_copied() -> None:
+    channel = Channel(Connection(GCM[0]), 0)  # no window: everything stays buffered
+    channel._flush_send_buf = types.MethodType(fast_path._flush_send_buf, channel)  # type: ignore[attr-defined]
+    kept, changing = b"bytes", bytearray(b"bytearray")
+    fast_path._write(channel, kept)  # type: ignore[arg-type]
+    fast_path._write(channel, changing)  # type: ignore[arg-type]
+    changing[:] = b"changed!!"
+    (view, _), (copy, _) = channel._send_buf
+    assert view.obj is kept and bytes(copy) == b"bytearray"
+    assert channel._send_buf_len == 14
+
+
+# -- receiving -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    """A channel as the fast receive delivers to it."""
+
+    _recv_state: str = "open"
+    _recv_window: int = 1 << 20
+    received: list[bytes] = field(default_factory=list)
+    logger: Any = logger
+
+    def _accept_data(self, data: bytes) -> None:
+        assert type(data) is bytes
+        self.received.append(data)
+        self._recv_window -= len(data)
+
+
+@dataclass
+class Incoming(Connection):
+    """An SSHConnection receiving with AES-GCM; asyncssh's own _recv_pkthdr recorded."""
+
+    _inpbuf: Any = None
+    _recv_seq: int = 2**32 - 2
+    _max_recv_pktlen: int = 35000 + 64
+    _auth_final: bool = False
+    _recv_encryption: Any = None
+    stock_calls: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        alg, key, iv = keys(self.alg)
+        self._recv_encryption = get_encryption(alg, key, iv, b"", b"", True)
+        self._inpbuf = _InputBuffer()
+
+    def _stock_recv_pkthdr(self) -> bool:
+        """Stands for asyncssh's path: records the packet, which must open with the nonce the
+        fast path found it with (it took its nonce back)."""
+        buffer = self._inpbuf
+        size = 4 + int.from_bytes(buffer[:4], "big") + TAG
+        plain = self._recv_encryption._cipher.unseal(buffer[:4], buffer[4:size])
+        self.stock_calls.append(plain)
+        del buffer[:size]
+        self._recv_seq = (self._recv_seq + 1) & 0xFFFFFFFF
+        return True
+
+
+@pytest.fixture
+def incoming(monkeypatch: pytest.MonkeyPatch) -> Incoming:
+    monkeypatch.setattr(fast_path, "_stock_recv_pkthdr", Incoming._stock_recv_pkthdr)
+    conn = Incoming(GCM[0])
+    conn._channels[7] = Receiver()
+    return conn
+
+
+def sealed(conn: Connection, kind: int, body: bytes) -> bytes:
+    """A packet as the peer sends it: clear length, then sealed padding length, type, body,
+    padding."""
+    payload = bytes((kind,)) + body
+    padlen = -(1 + len(payload)) % 16
+    padlen += 16 if padlen < 4 else 0
+    plain = bytes((padlen,)) + payload + bytes(padlen)
+    header = len(plain).to_bytes(4, "big")
+    return header + bytes(conn._send_encryption._cipher.seal(header, plain))
+
+
+def data_packet(conn: Connection, channel: int, data: bytes) -> bytes:
+    return sealed(conn, MSG_CHANNEL_DATA, UInt32(channel) + String(data))
+
+
+def receive(conn: Incoming, wire: bytes, step: int) -> None:
+    """`wire` arriving `step` bytes at a time, as SSHConnection._recv_data runs its handler."""
+    for start in range(0, len(wire), step):
+        conn._inpbuf += wire[start : start + step]
+        while conn._inpbuf and fast_path._recv_pkthdr(conn):  # type: ignore[arg-type]
+            pass
+
+
+@pytest.mark.parametrize("step", [1000, 32 * 1024 + 7, 1 << 20])
+def test_data_packets_are_delivered_and_others_left_to_asyncssh(
+    incoming: Incoming, step: int
+) -> None:
+    """Data for an open channel is delivered, whole packets only, across any read boundary;
+    a window adjust, unknown channel, overrun window or bad length goes to asyncssh's path
+    with its nonce given back, in order; the sequence number counts every packet."""
+    peer = Connection(GCM[0])  # the same keys: what it seals, `incoming` opens
+    chunks = [random.randbytes(n) for n in (1, 5000, 32768, 77)]
+    adjust = UInt32(7) + UInt32(1 << 20)
+    wire = b"".join([
+        data_packet(peer, 7, chunks[0]),
+        sealed(peer, MSG_CHANNEL_WINDOW_ADJUST, adjust),
+        data_packet(peer, 7, chunks[1]),
+        data_packet(peer, 8, b"no such channel"),
+        data_packet(peer, 7, chunks[2]),
+        sealed(peer, MSG_CHANNEL_DATA, UInt32(7) + UInt32(10) + b"short"),  # length lies
+        data_packet(peer, 7, chunks[3]),
+        sealed(peer, MSG_CHANNEL_EOF, UInt32(7)),
+    ])  # fmt: skip
+    receive(incoming, wire, step)
+    channel = incoming._channels[7]
+    assert channel.received == chunks
+    assert [plain[1] for plain in incoming.stock_calls] == [
+        MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_DATA, MSG_CHANNEL_DATA, MSG_CHANNEL_EOF,
+    ]  # fmt: skip
+    assert incoming._recv_seq == (2**32 - 2 + 8) & 0xFFFFFFFF
+    assert not incoming._inpbuf and incoming._auth_final
+
+
+def test_a_window_overrun_and_a_closed_channel_go_to_asyncssh(incoming: Incoming) -> None:
+    peer = Connection(GCM[0])
+    channel = incoming._channels[7]
+    channel._recv_window = 10
+    receive(incoming, data_packet(peer, 7, b"eleven byte"), 1 << 16)
+    channel._recv_window, channel._recv_state = 1 << 20, "close_pending"
+    receive(incoming, data_packet(peer, 7, b"late"), 1 << 16)
+    assert channel.received == [] and len(incoming.stock_calls) == 2
+
+
+def test_a_tampered_packet_goes_to_asyncssh_with_its_nonce(incoming: Incoming) -> None:
+    """asyncssh's own path then fails it ("MAC verification failed") at the same nonce."""
+    tampered = bytearray(data_packet(Connection(GCM[0]), 7, b"payload"))
+    tampered[10] ^= 1
+    receive(incoming, bytes(tampered), 1 << 16)
+    assert incoming.stock_calls == [None] and incoming._channels[7].received == []
