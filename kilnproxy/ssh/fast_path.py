@@ -15,7 +15,8 @@ replaces them, in this process only, with versions that put the same bytes on th
    AES-GCM channel data packet in one step (one copy of the data where asyncssh makes ten), and
    write all the packets of one flush with one writev, where asyncssh writes each;
 6. `SSHConnection._recv_pkthdr` opens a whole AES-GCM channel data packet in the input buffer and
-   hands the channel its data with one copy, where asyncssh makes six.
+   hands the channel its data with one copy, where asyncssh makes six; a window adjust goes
+   straight to its channel too.
 
 5 and 6 take only the common case (keys in use, no key exchange due, no compression, no packet
 logging, a data packet asyncssh would accept as it stands); anything else goes through
@@ -35,9 +36,11 @@ asyncssh does on an error (a packet that fails its MAC still ends the connection
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -48,13 +51,14 @@ from asyncssh.constants import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_EOF,
     MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_WINDOW_ADJUST,
     MSG_IGNORE,
     MSG_KEX_LAST,
 )
 from asyncssh.crypto.chacha import _CTR_0, _POLY1305_KEYBYTES, ChachaCipher, chacha20
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import BasicEncryption, ChachaEncryption, Encryption, GCMEncryption
-from asyncssh.packet import SSHPacketLogger, String, UInt32
+from asyncssh.packet import SSHPacket, SSHPacketLogger, String, UInt32
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -280,13 +284,17 @@ _Pending = bytearray | memoryview
 
 
 def _write(self: SSHChannel[Any], data: Any, datatype: int | None = None) -> None:
-    """SSHChannel.write, keeping bytes as a view of themselves where asyncssh copies every
-    write into a bytearray (bytes cannot change, so a view is as safe as a copy)."""
-    if type(data) is not bytes or not data or self._send_state != "open" or self._encoding:
-        _stock_channel_write(self, data, datatype)
+    """SSHChannel.write for stdout, keeping bytes as a view of themselves where asyncssh copies
+    every write into a bytearray (bytes cannot change, so a view is as safe as a copy)."""
+    if (
+        type(data) is not bytes
+        or datatype is not None
+        or not data
+        or self._send_state != "open"
+        or self._encoding
+    ):
+        _stock_channel_write(self, data, datatype)  # stderr, text, errors: asyncssh's
         return
-    if datatype is not None and datatype not in self._write_datatypes:
-        raise OSError("Invalid extended data type")
     self.logger.debug2("Sending %d data byte%s", len(data), "s" if len(data) > 1 else "")
     _send_buffer(self).append((memoryview(data), datatype))
     self._send_buf_len += len(data)
@@ -394,19 +402,21 @@ def _consume(send_buf: list[tuple[_Pending, int | None]], size: int) -> None:
         del pending[:size]  # CPython moves a bytearray's start: no copy
 
 
-# -- 6. channel data received: opened in the input buffer, delivered with one copy ---------------
+# -- 6. channel data and window adjusts received: opened in the input buffer ---------------------
 
 _stock_recv_pkthdr = SSHConnection._recv_pkthdr
 _OPEN = "open"
 
 
 def _recv_pkthdr(self: SSHConnection) -> bool:
-    """SSHConnection._recv_pkthdr, taking a whole AES-GCM channel data packet at once.
+    """SSHConnection._recv_pkthdr, taking a whole AES-GCM channel data or window adjust packet
+    at once.
 
     asyncssh takes a packet in two steps (its first block, then the rest) and copies its data
     six times on the way to the channel: out of the buffer, joined, decrypted, the payload
     sliced out, the string read out, and the buffer's rest. Here, once the whole packet is in
     the buffer, it is opened straight from the buffer and its data copied once, for the
+    channel; a window adjust (a client sends one every 96 KiB it reads) goes straight to its
     channel. Any other packet, and any packet asyncssh would refuse (wrong tag, unknown channel,
     window exceeded, bad length), is opened again by asyncssh's own path, which answers it as
     it always does. A packet not all there yet waits in the buffer, as it would under asyncssh
@@ -431,39 +441,50 @@ def _recv_pkthdr(self: SSHConnection) -> bool:
     if len(buffer) < end:
         return False  # called again when more has come
     cipher = encryption._cipher
+    seq = self._recv_seq
     with memoryview(buffer) as view, view[:4] as header, view[4:end] as sealed:
         plain = cipher.unseal(bytes(header), sealed)
-    delivery = _channel_data(self, plain) if plain is not None else None
-    if delivery is None:
+    deliver = _channel_packet(self, seq, plain) if plain is not None else None
+    if deliver is None:
         cipher.rewind()
         return _stock_recv_pkthdr(self)
-    del buffer[:end]
-    channel, data = delivery
-    channel.logger.debug2("Received %d data byte%s", len(data), "s" if len(data) > 1 else "")
-    channel._accept_data(data)
+    del buffer[:end]  # before the channel runs, as asyncssh does
+    deliver()
     # What _finish_recv_packet does after a channel packet.
     self._auth_final = True
-    self._recv_seq = (self._recv_seq + 1) & 0xFFFFFFFF
+    self._recv_seq = (seq + 1) & 0xFFFFFFFF
     return True
 
 
-def _channel_data(conn: SSHConnection, plain: bytes) -> tuple[SSHChannel[Any], bytes] | None:
-    """The channel and the data of an opened packet if it is MSG_CHANNEL_DATA that asyncssh
-    would accept as it stands; None for anything else."""
+def _channel_packet(conn: SSHConnection, seq: int, plain: bytes) -> Callable[[], object] | None:
+    """What to do with an opened packet if it is a channel's data or window adjust that
+    asyncssh would take as it stands; None for anything else."""
     with memoryview(plain) as packet:
-        end = len(packet) - packet[0]  # the padding length comes first
-        if len(packet) < 10 or packet[1] != MSG_CHANNEL_DATA:
+        if len(packet) < 10:
             return None
+        end = len(packet) - packet[0]  # the padding length comes first
+        kind = packet[1]
         channel = conn._channels.get(int.from_bytes(packet[2:6], "big"))
+        if channel is None:
+            return None
+        if kind == MSG_CHANNEL_WINDOW_ADJUST and end == 10:
+            adjust = SSHPacket(bytes(packet[6:10]))  # its handler checks the channel's state
+            return functools.partial(channel.process_packet, kind, seq, adjust)
         size = int.from_bytes(packet[6:10], "big")
         if (
-            channel is None
+            kind != MSG_CHANNEL_DATA
             or 10 + size != end
             or channel._recv_state != _OPEN
             or size > channel._recv_window
         ):
             return None
-        return channel, bytes(packet[10:end])
+        return functools.partial(_accept_data, channel, bytes(packet[10:end]))
+
+
+def _accept_data(channel: SSHChannel[Any], data: bytes) -> None:
+    """What SSHChannel._process_data does with data it accepts."""
+    channel.logger.debug2("Received %d data byte%s", len(data), "s" if len(data) > 1 else "")
+    channel._accept_data(data)
 
 
 # -- applying ------------------------------------------------------------------------------------

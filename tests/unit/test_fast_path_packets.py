@@ -26,7 +26,7 @@ from asyncssh.constants import (
 )
 from asyncssh.encryption import get_encryption, get_encryption_params
 from asyncssh.logging import logger
-from asyncssh.packet import String, UInt32
+from asyncssh.packet import SSHPacket, String, UInt32
 
 from kilnproxy.control import FastPathState
 from kilnproxy.ssh import fast_path
@@ -210,12 +210,20 @@ class Receiver:
     _recv_state: str = "open"
     _recv_window: int = 1 << 20
     received: list[bytes] = field(default_factory=list)
+    adjusts: list[tuple[int, int]] = field(default_factory=list)
     logger: Any = logger
 
     def _accept_data(self, data: bytes) -> None:
         assert type(data) is bytes
         self.received.append(data)
         self._recv_window -= len(data)
+
+    def process_packet(self, kind: int, seq: int, packet: SSHPacket) -> bool:
+        """SSHChannel's dispatch, for a window adjust: its handler reads the rest."""
+        assert kind == MSG_CHANNEL_WINDOW_ADJUST
+        self.adjusts.append((seq, packet.get_uint32()))
+        packet.check_end()
+        return True
 
 
 @dataclass
@@ -282,9 +290,9 @@ def receive(conn: Incoming, wire: bytes, step: int) -> None:
 def test_data_packets_are_delivered_and_others_left_to_asyncssh(
     incoming: Incoming, step: int
 ) -> None:
-    """Data for an open channel is delivered, whole packets only, across any read boundary;
-    a window adjust, unknown channel, overrun window or bad length goes to asyncssh's path
-    with its nonce given back, in order; the sequence number counts every packet."""
+    """Data for an open channel and a window adjust are delivered, whole packets only, across
+    any read boundary; another packet, an unknown channel or a bad length goes to asyncssh's
+    path with its nonce given back, in order; the sequence number counts every packet."""
     peer = Connection(GCM[0])  # the same keys: what it seals, `incoming` opens
     chunks = [random.randbytes(n) for n in (1, 5000, 32768, 77)]
     adjust = UInt32(7) + UInt32(1 << 20)
@@ -297,14 +305,16 @@ def test_data_packets_are_delivered_and_others_left_to_asyncssh(
         sealed(peer, MSG_CHANNEL_DATA, UInt32(7) + UInt32(10) + b"short"),  # length lies
         data_packet(peer, 7, chunks[3]),
         sealed(peer, MSG_CHANNEL_EOF, UInt32(7)),
+        sealed(peer, MSG_CHANNEL_WINDOW_ADJUST, adjust + b"!"),  # one byte too many
     ])  # fmt: skip
     receive(incoming, wire, step)
     channel = incoming._channels[7]
     assert channel.received == chunks
+    assert channel.adjusts == [(2**32 - 1, 1 << 20)]
     assert [plain[1] for plain in incoming.stock_calls] == [
-        MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_DATA, MSG_CHANNEL_DATA, MSG_CHANNEL_EOF,
+        MSG_CHANNEL_DATA, MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_WINDOW_ADJUST,
     ]  # fmt: skip
-    assert incoming._recv_seq == (2**32 - 2 + 8) & 0xFFFFFFFF
+    assert incoming._recv_seq == (2**32 - 2 + 9) & 0xFFFFFFFF
     assert not incoming._inpbuf and incoming._auth_final
 
 
