@@ -136,9 +136,21 @@ def test_faults_end_one_session_and_leave_nothing_behind(remote: Remote, tmp_pat
     kiln.git(w.alice, "clone", "-q", kiln.url("aviato/website"), str(tmp_path / "after2"))
     kiln.git(w.carol, "clone", "-q", kiln.url("hooli/big"), str(tmp_path / "after3"))
     assert (tmp_path / "after3" / "big.bin").stat().st_size == 40 * 1024 * 1024
-    after = wait_pools_closed(w)
-    assert (after["tasks"], after["fds"]) == (before["tasks"], before["fds"])
+    assert settled(w, before) == (before["tasks"], before["fds"])
     assert "Traceback" not in kiln.log()
+
+
+def settled(world: World, before: dict[str, int], timeout: float = 10) -> tuple[int, int]:
+    """The worker's tasks and fds once they are back to `before`, or as they stand after
+    `timeout`: sessions and pooled connections can be gone while the last one's transport
+    still closes (a leak stays; a closing connection does not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = wait_pools_closed(world)
+        counts = (after["tasks"], after["fds"])
+        if counts == (before["tasks"], before["fds"]) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
 
 
 def assert_unavailable(remote: Remote, repo: str) -> None:
