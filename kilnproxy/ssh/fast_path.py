@@ -460,7 +460,7 @@ def _channel_packet(conn: SSHConnection, seq: int, plain: bytes) -> Callable[[],
     """What to do with an opened packet if it is a channel's data or window adjust that
     asyncssh would take as it stands; None for anything else."""
     with memoryview(plain) as packet:
-        if len(packet) < 10:
+        if len(packet) < 10 or packet[0] == 0:  # asyncssh takes no padding as no payload
             return None
         end = len(packet) - packet[0]  # the padding length comes first
         kind = packet[1]
@@ -528,7 +528,9 @@ def apply(enabled: bool, installed: str | None = None) -> FastPathState:
 
 
 def remove() -> None:
-    """Put stock asyncssh back (for tests, and for `apply` when the fast path must be off)."""
+    """Put stock asyncssh back (for tests, and for `apply` when the fast path must be off).
+    Only before any connection exists: a live channel's send buffer may hold views, which
+    stock asyncssh cannot consume."""
     for (owner, name), stock in _STOCK.items():
         setattr(owner, name, stock)
     _applied.state = FastPathState.NOT_APPLIED

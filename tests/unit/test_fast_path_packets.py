@@ -150,11 +150,10 @@ def run_writes(flush: Any, write: Any, alg: str, window: int) -> Connection:
     channel._flush_send_buf = types.MethodType(flush, channel)  # type: ignore[attr-defined]
     for data, datatype in WRITES:
         write(channel, data, datatype)
-    while channel._send_buf:
+    channel._send_state = "eof_pending"  # EOF goes out in the flush that empties the buffer
+    while channel._send_buf or channel._send_state == "eof_pending":
         channel._send_window += window
         flush(channel)
-    channel._send_state = "eof_pending"
-    flush(channel)
     assert channel._send_state == "eof" and channel._send_buf_len == 0
     return conn
 
@@ -171,6 +170,41 @@ def test_a_flush_sends_what_asyncssh_would_send(alg: str, window: int) -> None:
     assert len(fast._transport.writes) < len(stock._transport.writes)  # one per flush, not packet
     if window > len(WRITES[1][0]):  # the frame's eight packets in one write
         assert any(len(write) > 8 * PKTSIZE for write in fast._transport.writes)
+
+
+class Rekeying(Connection):
+    """A connection whose own rekey limit is reached mid-flush: KEXINIT marks the wire, and
+    what follows waits for the new keys (asyncssh defers it)."""
+
+    def _send_kexinit(self) -> None:
+        self._transport.write(b"<KEXINIT>")
+        self._kex_complete = False
+
+
+@pytest.mark.parametrize("window", [100_000, 2 << 20])
+def test_a_rekey_reached_mid_flush_comes_after_the_packets_before_it(window: int) -> None:
+    """What was gathered goes out before the KEXINIT, and the rest is deferred as asyncssh
+    defers it: the same wire and the same deferred packets on both paths."""
+    results = []
+    paths: list[tuple[Any, Any]] = [
+        (fast_path._stock_flush_send_buf, fast_path._stock_channel_write),
+        (fast_path._flush_send_buf, fast_path._write),
+    ]
+    for flush, write in paths:
+        conn = Rekeying(GCM[0], _rekey_bytes=100_000)
+        channel = Channel(conn, window)
+        channel._flush_send_buf = types.MethodType(flush, channel)  # type: ignore[attr-defined]
+        for data, datatype in WRITES[:2]:
+            write(channel, data, datatype)
+        while channel._send_buf:
+            channel._send_window += window
+            flush(channel)
+        wire = conn._transport.wire
+        assert wire.count(b"<KEXINIT>") == 1 and wire.index(b"<KEXINIT>") > 100_000
+        deferred = [(kind, b"".join(args)) for kind, args in conn._deferred_packets]
+        results.append((wire, deferred, conn._send_seq, channel._send_buf_len))
+    assert results[1] == results[0]
+    assert results[0][1]  # some packets wait for the new keys
 
 
 def test_a_rekey_due_sends_through_asyncssh(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,6 +360,16 @@ def test_a_window_overrun_and_a_closed_channel_go_to_asyncssh(incoming: Incoming
     channel._recv_window, channel._recv_state = 1 << 20, "close_pending"
     receive(incoming, data_packet(peer, 7, b"late"), 1 << 16)
     assert channel.received == [] and len(incoming.stock_calls) == 2
+
+
+def test_no_padding_goes_to_asyncssh(incoming: Incoming) -> None:
+    """A padding length of 0 leaves asyncssh no payload (it hangs up): not taken here."""
+    peer = Connection(GCM[0])
+    payload = bytes((MSG_CHANNEL_DATA,)) + UInt32(7) + String(b"x" * 6)  # 15 + 1: no padding
+    plain = bytes((0,)) + payload
+    header = len(plain).to_bytes(4, "big")
+    receive(incoming, header + peer._send_encryption._cipher.seal(header, plain), 1 << 16)
+    assert incoming._channels[7].received == [] and len(incoming.stock_calls) == 1
 
 
 def test_a_tampered_packet_goes_to_asyncssh_with_its_nonce(incoming: Incoming) -> None:
