@@ -434,7 +434,8 @@ def _recv_pkthdr(self: SSHConnection) -> bool:
         or len(buffer) < 4
     ):
         return _stock_recv_pkthdr(self)
-    pktlen = int.from_bytes(buffer[:4], "big")
+    header = buffer[:4]  # bytes: the clear length, authenticated with the rest
+    pktlen = int.from_bytes(header, "big")
     end = 4 + pktlen + _GCM_TAG
     if pktlen > self._max_recv_pktlen:
         return _stock_recv_pkthdr(self)  # which refuses it
@@ -442,8 +443,8 @@ def _recv_pkthdr(self: SSHConnection) -> bool:
         return False  # called again when more has come
     cipher = encryption._cipher
     seq = self._recv_seq
-    with memoryview(buffer) as view, view[:4] as header, view[4:end] as sealed:
-        plain = cipher.unseal(bytes(header), sealed)
+    with memoryview(buffer) as view, view[4:end] as sealed:
+        plain = cipher.unseal(header, sealed)
     deliver = _channel_packet(self, seq, plain) if plain is not None else None
     if deliver is None:
         cipher.rewind()
