@@ -416,11 +416,11 @@ def _recv_pkthdr(self: SSHConnection) -> bool:
     six times on the way to the channel: out of the buffer, joined, decrypted, the payload
     sliced out, the string read out, and the buffer's rest. Here, once the whole packet is in
     the buffer, it is opened straight from the buffer and its data copied once, for the
-    channel; a window adjust (a client sends one every 96 KiB it reads) goes straight to its
-    channel. Any other packet, and any packet asyncssh would refuse (wrong tag, unknown channel,
-    window exceeded, bad length), is opened again by asyncssh's own path, which answers it as
-    it always does. A packet not all there yet waits in the buffer, as it would under asyncssh
-    before its first block is taken.
+    channel; a window adjust (a client sends one every 96 KiB it reads, or every 8 KiB while its
+    git is slower than the transfer) goes straight to its channel. Any other packet, and any
+    packet asyncssh would refuse (wrong tag, unknown channel, window exceeded, bad length), is
+    opened again by asyncssh's own path, which answers it as it always does. A packet not all
+    there yet waits in the buffer, as it would under asyncssh before its first block is taken.
     """
     encryption = self._recv_encryption
     buffer: Any = self._inpbuf
