@@ -2,13 +2,14 @@
 
 Paths (bench/fixtures.py): A direct sshd, B kilnproxy local backend, C kilnproxy ssh backend,
 D an OpenSSH ForceCommand proxy, E kilnproxy agent:// backend (C's kilnproxy and worker, with a
-`kilnproxy agent` as a second storage server on this machine). Measures, alternating the paths
-run by run, medians and ratios to A: small-clone latency, large-clone wall time (a blob-heavy
-repository, and a history-heavy one: bench/history.py), raw relay throughput and the proxy's CPU
-per GB relayed (bench/relay.py) with the worker's write and read syscalls per MB (and, apart,
-E's agent's own CPU per GB: it runs on the storage server, not the proxy), server CPU per new
-authenticated connection (kilnproxy's one worker against sshd), memory per idle connection and
-per active session, hg clone, the proxy CPU per GB cloned by each SSH client family through C
+`kilnproxy agent` as a second storage server on this machine). Measures, each path once a round
+in a shuffled order, medians and ratios to A (each clone ratio with its quartiles over the
+rounds): small-clone latency, large-clone wall time (a blob-heavy repository, and a
+history-heavy one: bench/history.py), raw relay throughput and the proxy's CPU per GB relayed
+(bench/relay.py) with the worker's write and read syscalls per MB (and, apart, E's agent's own
+CPU per GB: it runs on the storage server, not the proxy), server CPU per new authenticated
+connection (kilnproxy's one worker against sshd), memory per idle connection and per active
+session, hg clone, the proxy CPU per GB cloned by each SSH client family through C
 (bench/per_client.py), and the cost of a directory lookup (bench/lookup.py: TCP connect to
 authenticated, SQLite against PostgreSQL). Every results file carries the machine's own figures
 (bench/machine.py: CPU model, A's raw relay throughput, a socket send+recv pair's time), so that
@@ -31,6 +32,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -77,7 +79,7 @@ PROFILES: dict[str, dict[str, int]] = {
               "idle": 300,
               "sshd_idle": 50, "active": 20, "relay_bytes": 256 << 20, "relay_rounds": 2,
               "lookups": 200, "client_rounds": 1},
-    "full": {"small_rounds": 15, "large_rounds": 5, "large_commits": 3000, "large_blob": 70_000,
+    "full": {"small_rounds": 15, "large_rounds": 9, "large_commits": 3000, "large_blob": 70_000,
              "history_commits": 20_000, "hg_commits": 1000, "hg_rounds": 5, "connections": 300,
              "idle": 2000,
              "sshd_idle": 200, "active": 50, "relay_bytes": 1 << 30, "relay_rounds": 3,
@@ -97,11 +99,15 @@ def agent_cpu(paths: Paths) -> float:
 
 
 def clones(paths: Paths, name: str, vcs: str, rounds: int) -> dict[str, list[dict[str, float]]]:
-    """Clone through A to E in turn, `rounds` times; time, proxy CPU and bytes of each, and
-    for E the agent's CPU."""
+    """Clone through each of A to E once per round, `rounds` times; time, proxy CPU and bytes
+    of each, and for E the agent's CPU. The order within a round is shuffled (seeded by the
+    repository's name, so a rerun clones in the same order): in a fixed order, whatever the
+    clone before leaves behind (page cache, a busy sshd reaping) falls on the same path each
+    round."""
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+    order = random.Random(name)
     for _ in range(rounds):
-        for path in PATHS:
+        for path in order.sample(PATHS, len(PATHS)):
             target = paths.root / f"clone-{path}"
             before, agent_before = proxy_cpu(paths, path), agent_cpu(paths)
             seconds = clone(paths.clone_argv(path, name, vcs), paths.env(path), target)
@@ -115,6 +121,16 @@ def clones(paths: Paths, name: str, vcs: str, rounds: int) -> dict[str, list[dic
 
 def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
+
+
+def round_ratios(runs: dict[str, list[dict[str, float]]], path: str) -> list[float]:
+    """The first, second and third quartile of `path`'s seconds over A's, round by round: how
+    far one round's ratio strays, which a ratio of medians does not show."""
+    pairs = zip(runs[path], runs["A"], strict=True)
+    ratios = [run["seconds"] / direct["seconds"] for run, direct in pairs]
+    if len(ratios) < 2:
+        return ratios * 3
+    return statistics.quantiles(ratios, n=4, method="inclusive")
 
 
 async def connection_cost(paths: Paths, plain: Sshd, count: int) -> dict[str, float]:
@@ -304,6 +320,9 @@ def measure_all(
                         ("history_clone", history), ("hg_clone", hg),
                         ("relay", relayed)):  # fmt: skip
         figures[f"{label}_seconds"] = {p: median(runs[p], "seconds") for p in PATHS}
+    for label, runs in (("small", small), ("large", large), ("history", history)):
+        figures[f"{label}_clone_runs"] = {p: [run["seconds"] for run in runs[p]] for p in PATHS}
+        figures[f"{label}_clone_round_ratios"] = {p: round_ratios(runs, p) for p in "BCE"}
     for label in ("large", "history"):
         seconds = figures[f"{label}_clone_seconds"]
         figures[f"{label}_clone_ratio_local"] = seconds["B"] / seconds["A"]
@@ -370,10 +389,12 @@ def markdown(f: dict[str, Any]) -> str:
         f"- kilnproxy ciphers: {variant['ciphers']}; backend window: "
         f"{variant.get('window', 'default')}; asyncssh {variant['asyncssh']}"
     ]
-    lines += ["", "| figure | value | target | met |", "| --- | --- | --- | --- |"]
+    lines += ["", "| figure | value | target | met | round by round: quartiles |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for key, label, target, bound in TARGETS:
         value = float(f[key])
-        lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if value <= bound else 'no'} |")
+        met = "yes" if value <= bound else "no"
+        lines.append(f"| {label} | {value:.2f} | {target} | {met} | {spread(f, key)} |")
     lines += ["", "| median seconds | A direct | B local | C ssh | D ForceCommand | E agent |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for label in ("small_clone", "large_clone", "history_clone", "hg_clone", "relay"):
@@ -417,6 +438,22 @@ def markdown(f: dict[str, Any]) -> str:
     ]
     lines += [*client_table(f["clients"]), ""]
     return "\n".join(lines)
+
+
+# The clone ratios in TARGETS, by the clone set and the path they come from.
+ROUND_RATIOS = {"large_clone_ratio_local": ("large", "B"), "large_clone_ratio_ssh": ("large", "C"),
+                "large_clone_ratio_agent": ("large", "E"), "small_clone_ratio_ssh": ("small", "C"),
+                "small_clone_ratio_agent": ("small", "E")}  # fmt: skip
+
+
+def spread(f: dict[str, Any], key: str) -> str:
+    """A clone ratio's quartiles over the rounds, each round's path against that round's A
+    ("-" for a figure that is not a clone ratio, or a run from before they were kept)."""
+    label, path = ROUND_RATIOS.get(key, ("", ""))
+    quartiles = f.get(f"{label}_clone_round_ratios", {}).get(path)
+    if not quartiles:
+        return "-"
+    return " / ".join(f"{q:.2f}" for q in quartiles)
 
 
 def syscalls_line(f: dict[str, Any]) -> str:
