@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
-from kilnproxy.policy.admission import IPAddress, Netblock, source_bucket
+from kilnproxy.policy.admission import IPAddress, Netblock, source_buckets
 from kilnproxy.policy.penalty import Lifted, Notice, Penalised, PenaltyEvent, TableFull
 
 log = logging.getLogger("kilnproxy.control")
@@ -618,8 +618,9 @@ class ToMaster(Channel):
 
 
 class StartupTable:
-    """Every worker's unauthenticated connections (SPEC 4b), in all and by source bucket, in a
-    memfd the master creates and every worker maps (its fd is passed like the listening ones).
+    """Every worker's unauthenticated connections (SPEC 4b), in all and by source (a
+    count-min sketch: each source in two keyed buckets, `source_buckets`), in a memfd the
+    master creates and every worker maps (its fd is passed like the listening ones).
 
     Messages tell the other workers too late: in a burst each worker would admit up to a limit
     before hearing of the others. Here each worker has a slot of its own (the master assigns
@@ -633,7 +634,8 @@ class StartupTable:
     Taking a count away needs no lock: a stale count is a higher one, so it can only refuse.
 
     Layout, little-endian int32 after a header: one total per slot, then `buckets` rows of one
-    cell per slot (a source's cells are together: one page for a decision, not one a slot).
+    cell per slot (a bucket's cells are together: a page a bucket for a decision, not one a
+    slot).
     """
 
     MAGIC = b"KPST"
@@ -681,8 +683,9 @@ class StartupTable:
     def fileno(self) -> int:
         return self._fd
 
-    def bucket(self, netblock: Netblock) -> int:
-        return source_bucket(netblock, self._key, self.buckets)
+    def buckets_of(self, netblock: Netblock) -> tuple[int, ...]:
+        """The buckets a source is counted in (the same in every process of the host)."""
+        return source_buckets(netblock, self._key, self.buckets)
 
     @contextmanager
     def exclusive(self) -> Iterator[bool]:
@@ -720,10 +723,16 @@ class StartupTable:
     def in_bucket(self, bucket: int) -> int:
         return sum(self._cells[bucket * self.slots : (bucket + 1) * self.slots])
 
-    def add(self, slot: int, bucket: int, change: int) -> None:
+    def from_source(self, buckets: tuple[int, ...]) -> int:
+        """A source's unauthenticated connections, host-wide: the least of its buckets, each
+        of which holds them and whatever other sources share it (never fewer than it has)."""
+        return min(self.in_bucket(bucket) for bucket in buckets)
+
+    def add(self, slot: int, buckets: tuple[int, ...], change: int) -> None:
         """Only slot's own worker calls this, so no write is ever lost."""
         self._totals[slot] += change
-        self._cells[bucket * self.slots + slot] += change
+        for bucket in buckets:
+            self._cells[bucket * self.slots + slot] += change
 
     def clear(self, slot: int) -> None:
         """The master's, once slot's worker is gone: what it held is held no more."""

@@ -95,16 +95,26 @@ def netblock_of(address: IPAddress, size: NetblockSize) -> Netblock:
     return ipaddress.IPv6Network((int(address) & mask, bits))
 
 
-def source_bucket(netblock: Netblock, key: bytes, buckets: int) -> int:
-    """Which of `buckets` counters a source netblock is counted in, host-wide.
+BUCKETS_PER_SOURCE = 2
+
+
+def source_buckets(netblock: Netblock, key: bytes, buckets: int) -> tuple[int, ...]:
+    """Which of `buckets` counters a source netblock is counted in, host-wide: a count-min
+    sketch. Each of its buckets is shared with whatever other sources hash there, so each holds
+    at least the source's own count, and the smallest is its estimate: a per-source limit may
+    refuse early, when every one of its buckets is full of other sources, and never late. With
+    one bucket each, any two sources in one bucket shared one limit (20 sources in 4096: a
+    chance in 22 that two do); with two, a source is refused early only if both its buckets
+    are full of others (20 sources: about one chance in 600 that any is).
 
     Every process of the host must agree, so not Python's `hash`; keyed (the master draws the
-    key), so that a client cannot choose sources that share a victim's bucket. Sources that do
-    share one are counted together: a per-source limit may then refuse early, never late.
+    key), so that a client cannot choose sources that share a victim's buckets. Two equal
+    buckets count as one.
     """
     data = bytes((netblock.version, netblock.prefixlen)) + netblock.network_address.packed
-    digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
-    return int.from_bytes(digest, "little") % buckets
+    digest = hashlib.blake2b(data, digest_size=8 * BUCKETS_PER_SOURCE, key=key).digest()
+    each = (int.from_bytes(digest[i : i + 8], "little") % buckets for i in range(0, len(digest), 8))
+    return tuple(dict.fromkeys(each))
 
 
 def parse_exempt(items: Iterable[str]) -> tuple[Netblock, ...]:

@@ -2,7 +2,7 @@
 in the worker, on the host-wide view.
 
 Owns its slot of the host's `control.StartupTable` (the unauthenticated connections of every
-worker, in all and by source bucket, as they are now), its sessions per account and its view of
+worker, in all and by source, as they are now), its sessions per account and its view of
 the rest of the host's (the sum of the master's `OthersChanged`), its `PenaltyView`, the refusal
 counters of /metrics and the rate-limited refusal log. The decisions
 are `kilnproxy.policy`'s; this is their shell: it reads the monotonic clock, draws the random
@@ -58,19 +58,19 @@ Peer = tuple[str, int]
 class Startup:
     """One admitted connection, counted as a startup until it authenticates or closes."""
 
-    __slots__ = ("_admission", "_counted", "address", "bucket", "netblock")
+    __slots__ = ("_admission", "_counted", "address", "buckets", "netblock")
 
     def __init__(
         self,
         admission: WorkerAdmission,
         address: IPAddress | None,
         netblock: Netblock | None,
-        bucket: int = 0,
+        buckets: tuple[int, ...] = (),
     ) -> None:
         self._admission = admission
         self.address = address
         self.netblock = netblock
-        self.bucket = bucket  # the netblock's in the startup table
+        self.buckets = buckets  # the netblock's in the startup table
         self._counted = netblock is not None
 
     def authenticated(self) -> None:
@@ -130,23 +130,23 @@ class WorkerAdmission:
         if address is None:  # not an IP peer (no TCP listener has one): nothing to count by
             return Startup(self, None, None)
         netblock = netblock_of(address, self.limits.penalty_netblock)
-        table, bucket = self._table, self._table.bucket(netblock)
+        table, buckets = self._table, self._table.buckets_of(netblock)
         with table.exclusive():
-            startups, from_source = table.total(), table.in_bucket(bucket)
+            startups, from_source = table.total(), table.from_source(buckets)
             refusal = admit(address, now, gate=self._gate, penalties=self._penalties,
                             startups=startups, source_startups=from_source)  # fmt: skip
             if refusal is None:
-                table.add(self._slot, bucket, 1)
+                table.add(self._slot, buckets, 1)
         if refusal is not None:
             why = self._why(refusal, startups, from_source, netblock)
             self._refused(refusal, now, f"connection from {peer[0]}:{peer[1]}", why)
             return None
-        return Startup(self, address, netblock, bucket)
+        return Startup(self, address, netblock, buckets)
 
     def ended(self, startup: Startup, event: PenaltyEvent | None) -> None:
         """`startup` authenticated (event None) or closed; called once for each, by it."""
         assert startup.netblock is not None and startup.address is not None
-        self._table.add(self._slot, startup.bucket, -1)  # no lock: a late -1 only refuses more
+        self._table.add(self._slot, startup.buckets, -1)  # no lock: a late -1 only refuses more
         if event is not None and self._send and self._penalised_for(startup.address, event):
             self._offences.append(Offence(startup.address, event))
             self._schedule()

@@ -13,6 +13,7 @@ not get the next round refused.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import selectors
@@ -21,11 +22,15 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import World
 from harness import SHIPPED_LIMITS, Kiln, poll
+
+from kilnproxy.control import StartupTable
+from kilnproxy.policy.admission import source_buckets
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -215,27 +220,45 @@ def test_a_killed_workers_startups_are_no_longer_counted(
     poll(lambda: kiln.status()["unauthenticated"] == 0)
 
 
+def bucket_finder(kiln: Kiln) -> Callable[[str], tuple[int, ...]]:
+    """The startup-table buckets the host counts a source address in: the key from the header
+    of the master's table (its memfd, read through /proc)."""
+    assert kiln.proc is not None
+    fds = Path(f"/proc/{kiln.proc.pid}/fd")
+    table = next(fd for fd in fds.iterdir() if "kilnproxy-startups" in os.readlink(fd))
+    with table.open("rb") as memory:
+        _, _, buckets, key = StartupTable.HEADER.unpack(memory.read(StartupTable.HEADER.size))
+    return lambda source: source_buckets(ipaddress.ip_network(source), key, buckets)
+
+
 def test_counts_stay_exact_through_a_rolling_restart(new_world: Callable[..., World]) -> None:
     """Bursts from one new source after another while every worker is replaced: old and new
-    workers hold connections side by side. Then the old ones' connections close and they exit:
-    the host counts exactly the connections still open (the new workers'), and each source may
-    hold ten in all again. Had a replacement shared an old worker's slot, that worker's exit
-    would have zeroed the replacement's counts with its own."""
+    workers hold connections side by side, and a worker that begins to drain drops nothing it
+    accepted (each source holds exactly ten). Then the old ones' connections close and they
+    exit: the host counts exactly the connections still open (the new workers'), and each
+    source may hold ten in all again. Had a replacement shared an old worker's slot, that
+    worker's exit would have zeroed the replacement's counts with its own.
+
+    Each source is one whose buckets no earlier source has: a source whose every bucket was
+    full of others would be refused early, by design (`source_buckets`)."""
     kiln = new_world(two_workers(max_startups="1000")).kiln
+    buckets_of = bucket_finder(kiln)
     old_pids = {w["pid"] for w in kiln.workers()}
     opened: dict[str, Burst] = {}
+    taken: set[int] = set()
+    candidates = (f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(1000))
     try:
         kiln.send(signal.SIGHUP)
         deadline = time.monotonic() + 30
         while "rolling restart to generation 1 complete" not in kiln.log():
             assert time.monotonic() < deadline and len(opened) < 60, len(opened)
-            source = f"127.0.1.{len(opened) + 1}"
+            source = next(c for c in candidates if taken.isdisjoint(buckets_of(c)))
+            taken.update(buckets_of(source))
             opened[source] = Burst(kiln.port, [source] * 20)
-            # Ten, or fewer when a worker that begins to drain drops what it just accepted.
-            assert len(opened[source].held) <= 10, source
+            assert len(opened[source].held) == 10, (source, len(opened[source].held))
             time.sleep(0.05)
         owner = {r["message"].removeprefix("connection from "): r["pid"] for r in records(kiln)
-                 if r["message"].startswith("connection from 127.0.1.")}  # fmt: skip
+                 if r["message"].startswith("connection from 127.0.")}  # fmt: skip
         on_old: Counter[str] = Counter()
         for source, each in opened.items():
             for sock in list(each.held):

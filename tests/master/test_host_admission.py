@@ -62,15 +62,15 @@ def test_slots_of_the_startup_table_are_never_shared_and_cleared_when_left() -> 
     assert (old, other) == (0, 1)
     host.joined(100, old)
     host.joined(101, other)
-    table.add(0, table.bucket(A), 4)  # as worker 100 would: it holds four from A
-    table.add(1, table.bucket(B), 1)
+    table.add(0, table.buckets_of(A), 4)  # as worker 100 would: it holds four from A
+    table.add(1, table.buckets_of(B), 1)
     assert host.statistics().unauthenticated == 5
     replacement = host.claim_slot()  # old drains beside it: not old's slot
     assert replacement == 2 and host.claim_slot() is None
     host.joined(102, replacement)
     host.left(100)  # exited, or was killed, holding its four
     assert host.statistics().unauthenticated == 1
-    assert table.in_bucket(table.bucket(A)) == 0
+    assert table.from_source(table.buckets_of(A)) == 0
     assert host.claim_slot() == 0
     host.release_slot(0)  # a spawn that failed gives its slot back
     host.left(101)

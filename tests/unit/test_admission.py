@@ -12,6 +12,7 @@ import pytest
 
 from kilnproxy.errors import client_line
 from kilnproxy.policy.admission import (
+    BUCKETS_PER_SOURCE,
     AccountSessions,
     IPAddress,
     Netblock,
@@ -27,7 +28,7 @@ from kilnproxy.policy.admission import (
     parse_max_startups,
     parse_netblock_size,
     source_address,
-    source_bucket,
+    source_buckets,
 )
 
 TRIALS = 20_000
@@ -269,18 +270,22 @@ def test_refusal_log_holds_back_a_flood_and_counts_it() -> None:
     assert [log.should_log(Refusal.PENALTY, 1000.0) for _ in range(4)] == [1, 0, 0, None]
 
 
-def test_a_source_has_one_bucket_on_every_process_of_the_host() -> None:
-    """The same netblock and key give the same bucket (no per-process hash seed); another key
-    scatters sources anew, so a client cannot aim at a victim's bucket; sources spread."""
+def test_a_source_has_the_same_buckets_on_every_process_of_the_host() -> None:
+    """The same netblock and key give the same two buckets (no per-process hash seed); another
+    key scatters sources anew, so a client cannot aim at a victim's buckets; sources spread,
+    and two sources seldom share both."""
     key, other_key = bytes(range(16)), bytes(16)
     net = ipaddress.ip_network("192.0.2.0/24")
-    assert source_bucket(net, key, 4096) == source_bucket(ipaddress.ip_network("192.0.2.0/24"),
-                                                          bytes(range(16)), 4096)  # fmt: skip
+    assert source_buckets(net, key, 4096) == source_buckets(ipaddress.ip_network("192.0.2.0/24"),
+                                                            bytes(range(16)), 4096)  # fmt: skip
     sources = [ipaddress.ip_network(f"10.0.{i // 256}.{i % 256}/32") for i in range(1000)]
-    buckets = [source_bucket(s, key, 4096) for s in sources]
-    assert all(0 <= b < 4096 for b in buckets)
-    assert len(set(buckets)) > 850  # about 890 expected of 1000 in 4096
-    assert buckets != [source_bucket(s, other_key, 4096) for s in sources]
+    buckets = [source_buckets(s, key, 4096) for s in sources]
+    assert all(len(b) == BUCKETS_PER_SOURCE and all(0 <= x < 4096 for x in b) for b in buckets)
+    firsts, seconds = {b[0] for b in buckets}, {b[1] for b in buckets}
+    assert len(firsts) > 850 and len(seconds) > 850  # about 890 expected of 1000 in 4096
+    assert len({frozenset(b) for b in buckets}) == 1000  # no two sources share both
+    assert buckets != [source_buckets(s, other_key, 4096) for s in sources]
     # The version and the prefix length are part of the source: ::/128 is not 0.0.0.0/32.
     v4, v6 = ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/128")
-    assert len({source_bucket(n, key, 1 << 30) for n in (v4, v6)}) == 2
+    assert len({source_buckets(n, key, 1 << 30) for n in (v4, v6)}) == 2
+    assert len(source_buckets(v4, key, 1)) == 1  # one bucket in all: counted once

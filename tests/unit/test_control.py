@@ -329,15 +329,38 @@ def test_the_startup_table_is_one_memory_for_whoever_maps_it() -> None:
     worker = StartupTable.attach(os.dup(master.fileno()))
     assert (worker.slots, worker.buckets) == (4, 16)
     net = ipaddress.ip_network("192.0.2.0/24")
-    assert worker.bucket(net) == master.bucket(net)  # one key for the host
-    bucket = worker.bucket(net)
+    assert worker.buckets_of(net) == master.buckets_of(net)  # one key for the host
+    buckets = worker.buckets_of(net)
+    other = next(b for b in range(16) if b not in buckets)
     with worker.exclusive():
-        worker.add(3, bucket, 2)
-    worker.add(1, (bucket + 1) % 16, 1)
-    assert (master.total(), master.in_bucket(bucket)) == (3, 2)
+        worker.add(3, buckets, 2)
+    worker.add(1, (other,), 1)
+    assert (master.total(), master.from_source(buckets)) == (3, 2)
     master.clear(3)  # its worker is gone
-    assert (worker.total(), worker.in_bucket(bucket)) == (1, 0)
-    assert worker.in_bucket((bucket + 1) % 16) == 1
+    assert (worker.total(), worker.from_source(buckets)) == (1, 0)
+    assert worker.in_bucket(other) == 1
+
+
+def test_a_source_is_counted_exactly_beside_one_that_shares_a_bucket() -> None:
+    """Sources that share one bucket of the sketch are still counted apart: each is the least
+    of its two buckets. Only a source whose every bucket is full of others is over-counted,
+    and never under-counted, whatever the others hold (a limit may refuse early, never late)."""
+    table = StartupTable.create(slots=2, buckets=64)
+    sources = [ipaddress.ip_network(f"10.1.{i // 256}.{i % 256}/32") for i in range(400)]
+    by = {net: table.buckets_of(net) for net in sources}
+    first = next(net for net in sources if len(by[net]) == 2)  # (one in 64 has one bucket)
+    sharing = next(n for n in sources[1:] if set(by[n]) & set(by[first])
+                   and not set(by[n]) <= set(by[first]))  # fmt: skip
+    table.add(0, by[first], 10)
+    table.add(1, by[sharing], 3)
+    assert (table.from_source(by[first]), table.from_source(by[sharing])) == (10, 3)
+    held = {net: (i * 7) % 5 for i, net in enumerate(sources)}  # many sources, all counted
+    for i, (net, count) in enumerate(held.items()):
+        table.add(i % 2, by[net], count)
+    held[first] += 10
+    held[sharing] += 3
+    assert all(table.from_source(by[net]) >= count for net, count in held.items())
+    assert table.total() == sum(held.values())
 
 
 def test_a_file_that_is_not_a_startup_table_is_refused() -> None:

@@ -131,7 +131,7 @@ def test_startups_are_counted_at_once_and_offences_told_once_per_pass() -> None:
         b, c = rig.connect("192.0.2.1"), rig.connect("2001:db8::1")
         d = rig.connect("192.0.2.9")
         assert table.total() == 4  # in the table as admitted: no message to wait for
-        assert table.in_bucket(table.bucket(NET("192.0.2.1/32"))) == 2
+        assert table.from_source(table.buckets_of(NET("192.0.2.1/32"))) == 2
         d.authenticated()
         assert table.total() == 3
         a.closed(PenaltyEvent.NOAUTH)
