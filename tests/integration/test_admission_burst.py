@@ -30,7 +30,6 @@ from conftest import World
 from harness import SHIPPED_LIMITS, Kiln, poll
 
 from kilnproxy.control import StartupTable
-from kilnproxy.policy.admission import source_buckets
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -221,14 +220,13 @@ def test_a_killed_workers_startups_are_no_longer_counted(
 
 
 def bucket_finder(kiln: Kiln) -> Callable[[str], tuple[int, ...]]:
-    """The startup-table buckets the host counts a source address in: the key from the header
-    of the master's table (its memfd, read through /proc)."""
+    """The startup-table buckets the host counts a source address in: the master's table (its
+    memfd, opened through /proc), mapped as a worker maps it."""
     assert kiln.proc is not None
     fds = Path(f"/proc/{kiln.proc.pid}/fd")
-    table = next(fd for fd in fds.iterdir() if "kilnproxy-startups" in os.readlink(fd))
-    with table.open("rb") as memory:
-        _, _, buckets, key = StartupTable.HEADER.unpack(memory.read(StartupTable.HEADER.size))
-    return lambda source: source_buckets(ipaddress.ip_network(source), key, buckets)
+    memfd = next(fd for fd in fds.iterdir() if "kilnproxy-startups" in os.readlink(fd))
+    table = StartupTable.attach(os.open(memfd, os.O_RDWR))
+    return lambda source: table.buckets_of(ipaddress.ip_network(source))
 
 
 def test_counts_stay_exact_through_a_rolling_restart(new_world: Callable[..., World]) -> None:
