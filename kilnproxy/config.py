@@ -350,7 +350,7 @@ class SshSettings:
         boolean,
         True,
         "kilnproxy's per-packet path for the pinned asyncssh (kilnproxy/ssh/fast_path.py): the "
-        "same bytes on the wire for less CPU. Any other asyncssh version runs stock, with a "
+        "same data on the wire for less CPU. Any other asyncssh version runs stock, with a "
         "warning; false runs stock asyncssh always.",
     )
     proxy_protocol: str = setting(

@@ -1,7 +1,7 @@
 """kilnproxy's per-packet path for the pinned asyncssh (issue 13): seven replacements, one owner.
 
 asyncssh spends most of a relay's CPU on a few methods that run once per SSH packet. This module
-replaces them, in this process only, with versions that put the same bytes on the wire:
+replaces them, in this process only, with versions that put the same data on the wire:
 
 1. `SSHConnection.send_packet` no longer sends an empty MSG_IGNORE before every packet once keys
    are in use, unless the cipher is CBC (kilnproxy never offers one, but asyncssh can do it);
@@ -16,7 +16,8 @@ replaces them, in this process only, with versions that put the same bytes on th
    write all the packets of one flush with one writev, where asyncssh writes each;
 6. `SSHConnection._recv_pkthdr` opens a whole AES-GCM channel data packet in the input buffer and
    hands the channel its data with one copy, where asyncssh makes six; a window adjust goes
-   straight to its channel too.
+   straight to its channel too, and what the adjusts of one read open is sent once, after the
+   read's last packet, where asyncssh flushes the channel once per adjust.
 
 5 and 6 take only the common case (keys in use, no key exchange due, no compression, no packet
 logging, a data packet asyncssh would accept as it stands); anything else goes through
@@ -28,13 +29,15 @@ release and reduce this module to what the release lacks.
 
 Rules: it applies only to the asyncssh version it was tested against (`PINNED_ASYNCSSH`, which
 constraints.txt pins; a unit test holds them equal), and any other version runs stock asyncssh
-after one warning. It never changes a byte on the wire but the absent MSG_IGNORE, nor what
-asyncssh does on an error (a packet that fails its MAC still ends the connection with
+after one warning. It never changes what is on the wire but the absent MSG_IGNORE and how a
+slow client's data is cut into packets (fewer, whole ones: `_holds`), nor what asyncssh does on
+an error (a packet that fails its MAC still ends the connection with
 "MAC verification failed"). `apply` runs once at worker start, before any connection exists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -58,7 +61,7 @@ from asyncssh.constants import (
 from asyncssh.crypto.chacha import _CTR_0, _POLY1305_KEYBYTES, ChachaCipher, chacha20
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import BasicEncryption, ChachaEncryption, Encryption, GCMEncryption
-from asyncssh.packet import SSHPacket, SSHPacketLogger, String, UInt32
+from asyncssh.packet import SSHPacketLogger, String, UInt32
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -220,15 +223,32 @@ class _InputBuffer(bytearray):
             return bytes(view[key])
 
 
+_ADJUSTED = "_kilnproxy_adjusted"  # channels whose window grew in this read, not yet flushed
+
+
 def _data_received(self: SSHConnection, data: bytes, datatype: int | None = None) -> None:
     """data_received, appending to an `_InputBuffer`: asyncssh resets `_inpbuf` to bytes when
-    a connection is made or cleaned up, so the buffer is wrapped on first use."""
+    a connection is made or cleaned up, so the buffer is wrapped on first use.
+
+    The channels whose window the read's adjusts opened (`_window_adjust`) are flushed once,
+    after the read's last packet."""
     buffer: Any = self._inpbuf
     if type(buffer) is not _InputBuffer:
         buffer = _InputBuffer(buffer)
         self._inpbuf = buffer
     buffer += data
-    self._recv_data()
+    adjusted: list[SSHChannel[Any]] = []
+    setattr(self, _ADJUSTED, adjusted)
+    try:
+        self._recv_data()
+    finally:
+        setattr(self, _ADJUSTED, None)
+    try:
+        for channel in adjusted:
+            if channel._conn is self:  # else it closed after its adjust
+                channel._flush_send_buf()
+    except Exception:  # as asyncssh's _recv_data answers what a packet's handler raised
+        self.internal_error()
 
 
 # -- 4. ChaCha20-Poly1305 with one stream per packet ---------------------------------------------
@@ -347,10 +367,60 @@ def _write_packets(conn: SSHConnection | None, packets: list[bytes]) -> None:
             transport.writelines(packets)
 
 
-def _flush_send_buf(self: SSHChannel[Any]) -> None:
+# A window too small for a whole packet, while more is waiting than it takes, is held for more
+# adjusts (`_holds`), for at most HOLD seconds.
+HOLD = 0.002
+_HELD = "_kilnproxy_held"  # the TimerHandle that ends a channel's hold
+_PEAK = "_kilnproxy_peak_window"  # the largest send window the channel has had
+
+
+def _holds(channel: SSHChannel[Any]) -> bool:
+    """Whether to wait for more window before sending: the sender's half of TCP's silly window
+    avoidance (RFC 1122 4.2.3.4), for SSH channels.
+
+    A client whose git reads slower than the transfer adjusts the window for every 8 KiB it
+    passes on. Answering each at once is one 8 KiB packet and one write per adjust, a ping-pong
+    that costs the proxy and the client a wakeup and a packet per 8 KiB; OpenSSH's sshd, which
+    is busy elsewhere meanwhile, answers several at once. So while the window is less than a
+    whole packet (or a quarter of the largest window the client has given, when that is
+    smaller) and more is waiting than the window takes, nothing is sent: the client, which holds
+    the rest of its window unread or unacknowledged, adjusts again as it reads. A client that
+    does not (its own rule waits for a still smaller window) gets what the window allows
+    HOLD seconds later, as from asyncssh."""
+    window = channel._send_window
+    peak = max(getattr(channel, _PEAK, 0), window)
+    setattr(channel, _PEAK, peak)
+    held: asyncio.TimerHandle | None = getattr(channel, _HELD, None)
+    if (
+        channel._send_state == _OPEN
+        and 0 < window < min(channel._send_pktsize, peak // 4)
+        and channel._send_buf_len > window
+    ):
+        if held is None:
+            loop = asyncio.get_running_loop()
+            setattr(channel, _HELD, loop.call_later(HOLD, _end_hold, channel))
+        return True
+    if held is not None:
+        held.cancel()
+        setattr(channel, _HELD, None)
+    return False
+
+
+def _end_hold(channel: SSHChannel[Any]) -> None:
+    """No adjust came for HOLD seconds: send what the window allows."""
+    setattr(channel, _HELD, None)
+    if channel._conn is not None:  # else it closed meanwhile
+        _flush_send_buf(channel, hold=False)
+
+
+def _flush_send_buf(self: SSHChannel[Any], hold: bool = True) -> None:
     """SSHChannel._flush_send_buf, sending stdout with `_data_packet` and all of one flush's
     packets in one write, where asyncssh builds each through three send_packet layers and
-    writes each on its own (34 writes per MB relayed, against 6)."""
+    writes each on its own (34 writes per MB relayed, against 6); a window too small for a
+    packet waits for more (`_holds`)."""
+    if hold and _holds(self):
+        self._pause_resume_writing()
+        return
     conn = self._conn
     send_buf = _send_buffer(self)
     packets: list[bytes] = []
@@ -406,6 +476,7 @@ def _consume(send_buf: list[tuple[_Pending, int | None]], size: int) -> None:
 
 _stock_recv_pkthdr = SSHConnection._recv_pkthdr
 _OPEN = "open"
+_ADJUSTABLE = frozenset(("open", "eof_pending", "eof"))  # recv states that take an adjust
 
 
 def _recv_pkthdr(self: SSHConnection) -> bool:
@@ -469,8 +540,10 @@ def _channel_packet(conn: SSHConnection, seq: int, plain: bytes) -> Callable[[],
         if channel is None:
             return None
         if kind == MSG_CHANNEL_WINDOW_ADJUST and end == 10:
-            adjust = SSHPacket(bytes(packet[6:10]))  # its handler checks the channel's state
-            return functools.partial(channel.process_packet, kind, seq, adjust)
+            if channel._recv_state not in _ADJUSTABLE:
+                return None  # asyncssh's handler refuses it
+            adjust = int.from_bytes(packet[6:10], "big")
+            return functools.partial(_window_adjust, conn, channel, adjust)
         size = int.from_bytes(packet[6:10], "big")
         if (
             kind != MSG_CHANNEL_DATA
@@ -480,6 +553,23 @@ def _channel_packet(conn: SSHConnection, seq: int, plain: bytes) -> Callable[[],
         ):
             return None
         return functools.partial(_accept_data, channel, bytes(packet[10:end]))
+
+
+def _window_adjust(conn: SSHConnection, channel: SSHChannel[Any], adjust: int) -> None:
+    """What SSHChannel._process_window_adjust does, but the flush waits for the end of the read
+    when there is one (`_data_received`): a client whose git reads slower than the transfer
+    sends an adjust for every 8 KiB it passes on, and dozens of them come in one read. Each
+    flushed on its own is one 8 KiB packet and one write, where the read's sum is one write of
+    full 32 KiB packets, as OpenSSH's sshd sends."""
+    channel._send_window += adjust
+    channel.logger.debug2(
+        "Received window adjust of %d bytes, new window %d", adjust, channel._send_window
+    )
+    adjusted: list[SSHChannel[Any]] | None = getattr(conn, _ADJUSTED, None)
+    if adjusted is None:  # a packet taken outside data_received (after an async handler)
+        channel._flush_send_buf()
+    elif channel not in adjusted:
+        adjusted.append(channel)
 
 
 def _accept_data(channel: SSHChannel[Any], data: bytes) -> None:

@@ -8,6 +8,7 @@ deliver what a data packet holds and hand anything else, untouched, to asyncssh'
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import types
@@ -26,7 +27,7 @@ from asyncssh.constants import (
 )
 from asyncssh.encryption import get_encryption, get_encryption_params
 from asyncssh.logging import logger
-from asyncssh.packet import SSHPacket, String, UInt32
+from asyncssh.packet import String, UInt32
 
 from kilnproxy.control import FastPathState
 from kilnproxy.ssh import fast_path
@@ -234,17 +235,71 @@ def test_a_view_of_bytes_is_kept_and_other_data_copied() -> None:
     assert channel._send_buf_len == 14
 
 
+def _fast_channel(window: int) -> Channel:
+    channel = Channel(Connection(GCM[0]), window)
+    channel._flush_send_buf = types.MethodType(fast_path._flush_send_buf, channel)  # type: ignore[attr-defined]
+    return channel
+
+
+def _granted(channel: Channel, size: int) -> list[int]:
+    """The peer adjusts the window by `size`: the sizes of the writes that follow."""
+    writes = channel._conn._transport.writes
+    before = len(writes)
+    channel._send_window += size
+    fast_path._flush_send_buf(channel)  # type: ignore[arg-type]
+    return [len(write) for write in writes[before:]]
+
+
+def test_a_window_too_small_for_a_packet_waits_for_more() -> None:
+    asyncio.run(_a_window_too_small_for_a_packet_waits_for_more())
+
+
+async def _a_window_too_small_for_a_packet_waits_for_more() -> None:
+    """Adjusts of 8 KiB each, with more waiting than they open, go out as one whole packet;
+    an adjust that is not followed by more goes out HOLD seconds later; what fits the window
+    goes at once, and so does the end of the stream."""
+    channel = _fast_channel(1 << 18)
+    fast_path._write(channel, random.randbytes(1 << 19))  # type: ignore[arg-type]
+    assert channel._send_window == 0  # the first 256 KiB went, and set the peak
+    one_packet = 4 + 16 + PKTSIZE + TAG  # length; padding length, type, channel, size, padding
+    assert [_granted(channel, 8192) for _ in range(4)] == [[], [], [], [one_packet]]
+    assert _granted(channel, 8192) == []
+    await asyncio.sleep(fast_path.HOLD * 3)
+    assert channel._conn._transport.writes[-1].startswith((8192 + 16).to_bytes(4, "big"))
+    assert channel._send_window == 0
+    channel._send_state = "eof_pending"  # the end of the stream is never held
+    assert _granted(channel, 8192) != [] and channel._send_window == 0
+    channel._send_state = "open"
+    rest = channel._send_buf_len
+    assert len(_granted(channel, rest + 100)) == 1  # all that waits fits: sent
+    assert channel._send_buf_len == 0 and channel._send_window == 100
+    fast_path._write(channel, b"z" * 50)  # type: ignore[arg-type]
+    assert channel._send_buf_len == 0  # fits the window: never held
+
+
+def test_a_small_window_is_never_held() -> None:
+    """A client whose whole window is small (Dropbear's 24 KiB, adjusted 8 KiB at a time) gets
+    every adjust answered at once: a quarter of its window is less than its adjusts."""
+    channel = _fast_channel(24 * 1024)
+    fast_path._write(channel, random.randbytes(1 << 17))  # type: ignore[arg-type]
+    assert channel._send_window == 0
+    assert all(_granted(channel, 8192) for _ in range(5))
+
+
 # -- receiving -----------------------------------------------------------------------------------
 
 
 @dataclass
 class Receiver:
-    """A channel as the fast receive delivers to it."""
+    """A channel as the fast receive delivers to it: its data, and the send window each of its
+    flushes found (a window adjust flushes)."""
 
+    _conn: Any = None
     _recv_state: str = "open"
     _recv_window: int = 1 << 20
+    _send_window: int = 0
     received: list[bytes] = field(default_factory=list)
-    adjusts: list[tuple[int, int]] = field(default_factory=list)
+    flushes: list[int] = field(default_factory=list)
     logger: Any = logger
 
     def _accept_data(self, data: bytes) -> None:
@@ -252,12 +307,8 @@ class Receiver:
         self.received.append(data)
         self._recv_window -= len(data)
 
-    def process_packet(self, kind: int, seq: int, packet: SSHPacket) -> bool:
-        """SSHChannel's dispatch, for a window adjust: its handler reads the rest."""
-        assert kind == MSG_CHANNEL_WINDOW_ADJUST
-        self.adjusts.append((seq, packet.get_uint32()))
-        packet.check_end()
-        return True
+    def _flush_send_buf(self) -> None:
+        self.flushes.append(self._send_window)
 
 
 @dataclass
@@ -277,6 +328,14 @@ class Incoming(Connection):
         self._recv_encryption = get_encryption(alg, key, iv, b"", b"", True)
         self._inpbuf = _InputBuffer()
 
+    def _recv_data(self) -> None:
+        """SSHConnection._recv_data's loop, which data_received runs."""
+        while self._inpbuf and fast_path._recv_pkthdr(self):  # type: ignore[arg-type]
+            pass
+
+    def internal_error(self) -> None:
+        raise AssertionError("a flush raised")
+
     def _stock_recv_pkthdr(self) -> bool:
         """Stands for asyncssh's path: records the packet, which must open with the nonce the
         fast path found it with (it took its nonce back)."""
@@ -293,7 +352,7 @@ class Incoming(Connection):
 def incoming(monkeypatch: pytest.MonkeyPatch) -> Incoming:
     monkeypatch.setattr(fast_path, "_stock_recv_pkthdr", Incoming._stock_recv_pkthdr)
     conn = Incoming(GCM[0])
-    conn._channels[7] = Receiver()
+    conn._channels[7] = Receiver(conn)
     return conn
 
 
@@ -344,12 +403,16 @@ def test_data_packets_are_delivered_and_others_left_to_asyncssh(
     receive(incoming, wire, step)
     channel = incoming._channels[7]
     assert channel.received == chunks
-    assert channel.adjusts == [(2**32 - 1, 1 << 20)]
+    assert channel.flushes == [1 << 20]
     assert [plain[1] for plain in incoming.stock_calls] == [
         MSG_CHANNEL_DATA, MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_WINDOW_ADJUST,
     ]  # fmt: skip
     assert incoming._recv_seq == (2**32 - 2 + 9) & 0xFFFFFFFF
     assert not incoming._inpbuf and incoming._auth_final
+
+
+def adjust_packet(conn: Connection, channel: int, size: int) -> bytes:
+    return sealed(conn, MSG_CHANNEL_WINDOW_ADJUST, UInt32(channel) + UInt32(size))
 
 
 def test_a_window_overrun_and_a_closed_channel_go_to_asyncssh(incoming: Incoming) -> None:
@@ -359,7 +422,27 @@ def test_a_window_overrun_and_a_closed_channel_go_to_asyncssh(incoming: Incoming
     receive(incoming, data_packet(peer, 7, b"eleven byte"), 1 << 16)
     channel._recv_window, channel._recv_state = 1 << 20, "close_pending"
     receive(incoming, data_packet(peer, 7, b"late"), 1 << 16)
-    assert channel.received == [] and len(incoming.stock_calls) == 2
+    receive(incoming, adjust_packet(peer, 7, 100), 1 << 16)  # asyncssh's handler refuses it
+    assert channel.received == [] and channel.flushes == []
+    assert len(incoming.stock_calls) == 3
+
+
+def test_the_adjusts_of_one_read_are_flushed_once(incoming: Incoming) -> None:
+    """A client behind its git adjusts every 8 KiB, and one read brings dozens: the channel is
+    flushed once, after the read, with their sum. An adjust taken outside a read (after one of
+    asyncssh's async handlers) is flushed at once; a channel gone by the read's end is not."""
+    peer = Connection(GCM[0])
+    channel = incoming._channels[7]
+    adjusts = b"".join(adjust_packet(peer, 7, 8192) for _ in range(5))
+    fast_path._data_received(incoming, adjusts)  # type: ignore[arg-type]
+    assert channel.flushes == [5 * 8192]
+    receive(incoming, adjust_packet(peer, 7, 100), 1 << 16)
+    assert channel.flushes == [5 * 8192, 5 * 8192 + 100]
+    gone = Receiver()  # its _conn is no longer the connection: closed after its adjust
+    incoming._channels[8] = gone
+    fast_path._data_received(incoming, adjust_packet(peer, 8, 4096))  # type: ignore[arg-type]
+    assert gone._send_window == 4096 and gone.flushes == []
+    assert not incoming._inpbuf and not incoming.stock_calls
 
 
 def test_no_padding_goes_to_asyncssh(incoming: Incoming) -> None:
