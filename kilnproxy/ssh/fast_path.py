@@ -368,10 +368,27 @@ def _write_packets(conn: SSHConnection | None, packets: list[bytes]) -> None:
 
 
 # A window too small for a whole packet, while more is waiting than it takes, is held for more
-# adjusts (`_holds`), for at most HOLD seconds.
+# adjusts (`_holds`), for at most HOLD seconds; a channel whose holds mostly run out is not held
+# again once GIVE_UP of them have.
 HOLD = 0.002
-_HELD = "_kilnproxy_held"  # the TimerHandle that ends a channel's hold
-_PEAK = "_kilnproxy_peak_window"  # the largest send window the channel has had
+GIVE_UP = 8
+_HOLD_STATE = "_kilnproxy_hold"  # a channel's _HoldState
+
+
+@dataclass(slots=True)
+class _HoldState:
+    peak: int = 0  # the largest send window the channel has had
+    timer: asyncio.TimerHandle | None = None  # ends the hold under way
+    started: int = 0
+    expired: int = 0  # holds that ended by their timer: no adjust came
+
+    def given_up(self) -> bool:
+        """Some clients adjust only once they have data to read: libssh2 and paramiko read
+        their socket only when it is readable, and a hold ends by its timer for them, nearly
+        every time. After GIVE_UP such holds, and more than one in four, they are answered at
+        once, as asyncssh answers them. (OpenSSH lets about one hold in a hundred run out,
+        while its git is busy.)"""
+        return self.expired >= GIVE_UP and self.expired * 4 > self.started
 
 
 def _holds(channel: SSHChannel[Any]) -> bool:
@@ -385,30 +402,35 @@ def _holds(channel: SSHChannel[Any]) -> bool:
     whole packet (or a quarter of the largest window the client has given, when that is
     smaller) and more is waiting than the window takes, nothing is sent: the client, which holds
     the rest of its window unread or unacknowledged, adjusts again as it reads. A client that
-    does not (its own rule waits for a still smaller window) gets what the window allows
-    HOLD seconds later, as from asyncssh."""
+    does not gets what the window allows HOLD seconds later, and is soon not held at all
+    (`_HoldState.given_up`)."""
+    state: _HoldState | None = getattr(channel, _HOLD_STATE, None)
+    if state is None:
+        state = _HoldState()
+        setattr(channel, _HOLD_STATE, state)
     window = channel._send_window
-    peak = max(getattr(channel, _PEAK, 0), window)
-    setattr(channel, _PEAK, peak)
-    held: asyncio.TimerHandle | None = getattr(channel, _HELD, None)
+    state.peak = max(state.peak, window)
     if (
         channel._send_state == _OPEN
-        and 0 < window < min(channel._send_pktsize, peak // 4)
+        and 0 < window < min(channel._send_pktsize, state.peak // 4)
         and channel._send_buf_len > window
+        and not state.given_up()
     ):
-        if held is None:
+        if state.timer is None:
+            state.started += 1
             loop = asyncio.get_running_loop()
-            setattr(channel, _HELD, loop.call_later(HOLD, _end_hold, channel))
+            state.timer = loop.call_later(HOLD, _end_hold, channel, state)
         return True
-    if held is not None:
-        held.cancel()
-        setattr(channel, _HELD, None)
+    if state.timer is not None:
+        state.timer.cancel()
+        state.timer = None
     return False
 
 
-def _end_hold(channel: SSHChannel[Any]) -> None:
+def _end_hold(channel: SSHChannel[Any], state: _HoldState) -> None:
     """No adjust came for HOLD seconds: send what the window allows."""
-    setattr(channel, _HELD, None)
+    state.timer = None
+    state.expired += 1
     if channel._conn is not None:  # else it closed meanwhile
         _flush_send_buf(channel, hold=False)
 

@@ -277,6 +277,31 @@ async def _a_window_too_small_for_a_packet_waits_for_more() -> None:
     assert channel._send_buf_len == 0  # fits the window: never held
 
 
+def test_a_client_whose_holds_run_out_is_no_longer_held() -> None:
+    asyncio.run(_a_client_whose_holds_run_out_is_no_longer_held())
+
+
+async def _a_client_whose_holds_run_out_is_no_longer_held() -> None:
+    """A client that adjusts only once data comes (libssh2, paramiko) lets every hold run out:
+    after GIVE_UP of them, its adjusts are answered at once. One whose holds mostly end by an
+    adjust (OpenSSH) is held on, though some run out."""
+    lets_run_out = _fast_channel(1 << 18)
+    fast_path._write(lets_run_out, random.randbytes(1 << 20))  # type: ignore[arg-type]
+    for _ in range(fast_path.GIVE_UP):
+        assert _granted(lets_run_out, 8192) == []
+        await asyncio.sleep(fast_path.HOLD * 3)
+    assert _granted(lets_run_out, 8192) != []
+    adjusts = _fast_channel(1 << 18)
+    fast_path._write(adjusts, random.randbytes(1 << 22))  # type: ignore[arg-type]
+    for _ in range(3 * fast_path.GIVE_UP):  # three holds ended by adjusts for each run out
+        for _ in range(3):
+            assert _granted(adjusts, 8192) == []
+            assert _granted(adjusts, 3 * 8192) != []
+        assert _granted(adjusts, 8192) == []
+        await asyncio.sleep(fast_path.HOLD * 3)
+    assert _granted(adjusts, 8192) == []
+
+
 def test_a_small_window_is_never_held() -> None:
     """A client whose whole window is small (Dropbear's 24 KiB, adjusted 8 KiB at a time) gets
     every adjust answered at once: a quarter of its window is less than its adjusts."""
