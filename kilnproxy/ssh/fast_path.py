@@ -13,7 +13,9 @@ replaces them, in this process only, with versions that put the same data on the
    ChaCha20 stream per packet, instead of a stream for each;
 5. `SSHChannel.write` and `SSHChannel._flush_send_buf` keep written bytes as a view, build each
    AES-GCM channel data packet in one step (one copy of the data where asyncssh makes ten), and
-   write all the packets of one flush with one writev, where asyncssh writes each;
+   write all the packets of one flush with one writev, where asyncssh writes each; and a window
+   too small for a whole packet, with more waiting, waits a moment for more (`_holds`), where
+   asyncssh sends what it allows at once, whatever the cipher;
 6. `SSHConnection._recv_pkthdr` opens a whole AES-GCM channel data packet in the input buffer and
    hands the channel its data with one copy, where asyncssh makes six; a window adjust goes
    straight to its channel too, and what the adjusts of one read open is sent once, after the
