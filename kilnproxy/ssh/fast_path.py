@@ -388,8 +388,8 @@ class _HoldState:
         """Some clients adjust only once they have data to read: libssh2 and paramiko read
         their socket only when it is readable, and a hold ends by its timer for them, nearly
         every time. After GIVE_UP such holds, and more than one in four, they are answered at
-        once, as asyncssh answers them. (OpenSSH lets about one hold in a hundred run out,
-        while its git is busy.)"""
+        once, as asyncssh answers them. (OpenSSH lets one or two holds in a hundred run
+        out, while its git is busy; Go's client two or three.)"""
         return self.expired >= GIVE_UP and self.expired * 4 > self.started
 
 
