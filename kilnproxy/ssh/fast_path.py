@@ -45,7 +45,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -63,6 +63,7 @@ from asyncssh.constants import (
 from asyncssh.crypto.chacha import _CTR_0, _POLY1305_KEYBYTES, ChachaCipher, chacha20
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import BasicEncryption, ChachaEncryption, Encryption, GCMEncryption
+from asyncssh.misc import DisconnectError
 from asyncssh.packet import SSHPacketLogger, String, UInt32
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext
@@ -228,6 +229,20 @@ class _InputBuffer(bytearray):
 _ADJUSTED = "_kilnproxy_adjusted"  # channels whose window grew in this read, not yet flushed
 
 
+@contextlib.contextmanager
+def _answered_as_asyncssh(conn: SSHConnection) -> Iterator[None]:
+    """What the block raises is answered as SSHConnection._recv_data answers what a packet's
+    handler raised: a flush moved out of a packet's handling ends the connection as it would
+    have there."""
+    try:
+        yield
+    except DisconnectError as exc:
+        conn._send_disconnect(exc.code, exc.reason, exc.lang)
+        conn._force_close(exc)
+    except Exception:
+        conn.internal_error()
+
+
 def _data_received(self: SSHConnection, data: bytes, datatype: int | None = None) -> None:
     """data_received, appending to an `_InputBuffer`: asyncssh resets `_inpbuf` to bytes when
     a connection is made or cleaned up, so the buffer is wrapped on first use.
@@ -245,12 +260,10 @@ def _data_received(self: SSHConnection, data: bytes, datatype: int | None = None
         self._recv_data()
     finally:
         setattr(self, _ADJUSTED, None)
-    try:
+    with _answered_as_asyncssh(self):
         for channel in adjusted:
             if channel._conn is self:  # else it closed after its adjust
                 channel._flush_send_buf()
-    except Exception:  # as asyncssh's _recv_data answers what a packet's handler raised
-        self.internal_error()
 
 
 # -- 4. ChaCha20-Poly1305 with one stream per packet ---------------------------------------------
@@ -433,8 +446,11 @@ def _end_hold(channel: SSHChannel[Any], state: _HoldState) -> None:
     """No adjust came for HOLD seconds: send what the window allows."""
     state.timer = None
     state.expired += 1
-    if channel._conn is not None:  # else it closed meanwhile
-        _flush_send_buf(channel, hold=False)
+    conn = channel._conn
+    # Anything but an abort that ends "open" flushes first, which ends the hold.
+    if conn is not None and channel._send_state == _OPEN:
+        with _answered_as_asyncssh(conn):
+            _flush_send_buf(channel, hold=False)
 
 
 def _flush_send_buf(self: SSHChannel[Any], hold: bool = True) -> None:

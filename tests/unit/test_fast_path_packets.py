@@ -27,6 +27,7 @@ from asyncssh.constants import (
 )
 from asyncssh.encryption import get_encryption, get_encryption_params
 from asyncssh.logging import logger
+from asyncssh.misc import ProtocolError
 from asyncssh.packet import String, UInt32
 
 from kilnproxy.control import FastPathState
@@ -302,6 +303,20 @@ async def _a_client_whose_holds_run_out_is_no_longer_held() -> None:
     assert _granted(adjusts, 8192) == []
 
 
+def test_an_aborted_channel_sends_nothing_when_its_hold_runs_out() -> None:
+    asyncio.run(_an_aborted_channel_sends_nothing_when_its_hold_runs_out())
+
+
+async def _an_aborted_channel_sends_nothing_when_its_hold_runs_out() -> None:
+    channel = _fast_channel(1 << 18)
+    fast_path._write(channel, random.randbytes(1 << 19))  # type: ignore[arg-type]
+    assert _granted(channel, 8192) == []
+    channel._send_state = "closed"  # SSHChannel.abort: a close sent, no flush
+    writes = len(channel._conn._transport.writes)
+    await asyncio.sleep(fast_path.HOLD * 3)
+    assert len(channel._conn._transport.writes) == writes
+
+
 def test_a_small_window_is_never_held() -> None:
     """A client whose whole window is small (Dropbear's 24 KiB, adjusted 8 KiB at a time) gets
     every adjust answered at once: a quarter of its window is less than its adjusts."""
@@ -346,6 +361,7 @@ class Incoming(Connection):
     _auth_final: bool = False
     _recv_encryption: Any = None
     stock_calls: list[bytes] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -359,7 +375,13 @@ class Incoming(Connection):
             pass
 
     def internal_error(self) -> None:
-        raise AssertionError("a flush raised")
+        self.errors.append("internal error")
+
+    def _send_disconnect(self, code: int, reason: str, lang: str) -> None:
+        self.errors.append(f"disconnect {code}: {reason}")
+
+    def _force_close(self, exc: Exception) -> None:
+        self.errors.append("closed")
 
     def _stock_recv_pkthdr(self) -> bool:
         """Stands for asyncssh's path: records the packet, which must open with the nonce the
@@ -467,7 +489,22 @@ def test_the_adjusts_of_one_read_are_flushed_once(incoming: Incoming) -> None:
     incoming._channels[8] = gone
     fast_path._data_received(incoming, adjust_packet(peer, 8, 4096))  # type: ignore[arg-type]
     assert gone._send_window == 4096 and gone.flushes == []
-    assert not incoming._inpbuf and not incoming.stock_calls
+    assert not incoming._inpbuf and not incoming.stock_calls and not incoming.errors
+
+
+@pytest.mark.parametrize(
+    ("raised", "answer"),
+    [(ProtocolError("bad"), ["disconnect 2: bad", "closed"]), (ValueError(), ["internal error"])],
+)
+def test_a_deferred_flush_that_raises_ends_the_connection_as_asyncssh_would(
+    incoming: Incoming, raised: Exception, answer: list[str]
+) -> None:
+    def flush() -> None:
+        raise raised
+
+    incoming._channels[7]._flush_send_buf = flush
+    fast_path._data_received(incoming, adjust_packet(Connection(GCM[0]), 7, 100))  # type: ignore[arg-type]
+    assert incoming.errors == answer
 
 
 def test_no_padding_goes_to_asyncssh(incoming: Incoming) -> None:
