@@ -224,9 +224,14 @@ def _buffered(channel: Channel, data: bytes) -> Channel:
     return channel
 
 
-def test_a_view_of_bytes_is_kept_and_other_data_copied() -> None:
-    channel = Channel(Connection(GCM[0]), 0)  # no window: everything stays buffered
+def _fast_channel(window: int) -> Channel:
+    channel = Channel(Connection(GCM[0]), window)
     channel._flush_send_buf = types.MethodType(fast_path._flush_send_buf, channel)  # type: ignore[attr-defined]
+    return channel
+
+
+def test_a_view_of_bytes_is_kept_and_other_data_copied() -> None:
+    channel = _fast_channel(0)  # no window: everything stays buffered
     kept, changing = b"bytes", bytearray(b"bytearray")
     fast_path._write(channel, kept)  # type: ignore[arg-type]
     fast_path._write(channel, changing)  # type: ignore[arg-type]
@@ -234,12 +239,6 @@ def test_a_view_of_bytes_is_kept_and_other_data_copied() -> None:
     (view, _), (copy, _) = channel._send_buf
     assert view.obj is kept and bytes(copy) == b"bytearray"
     assert channel._send_buf_len == 14
-
-
-def _fast_channel(window: int) -> Channel:
-    channel = Channel(Connection(GCM[0]), window)
-    channel._flush_send_buf = types.MethodType(fast_path._flush_send_buf, channel)  # type: ignore[attr-defined]
-    return channel
 
 
 def _granted(channel: Channel, size: int) -> list[int]:
