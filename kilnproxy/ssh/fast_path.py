@@ -14,8 +14,8 @@ replaces them, in this process only, with versions that put the same data on the
 5. `SSHChannel.write` and `SSHChannel._flush_send_buf` keep written bytes as a view, build each
    AES-GCM channel data packet in one step (one copy of the data where asyncssh makes ten), and
    write all the packets of one flush with one writev, where asyncssh writes each; and a window
-   too small for a whole packet, with more waiting, waits a moment for more (`_holds`), where
-   asyncssh sends what it allows at once, whatever the cipher;
+   too small for HOLD_PACKETS whole packets, with more waiting, waits a moment for more
+   (`_holds`), where asyncssh sends what it allows at once, whatever the cipher;
 6. `SSHConnection._recv_pkthdr` opens a whole AES-GCM channel data packet in the input buffer and
    hands the channel its data with one copy, where asyncssh makes six; a window adjust goes
    straight to its channel too, and what the adjusts of one read open is sent once, after the
@@ -382,10 +382,11 @@ def _write_packets(conn: SSHConnection | None, packets: list[bytes]) -> None:
             transport.writelines(packets)
 
 
-# A window too small for a whole packet, while more is waiting than it takes, is held for more
-# adjusts (`_holds`), for at most HOLD seconds; a channel whose holds mostly run out is not held
-# again once GIVE_UP of them have.
+# A window too small for HOLD_PACKETS whole packets, while more is waiting than it takes, is held
+# for more adjusts (`_holds`), for at most HOLD seconds; a channel whose holds mostly run out is
+# not held again once GIVE_UP of them have.
 HOLD = 0.002
+HOLD_PACKETS = 4
 GIVE_UP = 8
 _HOLD_STATE = "_kilnproxy_hold"  # a channel's _HoldState
 
@@ -413,12 +414,16 @@ def _holds(channel: SSHChannel[Any]) -> bool:
     A client whose git reads slower than the transfer adjusts the window for every 8 KiB it
     passes on. Answering each at once is one 8 KiB packet and one write per adjust, a ping-pong
     that costs the proxy and the client a wakeup and a packet per 8 KiB; OpenSSH's sshd, which
-    is busy elsewhere meanwhile, answers several at once. So while the window is less than a
-    whole packet (or a quarter of the largest window the client has given, when that is
-    smaller) and more is waiting than the window takes, nothing is sent: the client, which holds
-    the rest of its window unread or unacknowledged, adjusts again as it reads. A client that
-    does not gets what the window allows HOLD seconds later, and is soon not held at all
-    (`_HoldState.given_up`)."""
+    is busy elsewhere meanwhile, answers several at once. So while the window is less than
+    HOLD_PACKETS whole packets (or a quarter of the largest window the client has given, when
+    that is smaller) and more is waiting than the window takes, nothing is sent: the client,
+    which holds the rest of its window unread or unacknowledged, adjusts again as it reads. A
+    client that does not gets what the window allows HOLD seconds later, and is soon not held at
+    all (`_HoldState.given_up`).
+
+    Four packets, not one: an OpenSSH client (2 MiB window) then gets writes of 128 KiB or more,
+    not 32 KiB, and fewer of them, for 1 to 3 holds in 100 that run out (the README's figures).
+    With eight, enough ran out to give up."""
     state: _HoldState | None = getattr(channel, _HOLD_STATE, None)
     if state is None:
         state = _HoldState()
@@ -427,7 +432,7 @@ def _holds(channel: SSHChannel[Any]) -> bool:
     state.peak = max(state.peak, window)
     if (
         channel._send_state == _OPEN
-        and 0 < window < min(channel._send_pktsize, state.peak // 4)
+        and 0 < window < min(HOLD_PACKETS * channel._send_pktsize, state.peak // 4)
         and channel._send_buf_len > window
         and not state.given_up()
     ):

@@ -250,19 +250,25 @@ def _granted(channel: Channel, size: int) -> list[int]:
     return [len(write) for write in writes[before:]]
 
 
-def test_a_window_too_small_for_a_packet_waits_for_more() -> None:
-    asyncio.run(_a_window_too_small_for_a_packet_waits_for_more())
+HELD = fast_path.HOLD_PACKETS * PKTSIZE  # a window less than this, with more waiting, is held
+OPENSSH_WINDOW = 1 << 21  # what OpenSSH's client gives a session channel
 
 
-async def _a_window_too_small_for_a_packet_waits_for_more() -> None:
-    """Adjusts of 8 KiB each, with more waiting than they open, go out as one whole packet;
-    an adjust that is not followed by more goes out HOLD seconds later; what fits the window
-    goes at once, and so does the end of the stream."""
-    channel = _fast_channel(1 << 18)
-    fast_path._write(channel, random.randbytes(1 << 19))  # type: ignore[arg-type]
-    assert channel._send_window == 0  # the first 256 KiB went, and set the peak
+def test_a_window_too_small_for_hold_packets_waits_for_more() -> None:
+    asyncio.run(_a_window_too_small_for_hold_packets_waits_for_more())
+
+
+async def _a_window_too_small_for_hold_packets_waits_for_more() -> None:
+    """Adjusts of 8 KiB each, with more waiting than they open, go out as HOLD_PACKETS whole
+    packets in one write; an adjust that is not followed by more goes out HOLD seconds later;
+    what fits the window goes at once, and so does the end of the stream."""
+    channel = _fast_channel(OPENSSH_WINDOW)
+    fast_path._write(channel, random.randbytes(2 * OPENSSH_WINDOW))  # type: ignore[arg-type]
+    assert channel._send_window == 0  # the first 2 MiB went, and set the peak
     one_packet = 4 + 16 + PKTSIZE + TAG  # length; padding length, type, channel, size, padding
-    assert [_granted(channel, 8192) for _ in range(4)] == [[], [], [], [one_packet]]
+    adjusts = HELD // 8192
+    granted = [_granted(channel, 8192) for _ in range(adjusts)]
+    assert granted == [[]] * (adjusts - 1) + [[fast_path.HOLD_PACKETS * one_packet]]
     assert _granted(channel, 8192) == []
     await asyncio.sleep(fast_path.HOLD * 3)
     assert channel._conn._transport.writes[-1].startswith((8192 + 16).to_bytes(4, "big"))
@@ -285,18 +291,18 @@ async def _a_client_whose_holds_run_out_is_no_longer_held() -> None:
     """A client that adjusts only once data comes (libssh2, paramiko) lets every hold run out:
     after GIVE_UP of them, its adjusts are answered at once. One whose holds mostly end by an
     adjust (OpenSSH) is held on, though some run out."""
-    lets_run_out = _fast_channel(1 << 18)
-    fast_path._write(lets_run_out, random.randbytes(1 << 20))  # type: ignore[arg-type]
+    lets_run_out = _fast_channel(OPENSSH_WINDOW)
+    fast_path._write(lets_run_out, random.randbytes(2 * OPENSSH_WINDOW))  # type: ignore[arg-type]
     for _ in range(fast_path.GIVE_UP):
         assert _granted(lets_run_out, 8192) == []
         await asyncio.sleep(fast_path.HOLD * 3)
     assert _granted(lets_run_out, 8192) != []
-    adjusts = _fast_channel(1 << 18)
-    fast_path._write(adjusts, random.randbytes(1 << 22))  # type: ignore[arg-type]
+    adjusts = _fast_channel(OPENSSH_WINDOW)
+    fast_path._write(adjusts, random.randbytes(8 * OPENSSH_WINDOW))  # type: ignore[arg-type]
     for _ in range(3 * fast_path.GIVE_UP):  # three holds ended by adjusts for each run out
         for _ in range(3):
             assert _granted(adjusts, 8192) == []
-            assert _granted(adjusts, 3 * 8192) != []
+            assert _granted(adjusts, HELD - 8192) != []
         assert _granted(adjusts, 8192) == []
         await asyncio.sleep(fast_path.HOLD * 3)
     assert _granted(adjusts, 8192) == []
