@@ -3,7 +3,9 @@
 The command itself is the local backend's (`backends.local.start_command`): the same argv,
 environment, read-only hg hook and abort (SIGTERM to its process group, SIGKILL after a grace).
 This module only maps credits onto its pipes: output is read while the proxy has granted room
-for it, and stdin credit is granted back only once the command's stdin pipe took the bytes.
+for it, and stdin credit is granted back only once the command's stdin pipe took the bytes. It
+trusts a proxy's certificate, not its requests: what the local backend would never run (another
+command, a variable that is not one of kilnproxy's own, a path outside the base) is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kilnproxy.agent.paths import Refused, confine
+from kilnproxy.backends.base import BACKEND_VARIABLES
 from kilnproxy.backends.frames import (
     MAX_PAYLOAD,
     FrameError,
@@ -77,20 +80,31 @@ class Channel:
                 verb = Verb(request.verb)
             except ValueError:
                 raise Refused(f"command {request.verb!r} is not one the agent runs") from None
+            unexpected = sorted(set(request.env) - BACKEND_VARIABLES)
+            if unexpected:  # GIT_CONFIG_PARAMETERS, LD_PRELOAD: any command at all
+                raise Refused(f"variable {unexpected[0]!r} is not one the agent passes on")
             path = confine(base, request.path)
             self.stream = await start_command(verb, path, request.env, hook_rc, request.repo, self)
         except (Refused, BackendError) as exc:
             detail = exc.detail if isinstance(exc, BackendError) else str(exc)
             self.log.warning("refused %s %s (repo %s): %s", request.verb, request.path,
                              request.repo, detail)  # fmt: skip
-            self.wire.send(frame(Kind.REFUSED, self.number, detail.encode()))
-            self.wire.forget(self.number)
+            self._refuse(detail)
+            return
+        except Exception:  # a bug of ours ends this channel only, and the proxy hears so at once
+            self.log.exception("cannot start %s %s (repo %s)", request.verb, request.path,
+                               request.repo)  # fmt: skip
+            self._refuse("internal error")
             return
         self.log.info("started %s %s (repo %s)", request.verb, path, request.repo)
         if self.closed:  # the proxy gave up while the command was starting
             self.stream.abort()
             return
         self.wire.send(count_frame(Kind.CREDIT, self.number, self._window))
+
+    def _refuse(self, detail: str) -> None:
+        self.wire.send(frame(Kind.REFUSED, self.number, detail.encode()))
+        self.wire.forget(self.number)
 
     # -- frames from the proxy -------------------------------------------------------------------
 

@@ -21,7 +21,10 @@ def confine(base: Path, requested: str) -> Path:
     if not path.is_absolute():
         raise Refused(f"path {requested!r} is not absolute")
     root = base.resolve()
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        raise Refused(f"path {requested!r} cannot be resolved: {exc}") from None
     if resolved == root or not resolved.is_relative_to(root):
         raise Refused(f"path {requested!r} is outside the agent's base {root}")
     return resolved

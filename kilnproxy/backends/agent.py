@@ -6,8 +6,10 @@ frames of `backends.frames`). The channel's credits map onto the relay's flow co
 ways: output is granted back only while the relay takes it, stdin pauses the client when the
 agent has granted no more. A connection whose agent drains is retired from the pool, and a
 session the agent refused for its drain is opened once more, on another connection (the agent
-that replaced it, most often). It must never trust an agent whose certificate its CA did not
-sign for the backend's host name, and never hold more than one window of bytes per channel.
+that replaced it, most often). A session whose relay fails on one of its frames ends alone: the
+connection and its other channels go on. It must never trust an agent whose certificate its CA
+did not sign for the backend's host name, and never hold more than one window of bytes per
+channel.
 """
 
 from __future__ import annotations
@@ -102,8 +104,16 @@ class AgentConnection(FrameConnection["AgentStream"]):
 
     def channel_frame(self, each: Frame) -> None:
         stream = self.channels.get(each.channel)
-        if stream is not None:  # else a channel we closed: its last frames were in flight
+        if stream is None:  # a channel we closed: its last frames were in flight
+            return
+        try:
             stream.received(each)
+        except FrameError:
+            raise  # the agent broke the protocol: the connection goes, with every channel
+        except Exception:  # a bug in one session: it ends that session only
+            log.exception("backend %s: [%s] failed on channel %d", self.link.pool.name,
+                          stream.session, each.channel)  # fmt: skip
+            stream.failed()
 
     def _tick(self) -> None:
         """Every `keepalive`: a silent connection is asked; KEEPALIVE_COUNT silences end it."""
@@ -123,7 +133,11 @@ class AgentConnection(FrameConnection["AgentStream"]):
     def _lose_streams(self, detail: str) -> None:
         streams, self.channels = self.channels, {}
         for stream in streams.values():
-            stream.lost(detail)
+            try:
+                stream.lost(detail)
+            except Exception:  # one session's bug: every other session is still told
+                log.exception("backend %s: [%s] failed on losing its connection",
+                              self.link.pool.name, stream.session)  # fmt: skip
 
     def open_channel(self, stream: AgentStream) -> int:
         channel = self._next_channel
@@ -142,9 +156,12 @@ AgentLink = Link[AgentConnection]
 class AgentStream:
     """One command on a channel, relaying to a BackendSink (a BackendStream)."""
 
-    def __init__(self, sink: BackendSink, link: AgentLink, repo: str, window: int) -> None:
+    def __init__(
+        self, sink: BackendSink, link: AgentLink, session: str, repo: str, window: int
+    ) -> None:
         assert link.conn is not None
         self.sink: BackendSink | None = sink
+        self.session = session
         self.conn = link.conn
         self.channel = self.conn.open_channel(self)
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -188,8 +205,9 @@ class AgentStream:
 
     def _refused(self, each: Frame) -> None:
         """The agent did not start the command. If because it drains, the connection is retired
-        here too: its own DRAINING came first, but the retry must not depend on that."""
-        if self.started.done():
+        here too: its own DRAINING came first, but the retry must not depend on that. The open
+        may have been given up meanwhile (the client left): the channel ends all the same."""
+        if self.started.done() and not self.started.cancelled():
             raise FrameError(f"{each.kind.name} on a running channel")
         if each.kind is Kind.DRAINING:
             error: BackendError = AgentDraining(self._repo, "agent refused: it drains")
@@ -199,7 +217,8 @@ class AgentStream:
             reason = each.payload.decode(errors="replace")
             error = BackendError(self._repo, f"agent refused: {reason}")
         self._end()
-        self.started.set_exception(error)
+        if not self.started.done():
+            self.started.set_exception(error)
 
     def lost(self, detail: str) -> None:
         self._release()
@@ -210,6 +229,19 @@ class AgentStream:
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.backend_lost(error)
+
+    def failed(self) -> None:
+        """Its sink raised (`AgentConnection.channel_frame` logged it): the command is closed,
+        and the relay told, if it still can be."""
+        sink = self.sink
+        self.abort()
+        if not self.started.done():
+            self.started.set_exception(BackendError(self._repo, "internal error"))
+        elif sink is not None:
+            try:
+                sink.backend_lost(BackendError(self._repo, "internal error"))
+            except Exception:
+                log.exception("backend %s: [%s] failed again", self._pool.name, self.session)
 
     def update_flow(self) -> None:
         """Pause or resume the client as the credit and the connection's buffer allow."""
@@ -302,6 +334,9 @@ def agent_pool(
             await conn.answered  # the agent accepted our certificate (TLS 1.3 says so only now)
         except ConnectionError as exc:
             raise DialFailed(f"refused by the agent: {exc}") from None
+        except BaseException:  # the dial timed out after the handshake: nobody else has conn
+            conn.abort()
+            raise
         return conn
 
     return Pool(name, address, connect, max_sessions, idle, dial_timeout, on_dial)
@@ -339,7 +374,7 @@ class AgentBackend:
             await stream.started  # the agent's CREDIT, or why not (refused, draining, lost)
 
         def stream_on(link: AgentLink) -> AgentStream:
-            return AgentStream(sink, link, repo, self.window)
+            return AgentStream(sink, link, request.session_id, repo, self.window)
 
         return await self.pool.open_channel(repo, stream_on, start)
 

@@ -15,6 +15,12 @@ from kilnproxy.errors import BackendError
 from kilnproxy.policy.access import Access
 from kilnproxy.policy.commands import Verb
 
+# Every variable a backend command gets from kilnproxy (SPEC 5); an agent passes on no other.
+BACKEND_VARIABLES = frozenset(
+    {"KILNPROXY_SESSION", "KILNPROXY_ACCOUNT", "KILNPROXY_USER", "KILNPROXY_ACCESS",
+     "KILNPROXY_REPO", "GIT_PROTOCOL"}
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class BackendRequest:

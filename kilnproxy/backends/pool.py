@@ -212,6 +212,10 @@ class Pool(Generic[C]):
         if self.on_dial is not None:
             self.on_dial(took)
         link.ready.set_result(None)
+        if link.active == 0:  # every session that waited for it has given up: idle from now
+            link.idle_timer = asyncio.get_running_loop().call_later(
+                self.idle, self._close_idle, link
+            )
 
     async def close(self) -> None:
         for link in list(self.links):

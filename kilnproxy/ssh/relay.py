@@ -118,6 +118,8 @@ class Channel(Protocol):
 
     def exit(self, status: int) -> None: ...
 
+    def close(self) -> None: ...
+
     def is_closing(self) -> bool: ...
 
     def get_write_buffer_size(self) -> int: ...
@@ -344,7 +346,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         if self._chan is None or self.state is not RelayState.OPENING:
             return
         self._outcome = outcome
-        self._chan.write_stderr(error.client_line(self._owner.id).encode())
+        self._write_stderr(error.client_line(self._owner.id).encode())
         self._finish(error.exit_status)
 
     # -- the backend's side (BackendSink) --------------------------------------------------------
@@ -360,12 +362,18 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._touch()
         if self._chan is not None:
             self._to_client.flush()  # keep the order the backend wrote in
-            self._chan.write_stderr(data)
+            self._write_stderr(data)
 
     def _write_stdout(self, data: bytes) -> None:
         # A pass later than the backend's callback: the client may have closed meanwhile.
         if self._chan is not None and not self._chan.is_closing():
             self._chan.write(data)
+
+    def _write_stderr(self, data: bytes) -> None:
+        # The client may have closed its channel while its connection stays: asyncssh then
+        # raises on a write, and tells us (connection_lost) only later.
+        if self._chan is not None and not self._chan.is_closing():
+            self._chan.write_stderr(data)
 
     def _write_stdin(self, data: bytes) -> None:
         if self._stream is not None:
@@ -387,7 +395,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._outcome = Outcome.BACKEND_ERROR
         if self._chan is not None and self.state is not RelayState.EXITING:
             self._to_client.flush()  # what came before the loss, then the line about it
-            self._chan.write_stderr(error.client_line(self._owner.id).encode())
+            self._write_stderr(error.client_line(self._owner.id).encode())
         self._finish(error.exit_status)
 
     def backend_finished(self, exit_status: int) -> None:
@@ -416,7 +424,16 @@ class Relay(asyncssh.SSHServerSession[bytes]):
     def _exit(self, status: int) -> None:
         self._exit_when_flushed = None
         if self._chan is not None:
-            self._chan.exit(status)
+            self._exit_channel(self._chan, status)
+
+    def _exit_channel(self, chan: Channel, status: int) -> None:
+        """The exit status, if the client still takes one. If it closed the channel first,
+        asyncssh tells us (connection_lost) only once it has passed on what the client sent
+        before, which it holds while we read no more: closing drops that, and ends the channel."""
+        closed_by_client = chan.is_closing()
+        chan.exit(status)
+        if closed_by_client:
+            chan.close()
 
     def cut(self, reason: CutReason) -> None:
         """End now, telling the client why (timeouts, drain, administrator)."""
@@ -428,8 +445,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self.state = RelayState.EXITING
         self._exit_status = reason.exit_status
         if self._chan is not None:
-            self._chan.write_stderr(reason.client_line(self._owner.id).encode())
-            self._chan.exit(reason.exit_status)
+            self._write_stderr(reason.client_line(self._owner.id).encode())
+            self._exit_channel(self._chan, reason.exit_status)
 
     def _close_backend(self) -> None:
         self._to_backend.discard()

@@ -286,7 +286,9 @@ def speak(site: Site, agent: Agent, *frames: bytes) -> list[Frame]:
 
 def test_only_the_local_backends_commands_run(site: Site) -> None:
     """The agent trusts a proxy's certificate, not its requests: a command that is not git's or
-    hg's is refused, and a broken frame closes the connection."""
+    hg's is refused, and so is a variable that is not one of kilnproxy's (git would run what
+    GIT_CONFIG_PARAMETERS names as its pack-objects hook); a broken frame closes the
+    connection."""
     agent = site.agent("strict")
     path = str(site.repo(agent, "strict", "aviato/on-strict"))
     env = {"KILNPROXY_SESSION": "5ca1ab1e"}
@@ -295,6 +297,13 @@ def test_only_the_local_backends_commands_run(site: Site) -> None:
     assert [(a.kind, a.channel) for a in answers] == [(Kind.REFUSED, 1)]
     assert answers[0].payload == b"command 'sh' is not one the agent runs"
     agent.wait_for_log(r"\[5ca1ab1e\] refused sh .* command 'sh' is not one the agent runs")
+    hooked = env | {"GIT_CONFIG_PARAMETERS": "'uploadpack.packobjectshook'='touch hooked'"}
+    upload = OpenRequest("5ca1ab1e", "aviato/on-strict", "git-upload-pack", path, hooked, 65536)
+    answers = speak(site, agent, upload.encode(1))
+    assert [(a.kind, a.payload) for a in answers] == [
+        (Kind.REFUSED, b"variable 'GIT_CONFIG_PARAMETERS' is not one the agent passes on")
+    ]
+    agent.wait_for_log(r"\[5ca1ab1e\] refused git-upload-pack .* 'GIT_CONFIG_PARAMETERS'")
     assert speak(site, agent, frame(Kind.OPEN, 1, b"{not json")) == []
     agent.wait_for_log(r"proxy 127\.0\.0\.1:\d+: protocol error, closing: OPEN is not JSON")
     assert "started" not in agent.log()

@@ -18,6 +18,7 @@ def test_paths_under_the_base_only(tmp_path: Path) -> None:
     (tmp_path / "outside.git").mkdir()
     (base / "aviato" / "escape.git").symlink_to(tmp_path / "outside.git")
     (base / "aviato" / "alias.git").symlink_to(base / "aviato")
+    (base / "aviato" / "loop.git").symlink_to(base / "aviato" / "loop.git")
     assert confine(base, f"{base}/aviato/site.git") == base / "aviato" / "site.git"
     assert confine(base, f"{base}/aviato/alias.git") == base / "aviato"  # inside, by any name
     for path, error in [
@@ -26,6 +27,8 @@ def test_paths_under_the_base_only(tmp_path: Path) -> None:
         (str(base), "outside the agent's base"),
         ("aviato/site.git", "not absolute"),
         ("/etc", "outside the agent's base"),
+        (f"{base}/aviato/loop.git", "cannot be resolved"),  # not an error of another kind
+        (f"{base}/aviato/site\0.git", "cannot be resolved"),
     ]:
         with pytest.raises(Refused, match=error):
             confine(base, path)

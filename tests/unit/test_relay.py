@@ -48,26 +48,40 @@ async def settle() -> None:
 
 
 class FakeChannel:
-    """An SSH channel that records, in one list and in order, what the client would get."""
+    """An SSH channel that records, in one list and in order, what the client would get. As
+    asyncssh's, it raises on a write once it is closing (exit sent, or the client closed it),
+    and ignores an exit then."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.sent: list[tuple[str, object]] = []  # ("out" | "err" | "exit", payload)
         self.reading = True
         self.buffered = 0  # bytes the client has not taken yet
         self.limits: tuple[int | None, int | None] | None = None
+        self.client_closed = False  # CHANNEL_CLOSE came; asyncssh's connection_lost not yet
+        self.closed_by_relay = False
         self._env = dict(env or {})
 
     def write(self, data: bytes) -> None:
+        self._open_for_sending()
         self.sent.append(("out", data))
 
     def write_stderr(self, data: bytes) -> None:
+        self._open_for_sending()
         self.sent.append(("err", data))
 
     def exit(self, status: int) -> None:
-        self.sent.append(("exit", status))
+        if not self.is_closing():
+            self.sent.append(("exit", status))
+
+    def close(self) -> None:
+        self.closed_by_relay = True
 
     def is_closing(self) -> bool:
-        return any(kind == "exit" for kind, _ in self.sent)
+        return self.client_closed or any(kind == "exit" for kind, _ in self.sent)
+
+    def _open_for_sending(self) -> None:
+        if self.is_closing():
+            raise BrokenPipeError("Channel not open for sending")
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -308,12 +322,40 @@ async def test_the_exit_status_waits_until_the_client_took_every_byte() -> None:
 
 
 @on_a_loop
+async def test_a_channel_the_client_closed_gets_nothing_more_and_nothing_raises() -> None:
+    """The client closed its channel, not its connection: the backend's stderr, its loss and a
+    cut find the channel closing before asyncssh says it is lost, and must not raise (out of a
+    shared agent connection's callback, that would end every session on it). The relay closes
+    the channel in the end, for asyncssh holds its connection_lost while reading is paused."""
+    for end in ("stderr", "lost", "cut"):
+        rig = Rig(website())
+        await rig.running()
+        rig.relay.backend_stdout(b"sent before")
+        await settle()
+        rig.chan.client_closed = True
+        rig.relay.backend_stdout(b"not sent")
+        rig.relay.backend_stderr(b"remote: error\n")
+        if end == "lost":
+            rig.relay.backend_lost(BackendError("aviato/website", "connection lost"))
+        elif end == "cut":
+            rig.relay.cut(CutReason.DRAIN)
+        else:
+            rig.relay.backend_finished(128)
+        await settle()
+        assert rig.chan.sent == [("out", b"sent before")], end
+        assert rig.chan.closed_by_relay, end
+        rig.relay.connection_lost(None)
+        assert len(rig.owner.closed) == 1
+
+
+@on_a_loop
 async def test_an_empty_buffer_exits_at_once_with_the_backends_status() -> None:
     rig = Rig(website())
     await rig.running()
     rig.relay.backend_finished(3)
     assert rig.chan.sent == [("exit", 3)]
     assert rig.chan.limits is None
+    assert not rig.chan.closed_by_relay  # asyncssh's exit closes it
     rig.relay.connection_lost(None)
     assert rig.owner.closed[0].outcome is Outcome.FAILED
 

@@ -1,0 +1,319 @@
+"""The proxy's side of an agent connection, driven in one process: a scripted agent speaks the
+frames over a socketpair, so what a real agent cannot be made to do on cue is played out every
+time. An agent's drain: the proxy's OPEN reaches the agent after it began draining, before the
+proxy heard so (the same drain end to end, with real agents, is in
+tests/integration/test_agent.py). One session whose relay fails on a frame, beside another on
+the same connection; a refusal that comes after the open was given up; a dial that times out
+after its TLS handshake; a connection whose sessions all left while it was dialled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import cast
+
+import pytest
+from agent import Pki, read_frames
+
+from kilnproxy.agent.server import server_context
+from kilnproxy.backends.agent import (
+    AgentBackend,
+    AgentConnection,
+    AgentLink,
+    AgentPool,
+    AgentStream,
+    agent_pool,
+    client_context,
+)
+from kilnproxy.backends.base import BackendRequest
+from kilnproxy.backends.frames import (
+    CONTROL,
+    Frame,
+    FrameReader,
+    Kind,
+    OpenRequest,
+    count_frame,
+    frame,
+)
+from kilnproxy.backends.pool import Link, LinkState, Pool
+from kilnproxy.backends.wire import FlowSwitch
+from kilnproxy.directory.model import Identity, Route
+from kilnproxy.errors import BackendError
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Verb
+
+WINDOW = 65536
+
+
+class ScriptedAgent(asyncio.Protocol):
+    """An agent's end of one connection: PONG to PING; an OPEN is started (CREDIT), or, once
+    `draining`, refused as a draining agent refuses it: DRAINING on the connection, then on
+    the channel."""
+
+    def __init__(self, draining: bool) -> None:
+        self.draining = draining
+        self.opened: list[OpenRequest] = []
+        self.closed: list[int] = []  # channels the proxy sent CLOSE for
+        self.transport: asyncio.Transport | None = None
+        self._reader = FrameReader()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for each in read_frames(self._reader, data):
+            if each.kind is Kind.PING:
+                self.transport.write(frame(Kind.PONG, CONTROL))
+            elif each.kind is Kind.OPEN:
+                self.opened.append(OpenRequest.decode(each.payload))
+                if self.draining:
+                    answer = frame(Kind.DRAINING, CONTROL) + frame(Kind.DRAINING, each.channel)
+                else:
+                    answer = count_frame(Kind.CREDIT, each.channel, WINDOW)
+                self.transport.write(answer)
+            elif each.kind is Kind.CLOSE:
+                self.closed.append(each.channel)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+class Storage:
+    """Dials scripted agents: the first `draining` of them drain, the next ones serve."""
+
+    def __init__(self, draining: int) -> None:
+        self.draining = draining
+        self.agents: list[ScriptedAgent] = []
+
+    async def connect(self, link: AgentLink) -> AgentConnection:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        agent = ScriptedAgent(draining=len(self.agents) < self.draining)
+        self.agents.append(agent)
+        await loop.create_connection(lambda: agent, sock=theirs)
+        _, conn = await loop.create_connection(lambda: AgentConnection(link, 30.0), sock=ours)
+        await conn.answered
+        return conn
+
+    def pool(self) -> AgentPool:
+        return Pool("agent1", ("127.0.0.1", 9422), self.connect, 16, 60.0, 2.0)
+
+
+class Sink:
+    """A relay that records what it was told; `broken` ones raise on stderr, as a relay whose
+    client closed its channel did (`Relay._write_stderr`)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.stdout = b""
+        self.ended: list[str] = []
+
+    def backend_stdout(self, data: bytes) -> None:
+        self.stdout += data
+
+    def backend_stderr(self, data: bytes) -> None:
+        if self.broken:
+            raise BrokenPipeError("Channel not open for sending")
+
+    def backend_pause_input(self) -> None: ...
+    def backend_resume_input(self) -> None: ...
+
+    def backend_finished(self, exit_status: int) -> None:
+        self.ended.append(f"exit {exit_status}")
+
+    def backend_lost(self, error: BackendError) -> None:
+        self.ended.append(error.detail)
+
+
+def request() -> BackendRequest:
+    route = Route("aviato/website", Verb.UPLOAD_PACK.vcs, "agent1", "agent://127.0.0.1:9422/srv",
+                  "/srv/aviato/website.git", Access.READ)  # fmt: skip
+    identity = Identity("aviato", "bob", Role.READ, "laptop", "SHA256:x")
+    return BackendRequest("3f9c2a1b", Verb.UPLOAD_PACK, route, identity, None)
+
+
+def test_a_session_refused_for_the_drain_is_opened_once_more_on_a_new_connection() -> None:
+    async def body() -> None:
+        storage = Storage(draining=1)
+        backend = AgentBackend("agent1", storage.pool(), WINDOW)
+        stream = await backend.open(request(), Sink())
+        first, second = storage.agents
+        assert (
+            [r.session for r in first.opened] == [r.session for r in second.opened] == ["3f9c2a1b"]
+        )
+        assert backend.pool.dials == 2
+        # The refused connection ran nothing more: the pool closed it, and keeps the new one.
+        assert [link.state for link in backend.pool.links] == [LinkState.OPEN]
+        await asyncio.sleep(0.01)
+        assert first.transport is not None and first.transport.is_closing()
+        stream.abort()
+        await backend.close()
+
+    asyncio.run(body())
+
+
+def test_a_second_refusal_for_the_drain_is_final() -> None:
+    async def body() -> None:
+        storage = Storage(draining=2)
+        backend = AgentBackend("agent1", storage.pool(), WINDOW)
+        with pytest.raises(BackendError) as refused:
+            await backend.open(request(), Sink())
+        assert refused.value.detail == "agent refused: it drains"
+        assert backend.pool.dials == 2  # retried once, not more
+        await backend.close()
+
+    asyncio.run(body())
+
+
+def test_a_draining_connection_is_handed_out_no_more_and_closes_after_its_last_channel() -> None:
+    async def body() -> None:
+        storage = Storage(draining=0)
+        pool = storage.pool()
+        running = await pool.acquire("aviato/website")
+        assert await pool.acquire("aviato/website") is running  # room for 16
+        pool.release(running)
+        agent = storage.agents[0]
+        assert agent.transport is not None
+        agent.transport.write(frame(Kind.DRAINING, CONTROL))
+        await asyncio.sleep(0.01)
+        assert (running.state, running in pool.links) == (LinkState.DRAINING, True)
+        fresh = await pool.acquire("aviato/website")
+        assert fresh is not running and pool.dials == 2
+        pool.release(running)  # its last channel ended
+        assert (running.state, running in pool.links) == (LinkState.CLOSED, False)
+        await asyncio.sleep(0.01)
+        assert agent.transport.is_closing()
+        pool.release(fresh)
+        await pool.close()
+
+    asyncio.run(body())
+
+
+def test_a_flow_switch_tells_each_change_once() -> None:
+    told: list[str] = []
+    switch = FlowSwitch()
+    for full in (False, True, True, False, False, True):
+        switch.turn(full, lambda: told.append("pause"), lambda: told.append("resume"))
+    assert told == ["pause", "resume", "pause"]
+    assert switch.paused
+
+
+def test_one_sessions_failure_ends_that_session_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A relay that raises on a frame (as one did writing stderr to a channel its client had
+    closed) must not take the shared connection, and every other session on it, down."""
+
+    async def body() -> None:
+        storage = Storage(draining=0)
+        backend = AgentBackend("agent1", storage.pool(), WINDOW)
+        broken, whole = Sink(broken=True), Sink()
+        first = cast(AgentStream, await backend.open(request(), broken))
+        second = cast(AgentStream, await backend.open(request(), whole))
+        (agent,) = storage.agents
+        agent.send(frame(Kind.STDERR, first.channel, b"fatal: protocol error\n"))
+        agent.send(frame(Kind.STDOUT, second.channel, b"pack"))
+        await asyncio.sleep(0.01)
+        assert agent.closed == [first.channel]  # its command is stopped
+        assert broken.ended == ["internal error"]
+        assert (whole.stdout, whole.ended) == (b"pack", [])
+        assert agent.transport is not None and not agent.transport.is_closing()
+        agent.send(count_frame(Kind.EXIT, second.channel, 0))
+        await asyncio.sleep(0.01)
+        assert whole.ended == ["exit 0"]
+        assert [link.active for link in backend.pool.links] == [0]
+        await backend.close()
+
+    asyncio.run(body())
+    assert "backend agent1: [3f9c2a1b] failed on channel 1" in caplog.text
+
+
+def test_a_refusal_after_the_open_was_given_up_ends_the_channel_quietly() -> None:
+    """The client left (the open's wait cancelled) just before the agent's REFUSED or
+    DRAINING came: the channel ends, and the connection is not taken for broken."""
+
+    async def body() -> None:
+        storage = Storage(draining=0)
+        pool = storage.pool()
+        for kind in (Kind.REFUSED, Kind.DRAINING):
+            link = await pool.acquire("aviato/website")
+            stream = AgentStream(Sink(), link, "3f9c2a1b", "aviato/website", WINDOW)
+            stream.started.cancel()
+            stream.received(Frame(kind, stream.channel, b"no such repository"))
+            assert link.conn is not None and stream.channel not in link.conn.channels
+            assert link.active == 0
+            stream.abort()  # what open_channel does next: the agent has nothing to close
+        await asyncio.sleep(0.01)
+        (agent,) = storage.agents
+        assert agent.closed == []
+        assert agent.transport is not None and agent.transport.is_closing()  # the drain's
+        await pool.close()
+
+    asyncio.run(body())
+
+
+def test_a_dial_that_times_out_after_its_handshake_closes_its_connection(tmp_path: Path) -> None:
+    """An agent that completes TLS but never answers the first PING: the dial fails on its
+    timeout, and the connection it made is closed, not left to the keepalive for ever."""
+
+    async def body() -> None:
+        pki = Pki(tmp_path)
+        cert, key = pki.issue("agent", "127.0.0.1")
+        proxy_cert, proxy_key = pki.issue("proxy", "proxy")
+        lost = asyncio.Event()
+
+        class Silent(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set()
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            Silent, "127.0.0.1", 0, ssl=server_context(pki.ca, cert, key)
+        )
+        port = server.sockets[0].getsockname()[1]
+        pool = agent_pool("agent1", ("127.0.0.1", port),
+                          lambda: client_context(pki.ca, proxy_cert, proxy_key),
+                          (16, 60.0, 30.0), 0.5)  # fmt: skip
+        with pytest.raises(BackendError, match="TimeoutError"):
+            await pool.acquire("aviato/website")
+        async with asyncio.timeout(5):
+            await lost.wait()
+        assert pool.links == []
+        server.close()
+
+    asyncio.run(body())
+
+
+def test_a_connection_whose_sessions_left_while_it_was_dialled_closes_when_idle() -> None:
+    async def body() -> None:
+        dialled = asyncio.Event()
+        conn = Closed()
+
+        async def connect(link: Link[Closed]) -> Closed:
+            await dialled.wait()
+            return conn
+
+        pool = Pool("agent1", ("127.0.0.1", 9422), connect, 16, 0.05, 2.0)
+        waiter = asyncio.create_task(pool.acquire("aviato/website"))
+        await asyncio.sleep(0.01)
+        waiter.cancel()  # the only session waiting for it: its client left
+        dialled.set()
+        await asyncio.sleep(0.01)
+        (link,) = pool.links
+        assert (link.state, link.active, conn.closed) == (LinkState.OPEN, 0, False)
+        await asyncio.sleep(0.1)
+        assert (conn.closed, pool.links) == (True, [])
+
+    asyncio.run(body())
+
+
+class Closed:
+    """A connection that only says whether the pool closed it."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
