@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream
+from kilnproxy.backends.base import BackendRequest, BackendSink, BackendStream, sink_failed
 from kilnproxy.backends.frames import (
     CONTROL,
     Frame,
@@ -111,8 +111,8 @@ class AgentConnection(FrameConnection["AgentStream"]):
         except FrameError:
             raise  # the agent broke the protocol: the connection goes, with every channel
         except Exception:  # a bug in one session: it ends that session only
-            log.exception("backend %s: [%s] failed on channel %d", self.link.pool.name,
-                          stream.session, each.channel)  # fmt: skip
+            log.exception("backend %s: failed on channel %d", self.link.pool.name, each.channel,
+                          extra={"session": stream.session})  # fmt: skip
             stream.failed()
 
     def _tick(self) -> None:
@@ -136,8 +136,8 @@ class AgentConnection(FrameConnection["AgentStream"]):
             try:
                 stream.lost(detail)
             except Exception:  # one session's bug: every other session is still told
-                log.exception("backend %s: [%s] failed on losing its connection",
-                              self.link.pool.name, stream.session)  # fmt: skip
+                log.exception("backend %s: failed on losing its connection",
+                              self.link.pool.name, extra={"session": stream.session})  # fmt: skip
 
     def open_channel(self, stream: AgentStream) -> int:
         channel = self._next_channel
@@ -237,11 +237,8 @@ class AgentStream:
         self.abort()
         if not self.started.done():
             self.started.set_exception(BackendError(self._repo, "internal error"))
-        elif sink is not None:
-            try:
-                sink.backend_lost(BackendError(self._repo, "internal error"))
-            except Exception:
-                log.exception("backend %s: [%s] failed again", self._pool.name, self.session)
+        else:
+            sink_failed(sink, self._repo, self._pool.name, self.session)
 
     def update_flow(self) -> None:
         """Pause or resume the client as the credit and the connection's buffer allow."""

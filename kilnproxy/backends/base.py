@@ -7,6 +7,7 @@ back-pressure and the final exit status to a `BackendSink`. No buffering happens
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,6 +15,8 @@ from kilnproxy.directory.model import Identity, Route
 from kilnproxy.errors import BackendError
 from kilnproxy.policy.access import Access
 from kilnproxy.policy.commands import Verb
+
+log = logging.getLogger("kilnproxy.backend")
 
 # Every variable a backend command gets from kilnproxy (SPEC 5); an agent passes on no other.
 BACKEND_VARIABLES = frozenset(
@@ -76,6 +79,20 @@ class StdinBackPressure:
     def resume_writing(self) -> None:
         if self.sink is not None:
             self.sink.backend_resume_input()
+
+
+def sink_failed(sink: BackendSink | None, repo: str, backend: str, session: str) -> None:
+    """A sink (a relay) raised on what its backend delivered, and the stream was aborted: a bug
+    of that session's, which must end it alone, where it would otherwise end a connection other
+    sessions share. The caller logged it; the relay is told the backend is lost, if it can
+    still be told."""
+    if sink is None:
+        return
+    try:
+        sink.backend_lost(BackendError(repo, "internal error"))
+    except Exception:
+        log.exception("backend %s: failed again, on being told so", backend,
+                      extra={"session": session})  # fmt: skip
 
 
 class BackendStream(Protocol):

@@ -10,6 +10,7 @@ said to the client as such, and never git's or hg's own words, which would show 
 
 from __future__ import annotations
 
+import logging
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from kilnproxy.backends.base import (
     BackendSink,
     BackendStream,
     StdinBackPressure,
+    sink_failed,
 )
 from kilnproxy.backends.pool import DialFailed, Link, Pool
 from kilnproxy.errors import BackendError
 from kilnproxy.policy.commands import Verb
+
+log = logging.getLogger("kilnproxy.backend")
 
 # The backend leg is ours on both ends: AES-GCM is the cheapest AEAD in this stack.
 BACKEND_CIPHERS = [
@@ -123,9 +127,13 @@ def remote_command(request: BackendRequest) -> str:
 class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
     """One channel on a pooled connection, relaying to a BackendSink."""
 
-    def __init__(self, sink: BackendSink, link: SshLink, repo: str, path: str) -> None:
+    def __init__(
+        self, sink: BackendSink, link: SshLink, session: str, repo: str, path: str
+    ) -> None:
         self.sink: BackendSink | None = sink
         self._link: SshLink | None = link
+        self._backend = link.pool.name
+        self._session = session
         self._repo = repo
         self._path = path
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
@@ -139,12 +147,19 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._silent = False
-        if self.sink is None:
+        sink = self.sink
+        if sink is None:
             return
-        if datatype == asyncssh.EXTENDED_DATA_STDERR:
-            self.sink.backend_stderr(data)
-        else:
-            self.sink.backend_stdout(data)
+        try:
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                sink.backend_stderr(data)
+            else:
+                sink.backend_stdout(data)
+        except Exception:  # asyncssh would close the pooled connection, with every session on it
+            log.exception("backend %s: failed on its output", self._backend,
+                          extra={"session": self._session})  # fmt: skip
+            self.abort()
+            sink_failed(sink, self._repo, self._backend, self._session)
 
     def exit_status_received(self, status: int) -> None:
         self._status = status
@@ -224,7 +239,7 @@ class SshBackend:
                 raise BackendError(repo, detail) from exc
 
         return await self.pool.open_channel(
-            repo, lambda link: SshStream(sink, link, repo, path), start
+            repo, lambda link: SshStream(sink, link, request.session_id, repo, path), start
         )
 
     async def close(self) -> None:

@@ -420,6 +420,10 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._exit_when_flushed = status
             # With both marks at zero, asyncssh calls resume_writing once the buffer is empty.
             chan.set_write_buffer_limits(high=0, low=0)
+            # Nothing takes the client's bytes any more (data_received drops them now). Read
+            # on, or a client that closes its channel instead of reading would never be heard:
+            # asyncssh passes a close on only after what came before it.
+            chan.resume_reading()
 
     def _exit(self, status: int) -> None:
         self._exit_when_flushed = None

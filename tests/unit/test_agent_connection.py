@@ -30,7 +30,6 @@ from kilnproxy.backends.agent import (
 from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.frames import (
     CONTROL,
-    Frame,
     FrameReader,
     Kind,
     OpenRequest,
@@ -227,7 +226,9 @@ def test_one_sessions_failure_ends_that_session_only(caplog: pytest.LogCaptureFi
         await backend.close()
 
     asyncio.run(body())
-    assert "backend agent1: [3f9c2a1b] failed on channel 1" in caplog.text
+    (failure,) = [r for r in caplog.records if r.message.startswith("backend agent1: failed")]
+    assert failure.message == "backend agent1: failed on channel 1"
+    assert (failure.session, failure.exc_info is not None) == ("3f9c2a1b", True)  # type: ignore[attr-defined]
 
 
 def test_a_refusal_after_the_open_was_given_up_ends_the_channel_quietly() -> None:
@@ -241,14 +242,17 @@ def test_a_refusal_after_the_open_was_given_up_ends_the_channel_quietly() -> Non
             link = await pool.acquire("aviato/website")
             stream = AgentStream(Sink(), link, "3f9c2a1b", "aviato/website", WINDOW)
             stream.started.cancel()
-            stream.received(Frame(kind, stream.channel, b"no such repository"))
+            (agent,) = storage.agents
+            agent.send(frame(kind, stream.channel, b"no such repository"))
+            await asyncio.sleep(0.01)
             assert link.conn is not None and stream.channel not in link.conn.channels
             assert link.active == 0
             stream.abort()  # what open_channel does next: the agent has nothing to close
-        await asyncio.sleep(0.01)
-        (agent,) = storage.agents
-        assert agent.closed == []
-        assert agent.transport is not None and agent.transport.is_closing()  # the drain's
+            await asyncio.sleep(0.01)
+            assert agent.closed == []
+            # A refusal leaves the connection to the other sessions; a drain closes it.
+            assert agent.transport is not None
+            assert agent.transport.is_closing() is (kind is Kind.DRAINING)
         await pool.close()
 
     asyncio.run(body())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kilnproxy.backends.base import BackendRequest
+from kilnproxy.backends.base import BACKEND_VARIABLES, BackendRequest
 from kilnproxy.backends.local import command_argv, command_env
 from kilnproxy.backends.ssh import remote_command
 from kilnproxy.directory.model import Identity, Route
@@ -47,3 +47,11 @@ def test_the_environment_names_the_session_and_only_hg_gets_the_hook(tmp_path: P
     assert str(hook) not in git.get("HGRCPATH", "")
     hg = command_env(Verb.HG_SERVE, _request(Verb.HG_SERVE, "/srv/a").environment(), hook)
     assert hg["HGRCPATH"].endswith(str(hook)) and "GIT_PROTOCOL" not in hg
+
+
+def test_the_agent_passes_on_exactly_the_variables_a_request_has() -> None:
+    """The agent refuses any variable not in BACKEND_VARIABLES: one added to environment()
+    alone would have every agent session refused."""
+    assert set(_request(Verb.UPLOAD_PACK, "/srv/a.git", "version=2").environment()) == (
+        BACKEND_VARIABLES
+    )

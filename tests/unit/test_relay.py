@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+import asyncssh
 import pytest
 
 from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
@@ -608,3 +609,70 @@ async def test_bad_commands_and_shells_take_no_session() -> None:
         assert rig.chan.sent[-1] == ("exit", 128 if line else 1)
         assert admission.sessions.statistics() == {}  # while the channel is still open
         rig.relay.connection_lost(None)
+
+
+@pytest.mark.parametrize("first", ["the backend ends", "the client closes"])
+def test_a_client_that_closes_instead_of_reading_is_heard(first: str) -> None:
+    """On a real asyncssh channel, for what FakeChannel cannot show: asyncssh passes a client's
+    CHANNEL_CLOSE on (connection_lost) only after the data that came before it, which it holds
+    while the relay reads no more. A client that has not taken its output and closes its
+    channel instead of reading it, before or after the backend ends, must still end the
+    session, not leave it for the idle timeout."""
+    asyncio.run(_close_instead_of_reading(first))
+
+
+async def _close_instead_of_reading(first: str) -> None:
+
+    class Owner(FakeOwner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ended = asyncio.Event()
+
+        def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
+            super().relay_closed(relay, stats)
+            self.ended.set()
+
+    owner = Owner()
+    services = Services(FakeDirectory(website()), FakeBackends(FakeBackend()), FakeMetrics(),
+                        FakeAdmission())  # fmt: skip
+    relay = Relay(owner, services)
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False  # no authentication: the relay is what is tested
+
+        def session_requested(self) -> Relay:
+            return relay
+
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    listener = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key],
+                                     server_factory=Server, encoding=None,
+                                     line_editor=False)  # fmt: skip
+    port = listener.sockets[0].getsockname()[1]
+    async with asyncssh.connect("127.0.0.1", port, username="git", known_hosts=None,
+                                config=None, agent_path=None,
+                                client_keys=None) as client:  # fmt: skip
+        chan, _ = await client.create_session(
+            asyncssh.SSHClientSession, UPLOAD, encoding=None, window=4096
+        )
+        chan.pause_reading()  # the client takes none of the output
+        for _ in range(100):
+            if relay.state is RelayState.RUNNING:
+                break
+            await asyncio.sleep(0.01)
+        relay.backend_pause_input()  # the command's stdin is full
+        relay.backend_stdout(bytes(65536))  # more than the client's window
+        chan.write(b"0032want 0123456789012345678901234567890123456789\n")  # held by asyncssh
+        await asyncio.sleep(0.1)
+        if first == "the client closes":
+            chan.close()
+            await asyncio.sleep(0.1)
+            assert not owner.closed  # asyncssh holds the close behind the client's bytes
+        relay.backend_finished(0)
+        if first == "the backend ends":
+            assert relay.state is RelayState.EXITING  # the exit waits for the output
+            chan.close()
+        async with asyncio.timeout(2):
+            await owner.ended.wait()
+    listener.close()
+    assert owner.closed[0].outcome is Outcome.OK  # the command ended well; the client left
