@@ -6,6 +6,8 @@ sshd must AcceptEnv them). The channel's flow control maps onto the relay's both
 local backend's pipes do. As the local backend and the agent do, it looks for the repository
 first (the command runs only if its path is a directory): a missing one is the storage's failure,
 said to the client as such, and never git's or hg's own words, which would show the storage path.
+A session whose relay fails on its output ends alone: the pooled connection and its other
+channels go on.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import cast
 
 import pytest
 from agent import Pki, read_frames
+from sinks import RecordingSink
 
 from kilnproxy.agent.server import server_context
 from kilnproxy.backends.agent import (
@@ -102,32 +103,6 @@ class Storage:
         return Pool("agent1", ("127.0.0.1", 9422), self.connect, 16, 60.0, 2.0)
 
 
-class Sink:
-    """A relay that records what it was told; `broken` ones raise on stderr, as a relay whose
-    client closed its channel did (`Relay._write_stderr`)."""
-
-    def __init__(self, broken: bool = False) -> None:
-        self.broken = broken
-        self.stdout = b""
-        self.ended: list[str] = []
-
-    def backend_stdout(self, data: bytes) -> None:
-        self.stdout += data
-
-    def backend_stderr(self, data: bytes) -> None:
-        if self.broken:
-            raise BrokenPipeError("Channel not open for sending")
-
-    def backend_pause_input(self) -> None: ...
-    def backend_resume_input(self) -> None: ...
-
-    def backend_finished(self, exit_status: int) -> None:
-        self.ended.append(f"exit {exit_status}")
-
-    def backend_lost(self, error: BackendError) -> None:
-        self.ended.append(error.detail)
-
-
 def request() -> BackendRequest:
     route = Route("aviato/website", Verb.UPLOAD_PACK.vcs, "agent1", "agent://127.0.0.1:9422/srv",
                   "/srv/aviato/website.git", Access.READ)  # fmt: skip
@@ -139,7 +114,7 @@ def test_a_session_refused_for_the_drain_is_opened_once_more_on_a_new_connection
     async def body() -> None:
         storage = Storage(draining=1)
         backend = AgentBackend("agent1", storage.pool(), WINDOW)
-        stream = await backend.open(request(), Sink())
+        stream = await backend.open(request(), RecordingSink())
         first, second = storage.agents
         assert (
             [r.session for r in first.opened] == [r.session for r in second.opened] == ["3f9c2a1b"]
@@ -160,7 +135,7 @@ def test_a_second_refusal_for_the_drain_is_final() -> None:
         storage = Storage(draining=2)
         backend = AgentBackend("agent1", storage.pool(), WINDOW)
         with pytest.raises(BackendError) as refused:
-            await backend.open(request(), Sink())
+            await backend.open(request(), RecordingSink())
         assert refused.value.detail == "agent refused: it drains"
         assert backend.pool.dials == 2  # retried once, not more
         await backend.close()
@@ -208,7 +183,7 @@ def test_one_sessions_failure_ends_that_session_only(caplog: pytest.LogCaptureFi
     async def body() -> None:
         storage = Storage(draining=0)
         backend = AgentBackend("agent1", storage.pool(), WINDOW)
-        broken, whole = Sink(broken=True), Sink()
+        broken, whole = RecordingSink(broken=True), RecordingSink()
         first = cast(AgentStream, await backend.open(request(), broken))
         second = cast(AgentStream, await backend.open(request(), whole))
         (agent,) = storage.agents
@@ -240,7 +215,7 @@ def test_a_refusal_after_the_open_was_given_up_ends_the_channel_quietly() -> Non
         pool = storage.pool()
         for kind in (Kind.REFUSED, Kind.DRAINING):
             link = await pool.acquire("aviato/website")
-            stream = AgentStream(Sink(), link, "3f9c2a1b", "aviato/website", WINDOW)
+            stream = AgentStream(RecordingSink(), link, "3f9c2a1b", "aviato/website", WINDOW)
             stream.started.cancel()
             (agent,) = storage.agents
             agent.send(frame(kind, stream.channel, b"no such repository"))

@@ -11,34 +11,13 @@ from typing import cast
 
 import asyncssh
 import pytest
+from sinks import RecordingSink
 
 from kilnproxy.agent.channel import Channel
 from kilnproxy.backends import local
 from kilnproxy.backends.frames import Kind, OpenRequest, frame
 from kilnproxy.backends.pool import Link, Pool
 from kilnproxy.backends.ssh import SshLink, SshStream
-from kilnproxy.errors import BackendError
-
-
-class Sink:
-    """A relay whose stderr raises, as one whose client closed its channel did."""
-
-    def __init__(self) -> None:
-        self.ended: list[str] = []
-
-    def backend_stdout(self, data: bytes) -> None: ...
-
-    def backend_stderr(self, data: bytes) -> None:
-        raise BrokenPipeError("Channel not open for sending")
-
-    def backend_pause_input(self) -> None: ...
-    def backend_resume_input(self) -> None: ...
-
-    def backend_finished(self, exit_status: int) -> None:
-        self.ended.append(f"exit {exit_status}")
-
-    def backend_lost(self, error: BackendError) -> None:
-        self.ended.append(error.detail)
 
 
 class FakeChannel:
@@ -63,7 +42,7 @@ def test_a_relay_failing_on_ssh_output_ends_its_session_only(
     async def body() -> None:
         pool = Pool("storage", ("127.0.0.1", 22), _connect, 8, 60.0, 2.0)
         link = await pool.acquire("aviato/website")
-        sink = Sink()
+        sink = RecordingSink(broken=True)
         # The stream needs only its link's pool: no SSH connection is made here.
         ssh_link = cast(SshLink, link)
         stream = SshStream(sink, ssh_link, "3f9c2a1b", "aviato/website", "/srv/a.git")
