@@ -50,7 +50,8 @@ def test_a_relay_failing_on_ssh_output_ends_its_session_only(
         stream.connection_made(chan)  # type: ignore[arg-type]
         stream.data_received(b"fatal: bad line\n", asyncssh.EXTENDED_DATA_STDERR)
         assert (chan.closed, sink.ended, link.active) == (True, ["internal error"], 0)
-        stream.data_received(b"more", None)  # nothing more reaches the relay
+        stream.data_received(b"more", None)
+        assert (sink.stdout, sink.ended) == (b"", ["internal error"])  # nothing more reached it
         await pool.close()
 
     asyncio.run(body())
