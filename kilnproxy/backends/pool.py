@@ -151,8 +151,7 @@ class Pool(Generic[C]):
         if link.active > 0:
             return
         if link.state is LinkState.OPEN:
-            loop = asyncio.get_running_loop()
-            link.idle_timer = loop.call_later(self.idle, self._close_idle, link)
+            self._idle_from_now(link)
         elif link.state is LinkState.DRAINING:
             self._close(link, "closing a drained connection")
 
@@ -166,6 +165,9 @@ class Pool(Generic[C]):
         link.state = LinkState.DRAINING
         if link.active == 0:
             self._close(link, "closing a drained connection")
+
+    def _idle_from_now(self, link: Link[C]) -> None:
+        link.idle_timer = asyncio.get_running_loop().call_later(self.idle, self._close_idle, link)
 
     def _close_idle(self, link: Link[C]) -> None:
         link.idle_timer = None
@@ -212,10 +214,8 @@ class Pool(Generic[C]):
         if self.on_dial is not None:
             self.on_dial(took)
         link.ready.set_result(None)
-        if link.active == 0:  # every session that waited for it has given up: idle from now
-            link.idle_timer = asyncio.get_running_loop().call_later(
-                self.idle, self._close_idle, link
-            )
+        if link.active == 0:  # every session that waited for it has given up
+            self._idle_from_now(link)
 
     async def close(self) -> None:
         for link in list(self.links):
