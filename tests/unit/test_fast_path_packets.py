@@ -308,6 +308,40 @@ async def _a_client_whose_holds_run_out_is_no_longer_held() -> None:
     assert _granted(adjusts, 8192) == []
 
 
+def test_holds_that_run_out_in_a_burst_do_not_end_holding() -> None:
+    asyncio.run(_holds_that_run_out_in_a_burst_do_not_end_holding())
+
+
+async def _run_out(channel: Channel) -> None:
+    assert _granted(channel, 8192) == []  # held
+    await asyncio.sleep(fast_path.HOLD * 3)
+
+
+def _adjusted(channel: Channel) -> None:
+    assert _granted(channel, 8192) == []  # held
+    assert _granted(channel, HELD - 8192) != []  # the next adjust opens enough
+
+
+async def _holds_that_run_out_in_a_burst_do_not_end_holding() -> None:
+    """An OpenSSH client's holds that run out bunch (most while its git starts): 4 at the start,
+    then 12 ended by adjusts, then 4 more is 8 of 20 run out, but only 4 of the last 16, and
+    the channel is held on. Four more, and 8 of the last 16 have: it is held no more."""
+    channel = _fast_channel(OPENSSH_WINDOW)
+    fast_path._write(channel, random.randbytes(8 * OPENSSH_WINDOW))  # type: ignore[arg-type]
+    burst = fast_path.GIVE_UP // 2
+    for _ in range(burst):
+        await _run_out(channel)
+    for _ in range(fast_path.RECENT - burst):
+        _adjusted(channel)
+    for _ in range(burst):
+        await _run_out(channel)
+    assert _granted(channel, 8192) == []  # still held
+    _granted(channel, HELD)  # that hold ends by an adjust
+    for _ in range(fast_path.GIVE_UP - burst):
+        await _run_out(channel)
+    assert _granted(channel, 8192) != []
+
+
 def test_an_aborted_channel_sends_nothing_when_its_hold_runs_out() -> None:
     asyncio.run(_an_aborted_channel_sends_nothing_when_its_hold_runs_out())
 
