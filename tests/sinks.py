@@ -1,8 +1,11 @@
 """A relay's side of a backend stream for tests of backends without a relay: it records what it
-is told, and a `broken` one raises on stderr, as a relay whose client had closed its channel did
-before `Relay._write_stderr` (the failure a backend must keep to that one session)."""
+is told (`spoke` is set once stdout has come), and a `broken` one raises on stderr, as a relay
+whose client had closed its channel did before `Relay._write_stderr` (the failure a backend must
+keep to that one session)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from kilnproxy.errors import BackendError
 
@@ -11,10 +14,12 @@ class RecordingSink:
     def __init__(self, broken: bool = False) -> None:
         self.broken = broken
         self.stdout = b""
+        self.spoke = asyncio.Event()  # some stdout came
         self.ended: list[str] = []  # "exit N", or the detail of the loss
 
     def backend_stdout(self, data: bytes) -> None:
         self.stdout += data
+        self.spoke.set()
 
     def backend_stderr(self, data: bytes) -> None:
         if self.broken:

@@ -17,11 +17,11 @@ import psutil
 import pytest
 import uvloop
 from harness import gone, wait_until
+from sinks import RecordingSink
 
 from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.local import KILL_GRACE, LocalBackend
 from kilnproxy.directory.model import Identity, Route
-from kilnproxy.errors import BackendError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs, Verb
 
@@ -31,34 +31,6 @@ sleep 60 &
 echo started
 wait
 """
-
-
-class Sink:
-    """A relay's side of a backend stream, recording what it is told."""
-
-    def __init__(self) -> None:
-        self.stdout = b""
-        self.spoke = asyncio.Event()
-        self.ended: list[object] = []
-
-    def backend_stdout(self, data: bytes) -> None:
-        self.stdout += data
-        self.spoke.set()
-
-    def backend_stderr(self, data: bytes) -> None:
-        pass
-
-    def backend_pause_input(self) -> None:
-        pass
-
-    def backend_resume_input(self) -> None:
-        pass
-
-    def backend_finished(self, exit_status: int) -> None:
-        self.ended.append(exit_status)
-
-    def backend_lost(self, error: BackendError) -> None:
-        self.ended.append(error)
 
 
 def test_a_command_deaf_to_sigterm_is_killed_after_the_grace(
@@ -74,7 +46,7 @@ def test_a_command_deaf_to_sigterm_is_killed_after_the_grace(
     route = Route("aviato/deaf", Vcs.GIT, "local", "local:///", str(tmp_path), Access.READ)
     who = Identity("aviato", "alice", Role.READ, "laptop", "SHA256:x")
     request = BackendRequest("0badf00d", Verb.UPLOAD_PACK, route, who, None)
-    sink = Sink()
+    sink = RecordingSink()
 
     async def abort_and_watch() -> tuple[list[str], float]:
         stream = await LocalBackend("local", tmp_path / "state").open(request, sink)

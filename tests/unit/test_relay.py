@@ -649,30 +649,32 @@ async def _close_instead_of_reading(first: str) -> None:
                                      server_factory=Server, encoding=None,
                                      line_editor=False)  # fmt: skip
     port = listener.sockets[0].getsockname()[1]
-    async with asyncssh.connect("127.0.0.1", port, username="git", known_hosts=None,
-                                config=None, agent_path=None,
-                                client_keys=None) as client:  # fmt: skip
-        chan, _ = await client.create_session(
-            asyncssh.SSHClientSession, UPLOAD, encoding=None, window=4096
-        )
-        chan.pause_reading()  # the client takes none of the output
-        for _ in range(100):
-            if relay.state is RelayState.RUNNING:
-                break
-            await asyncio.sleep(0.01)
-        relay.backend_pause_input()  # the command's stdin is full
-        relay.backend_stdout(bytes(65536))  # more than the client's window
-        chan.write(b"0032want 0123456789012345678901234567890123456789\n")  # held by asyncssh
-        await asyncio.sleep(0.1)
-        if first == "the client closes":
-            chan.close()
+    try:
+        async with asyncssh.connect("127.0.0.1", port, username="git", known_hosts=None,
+                                    config=None, agent_path=None,
+                                    client_keys=None) as client:  # fmt: skip
+            chan, _ = await client.create_session(
+                asyncssh.SSHClientSession, UPLOAD, encoding=None, window=4096
+            )
+            chan.pause_reading()  # the client takes none of the output
+            for _ in range(100):
+                if relay.state is RelayState.RUNNING:
+                    break
+                await asyncio.sleep(0.01)
+            relay.backend_pause_input()  # the command's stdin is full
+            relay.backend_stdout(bytes(65536))  # more than the client's window
+            chan.write(b"0032want 0123456789012345678901234567890123456789\n")  # held by asyncssh
             await asyncio.sleep(0.1)
-            assert not owner.closed  # asyncssh holds the close behind the client's bytes
-        relay.backend_finished(0)
-        if first == "the backend ends":
-            assert relay.state is RelayState.EXITING  # the exit waits for the output
-            chan.close()
-        async with asyncio.timeout(2):
-            await owner.ended.wait()
-    listener.close()
+            if first == "the client closes":
+                chan.close()
+                await asyncio.sleep(0.1)
+                assert not owner.closed  # asyncssh holds the close behind the client's bytes
+            relay.backend_finished(0)
+            if first == "the backend ends":
+                assert relay.state is RelayState.EXITING  # the exit waits for the output
+                chan.close()
+            async with asyncio.timeout(2):
+                await owner.ended.wait()
+    finally:
+        listener.close()
     assert owner.closed[0].outcome is Outcome.OK  # the command ended well; the client left
