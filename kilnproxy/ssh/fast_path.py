@@ -407,11 +407,13 @@ class _HoldState:
         every time. Once GIVE_UP of a channel's last RECENT holds have run out, its adjusts are
         answered at once, as asyncssh answers them, for the rest of the channel.
 
-        Only the recent holds count: an OpenSSH client lets a few in a hundred run out (Go's
-        client two or three), but they bunch, most at the start of a transfer while its git
-        starts. Counted over every hold so far (8 run out, and more than one in four), one of
-        five large clones through an agent stopped being held after 8 of its first 23 had run
-        out, for the rest of the clone (the README's figures)."""
+        Half of the last RECENT, not a quarter of all so far (the rule before): an OpenSSH
+        client lets a few in a hundred run out (Go's client two or three), but they bunch, most
+        at the start of a transfer while its git starts, and under that rule one of five large
+        clones through an agent stopped being held after 8 of its first 23 had run out, for the
+        rest of the clone (the README's figures). A bunch of 8 in 16 later on now ends holding,
+        where a quarter of all might not have: a client that has stopped adjusting as it reads
+        is not held on for what it once did."""
         return self.recent.bit_count() >= GIVE_UP
 
 
@@ -431,7 +433,7 @@ def _holds(channel: SSHChannel[Any]) -> bool:
 
     Four packets, not one: an OpenSSH client (2 MiB window) then gets writes of 128 KiB or more,
     not 32 KiB, and fewer of them, for 1 to 3 holds in 100 that run out (the README's figures).
-    With eight, enough ran out to give up."""
+    With eight, enough ran out to give up (under the rule before `_HoldState.recent`)."""
     state: _HoldState | None = getattr(channel, _HOLD_STATE, None)
     if state is None:
         state = _HoldState()
