@@ -254,6 +254,18 @@ HELD = fast_path.HOLD_PACKETS * PKTSIZE  # a window less than this, with more wa
 OPENSSH_WINDOW = 1 << 21  # what OpenSSH's client gives a session channel
 
 
+async def _run_out(channel: Channel) -> None:
+    """A hold that runs out: an adjust too small to send on, then none for HOLD seconds."""
+    assert _granted(channel, 8192) == []  # held
+    await asyncio.sleep(fast_path.HOLD * 3)
+
+
+def _adjusted(channel: Channel) -> None:
+    """A hold that an adjust ends."""
+    assert _granted(channel, 8192) == []  # held
+    assert _granted(channel, HELD - 8192) != []  # the next adjust opens enough
+
+
 def test_a_window_too_small_for_hold_packets_waits_for_more() -> None:
     asyncio.run(_a_window_too_small_for_hold_packets_waits_for_more())
 
@@ -294,32 +306,19 @@ async def _a_client_whose_holds_run_out_is_no_longer_held() -> None:
     lets_run_out = _fast_channel(OPENSSH_WINDOW)
     fast_path._write(lets_run_out, random.randbytes(2 * OPENSSH_WINDOW))  # type: ignore[arg-type]
     for _ in range(fast_path.GIVE_UP):
-        assert _granted(lets_run_out, 8192) == []
-        await asyncio.sleep(fast_path.HOLD * 3)
+        await _run_out(lets_run_out)
     assert _granted(lets_run_out, 8192) != []
     adjusts = _fast_channel(OPENSSH_WINDOW)
     fast_path._write(adjusts, random.randbytes(8 * OPENSSH_WINDOW))  # type: ignore[arg-type]
     for _ in range(3 * fast_path.GIVE_UP):  # three holds ended by adjusts for each run out
         for _ in range(3):
-            assert _granted(adjusts, 8192) == []
-            assert _granted(adjusts, HELD - 8192) != []
-        assert _granted(adjusts, 8192) == []
-        await asyncio.sleep(fast_path.HOLD * 3)
+            _adjusted(adjusts)
+        await _run_out(adjusts)
     assert _granted(adjusts, 8192) == []
 
 
 def test_holds_that_run_out_in_a_burst_do_not_end_holding() -> None:
     asyncio.run(_holds_that_run_out_in_a_burst_do_not_end_holding())
-
-
-async def _run_out(channel: Channel) -> None:
-    assert _granted(channel, 8192) == []  # held
-    await asyncio.sleep(fast_path.HOLD * 3)
-
-
-def _adjusted(channel: Channel) -> None:
-    assert _granted(channel, 8192) == []  # held
-    assert _granted(channel, HELD - 8192) != []  # the next adjust opens enough
 
 
 async def _holds_that_run_out_in_a_burst_do_not_end_holding() -> None:
