@@ -51,6 +51,7 @@ class ProxyConnection(FrameConnection[Channel]):
         log.warning("proxy %s: protocol error, closing: %s", self.peer, error)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.close(f"connection from {self.peer} lost ({exc or 'closed'})")

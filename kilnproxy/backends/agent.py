@@ -90,6 +90,7 @@ class AgentConnection(FrameConnection["AgentStream"]):
         self.link.pool.retire(self.link)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -67,6 +67,9 @@ class Link(Generic[C]):
         if self.state is LinkState.OPEN:
             log.warning("backend %s: connection lost (%s)", self.pool.name, exc or "closed")
         self.pool.drop(self)
+        # The connection refers to its link: the pair would wait for the cyclic collector.
+        # Sessions still on it hold the connection themselves.
+        self.conn = None
 
 
 Connect = Callable[[Link[C]], Awaitable[C]]

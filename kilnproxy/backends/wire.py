@@ -50,6 +50,7 @@ class FrameConnection(asyncio.BufferedProtocol, Generic[F]):
         self.write_paused = False
         self._reader = FrameReader()
         self._early: list[bytes] = []  # sent before the transport was handed over
+        self._lost = False
 
     # -- for subclasses --------------------------------------------------------------------------
 
@@ -101,6 +102,17 @@ class FrameConnection(asyncio.BufferedProtocol, Generic[F]):
     def eof_received(self) -> bool | None:
         return False  # the peer hung up: close; connection_lost follows
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Let go of the transport (subclasses call this first): the TLS protocol under it
+        keeps this connection's `get_buffer` once the connection is lost (asyncio's and
+        uvloop's alike), and a transport kept here closes the cycle. Only the cyclic collector
+        would then free the connection, with the frame reader's area and the TLS buffers
+        (about 800 KiB), and a process that allocates little runs it seldom: an agent whose
+        proxies' connections came and went grew by that much for each, for as long as a full
+        collection did not come."""
+        self.transport = None
+        self._lost = True
+
     def pause_writing(self) -> None:
         self.write_paused = True
         for channel in list(self.channels.values()):
@@ -114,6 +126,8 @@ class FrameConnection(asyncio.BufferedProtocol, Generic[F]):
     # -- sending ---------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        if self._lost:
+            return
         if self.transport is None:
             self._early.append(data)
         elif not self.transport.is_closing():
