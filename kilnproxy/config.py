@@ -583,6 +583,12 @@ class AgentSettings:
         "1MiB",
         "Per session, how much input a proxy may send ahead of the command (flow control).",
     )
+    max_handshakes: int = setting(
+        positive_int,
+        256,
+        "TLS handshakes under way at once (each holds about 300 KiB until it ends or "
+        "[timeouts] dial passes); a connection beyond them is closed at once.",
+    )
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,10 @@ class ProxyConnection(FrameConnection[Channel]):
         log.warning("proxy %s: protocol error, closing: %s", self.peer, error)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        connected = self.transport is not None
         super().connection_lost(exc)
+        if not connected:  # its handshake failed (asyncio tells the protocol all the same)
+            return
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.close(f"connection from {self.peer} lost ({exc or 'closed'})")

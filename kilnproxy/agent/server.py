@@ -1,7 +1,9 @@
 """`kilnproxy agent`: the listener, TLS with client certificates, and the drain on SIGTERM.
 
 The TLS handshake is ours to await (`start_tls`), not the server's to hide: a proxy whose
-certificate is refused gets one log line here, with its address and the reason. On SIGTERM
+certificate is refused gets one log line here, with its address and the reason. At most
+`[agent] max_handshakes` handshakes run at once: each holds asyncio's TLS buffers until it ends,
+and a flood of connections that never speak must not grow the agent without bound. On SIGTERM
 (or SIGINT) the agent stops accepting, tells every proxy connection that it drains (the proxy
 opens its next sessions elsewhere: on the agent that replaces this one), closes those that run
 nothing, lets running commands finish for up to `[timeouts] drain`, then aborts what is left
@@ -15,6 +17,7 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import cast
 
@@ -23,6 +26,7 @@ from kilnproxy.agent.connection import ProxyConnection
 from kilnproxy.backends.local import KILL_GRACE, write_hook_rc
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy.admission import RefusalLog
 
 log = logging.getLogger("kilnproxy.agent")
 
@@ -69,8 +73,9 @@ def _drop_tracebacks(exc: BaseException) -> None:
     of the frame that raised it (CPython 3.11; gh-109534), so the error, its traceback and that
     frame make a cycle holding the protocol and its 256 KiB buffer, which only the cyclic
     collector frees: a health check or a port scan that connects and closes cost the agent
-    about 300 KiB each until a full collection came. Cutting the tracebacks (of the error and
-    of those it was raised from) undoes the cycle."""
+    about 300 KiB each until a full collection came. And the traceback reaches start_tls's
+    frame, whose waiter holds the error: a cycle too. Cutting the tracebacks (of the error and
+    of those it was raised from) undoes both."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -91,6 +96,9 @@ class Agent:
         self.context = server_context(settings.ca, settings.cert, settings.key)
         self.hook_rc = write_hook_rc(config.home / "state")
         self.handshake_timeout = config.timeouts.dial
+        self.max_handshakes = settings.max_handshakes
+        self.handshaking = 0  # handshakes under way
+        self._refusals = RefusalLog()
         self.drain_timeout = config.timeouts.drain
         self.draining = False
         self.connections: set[ProxyConnection] = set()
@@ -112,11 +120,26 @@ class Agent:
     # -- accepting -------------------------------------------------------------------------------
 
     def handshake(self, transport: asyncio.Transport) -> None:
-        self._spawn(self._handshake(transport))
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
         host, port = transport.get_extra_info("peername")[:2]
         peer = f"{host}:{port}"
+        if self.handshaking >= self.max_handshakes:
+            held = self._refusals.should_log("handshakes", time.monotonic())
+            if held is not None:
+                more = f"; {held} more refused since the last such line" if held else ""
+                log.warning("refused connection from %s: %d TLS handshakes under way "
+                            "([agent] max_handshakes)%s", peer, self.handshaking, more)  # fmt: skip
+            transport.abort()
+            return
+        self.handshaking += 1
+        self._spawn(self._handshake(transport, peer))
+
+    async def _handshake(self, transport: asyncio.Transport, peer: str) -> None:
+        try:
+            await self._secure(transport, peer)
+        finally:
+            self.handshaking -= 1
+
+    async def _secure(self, transport: asyncio.Transport, peer: str) -> None:
         conn = ProxyConnection(self, peer)
         loop = asyncio.get_running_loop()
         try:

@@ -209,6 +209,8 @@ class Pool(Generic[C]):
         finally:
             link.dial_task = None
         if link.state is not LinkState.DIALING:  # lost, or retired, during the handshake
+            if link.state is LinkState.CLOSED:
+                link.conn = None  # lost before it was ours: as `Link.lost`
             link.ready.set_result(None)
             return
         link.state = LinkState.OPEN

@@ -7,14 +7,16 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 from agent import Agent, Pki
 from conftest import World, make_world
-from harness import KILNPROXY, hold_tcp, run, seed_git, seed_hg
+from harness import KILNPROXY, Kiln, hold_tcp, run, seed_git, seed_hg
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,8 @@ def test_the_agent_is_back_to_its_baseline_after_every_kind_of_session(
     """The storage agent runs for months too: 60 sessions through it, of every kind that ends
     well or badly on its side (a command that fails, a path it refuses, a client that vanishes
     or is killed mid-clone, a proxy worker killed or restarted under a session, which ends the
-    worker's connection to it), and its fds, processes and threads are what they were. Its
+    worker's connection to it), and its fds, processes and threads are what they were; so are
+    the tasks and fds of the worker that served the last 40 (after the last such restart). Its
     memory per connection is tests/unit/test_agent_memory.py's."""
     pki = Pki(tmp_path / "pki")
     w = new_world({"backend_agent": pki.proxy_settings()})
@@ -106,19 +109,46 @@ def test_the_agent_is_back_to_its_baseline_after_every_kind_of_session(
     agent.start()
     try:
         agent_repos(w, agent, tmp_path)
-        kinds = agent_session_kinds(w, tmp_path)
+        kinds, worker_goes = agent_session_kinds(w, tmp_path)
         kiln.git(w.alice, "clone", "-q", kiln.url("aviato/on-agent"), str(tmp_path / "first"))
         kiln.wait_idle()
-        before = agent_stats(agent), kiln.worker()
+        before = agent_stats(agent)
         for i in range(60):
-            kinds[i % len(kinds)](i)
-        kiln.wait_ready()
-        after = agent_stats(agent), kiln.wait_idle()
-        assert after[0] == before[0], agent.log()[-3000:]
-        assert (after[1]["tasks"], after[1]["fds"]) == (before[1]["tasks"], before[1]["fds"])
+            if i in (5, 12, 19):  # killed, restarted, killed: then 40 more on the last worker
+                worker_goes(i)
+                worker = idle_after(kiln, 1)  # its first session, worker_goes's clone
+                files = fd_targets(worker["pid"])
+            else:
+                kinds[i % len(kinds)](i)
+        after = idle_after(kiln, worker["sessions_total"] + 40)
+        assert agent_stats(agent) == before, agent.log()[-3000:]
+        same = (after["pid"], after["tasks"], after["fds"]) == (
+            worker["pid"], worker["tasks"], worker["fds"])  # fmt: skip
+        assert same, (worker, after, opened_since(files, after["pid"]))
         assert "Traceback" not in agent.log() + kiln.log()
     finally:
         agent.stop()
+
+
+def idle_after(kiln: Kiln, sessions: int) -> dict[str, Any]:
+    """The worker's statistics once a heartbeat has counted `sessions` ended, none open."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        worker = kiln.wait_idle()
+        if worker["sessions_total"] >= sessions:
+            return worker
+        time.sleep(0.05)
+    raise AssertionError(f"the worker served fewer than {sessions} sessions: {kiln.worker()}")
+
+
+def fd_targets(pid: int) -> list[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    return sorted(os.readlink(fd) for fd in fds.iterdir())
+
+
+def opened_since(before: list[str], pid: int) -> str:
+    now, then = Counter(fd_targets(pid)), Counter(before)
+    return f"opened {sorted((now - then).elements())}, closed {sorted((then - now).elements())}"
 
 
 def agent_repos(w: World, agent: Agent, tmp_path: Path) -> None:
@@ -148,7 +178,10 @@ def agent_repos(w: World, agent: Agent, tmp_path: Path) -> None:
     cli("repos", "add", "aviato/hg-on-agent", "--vcs", "hg", "--backend", "agent")
 
 
-def agent_session_kinds(w: World, tmp_path: Path) -> list[Callable[[int], None]]:
+def agent_session_kinds(
+    w: World, tmp_path: Path
+) -> tuple[list[Callable[[int], None]], Callable[[int], None]]:
+    """The kinds of session, in turn; and one that replaces the worker under a session."""
     kiln = w.kiln
     work = kiln.clone_with_commit(w.alice, "aviato/on-agent", tmp_path / "work", "start.txt")
 
@@ -200,5 +233,4 @@ def agent_session_kinds(w: World, tmp_path: Path) -> list[Callable[[int], None]]
             time.sleep(0.05)
         clone(i)  # the new worker dials the agent
 
-    return [clone, hg_clone, push, refused, vanishes, killed_mid_clone, worker_goes, clone,
-            push, refused, vanishes, killed_mid_clone, hg_clone, worker_goes]  # fmt: skip
+    return [clone, hg_clone, push, refused, vanishes, killed_mid_clone], worker_goes
