@@ -196,6 +196,11 @@ class Kiln:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILNPROXY_")}
         return env | {"KILNPROXY_HOME": str(self.home), "HOME": str(self.client_home)}
 
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """`kilnproxy ARGS` against this server's configuration, as its operator runs it."""
+        argv = [*KILNPROXY, *args, "--config", str(self.config_path)]
+        return run(argv, env=self.server_env(), check=check)
+
     def start(self, argv: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

@@ -37,9 +37,7 @@ class Site:
     agents: list[Agent]
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        kiln = self.world.kiln
-        argv = [*KILNPROXY, *args, "--config", str(kiln.config_path)]
-        return run(argv, env=kiln.server_env(), check=check)
+        return self.world.kiln.cli(*args, check=check)
 
     def agent(
         self, backend: str, pki: Pki | None = None, proxies: Pki | None = None, name: str = ""

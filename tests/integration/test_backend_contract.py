@@ -22,7 +22,7 @@ import psutil
 import pytest
 from agent import Agent, Pki
 from conftest import World, make_world
-from harness import KILNPROXY, pack_bytes_received, run, seed_git, seed_hg, ssh_client_of
+from harness import pack_bytes_received, run, seed_git, seed_hg, ssh_client_of
 from sshd import Sshd
 
 from kilnproxy.backends.local import READ_ONLY_HOOK
@@ -49,8 +49,7 @@ class Contract:
     storages: dict[str, Storage]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        kiln = self.world.kiln
-        return run([*KILNPROXY, *args, "--config", str(kiln.config_path)], env=kiln.server_env())
+        return self.world.kiln.cli(*args)
 
     def git_repo(self, storage: Storage, name: str, files: dict[str, bytes]) -> tuple[str, Path]:
         repo = f"aviato/{storage.kind}-{name}"

@@ -33,7 +33,7 @@ import psutil
 import pytest
 from agent import Agent, Pki
 from conftest import World, make_world
-from harness import KILNPROXY, Kiln, gone, run, seed_git, ssh_client_of, wait_until
+from harness import Kiln, gone, run, seed_git, ssh_client_of, wait_until
 from midway import Bystander, RawPush, bystanders, stalled_clone
 from sshd import Sshd
 
@@ -93,8 +93,7 @@ class Rig:
 
 
 def kiln_cli(kiln: Kiln, *args: str) -> str:
-    argv = [*KILNPROXY, *args, "--config", str(kiln.config_path)]
-    return run(argv, env=kiln.server_env()).stdout.decode()
+    return kiln.cli(*args).stdout.decode()
 
 
 @pytest.fixture(scope="module")

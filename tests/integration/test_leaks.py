@@ -16,7 +16,7 @@ import psutil
 import pytest
 from agent import Agent, Pki
 from conftest import World, make_world
-from harness import KILNPROXY, Kiln, hold_tcp, run, seed_git, seed_hg
+from harness import Kiln, hold_tcp, run, seed_git, seed_hg
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +154,7 @@ def opened_since(before: list[str], pid: int) -> str:
 def agent_repos(w: World, agent: Agent, tmp_path: Path) -> None:
     """On the agent: aviato/on-agent, aviato/big (8 MB), aviato/hg-on-agent; and routed to it,
     aviato/outside (outside its base) and aviato/absent (not on its disk)."""
-    kiln = w.kiln
-
-    def cli(*args: str) -> None:
-        run([*KILNPROXY, *args, "--config", str(kiln.config_path)], env=kiln.server_env())
+    cli = w.kiln.cli
 
     def git_repo(name: str, files: dict[str, bytes], path: Path | None = None) -> None:
         where = path or agent.base / f"aviato/{name}.git"

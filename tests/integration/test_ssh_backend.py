@@ -32,9 +32,7 @@ class Remote:
     public_key: str
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        kiln = self.world.kiln
-        argv = [*KILNPROXY, *args, "--config", str(kiln.config_path)]
-        return run(argv, env=kiln.server_env())
+        return self.world.kiln.cli(*args)
 
     def add_storage(self, name: str, root: Path, *, trust: bool = True) -> Sshd:
         storage = Sshd(root)
