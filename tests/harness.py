@@ -274,15 +274,17 @@ class Kiln:
         workers: list[dict[str, Any]] = self.status()["workers"]
         return workers[0]
 
-    def wait_idle(self, timeout: float = 10) -> dict[str, Any]:
-        """Wait until the worker has no session open; return its statistics."""
+    def wait_idle(self, timeout: float = 10, served: int = 0) -> dict[str, Any]:
+        """Wait until the worker has no session open, and has ended at least `served` in all;
+        return its statistics. (They come with its heartbeat, once a second: without `served`,
+        a heartbeat from before the last sessions opened says none is open.)"""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             worker = self.worker()
-            if worker["sessions"] == 0:
+            if worker["sessions"] == 0 and worker["sessions_total"] >= served:
                 return worker
             time.sleep(0.05)
-        raise AssertionError(f"sessions still open: {self.connections()}")
+        raise AssertionError(f"not idle after {served} sessions: {self.worker()}")
 
     # -- clients -----------------------------------------------------------------------------
 

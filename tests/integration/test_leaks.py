@@ -80,7 +80,7 @@ def test_no_leaks_after_200_sessions(leaky: World, tmp_path: Path) -> None:
     assert len(plan) == 200
     for i, session in enumerate(plan):
         session(i)
-    after = leaky.kiln.wait_idle()
+    after = leaky.kiln.wait_idle(served=before["sessions_total"] + 200)
     assert after["sessions_total"] - before["sessions_total"] >= 200
     assert (after["tasks"], after["fds"]) == (before["tasks"], before["fds"])
     assert "Traceback" not in leaky.kiln.log()
@@ -116,29 +116,33 @@ def test_the_agent_is_back_to_its_baseline_after_every_kind_of_session(
         for i in range(60):
             if i in (5, 12, 19):  # killed, restarted, killed: then 40 more on the last worker
                 worker_goes(i)
-                worker = idle_after(kiln, 1)  # its first session, worker_goes's clone
+                worker = settled(kiln, 1)  # its first session, worker_goes's clone
                 files = fd_targets(worker["pid"])
             else:
                 kinds[i % len(kinds)](i)
-        after = idle_after(kiln, worker["sessions_total"] + 40)
+        after = settled(kiln, worker["sessions_total"] + 40)
         assert agent_stats(agent) == before, agent.log()[-3000:]
-        same = (after["pid"], after["tasks"], after["fds"]) == (
-            worker["pid"], worker["tasks"], worker["fds"])  # fmt: skip
-        assert same, (worker, after, opened_since(files, after["pid"]))
+        watched = ("pid", "tasks", "fds")
+        first, last = [worker[k] for k in watched], [after[k] for k in watched]
+        assert last == first, opened_since(files, after["pid"])
         assert "Traceback" not in agent.log() + kiln.log()
     finally:
         agent.stop()
 
 
-def idle_after(kiln: Kiln, sessions: int) -> dict[str, Any]:
-    """The worker's statistics once a heartbeat has counted `sessions` ended, none open."""
+def settled(kiln: Kiln, served: int) -> dict[str, Any]:
+    """The worker's statistics once it has ended `served` sessions, has none open, and two
+    heartbeats in a row give the same tasks and fds (a session's socket and task may go a
+    moment after the heartbeat that counted it ended)."""
+    worker = kiln.wait_idle(served=served)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        worker = kiln.wait_idle()
-        if worker["sessions_total"] >= sessions:
-            return worker
-        time.sleep(0.05)
-    raise AssertionError(f"the worker served fewer than {sessions} sessions: {kiln.worker()}")
+        time.sleep(1.1)  # the next heartbeat
+        again = kiln.wait_idle(served=served)
+        if (again["tasks"], again["fds"]) == (worker["tasks"], worker["fds"]):
+            return again
+        worker = again
+    raise AssertionError(f"the worker's tasks and fds did not settle: {worker}")
 
 
 def fd_targets(pid: int) -> list[str]:
