@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Protocol
 
 from kilnproxy.agent.channel import Channel
-from kilnproxy.backends.frames import CONTROL, Frame, FrameError, Kind, OpenRequest, frame
+from kilnproxy.backends.frames import (
+    CONTROL,
+    Frame,
+    FrameError,
+    Kind,
+    OpenRequest,
+    count_frame,
+    frame,
+)
 from kilnproxy.backends.wire import FrameConnection
 
 log = logging.getLogger("kilnproxy.agent")
+INTERNAL_ERROR_STATUS = 255  # what a command that failed here exits with, for the proxy
 
 
 class Host(Protocol):
@@ -68,6 +77,19 @@ class ProxyConnection(FrameConnection[Channel]):
         channel = self.channels.get(each.channel)
         if channel is None:
             return  # ended here while the proxy was still sending
+        try:
+            self._to_channel(channel, each)
+        except FrameError:
+            raise  # the proxy broke the protocol: the connection goes, with every channel
+        except Exception:  # a bug on one channel ends that command only, not the connection
+            channel.log.exception("failed on a %s frame (repo %s)", each.kind.name,
+                                  channel.request.repo)  # fmt: skip
+            line = f"kilnproxy agent: internal error (session {channel.request.session})\n"
+            self.send(frame(Kind.STDERR, each.channel, line.encode()))
+            self.send(count_frame(Kind.EXIT, each.channel, INTERNAL_ERROR_STATUS))
+            channel.close("internal error")
+
+    def _to_channel(self, channel: Channel, each: Frame) -> None:
         if each.kind is Kind.STDIN:
             channel.stdin(each.payload)
         elif each.kind is Kind.STDIN_EOF:

@@ -1,11 +1,14 @@
 """Which repository paths the agent serves: only those that lie under its base directory.
 
 A path is resolved first (`..` and every symlink followed), so a symlink inside the base that
-leads out of it is refused like a path written outside it.
+leads out of it is refused like a path written outside it. So is one where git or hg would look
+instead of the path itself: git opens PATH/.git before PATH, and PATH.git/.git and PATH.git when
+PATH is no repository; hg opens PATH/.hg.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kilnproxy.errors import KilnproxyError
@@ -27,4 +30,14 @@ def confine(base: Path, requested: str) -> Path:
         raise Refused(f"path {requested!r} cannot be resolved: {exc}") from None
     if resolved == root or not resolved.is_relative_to(root):
         raise Refused(f"path {requested!r} is outside the agent's base {root}")
+    sibling = resolved.with_name(resolved.name + ".git")
+    for opened in (resolved / ".git", resolved / ".hg", sibling, sibling / ".git"):
+        if not os.path.lexists(opened):
+            continue
+        try:
+            target = opened.resolve()
+        except (OSError, RuntimeError) as exc:
+            raise Refused(f"path {requested!r}: {opened} cannot be resolved: {exc}") from None
+        if not target.is_relative_to(root):
+            raise Refused(f"path {requested!r}: {opened} leads outside the agent's base {root}")
     return resolved

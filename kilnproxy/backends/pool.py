@@ -203,8 +203,13 @@ class Pool(Generic[C]):
             else:
                 detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             log.warning("backend %s: cannot connect to %s:%d: %s", self.name, host, port, detail)
-            self.drop(link)
-            link.ready.set_result(f"backend {self.name}: {detail}")
+            self._dial_failed(link, detail)
+            return
+        except Exception as exc:  # a bug, or what no one foresaw (asyncssh's ValueError for a
+            # malformed key): this dial fails, and the next session dials again; a link left
+            # dialling would hold every later session of the backend on its `ready`
+            log.exception("backend %s: cannot connect to %s:%d", self.name, host, port)
+            self._dial_failed(link, f"{type(exc).__name__}: {exc}")
             return
         finally:
             link.dial_task = None
@@ -221,6 +226,10 @@ class Pool(Generic[C]):
         link.ready.set_result(None)
         if link.active == 0:  # every session that waited for it has given up
             self._idle_from_now(link)
+
+    def _dial_failed(self, link: Link[C], detail: str) -> None:
+        self.drop(link)
+        link.ready.set_result(f"backend {self.name}: {detail}")
 
     async def close(self) -> None:
         for link in list(self.links):

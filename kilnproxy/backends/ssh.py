@@ -109,6 +109,8 @@ def ssh_pool(
         except asyncssh.Error as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise DialFailed(detail) from None
+        except asyncssh.KeyImportError as exc:  # a ValueError, not an asyncssh.Error
+            raise DialFailed(f"cannot load [backend_ssh] key {target.key}: {exc}") from None
         return conn
 
     address = (target.host, target.port)

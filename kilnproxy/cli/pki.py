@@ -34,6 +34,20 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         out.write(data)
 
 
+def _write_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes) -> None:
+    """A key and its certificate, both or neither: a refusal leaves no key without its
+    certificate behind (which the next attempt would refuse to overwrite in turn)."""
+    for path in (key_path, cert_path):
+        if os.path.lexists(path):
+            raise OperatorError(f"{path} exists already; not overwriting it")
+    _write_new(key_path, key, 0o600)
+    try:
+        _write_new(cert_path, cert, 0o644)
+    except OperatorError:
+        key_path.unlink(missing_ok=True)
+        raise
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -53,10 +67,14 @@ def init_ca(directory: Path, name: str | None) -> list[str]:
     name = name or f"kilnproxy CA {secrets.token_hex(4)}"
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
+    try:
+        subject = _name(name)
+    except ValueError as exc:  # longer than a common name's 64 characters
+        raise OperatorError(f"cannot name a CA {name!r}: {exc}") from None
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(_name(name))
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -68,8 +86,8 @@ def init_ca(directory: Path, name: str | None) -> list[str]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
-    _write_new(directory / "ca.key", _key_pem(key), 0o600)
-    _write_new(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    _write_pair(directory / "ca.key", _key_pem(key), directory / "ca.pem", cert_pem)
     return [f"CA {name!r}: {directory / 'ca.pem'} (key {directory / 'ca.key'})"]
 
 
@@ -101,7 +119,27 @@ def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> li
     addresses, as the backend URLs write them), or a proxy's client certificate."""
     if days < 1:
         raise OperatorError(f"--days must be at least 1, not {days}")
+    if not out.name or out.name in (".", ".."):
+        raise OperatorError(f"OUT must name the files to write (OUT.pem, OUT.key), not {out}")
+    cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
     ca_cert, ca_key = _load_ca(ca_dir)
+    try:
+        cert, key = _sign(ca_cert, ca_key, kind, names, days)
+    except (ValueError, OverflowError) as exc:  # a name x509 cannot carry; days past year 9999
+        raise OperatorError(f"cannot issue a certificate for {', '.join(names)}: {exc}") from None
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    _write_pair(key_path, _key_pem(key), cert_path, cert_pem)
+    return [f"{kind} certificate for {', '.join(names)}: {cert_path} (key {key_path})"]
+
+
+def _sign(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    kind: str,
+    names: list[str],
+    days: int,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The certificate, signed by the CA, and its new key."""
     key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "agent" else ExtendedKeyUsageOID.CLIENT_AUTH
     now = datetime.datetime.now(datetime.UTC)
@@ -125,8 +163,4 @@ def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> li
         builder = builder.add_extension(
             x509.SubjectAlternativeName(_subject_names(names)), critical=False
         )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
-    _write_new(key_path, _key_pem(key), 0o600)
-    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return [f"{kind} certificate for {', '.join(names)}: {cert_path} (key {key_path})"]
+    return builder.sign(ca_key, hashes.SHA256()), key

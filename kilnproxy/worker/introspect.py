@@ -8,15 +8,45 @@ so it runs only on demand and stops by itself after a time limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import linecache
 import tracemalloc
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 HEAP_FRAMES = 25
+
+
+class _Memory(Protocol):
+    rss: int
+
+
+class _Process(Protocol):
+    """What ProcessFigures reads of a psutil.Process."""
+
+    def num_fds(self) -> int: ...
+
+    def memory_info(self) -> _Memory: ...
+
+
+class ProcessFigures:
+    """The process's open fds and RSS, read from /proc, which takes an fd of its own: at the fd
+    limit (EMFILE, a worker full of sessions) the last figures read stand in, and the heartbeat
+    that carries them goes on. A worker whose heartbeat stopped would be killed by the master,
+    with every session on it, when its sessions alone were about to free the fds."""
+
+    def __init__(self, process: _Process) -> None:
+        self._process = process
+        self._last = (0, 0)
+
+    def read(self) -> tuple[int, int]:
+        """(fds, rss in bytes)"""
+        with contextlib.suppress(OSError):
+            self._last = (self._process.num_fds(), self._process.memory_info().rss)
+        return self._last
 
 
 def _frames(task: asyncio.Task[Any]) -> list[FrameType]:

@@ -41,6 +41,7 @@ from kilnproxy.worker.service import Worker
 
 log = logging.getLogger("kilnproxy.worker")
 HEARTBEAT = 1.0
+BEAT_FAILURES_LOGGED = 60  # after the first failed heartbeat, one line per this many
 
 
 def title(index: int, sessions: int) -> str:
@@ -132,25 +133,32 @@ class WorkerProcess:
         """Messages from the master; its end closing means the master is gone."""
         while True:
             message = await channel.receive()
-            match message:
-                case None:
-                    log.warning("worker %d: master gone, draining", self.worker.index)
-                    self._events.put_nowait(Event.ORPHANED)
-                    return
-                case control.Drain():
-                    self._events.put_nowait(Event.TOLD_TO_DRAIN)
-                case control.DrainNotice():
-                    self.worker.drain_notice()
-                case control.Stop():
-                    self._events.put_nowait(Event.STOP)
-                case control.KillSession(session=session):
-                    self.worker.kill_session(session)
-                case control.TaskDumpRequest() | control.HeapProfileRequest():
-                    channel.send(self._answer(message))
-                case control.OthersChanged():
-                    self.worker.admission.others_changed(message)
-                case control.Penalties():
-                    self.worker.admission.penalties(message)
+            if message is None:
+                log.warning("worker %d: master gone, draining", self.worker.index)
+                self._events.put_nowait(Event.ORPHANED)
+                return
+            try:  # one message's failure (a bug) must not leave the worker deaf to the next
+                self._heard(channel, message)
+            except Exception:
+                log.exception("worker %d: failed on the master's %s", self.worker.index,
+                              type(message).__name__)  # fmt: skip
+
+    def _heard(self, channel: control.ToMaster, message: control.MasterMessage) -> None:
+        match message:
+            case control.Drain():
+                self._events.put_nowait(Event.TOLD_TO_DRAIN)
+            case control.DrainNotice():
+                self.worker.drain_notice()
+            case control.Stop():
+                self._events.put_nowait(Event.STOP)
+            case control.KillSession(session=session):
+                self.worker.kill_session(session)
+            case control.TaskDumpRequest() | control.HeapProfileRequest():
+                channel.send(self._answer(message))
+            case control.OthersChanged():
+                self.worker.admission.others_changed(message)
+            case control.Penalties():
+                self.worker.admission.penalties(message)
 
     def _answer(
         self, request: control.TaskDumpRequest | control.HeapProfileRequest
@@ -168,21 +176,31 @@ class WorkerProcess:
             return control.Reply(request.id, error=f"worker {self.worker.index} failed: {exc}")
 
     async def _heartbeat(self, channel: control.ToMaster) -> None:
+        failures = 0
         while True:
-            stats = self.worker.statistics()
-            setproctitle(title(self.worker.index, stats.sessions))
-            beat = control.Heartbeat(
-                stats=stats,
-                metrics=self.worker.metrics.snapshot(),
-                pools=self.worker.pool_statistics(),
-                sessions=self._changed_sessions(),
-            )
-            channel.send(beat)
-            # After the beat: a release blocks the loop a while, and the master's watchdog
-            # counts from the last beat it had.
-            if self.worker.settle_memory():
-                self._sent = dict(self._sent)  # a dict never shrinks its table: a flood's
+            try:  # a beat that fails (a bug) is logged, and the next one comes all the same
+                self._beat(channel)
+            except Exception:
+                failures += 1
+                if failures == 1 or failures % BEAT_FAILURES_LOGGED == 0:
+                    log.exception("worker %d: heartbeat failed (%d so far)", self.worker.index,
+                                  failures)  # fmt: skip
             await asyncio.sleep(HEARTBEAT)
+
+    def _beat(self, channel: control.ToMaster) -> None:
+        stats = self.worker.statistics()
+        setproctitle(title(self.worker.index, stats.sessions))
+        beat = control.Heartbeat(
+            stats=stats,
+            metrics=self.worker.metrics.snapshot(),
+            pools=self.worker.pool_statistics(),
+            sessions=self._changed_sessions(),
+        )
+        channel.send(beat)
+        # After the beat: a release blocks the loop a while, and the master's watchdog counts
+        # from the last beat it had.
+        if self.worker.settle_memory():
+            self._sent = dict(self._sent)  # a dict never shrinks its table: a flood's
 
     def _changed_sessions(self) -> tuple[control.SessionStats, ...]:
         """The rows the master has not seen as they are now."""

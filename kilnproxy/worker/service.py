@@ -29,7 +29,7 @@ from kilnproxy.ssh.server import listen, load_host_keys, server_options
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost
 from kilnproxy.worker.admission import WorkerAdmission
-from kilnproxy.worker.introspect import heap_in_use, release_memory
+from kilnproxy.worker.introspect import ProcessFigures, heap_in_use, release_memory
 from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
@@ -60,7 +60,7 @@ class Worker:
         self._sockets = sockets
         self._acceptors: list[asyncssh.SSHAcceptor] = []
         self._closing: list[asyncssh.SSHAcceptor] = []  # closed, maybe still handing over
-        self._process = psutil.Process()
+        self._process = ProcessFigures(psutil.Process())
         # The worker's own: its sessions see them only through the Protocols of `Services`.
         self.metrics = WorkerMetrics()
         self.directory = directory_for(config)
@@ -205,6 +205,7 @@ class Worker:
         return changed
 
     def statistics(self) -> WorkerStats:
+        fds, rss = self._process.read()
         return WorkerStats(
             index=self.index,
             pid=os.getpid(),
@@ -212,8 +213,8 @@ class Worker:
             sessions=len(self.host.sessions),
             sessions_total=self.host.total,
             tasks=len(asyncio.all_tasks()),
-            fds=self._process.num_fds(),
-            rss=self._process.memory_info().rss,
+            fds=fds,
+            rss=rss,
             heap=heap_in_use(),
             accepting=self.host.accepting,
             backend_connections=sum(p.connections for p in self.pool_statistics().values()),

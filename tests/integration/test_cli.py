@@ -193,6 +193,34 @@ def test_pki_makes_a_ca_and_certificates_once(
     )
 
 
+def test_pki_refuses_what_a_certificate_cannot_carry_and_writes_nothing(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    _, env = cli
+    pki = tmp_path / "pki"
+    assert kp(env, "pki", "init", str(pki)).returncode == 0
+    issue = ["pki", "issue", "--ca", str(pki), "--kind", "agent"]
+    for args, message in [
+        (["--name", "bücher.example", str(pki / "a")], "cannot issue a certificate for bücher"),
+        (["--name", "h" * 65, str(pki / "a")], "cannot issue a certificate for hhh"),
+        (["--name", "h", "--days", "99999999", str(pki / "a")], "cannot issue a certificate"),
+        (["--name", "h", "."], "OUT must name the files to write"),
+    ]:
+        done = kp(env, *issue, *args)
+        lines = done.stderr.decode().splitlines()
+        assert (done.returncode, len(lines)) == (2, 1), lines
+        assert lines[0].startswith("kilnproxy: error: ") and message in lines[0], lines[0]
+    long_ca = kp(env, "pki", "init", "--name", "c" * 65, str(tmp_path / "long"))
+    assert long_ca.returncode == 2
+    assert long_ca.stderr.decode().startswith("kilnproxy: error: cannot name a CA")
+    # A certificate already there (made with openssl, say): no key is written beside it.
+    (pki / "repo1.pem").write_text("kept\n")
+    again = kp(env, *issue, "--name", "repo1.internal", str(pki / "repo1"))
+    assert again.returncode == 2
+    assert sorted(p.name for p in pki.iterdir()) == ["ca.key", "ca.pem", "repo1.pem"]
+    assert not (tmp_path / "long").exists() or not any((tmp_path / "long").iterdir())
+
+
 def test_pki_certificates_find_their_ca_in_a_bundle_of_same_named_cas(
     cli: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:

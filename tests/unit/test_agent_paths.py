@@ -34,6 +34,32 @@ def test_paths_under_the_base_only(tmp_path: Path) -> None:
             confine(base, path)
 
 
+def test_where_git_or_hg_would_look_instead_lies_under_the_base_too(tmp_path: Path) -> None:
+    """git opens PATH/.git before PATH (and PATH.git when PATH is no repository), hg PATH/.hg:
+    a symlink there must not lead out either."""
+    base, outside = tmp_path / "srv", tmp_path / "outside.git"
+    outside.mkdir()
+    (base / "aviato" / "site.git").mkdir(parents=True)
+    (base / "aviato" / "work").mkdir()
+    (base / "aviato" / "work" / ".git").mkdir()  # a repository's own .git: served
+    assert confine(base, f"{base}/aviato/work") == base / "aviato" / "work"
+    (base / "aviato" / "site.git" / ".git").symlink_to(outside)
+    (base / "aviato" / "docs").mkdir()
+    (base / "aviato" / "docs" / ".hg").symlink_to(outside)
+    (base / "aviato" / "api").mkdir()
+    (base / "aviato" / "api.git").symlink_to(outside)
+    (base / "aviato" / "loop").mkdir()
+    (base / "aviato" / "loop" / ".git").symlink_to(base / "aviato" / "loop" / ".git")
+    for name, error in [
+        ("site.git", "site.git/.git leads outside"),
+        ("docs", "docs/.hg leads outside"),
+        ("api", "api.git leads outside"),
+        ("loop", "loop/.git cannot be resolved"),
+    ]:
+        with pytest.raises(Refused, match=error):
+            confine(base, f"{base}/aviato/{name}")
+
+
 def test_agent_urls() -> None:
     assert parse_backend_url("agent://repo1.internal:9422/srv/repos") == BackendUrl(
         "agent", PurePosixPath("/srv/repos"), "", "repo1.internal", 9422

@@ -14,10 +14,12 @@ import pytest
 from sinks import RecordingSink
 
 from kilnproxy.agent.channel import Channel
+from kilnproxy.agent.connection import ProxyConnection
 from kilnproxy.backends import local
-from kilnproxy.backends.frames import Kind, OpenRequest, frame
-from kilnproxy.backends.pool import Link, Pool
-from kilnproxy.backends.ssh import SshLink, SshStream
+from kilnproxy.backends.frames import Kind, OpenRequest, count_frame, frame
+from kilnproxy.backends.pool import Link, LinkState, Pool
+from kilnproxy.backends.ssh import SshLink, SshStream, Target, ssh_pool
+from kilnproxy.errors import BackendError
 
 
 class FakeChannel:
@@ -95,3 +97,110 @@ def test_an_agent_channel_that_fails_to_start_is_refused_at_once(
     (failure,) = [r for r in caplog.records if r.message.startswith("cannot start")]
     assert failure.session == "3f9c2a1b"  # type: ignore[attr-defined]
     assert "RuntimeError: a bug" in caplog.text
+
+
+class Host:
+    base = Path("/srv")
+    hook_rc = Path("/srv/hg.rc")
+    window = 65536
+    draining = False
+
+    def start(self, channel: Channel) -> None: ...
+
+    def gone(self, conn: ProxyConnection) -> None: ...
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class BrokenStdin:
+    aborted = False
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_an_agent_channel_that_fails_on_a_frame_ends_that_command_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure on one channel's frame (here, passing stdin on) ends that command, with a line
+    and exit status 255 to the proxy: the connection and its other channels go on."""
+    conn = ProxyConnection(Host(), "10.0.0.2:50000")
+    transport = Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    request = OpenRequest("3f9c2a1b", "aviato/website", "git-receive-pack", "/srv/a.git", {}, 1)
+    broken, other = Channel(conn, 1, request, 65536), Channel(conn, 2, request, 65536)
+    stream = BrokenStdin()
+    broken.stream = stream  # type: ignore[assignment]
+    conn.channels.update({1: broken, 2: other})
+    data = frame(Kind.STDIN, 1, b"0000")
+    conn.get_buffer(-1)[: len(data)] = data
+    conn.buffer_updated(len(data))
+    line = b"kilnproxy agent: internal error (session 3f9c2a1b)\n"
+    assert transport.written == [frame(Kind.STDERR, 1, line), count_frame(Kind.EXIT, 1, 255)]
+    assert (stream.aborted, list(conn.channels), transport.aborted) == (True, [2], False)
+    (failure,) = [r for r in caplog.records if r.exc_info]
+    assert failure.message == "failed on a STDIN frame (repo aviato/website)"
+    assert failure.session == "3f9c2a1b"  # type: ignore[attr-defined]
+
+
+def test_a_dial_that_raises_what_no_one_foresaw_fails_that_dial_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dial that raises something other than a connection error (a bug, a library's
+    ValueError) used to leave its link dialling for good, and every later session of the
+    backend waited on it until its idle cut."""
+    attempts: list[int] = []
+
+    async def connect(link: Link[Connection]) -> Connection:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ValueError("unexpected")
+        return Connection()
+
+    async def body() -> None:
+        pool = Pool("storage", ("127.0.0.1", 22), connect, 8, 60.0, 2.0)
+        async with asyncio.timeout(1.0):
+            with pytest.raises(BackendError, match="ValueError: unexpected"):
+                await pool.acquire("aviato/website")
+            assert pool.links == []
+            link = await pool.acquire("aviato/website")  # the next session dials again
+        assert (link.state, len(attempts)) == (LinkState.OPEN, 2)
+        await pool.close()
+
+    asyncio.run(body())
+    failure = next(r for r in caplog.records if r.exc_info)
+    assert failure.message == "backend storage: cannot connect to 127.0.0.1:22"
+
+
+def test_a_malformed_backend_key_fails_the_dial_with_its_reason(tmp_path: Path) -> None:
+    key = tmp_path / "backend_id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n")
+    target = Target("storage", "127.0.0.1", 9, "git", key, tmp_path / "known_hosts")
+
+    async def body() -> None:
+        pool = ssh_pool(target, 8, 60.0, 2.0)
+        async with asyncio.timeout(3.0):
+            with pytest.raises(BackendError, match=r"cannot load \[backend_ssh\] key .*"):
+                await pool.acquire("aviato/website")
+        assert pool.links == []
+
+    asyncio.run(body())

@@ -1,0 +1,65 @@
+"""A worker's fds and RSS for its heartbeat (worker.introspect.ProcessFigures): at the fd limit,
+where reading /proc fails, the last figures read stand in, and the heartbeat goes on."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+from dataclasses import dataclass
+
+import psutil
+import pytest
+
+from kilnproxy.worker.introspect import ProcessFigures
+
+
+@dataclass
+class Memory:
+    rss: int
+
+
+class Process:
+    def __init__(self) -> None:
+        self.full = False
+        self.fds = 12
+
+    def num_fds(self) -> int:
+        if self.full:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.fds
+
+    def memory_info(self) -> Memory:
+        return Memory(40 << 20)
+
+
+def test_the_last_figures_stand_in_while_proc_cannot_be_read() -> None:
+    process = Process()
+    figures = ProcessFigures(process)
+    assert figures.read() == (12, 40 << 20)
+    process.full, process.fds = True, 1024
+    assert figures.read() == (12, 40 << 20)
+    process.full = False
+    assert figures.read() == (1024, 40 << 20)
+
+
+def test_psutil_itself_at_the_fd_limit() -> None:
+    """What the fake above stands for: psutil raises OSError when no fd is left to read /proc."""
+    figures = ProcessFigures(psutil.Process())
+    fds, rss = figures.read()
+    assert fds > 0 and rss > 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fds + 16, hard))
+    try:
+        with pytest.raises(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError):
+            psutil.Process().num_fds()
+        assert figures.read() == (fds, rss)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert figures.read()[0] == psutil.Process().num_fds()
