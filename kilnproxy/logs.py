@@ -15,6 +15,8 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from kilnproxy.errors import OperatorError
+
 ACCESS = logging.getLogger("kilnproxy.access")
 
 
@@ -99,8 +101,11 @@ def configure(fmt: str, level: str, file: Path | None) -> logging.Handler:
     if file is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(file)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(file)
+        except OSError as exc:
+            raise OperatorError(f"[log] file {file}: cannot open it: {exc.strerror}") from None
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -110,3 +115,16 @@ def configure(fmt: str, level: str, file: Path | None) -> logging.Handler:
     # asyncssh logs every channel at INFO without our session id; ours say the same with it.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     return handler
+
+
+def reopen(fmt: str, level: str, file: Path | None) -> bool:
+    """USR1: `configure` again, so that a rotated log file is written anew. If the file cannot
+    be opened now (a rotation that left the wrong owner), the log goes on where it was, with a
+    line that says so: a running process does not stop for its log."""
+    try:
+        configure(fmt, level, file)
+    except OperatorError as exc:
+        log = logging.getLogger("kilnproxy")
+        log.error("cannot reopen the log, still writing where it was: %s", exc)
+        return False
+    return True

@@ -31,7 +31,7 @@ from typing import Any
 from kilnproxy import control
 from kilnproxy.config import Config, format_duration, load
 from kilnproxy.errors import OperatorError
-from kilnproxy.logs import configure
+from kilnproxy.logs import reopen
 from master.actions import NoSession, NoWorker, WorkerExited, WorkerFailed, WorkerTimeout
 from master.board import StatusBoard
 from master.liveness import BOOT_TIMEOUT, Escalation, Liveness, escalation
@@ -164,7 +164,7 @@ class Supervisor:
         log.info("workers wanted: %d", self.desired)
 
     def handle_sigusr1(self) -> None:
-        configure(self.config.log.format, self.config.log.level, self.config.log.file)
+        reopen(self.config.log.format, self.config.log.level, self.config.log.file)
         for worker in self.workers:
             self._signal(worker, signal.SIGUSR1)
 

@@ -82,7 +82,7 @@ class Agent:
         self.base = self.root / "srv"
         self.base.mkdir(exist_ok=True)
         self.log_path = self.root / "agent.log"
-        cert, key = self.pki.issue("agent", self.name)
+        cert, key = self.cert, self.key = self.pki.issue("agent", self.name)
         self.config = self.root / "agent.toml"
         self.config.write_text(
             f'[agent]\nlisten = ["127.0.0.1:{self.port}"]\nbase = "{self.base}"\n'

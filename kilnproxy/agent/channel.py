@@ -29,7 +29,7 @@ from kilnproxy.backends.frames import (
 )
 from kilnproxy.backends.local import LocalStream, start_command
 from kilnproxy.backends.wire import FlowSwitch
-from kilnproxy.errors import BackendError
+from kilnproxy.errors import BackendError, client_line
 from kilnproxy.logs import SessionLog
 from kilnproxy.policy.commands import Verb
 
@@ -40,6 +40,7 @@ log = logging.getLogger("kilnproxy.agent")
 # silence goes at once, so a reply in a conversation (a negotiation, hg's commands) waits for
 # nothing.
 GATHER = 0.001
+CUT_STATUS = 1  # a command the agent cut (its drain expired, or it stops at once): SPEC 3
 
 
 class Wire(Protocol):
@@ -135,6 +136,22 @@ class Channel:
         if self.stream is not None:
             self.log.info("aborting %s (repo %s): %s", self.request.verb, self.request.repo, why)
             self.stream.abort()
+
+    def cut(self, why: str) -> None:
+        """The agent stops before the command has ended: what it wrote goes first, then `why`
+        for the client (one line, SPEC 3) and exit status 1, and the command is aborted. A
+        command still starting is refused with `why` instead."""
+        if self.closed:
+            return
+        if self.stream is None:  # still starting, no CREDIT sent: the proxy hears a refusal
+            self.wire.send(frame(Kind.REFUSED, self.number, why.encode()))
+        else:
+            self._stop_gathering()
+            self._flush()
+            line = client_line(why, self.request.session).encode()
+            self.wire.send(frame(Kind.STDERR, self.number, line))
+            self.wire.send(count_frame(Kind.EXIT, self.number, CUT_STATUS))
+        self.close(why)
 
     def update_flow(self) -> None:
         """Read the command's output while the proxy has room for it and our socket takes it."""

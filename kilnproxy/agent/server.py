@@ -1,18 +1,25 @@
-"""`kilnproxy agent`: the listener, TLS with client certificates, and the drain on SIGTERM.
+"""`kilnproxy agent`: the listener, TLS with client certificates, and the agent's signals.
 
 The TLS handshake is ours to await (`start_tls`), not the server's to hide: a proxy whose
-certificate is refused gets one log line here, with its address and the reason. At most
+certificate is refused gets one log line here, with its address and the reason (at most
+HANDSHAKE_LINES a minute, each with the count of those held back). At most
 `[agent] max_handshakes` handshakes run at once: each holds asyncio's TLS buffers until it ends,
-and a flood of connections that never speak must not grow the agent without bound. On SIGTERM
-(or SIGINT) the agent stops accepting, tells every proxy connection that it drains (the proxy
-opens its next sessions elsewhere: on the agent that replaces this one), closes those that run
-nothing, lets running commands finish for up to `[timeouts] drain`, then aborts what is left
-(SIGTERM to each command's process group, SIGKILL after the local backend's grace) and exits.
+and a flood of connections that never speak must not grow the agent without bound.
+
+Signals, as the proxy's master takes them (SPEC 6). TERM or QUIT: drain. The agent stops
+accepting, tells every proxy connection that it drains (the proxy opens its next sessions
+elsewhere: on the agent that replaces this one), closes those that run nothing, lets running
+commands finish for up to `[timeouts] drain`, then cuts what is left and exits. INT, or a second
+TERM: stop at once, cutting every command. A command cut has its client told why in one line
+and exit status 1, and is stopped (SIGTERM to its process group, SIGKILL after the local
+backend's grace). USR1: reopen the log file. HUP: load the CA, certificate and key again, for the
+connections that come next (a renewed certificate, without a drain).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -26,9 +33,13 @@ from kilnproxy.agent.connection import ProxyConnection
 from kilnproxy.backends.local import KILL_GRACE, write_hook_rc
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
+from kilnproxy.logs import reopen
 from kilnproxy.policy.admission import RefusalLog
 
 log = logging.getLogger("kilnproxy.agent")
+HANDSHAKE_LINES = 20  # failed handshakes logged a minute; the rest are counted in the next line
+DRAIN_EXPIRED = "storage server is stopping and the drain timeout expired"
+STOPPING = "storage server is shutting down"
 
 
 def server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -90,17 +101,23 @@ def _drop_tracebacks(exc: BaseException) -> None:
 class Agent:
     def __init__(self, config: Config) -> None:
         settings = config.agent
+        self.config = config
         self.base = settings.base
         self.window = settings.window
         self.listen = settings.listen
         self.context = server_context(settings.ca, settings.cert, settings.key)
-        self.hook_rc = write_hook_rc(config.home / "state")
+        try:
+            self.hook_rc = write_hook_rc(config.home / "state")
+        except OSError as exc:
+            raise OperatorError(f"cannot write {config.home / 'state'}: {exc.strerror}") from None
         self.handshake_timeout = config.timeouts.dial
         self.max_handshakes = settings.max_handshakes
         self.handshaking = 0  # handshakes under way
         self._refusals = RefusalLog()
+        self._failures = RefusalLog(burst=HANDSHAKE_LINES)
         self.drain_timeout = config.timeouts.drain
         self.draining = False
+        self.stopping = False  # INT, or a second TERM: every command is cut
         self.connections: set[ProxyConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
@@ -151,8 +168,12 @@ class Agent:
                 ssl_handshake_timeout=self.handshake_timeout,
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.warning("refused connection from %s: TLS handshake failed: %s", peer, reason)
+            held = self._failures.should_log("handshake", time.monotonic())
+            if held is not None:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                more = f" ({held} more failed since the last such line)" if held else ""
+                log.warning("refused connection from %s: TLS handshake failed: %s%s", peer, reason,
+                            more)  # fmt: skip
             _drop_tracebacks(exc)
             transport.abort()
             return
@@ -181,18 +202,29 @@ class Agent:
                 raise OperatorError(f"[agent] cannot listen on {address}: {exc.strerror}") from None
             self._servers.append(server)
             log.info("agent listening on %s, serving %s", address, self.base)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._begin_drain)
+        for signum, handler in (
+            (signal.SIGTERM, self._terminate),
+            (signal.SIGQUIT, self._begin_drain),
+            (signal.SIGINT, self._stop_at_once),
+            (signal.SIGUSR1, self._reopen_log),
+            (signal.SIGHUP, self._reload_certificates),
+        ):
+            loop.add_signal_handler(signum, handler)
         await self._drain.wait()
         await self._finish()
+
+    def _terminate(self) -> None:
+        if self.draining:
+            self._stop_at_once()
+        else:
+            self._begin_drain()
 
     def _begin_drain(self) -> None:
         if self.draining:
             return
         self.draining = True
         self._drain.set()
-        running = sum(len(conn.channels) for conn in self.connections)
-        log.info("draining: %d command(s) running, waiting up to %.0fs", running,
+        log.info("draining: %d command(s) running, waiting up to %.0fs", self._running(),
                  self.drain_timeout)  # fmt: skip
         for server in self._servers:
             server.close()
@@ -201,25 +233,66 @@ class Agent:
         if not self.connections:
             self._stop.set()
 
+    def _stop_at_once(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._begin_drain()
+        self._stop.set()
+
+    def _reopen_log(self) -> None:
+        settings = self.config.log
+        if reopen(settings.format, settings.level, settings.file):
+            log.info("agent reopened its log")
+
+    def _reload_certificates(self) -> None:
+        settings = self.config.agent
+        try:
+            self.context = server_context(settings.ca, settings.cert, settings.key)
+        except OperatorError as exc:
+            log.error("HUP: still using the certificates loaded before: %s", exc)
+            return
+        log.info("HUP: loaded %s, %s and %s for the next connections", settings.ca,
+                 settings.cert, settings.key)  # fmt: skip
+
+    def _running(self) -> int:
+        return sum(len(conn.channels) for conn in self.connections)
+
     async def _finish(self) -> None:
         try:
             async with asyncio.timeout(self.drain_timeout):
                 await self._stop.wait()
         except TimeoutError:
-            left = [c for conn in self.connections for c in conn.channels.values()]
-            log.warning("drain timeout: cutting %d command(s)", len(left))
-            for channel in left:
-                channel.close("the drain timeout expired")
-            for conn in list(self.connections):
-                conn.abort()
-            await asyncio.sleep(KILL_GRACE + 0.5)  # the grace before SIGKILL runs on this loop
+            log.warning("drain timeout: cutting %d command(s)", self._running())
+            await self._cut(DRAIN_EXPIRED)
+        else:
+            if self.stopping:
+                log.info("stopping at once: cutting %d command(s)", self._running())
+                await self._cut(STOPPING)
         log.info("agent stopped")
+
+    async def _cut(self, why: str) -> None:
+        """Cut every command still running (`Channel.cut`), close the connections, and wait
+        until the commands have exited: at most the grace before their SIGKILL, which runs on
+        this loop."""
+        channels = [c for conn in list(self.connections) for c in list(conn.channels.values())]
+        streams = [channel.stream for channel in channels if channel.stream is not None]
+        for channel in channels:
+            channel.cut(why)
+        for conn in list(self.connections):
+            conn.close()  # not abort: what was just sent goes first
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KILL_GRACE + 0.5):
+                await asyncio.gather(*(stream.wait_exited() for stream in streams))
 
 
 def run(config: Config) -> int:
-    agent_settings = config.agent
-    if not agent_settings.base.is_dir():
-        raise OperatorError(f"[agent] base {agent_settings.base} is not a directory")
+    base = config.agent.base
+    try:
+        if not base.is_dir():
+            raise OperatorError(f"[agent] base {base} is not a directory")
+    except PermissionError as exc:  # a parent the agent's user may not enter
+        raise OperatorError(f"[agent] base {base}: {exc.strerror}") from None
 
     async def main() -> None:
         await Agent(config).serve()

@@ -117,12 +117,14 @@ class AgentConnection(FrameConnection["AgentStream"]):
             stream.failed()
 
     def _tick(self) -> None:
-        """Every `keepalive`: a silent connection is asked; KEEPALIVE_COUNT silences end it."""
+        """Every `keepalive`: a connection silent since the last tick is asked (a PING), and
+        one that left KEEPALIVE_COUNT of them unanswered is given up (as asyncssh's keepalive
+        gives up an ssh:// connection)."""
         if self._heard:
             self._heard, self._missed = False, 0
         else:
             self._missed += 1
-            if self._missed >= KEEPALIVE_COUNT:
+            if self._missed > KEEPALIVE_COUNT:
                 log.warning("backend %s: keepalive timed out", self.link.pool.name)
                 self.abort()
                 # uvloop reports an abort as a plain close: say why to the sessions ourselves.
@@ -197,7 +199,10 @@ class AgentStream:
         elif each.kind is Kind.EXIT:
             status = each.count()
             self._end()
-            if sink is not None:
+            if not self.started.done():  # no CREDIT came first: the open fails, at once
+                detail = f"agent ended the channel before it started (exit status {status})"
+                self.started.set_exception(BackendError(self._repo, detail))
+            elif sink is not None:
                 sink.backend_finished(status)
         elif each.kind is Kind.REFUSED or each.kind is Kind.DRAINING:
             self._refused(each)

@@ -89,6 +89,7 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
         self.kill_timer: asyncio.TimerHandle | None = None  # set while an abort waits
         self._open_pipes = {1, 2}
         self._exited = False
+        self.exited = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's process transport implements SubprocessTransport without subclassing it.
@@ -109,6 +110,7 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
 
     def process_exited(self) -> None:
         self._exited = True
+        self.exited.set()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -158,6 +160,10 @@ class LocalStream:
         for pipe in self._outputs:
             if not pipe.is_closing() and not pipe.is_reading():
                 pipe.resume_reading()
+
+    async def wait_exited(self) -> None:
+        """Until the command's process has exited (aborted or not)."""
+        await self._process.exited.wait()
 
     def abort(self) -> None:
         process, transport = self._process, self._transport

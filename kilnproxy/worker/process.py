@@ -34,7 +34,7 @@ from kilnproxy import control
 from kilnproxy.config import Config, load
 from kilnproxy.control import StartupTable
 from kilnproxy.errors import CutReason, OperatorError
-from kilnproxy.logs import configure
+from kilnproxy.logs import configure, reopen
 from kilnproxy.ssh import fast_path, kex_offer
 from kilnproxy.worker.introspect import HeapTracer, task_dump
 from kilnproxy.worker.service import Worker
@@ -104,8 +104,9 @@ class WorkerProcess:
         while True:
             event = await self._events.get()
             if event is Event.REOPEN:
-                configure(self.config.log.format, self.config.log.level, self.config.log.file)
-                log.info("worker %d reopened its log", self.worker.index)
+                settings = self.config.log
+                if reopen(settings.format, settings.level, settings.file):
+                    log.info("worker %d reopened its log", self.worker.index)
                 continue
             if event is Event.STOP:
                 await self.worker.shutdown()

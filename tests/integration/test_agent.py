@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,12 @@ from harness import KILNPROXY, finish_upload_pack, hold_upload_pack, run, seed_g
 from midway import release
 
 from kilnproxy.backends.frames import CONTROL, Frame, FrameReader, Kind, OpenRequest, frame
+from kilnproxy.cli.pki import issue
 
 UNAVAILABLE = (
     r"kilnproxy: storage for {} is unavailable, try again later \(session [0-9a-f]{{8}}\)\n"
 )
+CUT = r"kilnproxy: storage server {} \(session [0-9a-f]{{8}}\)\n"
 
 
 @dataclass
@@ -180,8 +183,71 @@ def test_sigterm_drains(site: Site) -> None:
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(15) == 0
     agent.wait_for_log(r"drain timeout: cutting 1 command\(s\)")
-    assert held.wait(10) != 0
-    assert re.fullmatch(UNAVAILABLE.format("aviato/on-draining"), release(held).decode())
+    assert held.wait(10) == 1
+    assert re.fullmatch(CUT.format("is stopping and the drain timeout expired"),
+                        release(held).decode())  # fmt: skip
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]])
+def test_int_or_a_second_term_stops_at_once(site: Site, signals: list[signal.Signals]) -> None:
+    """As the proxy's master (SPEC 6): running commands are cut, their clients told why, and
+    the agent exits within the grace its commands get (they exit at once on SIGTERM here)."""
+    kiln, alice = site.world.kiln, site.world.alice
+    agent = site.agent(f"hurried-{len(signals)}")
+    site.repo(agent, f"hurried-{len(signals)}", f"aviato/on-hurried-{len(signals)}")
+    held = hold_upload_pack(kiln, alice, f"aviato/on-hurried-{len(signals)}")
+    assert agent.proc is not None
+    for signum in signals:
+        agent.proc.send_signal(signum)
+        agent.wait_for_log(r"draining: 1 command\(s\) running")
+    started = time.monotonic()
+    assert agent.proc.wait(5) == 0
+    assert time.monotonic() - started < 2.5
+    assert re.search(r"stopping at once: cutting 1 command\(s\)\n.*agent stopped", agent.log(),
+                     re.DOTALL)  # fmt: skip
+    assert held.wait(10) == 1
+    assert re.fullmatch(CUT.format("is shutting down"), release(held).decode())
+    assert agent.processes() == []
+
+
+def agent_certificate(agent: Agent, trusted: Pki, proxies: Pki) -> bytes:
+    """The certificate an agent presents to a new connection (DER)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(trusted.ca)
+    context.load_cert_chain(*proxies.issue("proxy", "proxy"))
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), 5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        certificate = tls.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def test_usr1_reopens_the_log_and_hup_loads_the_certificates_again(site: Site) -> None:
+    """A renewed certificate is presented to the next connections after HUP; one that cannot
+    be loaded leaves the one loaded before in use."""
+    pki = Pki(site.root / "renewing")
+    agent = Agent(site.root / "renewed", pki, site.pki)
+    site.agents.append(agent)
+    agent.start()
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGUSR1)
+    agent.wait_for_log(r"agent reopened its log")
+    first = agent_certificate(agent, pki, site.pki)
+    renewal, renewal_key = pki.root / "renewal.pem", pki.root / "renewal.key"
+    issue(pki.root, "agent", ["127.0.0.1"], pki.root / "renewal", 30)
+    agent.cert.unlink()
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_for_log(r"HUP: still using the certificates loaded before: \[agent\] cannot load")
+    assert agent_certificate(agent, pki, site.pki) == first
+    agent.cert.write_bytes(renewal.read_bytes())
+    agent.key.write_bytes(renewal_key.read_bytes())
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_for_log(r"HUP: loaded .* for the next connections")
+    renewed = agent_certificate(agent, pki, site.pki)
+    assert renewed == ssl.PEM_cert_to_DER_cert(renewal.read_text()) != first
+    assert agent.proc.poll() is None
 
 
 def test_sessions_go_to_the_agent_that_replaces_a_draining_one(site: Site, tmp_path: Path) -> None:

@@ -52,8 +52,9 @@ class ScriptedAgent(asyncio.Protocol):
     `draining`, refused as a draining agent refuses it: DRAINING on the connection, then on
     the channel."""
 
-    def __init__(self, draining: bool) -> None:
+    def __init__(self, draining: bool, exits: bool = False) -> None:
         self.draining = draining
+        self.exits = exits  # an OPEN is answered with EXIT 1 and no CREDIT
         self.opened: list[OpenRequest] = []
         self.closed: list[int] = []  # channels the proxy sent CLOSE for
         self.transport: asyncio.Transport | None = None
@@ -71,6 +72,8 @@ class ScriptedAgent(asyncio.Protocol):
                 self.opened.append(OpenRequest.decode(each.payload))
                 if self.draining:
                     answer = frame(Kind.DRAINING, CONTROL) + frame(Kind.DRAINING, each.channel)
+                elif self.exits:
+                    answer = count_frame(Kind.EXIT, each.channel, 1)
                 else:
                     answer = count_frame(Kind.CREDIT, each.channel, WINDOW)
                 self.transport.write(answer)
@@ -85,14 +88,15 @@ class ScriptedAgent(asyncio.Protocol):
 class Storage:
     """Dials scripted agents: the first `draining` of them drain, the next ones serve."""
 
-    def __init__(self, draining: int) -> None:
+    def __init__(self, draining: int, exits: bool = False) -> None:
         self.draining = draining
+        self.exits = exits
         self.agents: list[ScriptedAgent] = []
 
     async def connect(self, link: AgentLink) -> AgentConnection:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
-        agent = ScriptedAgent(draining=len(self.agents) < self.draining)
+        agent = ScriptedAgent(draining=len(self.agents) < self.draining, exits=self.exits)
         self.agents.append(agent)
         await loop.create_connection(lambda: agent, sock=theirs)
         _, conn = await loop.create_connection(lambda: AgentConnection(link, 30.0), sock=ours)
@@ -296,3 +300,62 @@ class Closed:
 
     def close(self) -> None:
         self.closed = True
+
+
+def test_a_silent_agent_is_given_up_after_three_unanswered_pings() -> None:
+    """The first PING proves the certificate (answered); then the agent falls silent: three
+    PINGs go unanswered, one each `keepalive`, and the next tick gives the connection up."""
+
+    class Mute(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.reader = FrameReader()
+            self.pings = 0
+            self.lost = asyncio.Event()
+            self.transport: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            assert self.transport is not None
+            for each in read_frames(self.reader, data):
+                self.pings += each.kind is Kind.PING
+                if self.pings == 1:
+                    self.transport.write(frame(Kind.PONG, CONTROL))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost.set()
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        mute = Mute()
+
+        async def connect(link: AgentLink) -> AgentConnection:
+            ours, theirs = socket.socketpair()
+            await loop.create_connection(lambda: mute, sock=theirs)
+            _, conn = await loop.create_connection(lambda: AgentConnection(link, 0.05), sock=ours)
+            await conn.answered
+            return conn
+
+        pool: AgentPool = Pool("agent1", ("127.0.0.1", 9422), connect, 16, 60.0, 2.0)
+        await pool.acquire("aviato/website")
+        async with asyncio.timeout(5):
+            await mute.lost.wait()
+        assert (mute.pings, pool.links) == (1 + 3, [])
+
+    asyncio.run(body())
+
+
+def test_an_exit_before_any_credit_fails_the_open_at_once() -> None:
+    """Not a wait for the dial timeout: the channel has ended at the agent."""
+
+    async def body() -> None:
+        backend = AgentBackend("agent1", Storage(draining=0, exits=True).pool(), WINDOW)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(BackendError, match=r"ended the channel before it started \(exit"):
+            await backend.open(request(), RecordingSink())
+        assert asyncio.get_running_loop().time() - started < 1.0  # the dial timeout is 2 s
+        await backend.close()
+        await asyncio.sleep(0)  # the connection's loss is reported on the next turn
+
+    asyncio.run(body())

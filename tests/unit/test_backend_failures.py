@@ -162,6 +162,28 @@ def test_an_agent_channel_that_fails_on_a_frame_ends_that_command_only(
     assert failure.session == "3f9c2a1b"  # type: ignore[attr-defined]
 
 
+def test_a_command_the_agent_cuts_tells_its_client_why() -> None:
+    """What the command wrote goes first, then the line and exit status 1; a command still
+    starting (no CREDIT sent) is refused instead, which the proxy reports as unavailable."""
+    request = OpenRequest("3f9c2a1b", "aviato/website", "git-upload-pack", "/srv/a.git", {}, 1)
+    wire = Wire()
+    running = Channel(wire, 1, request, 65536)
+    stream = BrokenStdin()
+    running.stream = stream  # type: ignore[assignment]
+    running._gathered, running._gathered_size = [b"PACK"], 4
+    running.cut("storage server is shutting down")
+    line = b"kilnproxy: storage server is shutting down (session 3f9c2a1b)\n"
+    assert wire.sent == [frame(Kind.STDOUT, 1, b"PACK"), frame(Kind.STDERR, 1, line),
+                         count_frame(Kind.EXIT, 1, 1)]  # fmt: skip
+    assert (stream.aborted, wire.forgotten) == (True, [1])
+    running.cut("again")  # nothing more: the channel has ended
+    starting = Channel(wire, 2, request, 65536)
+    wire.sent.clear()
+    starting.cut("storage server is shutting down")
+    assert wire.sent == [frame(Kind.REFUSED, 2, b"storage server is shutting down")]
+    assert wire.forgotten == [1, 2]
+
+
 def test_a_dial_that_raises_what_no_one_foresaw_fails_that_dial_only(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
