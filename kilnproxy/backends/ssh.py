@@ -12,11 +12,13 @@ channels go on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -218,6 +220,20 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
             link.pool.release(link)
 
 
+def _close_late_channel(
+    opening: asyncio.Task[tuple[asyncssh.SSHClientChannel[Any], asyncssh.SSHClientSession[Any]]],
+) -> None:
+    """An open given up while the storage server had not yet confirmed the channel: asyncssh
+    would leave the channel open at both ends once it is (its open has no cleanup when
+    cancelled), holding one of sshd's MaxSessions on the pooled connection that the pool counts
+    as free again, until the connection closes. So the open runs on, shielded, and what it
+    opened is closed here."""
+    if opening.cancelled() or opening.exception() is not None:
+        return  # the channel was refused or lost: nothing is left open
+    chan, _ = opening.result()
+    chan.close()
+
+
 class SshBackend:
     def __init__(self, name: str, pool: SshPool, window: int) -> None:
         self.name = name
@@ -229,8 +245,8 @@ class SshBackend:
         env: dict[str | bytes, str | bytes] = {k: v for k, v in request.environment().items()}
 
         async def start(stream: SshStream, conn: asyncssh.SSHClientConnection) -> None:
-            try:
-                await conn.create_session(
+            opening = asyncio.ensure_future(
+                conn.create_session(
                     lambda: stream,
                     remote_command(request),
                     env=env,
@@ -238,6 +254,12 @@ class SshBackend:
                     window=self.window,
                     max_pktsize=MAX_PACKET,
                 )
+            )
+            try:
+                await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the dial timeout, or the client left
+                opening.add_done_callback(_close_late_channel)
+                raise
             except (OSError, asyncssh.Error) as exc:
                 detail = f"backend {self.name}: cannot open a channel: {exc}"
                 raise BackendError(repo, detail) from exc

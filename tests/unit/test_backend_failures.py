@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import cast
 
@@ -16,10 +17,14 @@ from sinks import RecordingSink
 from kilnproxy.agent.channel import Channel
 from kilnproxy.agent.connection import ProxyConnection
 from kilnproxy.backends import local
+from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.frames import Kind, OpenRequest, count_frame, frame
 from kilnproxy.backends.pool import Link, LinkState, Pool
-from kilnproxy.backends.ssh import SshLink, SshStream, Target, ssh_pool
+from kilnproxy.backends.ssh import SshBackend, SshLink, SshStream, Target, ssh_pool
+from kilnproxy.directory.model import Identity, Route
 from kilnproxy.errors import BackendError
+from kilnproxy.policy.access import Access, Role
+from kilnproxy.policy.commands import Verb
 
 
 class FakeChannel:
@@ -226,3 +231,71 @@ def test_a_malformed_backend_key_fails_the_dial_with_its_reason(tmp_path: Path) 
         assert pool.links == []
 
     asyncio.run(body())
+
+
+class _Held(asyncssh.SSHServerSession[bytes]):
+    """A storage server's session: it runs nothing, and says when its channel closes."""
+
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+def test_a_channel_confirmed_after_its_open_was_given_up_is_closed(tmp_path: Path) -> None:
+    """The storage server confirms a channel after the dial timeout (or after the client left):
+    asyncssh would leave it open at both ends, one of sshd's MaxSessions held on a pooled
+    connection that the pool counts as free. It is closed as soon as it is open."""
+
+    async def body() -> None:
+        gate, session = asyncio.Event(), _Held()
+
+        class Storage(asyncssh.SSHServer):
+            def begin_auth(self, username: str) -> bool:
+                return True
+
+            def public_key_auth_supported(self) -> bool:
+                return True
+
+            def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+                return True
+
+            def session_requested(self) -> Awaitable[_Held]:
+                async def confirmed_late() -> _Held:
+                    await gate.wait()
+                    return session
+
+                return confirmed_late()
+
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key.write_private_key(tmp_path / "id_ed25519")
+        acceptor = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key],
+                                         server_factory=Storage)  # fmt: skip
+        port = acceptor.sockets[0].getsockname()[1]
+        public = host_key.export_public_key().decode().split()
+        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
+        target = Target("storage", "127.0.0.1", port, "git", tmp_path / "id_ed25519",
+                        tmp_path / "known_hosts")  # fmt: skip
+        backend = SshBackend("storage", ssh_pool(target, 8, 60.0, 0.5), 1 << 20)
+        with pytest.raises(BackendError, match=r"no channel within 0\.5s"):
+            await backend.open(ssh_request(), RecordingSink())
+        gate.set()
+        async with asyncio.timeout(5):
+            await session.lost.wait()
+        await backend.close()
+        acceptor.close()
+        await acceptor.wait_closed()
+
+    asyncio.run(body())
+
+
+def ssh_request() -> BackendRequest:
+    route = Route("aviato/website", Verb.UPLOAD_PACK.vcs, "storage", "ssh://git@127.0.0.1/srv",
+                  "/srv/aviato/website.git", Access.READ)  # fmt: skip
+    identity = Identity("aviato", "bob", Role.READ, "laptop", "SHA256:x")
+    return BackendRequest("3f9c2a1b", Verb.UPLOAD_PACK, route, identity, None)
