@@ -13,7 +13,9 @@ short packet.
 
 It must never hold bytes longer than the current pass of the loop: `add` schedules the flush
 with `call_soon`, and anything that must follow the bytes in order (stderr, EOF, the exit
-status) calls `flush` first.
+status) calls `flush` first. A write that raises in that later pass (a bug) is its owner's to
+handle (`failed`, called inside the `except`): it ran outside the callback that added the
+bytes, whose isolation boundary no longer covers it, and the bytes are lost.
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ LARGE = 64 * 1024  # two of asyncssh's 32 KiB packets
 
 
 class Coalescer:
-    __slots__ = ("_chunks", "_loop", "_scheduled", "_write")
+    __slots__ = ("_chunks", "_failed", "_loop", "_scheduled", "_write")
 
-    def __init__(self, write: Callable[[bytes], None], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        loop: asyncio.AbstractEventLoop,
+        failed: Callable[[], None],
+    ) -> None:
         self._write = write
+        self._failed = failed
         self._loop = loop
         self._chunks: list[bytes] = []
         self._scheduled = False
@@ -66,4 +74,7 @@ class Coalescer:
 
     def _flush_soon(self) -> None:
         self._scheduled = False
-        self.flush()
+        try:
+            self.flush()
+        except Exception:
+            self._failed()

@@ -120,6 +120,8 @@ class Channel(Protocol):
 
     def close(self) -> None: ...
 
+    def abort(self) -> None: ...
+
     def is_closing(self) -> bool: ...
 
     def get_write_buffer_size(self) -> int: ...
@@ -177,8 +179,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._exit_when_flushed: int | None = None
         self._account: str | None = None  # whose session admission counts, while it does
         loop = asyncio.get_running_loop()
-        self._to_client = Coalescer(self._write_stdout, loop)
-        self._to_backend = Coalescer(self._write_stdin, loop)
+        self._to_client = Coalescer(self._write_stdout, loop, self._relay_failed)
+        self._to_backend = Coalescer(self._write_stdin, loop, self._relay_failed)
 
     def __repr__(self) -> str:
         return f"<Relay session {self._owner.id} {self.state.value} {self._line!r}>"
@@ -260,7 +262,10 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         if self._outcome is None:  # every other ending said how it ended
             self._outcome = Outcome.CLIENT_GONE
         self._to_client.discard()
-        self._close_backend()
+        try:
+            self._close_backend()
+        except Exception:  # a backend's bug: the account's count and the session still close
+            self._owner.log.exception("failed to abort the backend")
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._account is not None:
@@ -441,16 +446,34 @@ class Relay(asyncssh.SSHServerSession[bytes]):
 
     def cut(self, reason: CutReason) -> None:
         """End now, telling the client why (timeouts, drain, administrator)."""
+        self._end_now(_CUT_OUTCOME[reason], reason.client_line(self._owner.id), reason.exit_status)
+
+    def _relay_failed(self) -> None:
+        """Relaying bytes a pass after they came raised (a bug, called inside the `except`):
+        they are lost, so the command cannot go on. It ends as an internal error; if even that
+        cannot be said to the client, its channel is aborted."""
+        self._owner.log.exception("internal error while relaying %r", self._line)
+        error = ClientError("internal error")
+        try:
+            self._end_now(
+                Outcome.INTERNAL_ERROR, error.client_line(self._owner.id), error.exit_status
+            )
+        except Exception:
+            self._owner.log.exception("cannot tell the client; aborting its channel")
+            if self._chan is not None:
+                self._chan.abort()
+
+    def _end_now(self, outcome: Outcome, line: str, status: int) -> None:
         if self.state in (RelayState.EXITING, RelayState.CLOSED):
             return
-        self._outcome = _CUT_OUTCOME[reason]
+        self._outcome = outcome
         self._to_client.discard()
         self._close_backend()
         self.state = RelayState.EXITING
-        self._exit_status = reason.exit_status
+        self._exit_status = status
         if self._chan is not None:
-            self._write_stderr(reason.client_line(self._owner.id).encode())
-            self._exit_channel(self._chan, reason.exit_status)
+            self._write_stderr(line.encode())
+            self._exit_channel(self._chan, status)
 
     def _close_backend(self) -> None:
         self._to_backend.discard()

@@ -446,9 +446,15 @@ class Session(asyncssh.SSHServer):
         if not self.relays:
             conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"kilnproxy: {reason.value}")
             return
-        for relay in list(self.relays):
-            relay.cut(reason)
+        # First: a relay whose cut fails (a bug) must not leave the connection without an end.
         self._timers["cut_grace"] = self._loop.call_later(CUT_GRACE, conn.abort)
+        for relay in list(self.relays):
+            try:
+                relay.cut(reason)
+            except Exception:
+                self.log.exception("failed to cut a channel; the connection is aborted")
+                conn.abort()
+                return
 
     def row_key(self) -> tuple[object, ...]:
         """What its status row shows that changes, duration aside: bytes each way, account,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from kilnproxy.ssh.coalesce import LARGE, Coalescer
 
@@ -13,7 +14,11 @@ async def _one_pass() -> None:
 def _coalescer() -> tuple[Coalescer, list[bytes]]:
     """A coalescer on the running loop, and the list of the writes it makes."""
     writes: list[bytes] = []
-    return Coalescer(writes.append, asyncio.get_running_loop()), writes
+    return Coalescer(writes.append, asyncio.get_running_loop(), _never), writes
+
+
+def _never() -> None:
+    raise AssertionError("a write failed")
 
 
 def test_chunks_of_one_pass_become_one_write() -> None:
@@ -87,3 +92,22 @@ async def _discard_drops_what_was_gathered() -> None:
     coalescer.add(b"later")
     await _one_pass()
     assert writes == [b"later"]
+
+
+def test_a_write_that_fails_a_pass_later_is_its_owners_to_handle() -> None:
+    asyncio.run(_a_write_that_fails_a_pass_later_is_its_owners_to_handle())
+
+
+async def _a_write_that_fails_a_pass_later_is_its_owners_to_handle() -> None:
+    failures: list[str] = []
+
+    def write(data: bytes) -> None:
+        raise BrokenPipeError("a bug")
+
+    def failed() -> None:
+        failures.append(repr(sys.exc_info()[1]))
+
+    coalescer = Coalescer(write, asyncio.get_running_loop(), failed)
+    coalescer.add(b"lost")
+    await _one_pass()
+    assert failures == ["BrokenPipeError('a bug')"]

@@ -77,6 +77,9 @@ class FakeChannel:
     def close(self) -> None:
         self.closed_by_relay = True
 
+    def abort(self) -> None:
+        self.closed_by_relay = True
+
     def is_closing(self) -> bool:
         return self.client_closed or any(kind == "exit" for kind, _ in self.sent)
 
@@ -678,3 +681,56 @@ async def _close_instead_of_reading(first: str) -> None:
     finally:
         listener.close()
     assert owner.closed[0].outcome is Outcome.OK  # the command ended well; the client left
+
+
+def test_a_backend_whose_abort_fails_still_lets_its_session_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The account's session is given back and the session closes: a bug in one backend's
+    abort must not hold its account's count for good."""
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    async def body() -> None:
+        admission = FakeAdmission(cap=1)
+        rig = Rig(website(), admission=admission)
+        stream = await rig.running()
+        stream.abort = broken  # type: ignore[method-assign]
+        rig.relay.connection_lost(None)
+        assert admission.sessions.statistics() == {}
+        assert rig.owner.closed[0].outcome is Outcome.CLIENT_GONE
+
+    asyncio.run(body())
+    assert "failed to abort the backend" in caplog.text
+
+
+def test_a_write_to_the_client_that_fails_a_pass_later_ends_the_command_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Backend output is written to the client a pass after it came (coalesced): a bug there
+    is outside the backend callback's boundary. The bytes are lost, so the command ends, with
+    the internal error line and exit status 1, the backend aborted; the session goes on."""
+
+    async def body() -> None:
+        rig = Rig(website())
+        stream = await rig.running()
+        written = rig.chan.write
+
+        def broken(data: bytes) -> None:
+            if data == b"boom":
+                raise RuntimeError("a bug")
+            written(data)
+
+        rig.chan.write = broken  # type: ignore[method-assign]
+        rig.relay.backend_stdout(b"boom")
+        await settle()
+        line = f"kilnproxy: internal error (session {SESSION})\n".encode()
+        assert rig.chan.sent == [("err", line), ("exit", 1)]
+        assert stream.calls == [("abort", b"")]
+        rig.relay.connection_lost(None)
+        assert rig.owner.closed[0].outcome is Outcome.INTERNAL_ERROR
+
+    asyncio.run(body())
+    (failure,) = [r for r in caplog.records if r.exc_info]
+    assert failure.message.startswith("internal error while relaying")
