@@ -140,11 +140,12 @@ class Channel:
     def cut(self, why: str) -> None:
         """The agent stops before the command has ended: what it wrote goes first, then `why`
         for the client (one line, SPEC 3) and exit status 1, and the command is aborted. A
-        command still starting is refused with `why` instead."""
+        command still starting is refused as a draining agent refuses one (DRAINING): the proxy
+        opens it once more on another connection, on the agent that replaces this one, if any."""
         if self.closed:
             return
-        if self.stream is None:  # still starting, no CREDIT sent: the proxy hears a refusal
-            self.wire.send(frame(Kind.REFUSED, self.number, why.encode()))
+        if self.stream is None:  # still starting, no CREDIT sent: the proxy opens it elsewhere
+            self.wire.send(frame(Kind.DRAINING, self.number))
         else:
             self._stop_gathering()
             self._flush()

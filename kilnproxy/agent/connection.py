@@ -25,9 +25,10 @@ from kilnproxy.backends.frames import (
     frame,
 )
 from kilnproxy.backends.wire import FrameConnection
+from kilnproxy.errors import client_line
 
 log = logging.getLogger("kilnproxy.agent")
-INTERNAL_ERROR_STATUS = 255  # what a command that failed here exits with, for the proxy
+INTERNAL_ERROR_STATUS = 1  # as the proxy's own internal error (SPEC 3)
 
 
 class Host(Protocol):
@@ -36,7 +37,9 @@ class Host(Protocol):
     base: Path
     hook_rc: Path
     window: int
-    draining: bool
+
+    @property
+    def draining(self) -> bool: ...
 
     def start(self, channel: Channel) -> None: ...
 
@@ -84,7 +87,7 @@ class ProxyConnection(FrameConnection[Channel]):
         except Exception:  # a bug on one channel ends that command only, not the connection
             channel.log.exception("failed on a %s frame (repo %s)", each.kind.name,
                                   channel.request.repo)  # fmt: skip
-            line = f"kilnproxy agent: internal error (session {channel.request.session})\n"
+            line = client_line("internal error", channel.request.session)
             self.send(frame(Kind.STDERR, each.channel, line.encode()))
             self.send(count_frame(Kind.EXIT, each.channel, INTERNAL_ERROR_STATUS))
             channel.close("internal error")

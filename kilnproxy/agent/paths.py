@@ -3,7 +3,10 @@
 A path is resolved first (`..` and every symlink followed), so a symlink inside the base that
 leads out of it is refused like a path written outside it. So is one where git or hg would look
 instead of the path itself: git opens PATH/.git before PATH, and PATH.git/.git and PATH.git when
-PATH is no repository; hg opens PATH/.hg.
+PATH is no repository; hg opens PATH/.hg. And so is a repository there that names its data
+elsewhere: a gitfile (a `.git` file saying `gitdir: DIR`), a shared hg repository's
+`.hg/sharedpath`. What lies inside a repository (its hooks, config, alternates) is the
+operator's, and trusted as such: the rule is about which repository a proxy may ask for.
 """
 
 from __future__ import annotations
@@ -35,9 +38,33 @@ def confine(base: Path, requested: str) -> Path:
         if not os.path.lexists(opened):
             continue
         try:
-            target = opened.resolve()
-        except (OSError, RuntimeError) as exc:
+            targets = [opened.resolve()]
+            pointer = _pointer(opened)
+            if pointer is not None:
+                targets.append(pointer)
+        except (OSError, RuntimeError, ValueError) as exc:
             raise Refused(f"path {requested!r}: {opened} cannot be resolved: {exc}") from None
-        if not target.is_relative_to(root):
+        if not all(target.is_relative_to(root) for target in targets):
             raise Refused(f"path {requested!r}: {opened} leads outside the agent's base {root}")
     return resolved
+
+
+def _pointer(opened: Path) -> Path | None:
+    """Where a repository found at `opened` says its data is, resolved: a gitfile's `gitdir:`
+    (a `.git` that is a file), or a shared hg repository's `.hg/sharedpath`."""
+    if opened.name == ".hg":
+        shared = opened / "sharedpath"
+        if not shared.is_file():
+            return None
+        return (opened / _first_line(shared)).resolve()
+    if not opened.is_file():
+        return None
+    line = _first_line(opened)
+    if not line.startswith("gitdir:"):
+        return None  # not a repository: git does not take it
+    return (opened.parent / line.removeprefix("gitdir:").strip()).resolve()
+
+
+def _first_line(path: Path) -> str:
+    with path.open("rb") as file:
+        return file.read(4096).decode(errors="replace").split("\n", 1)[0].strip()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import signal
 import socket
@@ -98,6 +99,12 @@ def _drop_tracebacks(exc: BaseException) -> None:
         pending += [each.__context__, each.__cause__]
 
 
+class Lifecycle(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"  # TERM or QUIT: no new connection or command; running ones finish
+    STOPPING = "stopping"  # INT, or a second TERM: every command is cut
+
+
 class Agent:
     def __init__(self, config: Config) -> None:
         settings = config.agent
@@ -116,18 +123,24 @@ class Agent:
         self._refusals = RefusalLog()
         self._failures = RefusalLog(burst=HANDSHAKE_LINES)
         self.drain_timeout = config.timeouts.drain
-        self.draining = False
-        self.stopping = False  # INT, or a second TERM: every command is cut
+        self.lifecycle = Lifecycle.SERVING
         self.connections: set[ProxyConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting: set[asyncio.Task[None]] = set()  # channels' starts (of `_tasks`)
         self._servers: list[asyncio.Server] = []
         self._drain = asyncio.Event()  # SIGTERM came
         self._stop = asyncio.Event()  # draining, and no connection is left
 
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle is not Lifecycle.SERVING
+
     # -- Host ------------------------------------------------------------------------------------
 
     def start(self, channel: Channel) -> None:
-        self._spawn(channel.start(self.base, self.hook_rc))
+        task = self._spawn(channel.start(self.base, self.hook_rc))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
 
     def gone(self, conn: ProxyConnection) -> None:
         self.connections.discard(conn)
@@ -185,11 +198,12 @@ class Agent:
         if self.draining:
             conn.drain()
 
-    def _spawn(self, work: object) -> None:
+    def _spawn(self, work: object) -> asyncio.Task[None]:
         assert asyncio.iscoroutine(work)
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,26 +217,56 @@ class Agent:
             self._servers.append(server)
             log.info("agent listening on %s, serving %s", address, self.base)
         for signum, handler in (
-            (signal.SIGTERM, self._terminate),
-            (signal.SIGQUIT, self._begin_drain),
-            (signal.SIGINT, self._stop_at_once),
-            (signal.SIGUSR1, self._reopen_log),
-            (signal.SIGHUP, self._reload_certificates),
+            (signal.SIGTERM, self.handle_sigterm),
+            (signal.SIGQUIT, self.handle_sigquit),
+            (signal.SIGINT, self.handle_sigint),
+            (signal.SIGUSR1, self.handle_sigusr1),
+            (signal.SIGHUP, self.handle_sighup),
         ):
             loop.add_signal_handler(signum, handler)
         await self._drain.wait()
         await self._finish()
 
-    def _terminate(self) -> None:
+    # -- signals ---------------------------------------------------------------------------------
+
+    def handle_sigterm(self) -> None:
+        """Drain; a second TERM stops at once."""
         if self.draining:
-            self._stop_at_once()
+            self.handle_sigint()
         else:
             self._begin_drain()
+
+    def handle_sigquit(self) -> None:
+        self._begin_drain()
+
+    def handle_sigint(self) -> None:
+        """Stop at once: every command is cut."""
+        if self.lifecycle is Lifecycle.STOPPING:
+            return
+        self._begin_drain()
+        self.lifecycle = Lifecycle.STOPPING
+        self._stop.set()
+
+    def handle_sigusr1(self) -> None:
+        settings = self.config.log
+        if reopen(settings.format, settings.level, settings.file):
+            log.info("agent reopened its log")
+
+    def handle_sighup(self) -> None:
+        """Load the CA, certificate and key again, for the next connections."""
+        settings = self.config.agent
+        try:
+            self.context = server_context(settings.ca, settings.cert, settings.key)
+        except OperatorError as exc:
+            log.error("HUP: still using the certificates loaded before: %s", exc)
+            return
+        log.info("HUP: loaded %s, %s and %s for the next connections", settings.ca,
+                 settings.cert, settings.key)  # fmt: skip
 
     def _begin_drain(self) -> None:
         if self.draining:
             return
-        self.draining = True
+        self.lifecycle = Lifecycle.DRAINING
         self._drain.set()
         log.info("draining: %d command(s) running, waiting up to %.0fs", self._running(),
                  self.drain_timeout)  # fmt: skip
@@ -232,28 +276,6 @@ class Agent:
             conn.drain()
         if not self.connections:
             self._stop.set()
-
-    def _stop_at_once(self) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        self._begin_drain()
-        self._stop.set()
-
-    def _reopen_log(self) -> None:
-        settings = self.config.log
-        if reopen(settings.format, settings.level, settings.file):
-            log.info("agent reopened its log")
-
-    def _reload_certificates(self) -> None:
-        settings = self.config.agent
-        try:
-            self.context = server_context(settings.ca, settings.cert, settings.key)
-        except OperatorError as exc:
-            log.error("HUP: still using the certificates loaded before: %s", exc)
-            return
-        log.info("HUP: loaded %s, %s and %s for the next connections", settings.ca,
-                 settings.cert, settings.key)  # fmt: skip
 
     def _running(self) -> int:
         return sum(len(conn.channels) for conn in self.connections)
@@ -266,7 +288,7 @@ class Agent:
             log.warning("drain timeout: cutting %d command(s)", self._running())
             await self._cut(DRAIN_EXPIRED)
         else:
-            if self.stopping:
+            if self.lifecycle is Lifecycle.STOPPING:
                 log.info("stopping at once: cutting %d command(s)", self._running())
                 await self._cut(STOPPING)
         log.info("agent stopped")
@@ -276,17 +298,23 @@ class Agent:
         until the commands have exited: at most the grace before their SIGKILL, which runs on
         this loop."""
         channels = [c for conn in list(self.connections) for c in list(conn.channels.values())]
-        streams = [channel.stream for channel in channels if channel.stream is not None]
         for channel in channels:
             channel.cut(why)
         for conn in list(self.connections):
             conn.close()  # not abort: what was just sent goes first
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(KILL_GRACE + 0.5):
+                if self._starting:  # a command cut while it started is aborted once it has
+                    await asyncio.wait(self._starting)
+                streams = [channel.stream for channel in channels if channel.stream is not None]
                 await asyncio.gather(*(stream.wait_exited() for stream in streams))
 
 
 def run(config: Config) -> int:
+    # Until serve() takes them: a `systemctl reload` or a log rotation during the start must
+    # not end the agent (their default action).
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     base = config.agent.base
     try:
         if not base.is_dir():

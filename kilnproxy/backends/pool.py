@@ -24,6 +24,7 @@ from typing import Generic, Protocol, TypeVar
 from kilnproxy.errors import BackendError, KilnproxyError
 
 log = logging.getLogger("kilnproxy.backend")
+TRACEBACK_EVERY = 60.0  # seconds between tracebacks of the same pool's unforeseen dial errors
 
 
 class LinkState(enum.Enum):
@@ -96,6 +97,7 @@ class Pool(Generic[C]):
         self.dial_timeout = dial_timeout
         self.links: list[Link[C]] = []
         self.dials = 0  # total connections dialled, for statistics and tests
+        self._traceback_at = -TRACEBACK_EVERY  # when an unforeseen dial error's was last logged
 
     async def acquire(self, repo: str) -> Link[C]:
         """A link with a free channel slot, dialing one if none has room."""
@@ -208,8 +210,15 @@ class Pool(Generic[C]):
         except Exception as exc:  # a bug, or what no one foresaw (asyncssh's ValueError for a
             # malformed key): this dial fails, and the next session dials again; a link left
             # dialling would hold every later session of the backend on its `ready`
-            log.exception("backend %s: cannot connect to %s:%d", self.name, host, port)
-            self._dial_failed(link, f"{type(exc).__name__}: {exc}")
+            detail = f"{type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if now - self._traceback_at >= TRACEBACK_EVERY:  # each session dials again
+                self._traceback_at = now
+                log.exception("backend %s: cannot connect to %s:%d", self.name, host, port)
+            else:
+                log.warning("backend %s: cannot connect to %s:%d: %s", self.name, host, port,
+                            detail)  # fmt: skip
+            self._dial_failed(link, detail)
             return
         finally:
             link.dial_task = None

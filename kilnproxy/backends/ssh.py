@@ -143,8 +143,28 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
         self._repo = repo
         self._path = path
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._opening: asyncio.Task[tuple[Any, Any]] | None = None
         self._status: int | None = None
         self._silent = True  # nothing came on stdout or stderr yet
+
+    async def open(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        command: str,
+        env: dict[str | bytes, str | bytes],
+        window: int,
+    ) -> None:
+        """Open this stream's channel and start its command. The open runs on, shielded, if
+        this is cancelled (the dial timeout, or the client left): asyncssh's has no cleanup
+        when cancelled, and a channel the storage server confirms later would stay open at
+        both ends, holding one of sshd's MaxSessions. `abort` then closes it once it is open."""
+        self._opening = asyncio.ensure_future(
+            conn.create_session(
+                lambda: self, command, env=env, encoding=None, window=window,
+                max_pktsize=MAX_PACKET,
+            )
+        )  # fmt: skip
+        await asyncio.shield(self._opening)
 
     # -- asyncssh callbacks ----------------------------------------------------------------------
 
@@ -210,28 +230,25 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
 
     def abort(self) -> None:
         self.sink = None
+        opening = self._opening
+        if opening is not None and not opening.done():
+            # Not confirmed yet: its slot stays taken (sshd counts the channel) until it is.
+            opening.add_done_callback(self._opened_late)
+            return
         if self._chan is not None:
             self._chan.close()
         self._release()
+
+    def _opened_late(self, opening: asyncio.Task[tuple[Any, Any]]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            self._release()  # refused, or lost: nothing is open
+        elif self._chan is not None:
+            self._chan.close()  # connection_lost releases the slot
 
     def _release(self) -> None:
         link, self._link = self._link, None
         if link is not None:
             link.pool.release(link)
-
-
-def _close_late_channel(
-    opening: asyncio.Task[tuple[asyncssh.SSHClientChannel[Any], asyncssh.SSHClientSession[Any]]],
-) -> None:
-    """An open given up while the storage server had not yet confirmed the channel: asyncssh
-    would leave the channel open at both ends once it is (its open has no cleanup when
-    cancelled), holding one of sshd's MaxSessions on the pooled connection that the pool counts
-    as free again, until the connection closes. So the open runs on, shielded, and what it
-    opened is closed here."""
-    if opening.cancelled() or opening.exception() is not None:
-        return  # the channel was refused or lost: nothing is left open
-    chan, _ = opening.result()
-    chan.close()
 
 
 class SshBackend:
@@ -245,21 +262,8 @@ class SshBackend:
         env: dict[str | bytes, str | bytes] = {k: v for k, v in request.environment().items()}
 
         async def start(stream: SshStream, conn: asyncssh.SSHClientConnection) -> None:
-            opening = asyncio.ensure_future(
-                conn.create_session(
-                    lambda: stream,
-                    remote_command(request),
-                    env=env,
-                    encoding=None,
-                    window=self.window,
-                    max_pktsize=MAX_PACKET,
-                )
-            )
             try:
-                await asyncio.shield(opening)
-            except asyncio.CancelledError:  # the dial timeout, or the client left
-                opening.add_done_callback(_close_late_channel)
-                raise
+                await stream.open(conn, remote_command(request), env, self.window)
             except (OSError, asyncssh.Error) as exc:
                 detail = f"backend {self.name}: cannot open a channel: {exc}"
                 raise BackendError(repo, detail) from exc

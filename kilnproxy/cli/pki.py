@@ -30,8 +30,12 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         raise OperatorError(f"{path} exists already; not overwriting it") from None
     except OSError as exc:
         raise OperatorError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+    except OSError as exc:  # a full disk: no truncated file is left
+        path.unlink(missing_ok=True)
+        raise OperatorError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _write_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes) -> None:
@@ -43,7 +47,7 @@ def _write_pair(key_path: Path, key: bytes, cert_path: Path, cert: bytes) -> Non
     _write_new(key_path, key, 0o600)
     try:
         _write_new(cert_path, cert, 0o644)
-    except OperatorError:
+    except BaseException:
         key_path.unlink(missing_ok=True)
         raise
 

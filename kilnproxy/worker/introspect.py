@@ -8,16 +8,17 @@ so it runs only on demand and stops by itself after a time limit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import gc
 import linecache
+import logging
 import tracemalloc
 from types import FrameType
 from typing import Any, Protocol
 
 HEAP_FRAMES = 25
+log = logging.getLogger("kilnproxy.worker")
 
 
 class _Memory(Protocol):
@@ -41,11 +42,19 @@ class ProcessFigures:
     def __init__(self, process: _Process) -> None:
         self._process = process
         self._last = (0, 0)
+        self._stale = False
 
     def read(self) -> tuple[int, int]:
         """(fds, rss in bytes)"""
-        with contextlib.suppress(OSError):
+        try:
             self._last = (self._process.num_fds(), self._process.memory_info().rss)
+        except OSError as exc:
+            if not self._stale:  # once, until /proc can be read again
+                log.warning("cannot read this process's fds and RSS (%s): the heartbeat "
+                            "carries the last figures read", exc.strerror)  # fmt: skip
+            self._stale = True
+        else:
+            self._stale = False
         return self._last
 
 

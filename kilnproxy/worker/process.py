@@ -104,9 +104,7 @@ class WorkerProcess:
         while True:
             event = await self._events.get()
             if event is Event.REOPEN:
-                settings = self.config.log
-                if reopen(settings.format, settings.level, settings.file):
-                    log.info("worker %d reopened its log", self.worker.index)
+                self._reopen_log()
                 continue
             if event is Event.STOP:
                 await self.worker.shutdown()
@@ -125,10 +123,17 @@ class WorkerProcess:
             await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)
             if not hurry.done():
                 hurry.cancel()
+            elif hurry.result() is Event.REOPEN:  # a drain takes minutes: logs rotate meanwhile
+                self._reopen_log()
             elif hurry.result() is Event.STOP:
                 drain.cancel()
                 await self.worker.shutdown()
                 return
+
+    def _reopen_log(self) -> None:
+        settings = self.config.log
+        if reopen(settings.format, settings.level, settings.file):
+            log.info("worker %d reopened its log", self.worker.index)
 
     async def _listen(self, channel: control.ToMaster) -> None:
         """Messages from the master; its end closing means the master is gone."""
@@ -183,6 +188,7 @@ class WorkerProcess:
                 self._beat(channel)
             except Exception:
                 failures += 1
+                self._sent = {}  # its rows may not have gone: the next beat sends them all
                 if failures == 1 or failures % BEAT_FAILURES_LOGGED == 0:
                     log.exception("worker %d: heartbeat failed (%d so far)", self.worker.index,
                                   failures)  # fmt: skip

@@ -36,7 +36,7 @@ def test_paths_under_the_base_only(tmp_path: Path) -> None:
 
 def test_where_git_or_hg_would_look_instead_lies_under_the_base_too(tmp_path: Path) -> None:
     """git opens PATH/.git before PATH (and PATH.git when PATH is no repository), hg PATH/.hg:
-    a symlink there must not lead out either."""
+    a symlink there must not lead out either, nor a gitfile or an hg sharedpath."""
     base, outside = tmp_path / "srv", tmp_path / "outside.git"
     outside.mkdir()
     (base / "aviato" / "site.git").mkdir(parents=True)
@@ -50,11 +50,23 @@ def test_where_git_or_hg_would_look_instead_lies_under_the_base_too(tmp_path: Pa
     (base / "aviato" / "api.git").symlink_to(outside)
     (base / "aviato" / "loop").mkdir()
     (base / "aviato" / "loop" / ".git").symlink_to(base / "aviato" / "loop" / ".git")
+    (base / "aviato" / "file").mkdir()  # a gitfile
+    (base / "aviato" / "file" / ".git").write_text(f"gitdir: {outside}\n")
+    (base / "aviato" / "relative").mkdir()
+    (base / "aviato" / "relative" / ".git").write_text("gitdir: ../../../outside.git\n")
+    (base / "aviato" / "shared" / ".hg").mkdir(parents=True)
+    (base / "aviato" / "shared" / ".hg" / "sharedpath").write_text(f"{outside}/.hg")
+    (base / "aviato" / "inner").mkdir()
+    (base / "aviato" / "inner" / ".git").write_text("gitdir: ../site.git\n")  # stays inside
+    assert confine(base, f"{base}/aviato/inner") == base / "aviato" / "inner"
     for name, error in [
         ("site.git", "site.git/.git leads outside"),
         ("docs", "docs/.hg leads outside"),
         ("api", "api.git leads outside"),
         ("loop", "loop/.git cannot be resolved"),
+        ("file", "file/.git leads outside"),
+        ("relative", "relative/.git leads outside"),
+        ("shared", "shared/.hg leads outside"),
     ]:
         with pytest.raises(Refused, match=error):
             confine(base, f"{base}/aviato/{name}")

@@ -146,8 +146,9 @@ class BrokenStdin:
 def test_an_agent_channel_that_fails_on_a_frame_ends_that_command_only(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A failure on one channel's frame (here, passing stdin on) ends that command, with a line
-    and exit status 255 to the proxy: the connection and its other channels go on."""
+    """A failure on one channel's frame (here, passing stdin on) ends that command, with the
+    internal error line and exit status 1 for its client: the connection and its other channels
+    go on."""
     conn = ProxyConnection(Host(), "10.0.0.2:50000")
     transport = Transport()
     conn.connection_made(transport)  # type: ignore[arg-type]
@@ -159,8 +160,8 @@ def test_an_agent_channel_that_fails_on_a_frame_ends_that_command_only(
     data = frame(Kind.STDIN, 1, b"0000")
     conn.get_buffer(-1)[: len(data)] = data
     conn.buffer_updated(len(data))
-    line = b"kilnproxy agent: internal error (session 3f9c2a1b)\n"
-    assert transport.written == [frame(Kind.STDERR, 1, line), count_frame(Kind.EXIT, 1, 255)]
+    line = b"kilnproxy: internal error (session 3f9c2a1b)\n"
+    assert transport.written == [frame(Kind.STDERR, 1, line), count_frame(Kind.EXIT, 1, 1)]
     assert (stream.aborted, list(conn.channels), transport.aborted) == (True, [2], False)
     (failure,) = [r for r in caplog.records if r.exc_info]
     assert failure.message == "failed on a STDIN frame (repo aviato/website)"
@@ -169,7 +170,7 @@ def test_an_agent_channel_that_fails_on_a_frame_ends_that_command_only(
 
 def test_a_command_the_agent_cuts_tells_its_client_why() -> None:
     """What the command wrote goes first, then the line and exit status 1; a command still
-    starting (no CREDIT sent) is refused instead, which the proxy reports as unavailable."""
+    starting (no CREDIT sent) is refused as for a drain, which the proxy opens elsewhere."""
     request = OpenRequest("3f9c2a1b", "aviato/website", "git-upload-pack", "/srv/a.git", {}, 1)
     wire = Wire()
     running = Channel(wire, 1, request, 65536)
@@ -185,7 +186,7 @@ def test_a_command_the_agent_cuts_tells_its_client_why() -> None:
     starting = Channel(wire, 2, request, 65536)
     wire.sent.clear()
     starting.cut("storage server is shutting down")
-    assert wire.sent == [frame(Kind.REFUSED, 2, b"storage server is shutting down")]
+    assert wire.sent == [frame(Kind.DRAINING, 2)]
     assert wire.forgotten == [1, 2]
 
 
@@ -199,23 +200,27 @@ def test_a_dial_that_raises_what_no_one_foresaw_fails_that_dial_only(
 
     async def connect(link: Link[Connection]) -> Connection:
         attempts.append(1)
-        if len(attempts) == 1:
+        if len(attempts) <= 2:
             raise ValueError("unexpected")
         return Connection()
 
     async def body() -> None:
         pool = Pool("storage", ("127.0.0.1", 22), connect, 8, 60.0, 2.0)
         async with asyncio.timeout(1.0):
-            with pytest.raises(BackendError, match="ValueError: unexpected"):
-                await pool.acquire("aviato/website")
-            assert pool.links == []
+            for _ in range(2):
+                with pytest.raises(BackendError, match="ValueError: unexpected"):
+                    await pool.acquire("aviato/website")
+                assert pool.links == []
             link = await pool.acquire("aviato/website")  # the next session dials again
-        assert (link.state, len(attempts)) == (LinkState.OPEN, 2)
+        assert (link.state, len(attempts)) == (LinkState.OPEN, 3)
         await pool.close()
 
     asyncio.run(body())
-    failure = next(r for r in caplog.records if r.exc_info)
-    assert failure.message == "backend storage: cannot connect to 127.0.0.1:22"
+    first, second = [r for r in caplog.records if "cannot connect" in r.message]
+    assert first.message == "backend storage: cannot connect to 127.0.0.1:22"
+    assert first.exc_info is not None  # a traceback, once a minute: each session dials again
+    assert second.message == f"{first.message}: ValueError: unexpected"
+    assert second.exc_info is None
 
 
 def test_a_malformed_backend_key_fails_the_dial_with_its_reason(tmp_path: Path) -> None:
@@ -281,12 +286,20 @@ def test_a_channel_confirmed_after_its_open_was_given_up_is_closed(tmp_path: Pat
         (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
         target = Target("storage", "127.0.0.1", port, "git", tmp_path / "id_ed25519",
                         tmp_path / "known_hosts")  # fmt: skip
-        backend = SshBackend("storage", ssh_pool(target, 8, 60.0, 0.5), 1 << 20)
-        with pytest.raises(BackendError, match=r"no channel within 0\.5s"):
+        pool = ssh_pool(target, 8, 60.0, 2.0)
+        backend = SshBackend("storage", pool, 1 << 20)
+        with pytest.raises(BackendError, match=r"no channel within 2s"):
             await backend.open(ssh_request(), RecordingSink())
+        (link,) = pool.links
+        assert link.active == 1  # the channel is still being opened: sshd counts it
         gate.set()
         async with asyncio.timeout(5):
             await session.lost.wait()
+        for _ in range(500):  # the client's end of the channel closes a moment later
+            if not link.active:
+                break
+            await asyncio.sleep(0.01)
+        assert link.active == 0
         await backend.close()
         acceptor.close()
         await acceptor.wait_closed()

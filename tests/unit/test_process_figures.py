@@ -33,14 +33,18 @@ class Process:
         return Memory(40 << 20)
 
 
-def test_the_last_figures_stand_in_while_proc_cannot_be_read() -> None:
+def test_the_last_figures_stand_in_while_proc_cannot_be_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     process = Process()
     figures = ProcessFigures(process)
     assert figures.read() == (12, 40 << 20)
     process.full, process.fds = True, 1024
-    assert figures.read() == (12, 40 << 20)
+    assert figures.read() == figures.read() == (12, 40 << 20)
     process.full = False
     assert figures.read() == (1024, 40 << 20)
+    (line,) = [r.getMessage() for r in caplog.records]  # once while they stand in
+    assert line.startswith("cannot read this process's fds and RSS (Too many open files)")
 
 
 def test_psutil_itself_at_the_fd_limit() -> None:
