@@ -169,12 +169,17 @@ def test_status_without_server_is_one_line(cli: tuple[Path, dict[str, str]]) -> 
     assert done.stderr.decode().startswith("kilnproxy: error: cannot reach kilnproxy at")
 
 
-def test_pki_makes_a_ca_and_certificates_once(
-    cli: tuple[Path, dict[str, str]], tmp_path: Path
-) -> None:
+@pytest.fixture
+def ca(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """kilnproxy's environment, and a CA that `pki init` made in the test's directory."""
     _, env = cli
     pki = tmp_path / "pki"
     assert kp(env, "pki", "init", str(pki)).returncode == 0
+    return env, pki
+
+
+def test_pki_makes_a_ca_and_certificates_once(ca: tuple[dict[str, str], Path]) -> None:
+    env, pki = ca
     issued = kp(env, "pki", "issue", "--ca", str(pki), "--kind", "agent", "--name",
                 "repo1.internal", "--name", "10.0.0.7", str(pki / "repo1"))  # fmt: skip
     assert issued.stdout.decode().startswith("agent certificate for repo1.internal, 10.0.0.7: ")
@@ -194,11 +199,9 @@ def test_pki_makes_a_ca_and_certificates_once(
 
 
 def test_pki_refuses_what_a_certificate_cannot_carry_and_writes_nothing(
-    cli: tuple[Path, dict[str, str]], tmp_path: Path
+    ca: tuple[dict[str, str], Path], tmp_path: Path
 ) -> None:
-    _, env = cli
-    pki = tmp_path / "pki"
-    assert kp(env, "pki", "init", str(pki)).returncode == 0
+    env, pki = ca
     issue = ["pki", "issue", "--ca", str(pki), "--kind", "agent"]
     for args, message in [
         (["--name", "bücher.example", str(pki / "a")], "cannot issue a certificate for bücher"),
