@@ -128,8 +128,8 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[asyncio.Task[None]] = set()  # channels' starts (of `_tasks`)
         self._servers: list[asyncio.Server] = []
-        self._drain = asyncio.Event()  # SIGTERM came
-        self._stop = asyncio.Event()  # draining, and no connection is left
+        self._drain = asyncio.Event()  # a drain began (TERM, QUIT or INT)
+        self._stop = asyncio.Event()  # draining and no connection left, or INT: finish now
 
     @property
     def draining(self) -> bool:

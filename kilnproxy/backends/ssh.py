@@ -240,10 +240,11 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
         self._release()
 
     def _opened_late(self, opening: asyncio.Task[tuple[Any, Any]]) -> None:
-        if opening.cancelled() or opening.exception() is not None:
-            self._release()  # refused, or lost: nothing is open
-        elif self._chan is not None:
+        opened = not opening.cancelled() and opening.exception() is None
+        if opened and self._chan is not None:
             self._chan.close()  # connection_lost releases the slot
+        else:
+            self._release()  # refused, or lost: nothing is open
 
     def _release(self) -> None:
         link, self._link = self._link, None
