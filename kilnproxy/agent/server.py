@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -32,7 +34,7 @@ from typing import cast
 from kilnproxy.agent.channel import Channel
 from kilnproxy.agent.connection import ProxyConnection
 from kilnproxy.backends.local import KILL_GRACE, write_hook_rc
-from kilnproxy.config import Config
+from kilnproxy.config import Address, Config
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import reopen
 from kilnproxy.policy.admission import RefusalLog
@@ -41,6 +43,8 @@ log = logging.getLogger("kilnproxy.agent")
 HANDSHAKE_LINES = 20  # failed handshakes logged a minute; the rest are counted in the next line
 DRAIN_EXPIRED = "storage server is stopping and the drain timeout expired"
 STOPPING = "storage server is shutting down"
+BIND_PATIENCE = 30.0  # seconds an address that is not up yet, or still held, is tried again
+_NOT_YET = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
 
 
 def server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -208,13 +212,7 @@ class Agent:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for address in self.listen:
-            try:
-                server = await loop.create_server(
-                    lambda: _Handshake(self), address.host, address.port, backlog=1024
-                )
-            except OSError as exc:
-                raise OperatorError(f"[agent] cannot listen on {address}: {exc.strerror}") from None
-            self._servers.append(server)
+            self._servers.append(await self._listen_on(address))
             log.info("agent listening on %s, serving %s", address, self.base)
         for signum, handler in (
             (signal.SIGTERM, self.handle_sigterm),
@@ -226,6 +224,30 @@ class Agent:
             loop.add_signal_handler(signum, handler)
         await self._drain.wait()
         await self._finish()
+
+    async def _listen_on(self, address: Address) -> asyncio.Server:
+        """A listener on `address`. An address not up yet (the storage network's, at boot) or
+        still held (the agent this one replaces, closing) is tried again for BIND_PATIENCE
+        seconds; anything else, or longer, is an operator's error (exit 2)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BIND_PATIENCE
+        waited = False
+        while True:
+            try:
+                return await loop.create_server(
+                    lambda: _Handshake(self), address.host, address.port, backlog=1024
+                )
+            except OSError as exc:
+                # asyncio words it "error while attempting to bind on address ...": the errno's
+                # own words say it once.
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                if exc.errno not in _NOT_YET or loop.time() >= deadline:
+                    raise OperatorError(f"[agent] cannot listen on {address}: {reason}") from None
+                if not waited:
+                    log.warning("cannot listen on %s yet (%s); trying again each second for "
+                                "up to %.0fs", address, reason, BIND_PATIENCE)  # fmt: skip
+            waited = True
+            await asyncio.sleep(1.0)
 
     # -- signals ---------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -394,3 +395,21 @@ def test_a_proxy_without_its_certificate_says_so(new_world: Callable[..., World]
                         r"\[backend_agent\] ca, cert or key")  # fmt: skip
     assert w.kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000").returncode == 0
     w.kiln.stop()
+
+
+def test_an_address_still_held_is_tried_again(site: Site, tmp_path: Path) -> None:
+    """At boot the storage network's address may not be up yet, or the agent this one replaces
+    may still hold the port: the agent tries again each second (for up to 30 s), and says so."""
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    agent = Agent(tmp_path / "patient", site.pki, port=port)
+    site.agents.append(agent)
+    releasing = threading.Timer(2.0, holder.close)
+    releasing.start()
+    try:
+        agent.start()  # returns once it listens; fails if it exits
+    finally:
+        releasing.cancel()
+        holder.close()
+    assert (f"cannot listen on 127.0.0.1:{port} yet (Address already in use); trying again "
+            "each second for up to 30s") in agent.log()  # fmt: skip
