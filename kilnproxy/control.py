@@ -581,6 +581,10 @@ class Channel:
         if not self._writer.is_closing():
             self._writer.write(encode(message))
 
+    def backlog(self) -> int:
+        """Bytes sent that the other end has not read yet (beyond the socket's own buffer)."""
+        return self._writer.transport.get_write_buffer_size()
+
     async def _receive(self, decoder: Callable[[bytes], Received]) -> Received | None:
         """The next message, or None when the other end has gone or broke the protocol."""
         try:

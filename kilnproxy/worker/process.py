@@ -42,6 +42,7 @@ from kilnproxy.worker.service import Worker
 log = logging.getLogger("kilnproxy.worker")
 HEARTBEAT = 1.0
 BEAT_FAILURES_LOGGED = 60  # after the first failed heartbeat, one line per this many
+MASTER_BACKLOG = 4 << 20  # unread bytes to the master past which heartbeats are held
 
 
 def title(index: int, sessions: int) -> str:
@@ -73,6 +74,7 @@ class WorkerProcess:
         self._control_sock = control_sock
         self._channel: control.ToMaster | None = None
         self._sent: dict[str, tuple[object, ...]] = {}
+        self._held_beats = 0  # heartbeats not sent while the master read nothing
         self._closed: list[str] = []  # told the master at the end of this pass of the loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._heap = HeapTracer()
@@ -197,6 +199,20 @@ class WorkerProcess:
     def _beat(self, channel: control.ToMaster) -> None:
         stats = self.worker.statistics()
         setproctitle(title(self.worker.index, stats.sessions))
+        if channel.backlog() > MASTER_BACKLOG:
+            # The master reads nothing (stopped, or its loop stuck): a beat a second, with the
+            # rows of every active session, would pile up here. Beats wait; the first one the
+            # master can take again carries every row.
+            if not self._held_beats:
+                log.warning("worker %d: the master has not read %d bytes; holding heartbeats",
+                            self.worker.index, channel.backlog())  # fmt: skip
+            self._held_beats += 1
+            self._sent = {}
+            return
+        if self._held_beats:
+            log.info("worker %d: the master reads again; %d heartbeat(s) were held",
+                     self.worker.index, self._held_beats)  # fmt: skip
+            self._held_beats = 0
         beat = control.Heartbeat(
             stats=stats,
             metrics=self.worker.metrics.snapshot(),
