@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 from kilnproxy.errors import BackendError, KilnproxyError
+from kilnproxy.policy.admission import RefusalLog
 
 log = logging.getLogger("kilnproxy.backend")
 TRACEBACK_EVERY = 60.0  # seconds between tracebacks of the same pool's unforeseen dial errors
@@ -97,7 +98,8 @@ class Pool(Generic[C]):
         self.dial_timeout = dial_timeout
         self.links: list[Link[C]] = []
         self.dials = 0  # total connections dialled, for statistics and tests
-        self._traceback_at = -TRACEBACK_EVERY  # when an unforeseen dial error's was last logged
+        # Unforeseen dial errors: each session dials again, so a traceback once a minute.
+        self._tracebacks = RefusalLog(burst=1, period=TRACEBACK_EVERY)
 
     async def acquire(self, repo: str) -> Link[C]:
         """A link with a free channel slot, dialing one if none has room."""
@@ -211,9 +213,7 @@ class Pool(Generic[C]):
             # malformed key): this dial fails, and the next session dials again; a link left
             # dialling would hold every later session of the backend on its `ready`
             detail = f"{type(exc).__name__}: {exc}"
-            now = time.monotonic()
-            if now - self._traceback_at >= TRACEBACK_EVERY:  # each session dials again
-                self._traceback_at = now
+            if self._tracebacks.should_log("dial", time.monotonic()) is not None:
                 log.exception("backend %s: cannot connect to %s:%d", self.name, host, port)
             else:
                 log.warning("backend %s: cannot connect to %s:%d: %s", self.name, host, port,
