@@ -88,7 +88,6 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
         self.kill_timer: asyncio.TimerHandle | None = None  # set while an abort waits
         self._open_pipes = {1, 2}
-        self._exited = False
         self.exited = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,12 +108,11 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
         self._maybe_finish()
 
     def process_exited(self) -> None:
-        self._exited = True
         self.exited.set()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if not self._exited or self._open_pipes or self.transport is None:
+        if not self.exited.is_set() or self._open_pipes or self.transport is None:
             return
         if self.kill_timer is not None:
             self.kill_timer.cancel()
