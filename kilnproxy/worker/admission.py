@@ -7,7 +7,9 @@ the rest of the host's (the sum of the master's `OthersChanged`), its `PenaltyVi
 counters of /metrics and the rate-limited refusal log. The decisions
 are `kilnproxy.policy`'s; this is their shell: it reads the monotonic clock, draws the random
 early drop, and tells the master what changed, at most one `CountsChanged` and one `Offences`
-per pass of the event loop (a burst of accepts is one message, not one each).
+per pass of the event loop (a burst of accepts is one message, not one each). While the master
+reads nothing, what it is owed is held, merged: the counts by account, and at most
+HELD_OFFENCES offences (the oldest go first).
 
 Rules: `admit` is on the accept path of every connection, so it never awaits and never waits
 for the master: it decides on the startup table (read and counted under its lock, so that two
@@ -23,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 from kilnproxy.config import LimitSettings
@@ -51,6 +53,9 @@ from kilnproxy.policy.admission import (
 from kilnproxy.policy.penalty import PenaltyEvent, PenaltyView
 
 log = logging.getLogger("kilnproxy.admission")
+# Offences held while the master reads nothing: beyond them the oldest are dropped (a flood of
+# bad connections meanwhile would otherwise hold memory without bound).
+HELD_OFFENCES = 10_000
 
 Peer = tuple[str, int]
 
@@ -114,9 +119,10 @@ class WorkerAdmission:
         self._clock = clock
         self._log = RefusalLog()
         # Told the master at the end of this pass of the event loop (`_flush`), once it can be.
-        self._send: Callable[[Message], None] | None = None
+        self._send: Callable[[Message], bool] | None = None
         self._sessions_changed: Counter[str] = Counter()
-        self._offences: list[Offence] = []
+        self._offences: deque[Offence] = deque(maxlen=HELD_OFFENCES)
+        self._offences_dropped = 0  # by the deque's bound, since the master last read
         self._flush_scheduled = False
 
     # -- the accept path -----------------------------------------------------------------------
@@ -148,6 +154,8 @@ class WorkerAdmission:
         assert startup.netblock is not None and startup.address is not None
         self._table.add(self._slot, startup.buckets, -1)  # no lock: a late -1 only refuses more
         if event is not None and self._send and self._penalised_for(startup.address, event):
+            if len(self._offences) == HELD_OFFENCES:
+                self._offences_dropped += 1
             self._offences.append(Offence(startup.address, event))
             self._schedule()
 
@@ -211,11 +219,18 @@ class WorkerAdmission:
 
     # -- telling the master, once per pass -----------------------------------------------------
 
-    def report_to(self, send: Callable[[Message], None]) -> None:
-        """Tell the master from now on; what changed before (nothing, if the worker has not
-        accepted yet) is told at the end of this pass. Offences from before are lost."""
+    def report_to(self, send: Callable[[Message], bool]) -> None:
+        """Tell the master from now on. `send` says whether a message went: False while the
+        master reads nothing, and what it was is held here, merged, until `resume`. What changed
+        before (nothing, if the worker has not accepted yet) is told at the end of this pass.
+        Offences from before are lost."""
         self._send = send
         if self._sessions_changed:
+            self._schedule()
+
+    def resume(self) -> None:
+        """The master reads again: tell it what was held."""
+        if self._sessions_changed or self._offences:
             self._schedule()
 
     def _session_changed(self, account: str, change: int) -> None:
@@ -231,9 +246,12 @@ class WorkerAdmission:
         self._flush_scheduled = False
         assert self._send is not None, "scheduled only once there is a master to tell"
         sessions = {account: n for account, n in self._sessions_changed.items() if n}
+        if sessions and not self._send(CountsChanged(sessions)):
+            return  # held: what changes meanwhile adds to it
         self._sessions_changed.clear()
-        if sessions:
-            self._send(CountsChanged(sessions))
-        if self._offences:
-            offences, self._offences = tuple(self._offences), []
-            self._send(Offences(offences))
+        if self._offences and self._send(Offences(tuple(self._offences))):
+            if self._offences_dropped:
+                log.warning("%d offence(s) were dropped, the oldest, while the master read "
+                            "nothing", self._offences_dropped)  # fmt: skip
+            self._offences.clear()
+            self._offences_dropped = 0

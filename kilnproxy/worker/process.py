@@ -42,7 +42,8 @@ from kilnproxy.worker.service import Worker
 log = logging.getLogger("kilnproxy.worker")
 HEARTBEAT = 1.0
 BEAT_FAILURES_LOGGED = 60  # after the first failed heartbeat, one line per this many
-MASTER_BACKLOG = 4 << 20  # unread bytes to the master past which heartbeats are held
+# Unread bytes to the master past which what the worker tells it is held (see `_tell_master`).
+MASTER_BACKLOG = 4 << 20
 
 
 def title(index: int, sessions: int) -> str:
@@ -73,9 +74,10 @@ class WorkerProcess:
         self.worker = worker
         self._control_sock = control_sock
         self._channel: control.ToMaster | None = None
+        # The rows the master has, as it has them: a session not in it is not in its table.
         self._sent: dict[str, tuple[object, ...]] = {}
         self._held_beats = 0  # heartbeats not sent while the master read nothing
-        self._closed: list[str] = []  # told the master at the end of this pass of the loop
+        self._closed: list[str] = []  # told the master at the end of this pass, or once it reads
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._heap = HeapTracer()
 
@@ -86,7 +88,7 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's signal, not ours
         self._channel = channel = await control.ToMaster.open(self._control_sock)
         self.worker.host.on_close = self._session_closed
-        self.worker.admission.report_to(channel.send)
+        self.worker.admission.report_to(self._tell_master)
         await self.worker.start()
         channel.send(control.Ready(pid=self.worker.statistics().pid))
         tasks = [
@@ -190,7 +192,7 @@ class WorkerProcess:
                 self._beat(channel)
             except Exception:
                 failures += 1
-                self._sent = {}  # its rows may not have gone: the next beat sends them all
+                self._sent = dict.fromkeys(self._sent, ())  # rows may be lost: send them all
                 if failures == 1 or failures % BEAT_FAILURES_LOGGED == 0:
                     log.exception("worker %d: heartbeat failed (%d so far)", self.worker.index,
                                   failures)  # fmt: skip
@@ -202,17 +204,18 @@ class WorkerProcess:
         if channel.backlog() > MASTER_BACKLOG:
             # The master reads nothing (stopped, or its loop stuck): a beat a second, with the
             # rows of every active session, would pile up here. Beats wait; the first one the
-            # master can take again carries every row.
+            # master can take again carries every row that changed meanwhile.
             if not self._held_beats:
-                log.warning("worker %d: the master has not read %d bytes; holding heartbeats",
-                            self.worker.index, channel.backlog())  # fmt: skip
+                log.warning("worker %d: the master has not read %d bytes; holding what it is "
+                            "told", self.worker.index, channel.backlog())  # fmt: skip
             self._held_beats += 1
-            self._sent = {}
             return
         if self._held_beats:
             log.info("worker %d: the master reads again; %d heartbeat(s) were held",
                      self.worker.index, self._held_beats)  # fmt: skip
             self._held_beats = 0
+            self._report_closed()  # before the rows: the same order as they happened
+            self.worker.admission.resume()
         beat = control.Heartbeat(
             stats=stats,
             metrics=self.worker.metrics.snapshot(),
@@ -231,18 +234,28 @@ class WorkerProcess:
 
     def _session_closed(self, session_id: str) -> None:
         """One message for all that close in one pass: sent one by one, 10,000 connections
-        dropped at once were 10,000 writes to the socketpair in one pass of the loop."""
-        self._sent.pop(session_id, None)
-        if self._channel is None:
+        dropped at once were 10,000 writes to the socketpair in one pass of the loop. A session
+        that no heartbeat carried (it lasted under a second, or the master read nothing) is
+        not in the master's table: nothing to tell."""
+        if self._sent.pop(session_id, None) is None or self._channel is None:
             return
         if not self._closed:
             asyncio.get_running_loop().call_soon(self._report_closed)
         self._closed.append(session_id)
 
     def _report_closed(self) -> None:
-        closed, self._closed = tuple(self._closed), []
-        if self._channel is not None:
-            self._channel.send(control.SessionClosed(closed))
+        if self._closed and self._tell_master(control.SessionClosed(tuple(self._closed))):
+            self._closed = []
+
+    def _tell_master(self, message: control.WorkerMessage) -> bool:
+        """Send `message`, unless the master has left MASTER_BACKLOG bytes unread: then say so
+        (False), and the caller holds it, merged with what comes next, until the master reads
+        again (the next heartbeat that goes). Held, the closed sessions are at most those of
+        its table, the admission counts one per account."""
+        if self._channel is None or self._channel.backlog() > MASTER_BACKLOG:
+            return False
+        self._channel.send(message)
+        return True
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

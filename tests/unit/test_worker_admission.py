@@ -39,6 +39,7 @@ class Rig:
         self.now = 1000.0
         self.refusals: Counter[Refusal] = Counter()
         self.sent: list[Message] = []
+        self.master_reads = True  # False: as a master that is stopped, or whose loop is stuck
         self.admission = WorkerAdmission(
             limits(**raw), self.refused, clock=lambda: self.now, rng=random.Random(7),
             table=table, slot=slot,
@@ -52,7 +53,12 @@ class Rig:
 
     def talking(self) -> None:
         """From now on, what changes is told the master (as once the control channel is up)."""
-        self.admission.report_to(self.sent.append)
+        self.admission.report_to(self.send)
+
+    def send(self, message: Message) -> bool:
+        if self.master_reads:
+            self.sent.append(message)
+        return self.master_reads
 
 
 async def next_pass() -> None:
@@ -207,5 +213,44 @@ def test_without_a_cap_sessions_are_not_told() -> None:
             rig.admission.open_session("acme")
         await next_pass()
         assert rig.sent == []
+
+    asyncio.run(body())
+
+
+def test_while_the_master_reads_nothing_its_messages_are_held_merged_and_bounded(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped master must not make a worker pile up one message a pass: the counts are
+    merged by account, offences kept up to a bound (the oldest dropped), and all of it told
+    in one message each once the master reads again."""
+    monkeypatch.setattr("kilnproxy.worker.admission.HELD_OFFENCES", 3)
+
+    async def body() -> None:
+        rig = Rig(max_sessions_per_account=50)
+        rig.talking()
+        rig.master_reads = False
+        for n in range(5):
+            rig.admission.open_session("acme")
+            rig.admission.open_session("hooli")
+            rig.admission.close_session("hooli")
+            rig.connect(f"192.0.2.{n}").closed(PenaltyEvent.NOAUTH)
+            await next_pass()
+        rig.admission.resume()  # too soon: still held
+        await next_pass()
+        assert rig.sent == []
+        rig.master_reads = True
+        with caplog.at_level(logging.WARNING, logger="kilnproxy.admission"):
+            rig.admission.resume()
+            await next_pass()
+        kept = tuple(
+            Offence(ipaddress.ip_address(f"192.0.2.{n}"), PenaltyEvent.NOAUTH) for n in (2, 3, 4)
+        )
+        assert rig.sent == [CountsChanged({"acme": 5}), Offences(kept)]  # hooli's: nothing
+        assert [r.getMessage() for r in caplog.records] == [
+            "2 offence(s) were dropped, the oldest, while the master read nothing"
+        ]
+        rig.admission.close_session("acme")
+        await next_pass()
+        assert rig.sent[2:] == [CountsChanged({"acme": -1})]  # the held ones are gone
 
     asyncio.run(body())

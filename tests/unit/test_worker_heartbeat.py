@@ -1,10 +1,12 @@
-"""A worker's heartbeat (worker.process.WorkerProcess._beat) when the master reads nothing: a
+"""What a worker tells its master (worker.process.WorkerProcess) when the master reads nothing: a
 stopped master must not make every worker pile up a beat a second, with the rows of every
-active session, without bound. Beats wait until it reads again, and the first one then carries
-every row."""
+active session, nor one `SessionClosed` a pass, without bound. Both wait until it reads again:
+then the sessions that closed meanwhile come in one message, and the beat carries the rows that
+changed. A session the master never heard of is never told closed."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -25,9 +27,18 @@ class Stats:
 
 
 @dataclass
+class FakeAdmission:
+    resumed: int = 0
+
+    def resume(self) -> None:
+        self.resumed += 1
+
+
+@dataclass
 class FakeWorker:
     index: int = 0
-    rows: list[str] = field(default_factory=lambda: ["3f9c2a1b", "deadbeef"])
+    rows: dict[str, int] = field(default_factory=lambda: {"3f9c2a1b": 0, "deadbeef": 0})
+    admission: FakeAdmission = field(default_factory=FakeAdmission)
 
     def statistics(self) -> Stats:
         return Stats()
@@ -36,8 +47,9 @@ class FakeWorker:
         return {}
 
     def changed_connections(self, seen: dict[str, tuple[object, ...]]) -> list[str]:
-        changed = [row for row in self.rows if row not in seen]
-        seen.update((row, ()) for row in changed)
+        """Session ids for rows: a row changes when its number does."""
+        changed = [row for row, n in self.rows.items() if seen.get(row) != (n,)]
+        seen.update((row, (self.rows[row],)) for row in changed)
         return changed
 
     def settle_memory(self) -> bool:
@@ -54,40 +66,67 @@ class FakeWorker:
 @dataclass
 class FakeChannel:
     unread: int = 0
-    sent: list[control.Heartbeat] = field(default_factory=list)
+    sent: list[control.WorkerMessage] = field(default_factory=list)
 
     def backlog(self) -> int:
         return self.unread
 
-    def send(self, message: control.Heartbeat) -> None:
+    def send(self, message: control.WorkerMessage) -> None:
         self.sent.append(message)
 
 
-def rows(beat: control.Heartbeat) -> tuple[object, ...]:
-    return tuple(beat.sessions)  # the fake worker's rows are session ids
+def said(channel: FakeChannel) -> list[tuple[str, ...]]:
+    """What the master was told: a beat's rows (session ids), or the sessions closed."""
+    return [
+        ("closed", *m.sessions)
+        if isinstance(m, control.SessionClosed)
+        else tuple(cast(tuple[str, ...], m.sessions))  # the fake worker's rows are ids
+        for m in channel.sent
+        if isinstance(m, control.SessionClosed | control.Heartbeat)
+    ]
 
 
-def test_beats_wait_while_the_master_reads_nothing(
+def test_what_the_master_is_told_waits_while_it_reads_nothing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(process, "setproctitle", lambda title: None)
     caplog.set_level(logging.INFO)
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        worker = WorkerProcess(cast(Config, None), cast(Worker, FakeWorker()), ours)
+
+    async def body(ours: socket.socket) -> None:
+        fake = FakeWorker()
+        worker = WorkerProcess(cast(Config, None), cast(Worker, fake), ours)
         channel = FakeChannel()
-        to_master = cast(control.ToMaster, channel)
+        worker._channel = to_master = cast(control.ToMaster, channel)
+
+        def close(session: str) -> None:
+            del fake.rows[session]
+            worker._session_closed(session)
+
         worker._beat(to_master)
-        assert [rows(beat) for beat in channel.sent] == [("3f9c2a1b", "deadbeef")]
+        fake.rows["0b0e"] = 0
+        close("0b0e")  # opened and closed between two beats: the master never heard of it
+        await asyncio.sleep(0)
         worker._beat(to_master)
-        assert rows(channel.sent[-1]) == ()  # nothing changed
+        assert said(channel) == [("3f9c2a1b", "deadbeef"), ()]
         channel.unread = MASTER_BACKLOG + 1
         worker._beat(to_master)
+        close("deadbeef")
+        fake.rows["3f9c2a1b"] = 1
+        fake.rows["c0ffee"] = 0
+        await asyncio.sleep(0)
         worker._beat(to_master)
         assert len(channel.sent) == 2  # held
         channel.unread = 0
         worker._beat(to_master)
-        assert rows(channel.sent[-1]) == ("3f9c2a1b", "deadbeef")  # every row again
+        assert said(channel)[2:] == [("closed", "deadbeef"), ("3f9c2a1b", "c0ffee")]
+        assert fake.admission.resumed == 1
+        close("c0ffee")
+        await asyncio.sleep(0)
+        assert said(channel)[4:] == [("closed", "c0ffee")]
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        asyncio.run(body(ours))
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("worker 0: the master has not read")
     assert lines[1:] == ["worker 0: the master reads again; 2 heartbeat(s) were held"]
