@@ -589,6 +589,12 @@ class AgentSettings:
         "TLS handshakes under way at once (each holds about 300 KiB until it ends or "
         "[timeouts] dial passes); a connection beyond them is closed at once.",
     )
+    max_commands: int = setting(
+        count,
+        1024,
+        "Commands running at once, for all proxies; one more is refused (its client is told "
+        "its storage is unavailable, try again later). 0: no cap.",
+    )
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class Agent:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] | None = None
+    settings: str = ""  # more [agent] lines
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,7 @@ class Agent:
         self.config.write_text(
             f'[agent]\nlisten = ["127.0.0.1:{self.port}"]\nbase = "{self.base}"\n'
             f'ca = "{(self.proxies or self.pki).ca}"\ncert = "{cert}"\nkey = "{key}"\n'
+            f"{self.settings}"
             '[timeouts]\ndial = "2s"\ndrain = "5s"\n'
         )
 

@@ -41,6 +41,10 @@ class Host(Protocol):
     @property
     def draining(self) -> bool: ...
 
+    def refusal(self, channel: Channel) -> str | None:
+        """Why `channel`'s command may not run now (logged), or None: it may."""
+        ...
+
     def start(self, channel: Channel) -> None: ...
 
     def gone(self, conn: ProxyConnection) -> None: ...
@@ -115,6 +119,10 @@ class ProxyConnection(FrameConnection[Channel]):
             self._tell_draining()
             self.send(frame(Kind.DRAINING, each.channel))
             self.forget(each.channel)  # closes the connection if it runs nothing
+            return
+        refusal = self.host.refusal(channel)
+        if refusal is not None:
+            self.send(frame(Kind.REFUSED, each.channel, refusal.encode()))
             return
         self.channels[each.channel] = channel
         self.host.start(channel)

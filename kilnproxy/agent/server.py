@@ -14,6 +14,10 @@ TERM: stop at once, cutting every command. A command cut has its client told why
 and exit status 1, and is stopped (SIGTERM to its process group, SIGKILL after the local
 backend's grace). USR1: reopen the log file. HUP: load the CA, certificate and key again, for the
 connections that come next (a renewed certificate, without a drain).
+
+At most `[agent] max_commands` commands run at once, over every connection: a proxy's valid
+certificate is trusted with what the agent runs, not with how much. An OPEN beyond them is
+REFUSED (the proxy tells its client the storage is unavailable), with a log line, rate-limited.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class Agent:
             raise OperatorError(f"cannot write {config.home / 'state'}: {exc.strerror}") from None
         self.handshake_timeout = config.timeouts.dial
         self.max_handshakes = settings.max_handshakes
+        self.max_commands = settings.max_commands
         self.handshaking = 0  # handshakes under way
         self._refusals = RefusalLog()
         self._failures = RefusalLog(burst=HANDSHAKE_LINES)
@@ -140,6 +145,19 @@ class Agent:
         return self.lifecycle is not Lifecycle.SERVING
 
     # -- Host ------------------------------------------------------------------------------------
+
+    def refusal(self, channel: Channel) -> str | None:
+        running = self._running()
+        if not self.max_commands or running < self.max_commands:
+            return None
+        reason = f"busy: {running} command(s) running, [agent] max_commands = {self.max_commands}"
+        held = self._refusals.should_log("commands", time.monotonic())
+        if held is not None:
+            request = channel.request
+            more = f"; {held} more refused since the last such line" if held else ""
+            channel.log.warning("refused %s (repo %s): %s%s", request.verb, request.repo, reason,
+                                more)  # fmt: skip
+        return reason
 
     def start(self, channel: Channel) -> None:
         task = self._spawn(channel.start(self.base, self.hook_rc))

@@ -311,6 +311,38 @@ def test_a_draining_agent_says_so_and_refuses_new_channels(site: Site) -> None:
                        r"the agent is draining")  # fmt: skip
 
 
+def test_commands_beyond_max_commands_are_refused_until_one_ends(site: Site) -> None:
+    """The agent's own cap, over all its connections: a proxy with a good certificate (a bug,
+    or one in the wrong hands) cannot start more commands at once than the storage server is
+    set to run. The one beyond is REFUSED and logged; once a command ends, the next one runs."""
+    agent = Agent(site.root / "capped", site.pki, settings="max_commands = 1\n")
+    site.agents.append(agent)
+    agent.start()
+    site.cli("backends", "add", "capped", agent.url)
+    path = str(site.repo(agent, "capped", "aviato/on-capped"))
+    env = {"KILNPROXY_SESSION": "c0ffee00"}
+    upload = OpenRequest("c0ffee00", "aviato/on-capped", "git-upload-pack", path, env, 65536)
+    with (
+        contextlib.closing(tls_to(site, agent)) as first,
+        contextlib.closing(tls_to(site, agent)) as second,
+    ):
+        one, other = Answers(first), Answers(second)
+        first.sendall(upload.encode(1))
+        one.wait_for(Kind.STDOUT, 1)
+        second.sendall(upload.encode(1))
+        other.wait_for(Kind.REFUSED, 1)
+        first.sendall(upload.encode(3))
+        one.wait_for(Kind.REFUSED, 3)
+        refused = [a.payload for a in one.frames + other.frames if a.kind is Kind.REFUSED]
+        assert refused == [b"busy: 1 command(s) running, [agent] max_commands = 1"] * 2
+        first.sendall(frame(Kind.STDIN, 1, b"0000") + frame(Kind.STDIN_EOF, 1))
+        one.wait_for(Kind.EXIT, 1)
+        second.sendall(upload.encode(3))
+        other.wait_for(Kind.STDOUT, 3)  # room again: it runs
+    agent.wait_for_log(r"\[c0ffee00\] refused git-upload-pack \(repo aviato/on-capped\): "
+                       r"busy: 1 command\(s\) running, \[agent\] max_commands = 1")  # fmt: skip
+
+
 @dataclass
 class Answers:
     """What an agent sends on a connection written to by hand, read as the test asks."""

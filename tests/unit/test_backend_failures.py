@@ -110,6 +110,9 @@ class Host:
     window = 65536
     draining = False
 
+    def refusal(self, channel: Channel) -> str | None:
+        return None
+
     def start(self, channel: Channel) -> None: ...
 
     def gone(self, conn: ProxyConnection) -> None: ...
