@@ -230,8 +230,10 @@ class Agent:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for address in self.listen:
-            self._servers.append(await self._listen_on(address))
-            log.info("agent listening on %s, serving %s", address, self.base)
+            server = await self._listen_on(address)
+            self._servers.append(server)
+            bound = ", ".join(str(Address(*sock.getsockname()[:2])) for sock in server.sockets)
+            log.info("agent listening on %s, serving %s", bound, self.base)  # port 0: the port
         for signum, handler in (
             (signal.SIGTERM, self.handle_sigterm),
             (signal.SIGQUIT, self.handle_sigquit),

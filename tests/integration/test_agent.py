@@ -343,6 +343,16 @@ def test_commands_beyond_max_commands_are_refused_until_one_ends(site: Site) -> 
                        r"busy: 1 command\(s\) running, \[agent\] max_commands = 1")  # fmt: skip
 
 
+def test_the_start_line_names_the_port_the_system_chose(site: Site) -> None:
+    agent = Agent(site.root / "anyport", site.pki)
+    agent.config.write_text(agent.config.read_text().replace(f':{agent.port}"', ':0"'))
+    site.agents.append(agent)
+    agent.start()
+    bound = re.search(r"agent listening on 127\.0\.0\.1:(\d+), serving", agent.log())
+    assert bound is not None and int(bound[1]) != 0, agent.log()
+    socket.create_connection(("127.0.0.1", int(bound[1])), 5).close()
+
+
 @dataclass
 class Answers:
     """What an agent sends on a connection written to by hand, read as the test asks."""
