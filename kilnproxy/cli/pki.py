@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kilnproxy.errors import OperatorError
 
 CA_DAYS = 3650
+COMMON_NAME_MAX = 64  # characters, in x509 (ub-common-name)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -136,6 +137,15 @@ def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> li
     return [f"{kind} certificate for {', '.join(names)}: {cert_path} (key {key_path})"]
 
 
+def _common_name(kind: str, name: str) -> str:
+    """The subject's common name: `name`, or for an agent's host name longer than a common name
+    may be (64), its first label. Clients check an agent's names in its subjectAltName, which
+    carries every name whole."""
+    if kind == "agent" and len(name) > COMMON_NAME_MAX and "." in name:
+        return name.split(".", 1)[0]
+    return name
+
+
 def _sign(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
@@ -149,7 +159,7 @@ def _sign(
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(names[0]))
+        .subject_name(_name(_common_name(kind, names[0])))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

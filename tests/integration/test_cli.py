@@ -190,6 +190,14 @@ def test_pki_makes_a_ca_and_certificates_once(ca: tuple[dict[str, str], Path]) -
     assert b"TLS Web Server Authentication" in text
     verified = run(["openssl", "verify", "-CAfile", str(pki / "ca.pem"), str(pki / "repo1.pem")])
     assert verified.stdout.decode().endswith(": OK\n")
+    # A host name longer than a common name may be: whole in the subjectAltName that TLS
+    # checks, its first label as the common name.
+    long = "repo2." + "storage-eu-west-1." * 4 + "internal.example"
+    issued = kp(env, "pki", "issue", "--ca", str(pki), "--kind", "agent", "--name", long,
+                str(pki / "repo2"))  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    text = run(["openssl", "x509", "-in", str(pki / "repo2.pem"), "-noout", "-text"]).stdout
+    assert b"Subject: CN = repo2\n" in text and f"DNS:{long}\n".encode() in text
     again = kp(env, "pki", "init", str(pki))
     assert again.returncode == 2
     assert (
