@@ -57,6 +57,9 @@ log = logging.getLogger("kilnproxy.control")
 
 VERSION = 5
 MAX_LINE = 4 * 1024 * 1024
+# Penalty notices per `Penalties` message: 10,000 IPv6 ones are about 1 MiB, well under MAX_LINE
+# (a host under attack holds tens of thousands, all told to every worker that joins).
+NOTICES_PER_MESSAGE = 10_000
 # The exit status of a worker that cannot start: the master must not retry it forever.
 WORKER_BOOT_ERROR = 3
 
@@ -338,7 +341,8 @@ class Offences:
 class Penalties:
     """What changed in the host's penalty table, applied in field order: penalised, then lifted,
     then table_full. That is the order `PenaltyBox` says them in; `of` cuts notices in any
-    other order into several messages, so that every worker applies them as the box did."""
+    other order into several messages, so that every worker applies them as the box did, and
+    cuts them every NOTICES_PER_MESSAGE."""
 
     kind: ClassVar[Kind] = Kind.PENALTIES
     penalised: tuple[Penalised, ...] = ()
@@ -348,7 +352,9 @@ class Penalties:
     @classmethod
     def of(cls, notices: tuple[Notice, ...]) -> list[Penalties]:
         groups: list[tuple[list[Penalised], list[Lifted], list[TableFull]]] = [([], [], [])]
-        for notice in notices:
+        for count, notice in enumerate(notices):
+            if count and count % NOTICES_PER_MESSAGE == 0:
+                groups.append(([], [], []))
             _, lifted, full = groups[-1]
             if isinstance(notice, Penalised):
                 if lifted or full:  # after a later field: a message of its own
@@ -578,8 +584,16 @@ class Channel:
         return cls(reader, writer)
 
     def send(self, message: Message) -> None:
-        if not self._writer.is_closing():
-            self._writer.write(encode(message))
+        """Send `message`. One the other end could not read (over MAX_LINE, which would break
+        the channel: a bug, since senders keep under it) is dropped, with an error line."""
+        if self._writer.is_closing():
+            return
+        line = encode(message)
+        if len(line) > MAX_LINE:
+            log.error("control message %s of %d bytes not sent: over the channel's %d",
+                      message.kind.value, len(line), MAX_LINE)  # fmt: skip
+            return
+        self._writer.write(line)
 
     def backlog(self) -> int:
         """Bytes sent that the other end has not read yet (beyond the socket's own buffer)."""

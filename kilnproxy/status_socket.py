@@ -69,8 +69,8 @@ async def serve(path: Path, handler: Handler) -> asyncio.Server:
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), TIMEOUT)
-            try:
+            try:  # readline's ValueError: a line over the reader's limit
+                line = await asyncio.wait_for(reader.readline(), TIMEOUT)
                 reply = await handler(parse_request(line))
             except ValueError as exc:
                 reply = {"error": f"bad request: {exc}"}
@@ -79,7 +79,7 @@ async def serve(path: Path, handler: Handler) -> asyncio.Server:
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), TIMEOUT)
         except (TimeoutError, ConnectionError):
-            pass
+            writer.transport.abort()  # a client that reads nothing must not hold its reply
         except Exception:
             log.exception("status socket request failed")
         finally:

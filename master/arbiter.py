@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from master.status import StatusAnswers
 from master.supervisor import Supervisor
 
 log = logging.getLogger("kilnproxy.master")
+# Blocked from the start of `kilnproxy serve` until the supervisor's handlers take them.
+HELD_SIGNALS = {signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU}
 
 
 def serve(config: Config, config_arg: str | None) -> int:
@@ -45,6 +48,7 @@ async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> 
     board = StatusBoard(config.limits.penalty_settings(), max(MIN_SLOTS, 4 * config.workers.count))
     supervisor = Supervisor(config, config_path, board, notifier)
     supervisor.catch_signals()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # what came meanwhile is acted on
     sockets = listeners(config.ssh.listen, config.ssh.backlog)
     status_path = config.status.socket  # a reload does not move it
     status = await serve_status(status_path, StatusAnswers(board, supervisor).answer)

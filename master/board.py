@@ -90,9 +90,9 @@ class StatusBoard:
         self._latest[worker.pid] = beat
         self.table.update(worker.pid, worker.index, beat.sessions)
 
-    def sessions_closed(self, sessions: Iterable[str]) -> None:
+    def sessions_closed(self, worker: WorkerView, sessions: Iterable[str]) -> None:
         for session in sessions:
-            self.table.remove(session)
+            self.table.remove(worker.pid, session)
 
     def left(self, worker: WorkerView, died: bool) -> None:
         """`worker` exited; `died` if it was not draining (it is replaced: a restart)."""

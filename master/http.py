@@ -99,9 +99,7 @@ async def info(request: web.Request) -> web.Response:
 
 async def connections(request: web.Request) -> web.Response:
     now = time.time()
-    rows = [row.as_json() | {"duration": round(now - row.stats.started_at, 3)}
-            for row in request.app[BOARD].table.rows()]  # fmt: skip
-    return web.json_response(rows)
+    return web.json_response([row.as_json(now) for row in request.app[BOARD].table.rows()])
 
 
 async def end_session(request: web.Request) -> web.Response:

@@ -27,7 +27,8 @@ class StatusAnswers:
             case Command.STATUS:
                 return self.status()
             case Command.CONNECTIONS:
-                return {"connections": [row.as_json() for row in self.board.table.rows()]}
+                now = time.time()
+                return {"connections": [row.as_json(now) for row in self.board.table.rows()]}
             case Command.KILL:
                 self.actions.end_session(request.session)
                 return {"killed": request.session}

@@ -45,6 +45,7 @@ FAST_STOP_GRACE = 1.8  # SPEC 6: a fast shutdown is over within 2 s
 REQUEST_TIMEOUT = 10.0  # a task dump or heap profile asked of a worker
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 30.0, 60.0
 MAX_BOOT_FAILURES = 3
+OPERATOR_EXIT = 2  # the CLI's status for an operator's error, which systemd does not restart
 TICK = 0.1
 SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGUSR1)  # fmt: skip
@@ -144,7 +145,8 @@ class Supervisor:
             config = load(str(self.config_path) if self.config_path else None)
         except OperatorError as exc:
             log.error("reload refused, nothing changed: %s", exc)
-            self.notifier.ready()
+            if not self._reloading:  # else READY=1 when the restart under way completes
+                self.notifier.ready()
             return
         if config.workers.count != self.config.workers.count:
             self.desired = config.workers.count
@@ -224,9 +226,9 @@ class Supervisor:
             self._drain_one(self._surplus(serving))
         elif not starting and self._spawning == 0:
             old = [w for w in serving if self._stale(w)]
-            if old:
+            if old and self._not_before.get(old[0].index, 0.0) <= now:
                 self._start(old[0].index)  # the replacement; old[0] drains once it is READY
-            elif self._reloading:
+            elif self._reloading and not old:
                 self._reloading = False
                 self.notifier.ready()
                 log.info("rolling restart to generation %d complete", self.generation)
@@ -266,6 +268,9 @@ class Supervisor:
         self._background(self._spawn(index, self.generation))
 
     async def _spawn(self, index: int, generation: int) -> None:
+        if self.stopping is not None or not self._listeners:  # a stop came since `_start`
+            self._spawning -= 1
+            return
         admission = self.board.admission
         slot = admission.claim_slot()
         try:
@@ -289,6 +294,9 @@ class Supervisor:
         asyncio.get_running_loop().add_reader(handle.pidfd, self._reap, handle)
         self._background(self._listen(handle))
         log.info("started worker %d (pid %d, generation %d)", index, handle.pid, generation)
+        if self.stopping is not None:  # it came while the worker started: it stops with the rest
+            handle.state = WorkerState.DRAINING
+            handle.channel.send(self.stopping.message)
 
     def _drain_one(self, worker: WorkerHandle) -> None:
         log.info("draining worker %d (pid %d)", worker.index, worker.pid)
@@ -302,7 +310,10 @@ class Supervisor:
         assert worker.channel is not None
         while (message := await worker.channel.receive()) is not None:
             worker.last_heartbeat = time.monotonic()
-            self._on_message(worker, message)
+            try:  # a bug on one message must not leave the worker unheard, then killed
+                self._on_message(worker, message)
+            except Exception:
+                log.exception("failed on worker %d's %s", worker.index, message.kind.value)
 
     def _on_message(self, worker: WorkerHandle, message: control.WorkerMessage) -> None:
         match message:
@@ -319,7 +330,7 @@ class Supervisor:
                 log.info("worker %d (pid %d) drains on its own", worker.index, worker.pid)
                 worker.state = WorkerState.DRAINING  # its replacement starts at once
             case control.SessionClosed():
-                self.board.sessions_closed(message.sessions)
+                self.board.sessions_closed(worker, message.sessions)
             case control.CountsChanged():
                 self.board.admission.changed(worker.pid, message)
                 self._tell_counts()
@@ -415,17 +426,28 @@ class Supervisor:
         self._not_before[worker.index] = time.monotonic() + self._next_backoff(worker.index)
 
     def _boot_failure(self, worker: WorkerHandle, status: int) -> None:
+        """A worker died before it was ready. With none serving (the master's start, or every
+        worker gone), MAX_BOOT_FAILURES in a row stop the master: a host key or a file it
+        cannot read will not mend itself. While others serve, they serve on: the slot is tried
+        again with its backoff (a rolling restart or a recycle waits), and a stall is logged."""
         self._boot_failures += 1
-        reason = (
-            "cannot boot"
-            if status == control.WORKER_BOOT_ERROR
-            else f"exited {status} while booting"
-        )
+        operators = status == control.WORKER_BOOT_ERROR
+        reason = "cannot boot" if operators else f"exited {status} while booting"
+        serving = sum(w.state is WorkerState.READY for w in self.workers)
+        if serving:
+            log.error("worker %d %s (%d in a row); %d worker(s) serve on, and it is tried "
+                      "again", worker.index, reason, self._boot_failures, serving)  # fmt: skip
+            if self._boot_failures == MAX_BOOT_FAILURES and self._reloading:
+                log.error("rolling restart to generation %d stalled: its workers cannot boot; "
+                          "the old ones serve on until one can", self.generation)  # fmt: skip
+                self.notifier.ready()  # the reload is over, as far as systemd waits for it
+            return
         log.error("worker %d %s (%d of %d tries)", worker.index, reason,
                   self._boot_failures, MAX_BOOT_FAILURES)  # fmt: skip
         if self._boot_failures >= MAX_BOOT_FAILURES and self.stopping is None:
             log.error("workers cannot boot; the master gives up")
-            self.exit_status = 1
+            # An operator's problem (exit 2: systemd does not restart it), or a crash (1).
+            self.exit_status = OPERATOR_EXIT if operators else 1
             self._begin_stop(Stopping.FAST)
 
     def _next_backoff(self, index: int) -> float:

@@ -21,30 +21,37 @@ class TableRow:
     worker: int  # its index
     pid: int
 
-    def as_json(self) -> dict[str, Any]:
-        """The row of `GET /connections` and `kilnproxy connections` (SPEC 7)."""
-        return dataclasses.asdict(self.stats) | {"worker": self.worker}
+    def as_json(self, now: float) -> dict[str, Any]:
+        """The row of `GET /connections` and `kilnproxy connections` (SPEC 7), its duration as
+        of `now` (wall clock): a row is sent again only when it changes, so the duration the
+        worker last sent is stale for a quiet session."""
+        duration = round(now - self.stats.started_at, 3)
+        return dataclasses.asdict(self.stats) | {"duration": duration, "worker": self.worker}
 
 
 class ConnectionTable:
+    """Every worker's sessions, keyed by worker and session id: an id is 8 random hex
+    characters (SPEC 3), unique in its worker, and with tens of thousands of sessions open on a
+    host two workers' sessions share one now and then."""
+
     def __init__(self) -> None:
-        self._rows: dict[str, TableRow] = {}
+        self._rows: dict[tuple[int, str], TableRow] = {}
 
     def update(self, pid: int, index: int, rows: Iterable[SessionStats]) -> None:
         for stats in rows:
-            self._rows[stats.session] = TableRow(stats, index, pid)
+            self._rows[pid, stats.session] = TableRow(stats, index, pid)
 
-    def remove(self, session: str) -> None:
-        self._rows.pop(session, None)
+    def remove(self, pid: int, session: str) -> None:
+        self._rows.pop((pid, session), None)
 
     def drop_worker(self, pid: int) -> None:
-        for session in [s for s, row in self._rows.items() if row.pid == pid]:
-            self.remove(session)
+        for key in [key for key in self._rows if key[0] == pid]:
+            del self._rows[key]
 
     def owner(self, session: str) -> int | None:
-        """The pid of the worker serving `session`."""
-        row = self._rows.get(session)
-        return row.pid if row else None
+        """The pid of the worker serving `session` (the oldest's, if two share the id)."""
+        rows = [row for (_, each), row in self._rows.items() if each == session]
+        return min(rows, key=lambda row: row.stats.started_at).pid if rows else None
 
     def rows(self) -> list[TableRow]:
         return sorted(self._rows.values(), key=lambda row: row.stats.started_at)

@@ -71,7 +71,14 @@ class SessionHost:
     # The log lines of sessions that closed, written a batch per pass of the loop.
     close_logs: Spread = field(default_factory=lambda: Spread(CLOSE_LOGS_PER_PASS))
 
+    def fresh_id(self) -> str:
+        """A session id (8 random hex characters, SPEC 3) that no open session here has."""
+        while (candidate := secrets.token_hex(4)) in self.sessions:
+            pass
+        return candidate
+
     def opened(self, session: Session) -> None:
+        assert session.id not in self.sessions, "`Session.connection_made` made it unique"
         self.sessions[session.id] = session
         self.total += 1
         self.no_sessions.clear()
@@ -143,7 +150,7 @@ def transport_summary(extra: Callable[[str], object]) -> str:
 class Session(asyncssh.SSHServer):
     def __init__(self, host: SessionHost) -> None:
         self.host = host
-        self.id = secrets.token_hex(4)
+        self.id = host.fresh_id()
         self.log: SessionLog = SessionLog(log, self.id)
         self.health_check = False  # a load balancer's, not a client's: logged at debug level
         self.state = SessionState.CONNECTING
@@ -185,6 +192,9 @@ class Session(asyncssh.SSHServer):
         self.remote = f"{peer[0]}:{peer[1]}"
         self._startup = conn.get_extra_info("startup")
         self.health_check = bool(conn.get_extra_info("health_check"))
+        if self.id in self.host.sessions:  # two open sessions of one worker would be one here
+            self.id = self.host.fresh_id()
+            self.log = SessionLog(log, self.id)
         if self.health_check:
             self.log = QuietSessionLog(log, self.id)
         self.host.opened(self)

@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import json
 import linecache
 import logging
 import tracemalloc
@@ -92,6 +93,17 @@ def task_dump() -> list[dict[str, Any]]:
             "stack": frames,
         })  # fmt: skip
     return sorted(tasks, key=lambda t: str(t["name"]))
+
+
+def first_within(items: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The first of `items` whose JSON together takes at most `budget` bytes: a dump of a worker
+    with 10,000 sessions must still fit the control channel's line (control.MAX_LINE)."""
+    used = 0
+    for count, item in enumerate(items):
+        used += len(json.dumps(item)) + 2
+        if used > budget:
+            return items[:count]
+    return items
 
 
 class HeapTracer:

@@ -36,7 +36,7 @@ from kilnproxy.control import StartupTable
 from kilnproxy.errors import CutReason, OperatorError
 from kilnproxy.logs import configure, reopen
 from kilnproxy.ssh import fast_path, kex_offer
-from kilnproxy.worker.introspect import HeapTracer, task_dump
+from kilnproxy.worker.introspect import HeapTracer, first_within, task_dump
 from kilnproxy.worker.service import Worker
 
 log = logging.getLogger("kilnproxy.worker")
@@ -44,6 +44,8 @@ HEARTBEAT = 1.0
 BEAT_FAILURES_LOGGED = 60  # after the first failed heartbeat, one line per this many
 # Unread bytes to the master past which what the worker tells it is held (see `_tell_master`).
 MASTER_BACKLOG = 4 << 20
+# Bytes of tasks, and of sessions, in a task dump: both well under the control line's limit.
+DUMP_BUDGET = control.MAX_LINE // 4
 
 
 def title(index: int, sessions: int) -> str:
@@ -178,7 +180,14 @@ class WorkerProcess:
             if isinstance(request, control.TaskDumpRequest):
                 # Relays run on callbacks, not tasks, while bytes flow: list sessions as well.
                 sessions = [dataclasses.asdict(row) for row in self.worker.connections()]
-                return control.Reply(request.id, data={"tasks": task_dump(), "sessions": sessions})
+                tasks = task_dump()
+                data = {
+                    "tasks": first_within(tasks, DUMP_BUDGET),
+                    "tasks_total": len(tasks),
+                    "sessions": first_within(sessions, DUMP_BUDGET),
+                    "sessions_total": len(sessions),
+                }
+                return control.Reply(request.id, data=data)
             report = self._heap.report(request.top, request.seconds, request.stop, request.peek)
             return control.Reply(request.id, data=report)
         except Exception as exc:

@@ -35,6 +35,9 @@ from kilnproxy.worker.metrics import WorkerMetrics
 log = logging.getLogger("kilnproxy.worker")
 SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s
 RELEASE_AFTER = 1000  # closed connections between two releases of memory, at least
+# Session rows per heartbeat: a row is at most about 1 KiB, so a beat stays well under the
+# control channel's line limit (control.MAX_LINE) however many sessions changed.
+ROWS_PER_BEAT = 2000
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -78,6 +81,7 @@ class Worker:
         services = Services(self.directory, self.backends, self.metrics, self.admission)
         self.host = SessionHost(config, services)
         self._closed_at_release = 0
+        self._rows_from = 0  # where the next `changed_connections` starts
         self._closed_seen = 0  # closed since the last release, as of the last settle_memory
         self._flood_tail = False  # released for a flood: once more when its closes stop
 
@@ -192,14 +196,25 @@ class Worker:
     def connections(self) -> list[SessionStats]:
         return [session.statistics() for session in self.host.sessions.values()]
 
-    def changed_connections(self, seen: dict[str, tuple[object, ...]]) -> list[SessionStats]:
-        """The rows whose `row_key` differs from `seen` (which is updated). A session that has
-        not changed costs a tuple, not a row: 10,000 idle connections made every heartbeat
-        build 10,000 rows (0.1-0.3 s of the loop each second) to send none."""
-        changed = []
-        for session in self.host.sessions.values():
+    def changed_connections(
+        self, seen: dict[str, tuple[object, ...]], limit: int = ROWS_PER_BEAT
+    ) -> list[SessionStats]:
+        """The rows whose `row_key` differs from `seen` (which is updated), at most `limit`:
+        the rest are still changed next time, and the next call starts where this one
+        stopped, so that with more than `limit` sessions changing every second each row still
+        goes in turn. A session that has not changed costs a tuple, not a row: 10,000 idle
+        connections made every heartbeat build 10,000 rows (0.1-0.3 s of the loop each second)
+        to send none."""
+        sessions = list(self.host.sessions.values())
+        start = self._rows_from % len(sessions) if sessions else 0
+        self._rows_from = 0
+        changed: list[SessionStats] = []
+        for offset, session in enumerate(sessions[start:] + sessions[:start]):
             key = session.row_key()
             if seen.get(session.id) != key:
+                if len(changed) == limit:
+                    self._rows_from = start + offset
+                    break
                 seen[session.id] = key
                 changed.append(session.statistics())
         return changed

@@ -74,11 +74,16 @@ def test_rows_follow_heartbeats_closes_and_exits() -> None:
     board.heard(one, beat(100, row("aaaaaaaa", 2.0), row("bbbbbbbb", 1.0)))
     board.heard(two, beat(101, row("cccccccc", 3.0)))
     assert [r.stats.session for r in board.table.rows()] == ["bbbbbbbb", "aaaaaaaa", "cccccccc"]
-    json_row = board.table.rows()[0].as_json()
+    first = board.table.rows()[0]
+    json_row = first.as_json(first.stats.started_at + 61.25)
     assert json_row["worker"] == 0 and json_row["repo"] == "aviato/website"
+    assert json_row["duration"] == 61.25  # as of now, not as of its row's last heartbeat
     assert list(json_row)[-1] == "worker"  # after the session's own fields, as always
     assert board.table.owner("cccccccc") == 101
-    board.sessions_closed(["aaaaaaaa"])
+    board.heard(two, beat(101, row("aaaaaaaa", 4.0)))  # another worker's session, the same id
+    board.sessions_closed(one, ["aaaaaaaa"])
+    assert [r.stats.session for r in board.table.rows()] == ["bbbbbbbb", "cccccccc", "aaaaaaaa"]
+    assert board.table.owner("aaaaaaaa") == 101
     board.left(two, died=True)
     assert [r.stats.session for r in board.table.rows()] == ["bbbbbbbb"]
     assert board.table.owner("cccccccc") is None

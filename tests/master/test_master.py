@@ -14,11 +14,20 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 from conftest import World
-from harness import KILNPROXY, finish_upload_pack, gone, hold_upload_pack, run, wait_until
+from harness import (
+    KILNPROXY,
+    Kiln,
+    finish_upload_pack,
+    gone,
+    hold_upload_pack,
+    run,
+    wait_until,
+)
 
 Factory = Callable[..., World]
 
@@ -247,11 +256,71 @@ def test_a_worker_that_cannot_boot_stops_the_master(tmp_path: Path, new_world: F
     with kiln.log_path.open("ab") as log:
         proc = subprocess.Popen([*KILNPROXY, "serve", "--config", str(kiln.config_path)],
                                 env=kiln.server_env(), stdout=log, stderr=log)  # fmt: skip
-    assert proc.wait(timeout=30) != 0
+    assert proc.wait(timeout=30) == 2  # an operator's problem: systemd does not restart it
     assert time.monotonic() - started < 15
     log_text = kiln.log()
     assert "cannot boot (3 of 3 tries)" in log_text
     assert log_text.count("host key") >= 3 and "the master gives up" in log_text
+
+
+def test_workers_that_cannot_boot_while_others_serve_stop_nothing(new_world: Factory) -> None:
+    """A broken deploy (an unreadable host key) then a HUP, and a worker killed meanwhile: the
+    replacements cannot boot, but the workers that serve go on serving, the held clone is not
+    cut, and the master does not give up. It tries again with its backoff, and once the key is
+    mended the rolling restart completes."""
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    key = kiln.home / "ssh_host_ed25519_key"
+    good = key.read_bytes()
+    with held_session(w) as client:
+        owner = owner_of_held(w)
+        key.write_text("not a key\n")
+        kiln.send(signal.SIGHUP)
+        kiln.wait_for_log(r"rolling restart to generation 1 stalled: its workers cannot boot")
+        other = next(x["pid"] for x in kiln.workers() if x["pid"] != owner)
+        os.kill(other, signal.SIGKILL)
+        kiln.wait_for_log(r"worker \d cannot boot \(\d+ in a row\); 1 worker\(s\) serve on")
+        assert kiln.proc is not None and kiln.proc.poll() is None
+        assert "gives up" not in kiln.log()
+        accepted = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+        assert accepted.returncode == 0
+        key.write_bytes(good)
+        kiln.wait_for_log(r"rolling restart to generation 1 complete", timeout=60)
+        assert finish_upload_pack(client) == 0  # opened before the HUP, finished after it
+    wait_until(gone(owner), 10, "the old worker to drain and exit")
+
+
+def test_signals_before_the_master_runs_wait_for_it(tmp_path: Path) -> None:
+    """`serve` checks the directory before anything else, which takes a while when the
+    database answers nothing. A log rotation's USR1, a HUP and a TTIN sent then must neither
+    end nor stop the master (their default actions): each is acted on once it runs."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, then never says a word
+    with silent:
+        port = silent.getsockname()[1]
+        url = f"postgresql://k@127.0.0.1:{port}/k"
+        settings: dict[str, dict[str, Any]] = {
+            "workers": {"count": 2}, "timeouts": {"dial": "2s"}, "directory": {"url": url}
+        }  # fmt: skip
+        kiln = Kiln(tmp_path, settings)
+        with kiln.log_path.open("ab") as log:
+            proc = subprocess.Popen([*KILNPROXY, "serve", "--config", str(kiln.config_path)],
+                                    env=kiln.server_env(), stdout=log, stderr=log)  # fmt: skip
+        try:
+            silent.settimeout(30)
+            held, _ = silent.accept()  # the schema check is under way
+            with held:
+                for signum in (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN):
+                    proc.send_signal(signum)
+                    time.sleep(0.05)
+                assert psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED
+                kiln.wait_for_log(r"received SIGTTIN", timeout=30)
+            assert proc.poll() is None
+            log_text = kiln.log()
+            assert "received SIGUSR1" in log_text and "received SIGHUP" in log_text
+            kiln.wait_for_log(r"workers wanted: 3")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(10) == 0
 
 
 def test_a_burst_of_signals_is_counted_exactly(new_world: Factory) -> None:

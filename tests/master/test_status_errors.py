@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ def test_the_status_socket_says_each_error_in_one_line(tmp_path: Path) -> None:
         b"[1]\n",
         b"nonsense\n",
         b'{"command": "connections"}\n',
+        b"x" * 100_000 + b"\n",  # over the reader's limit: a bad request, not a traceback
     )
     assert replies[:4] == [
         {"error": "no session 0badf00d"},
@@ -127,6 +129,35 @@ def test_the_status_socket_says_each_error_in_one_line(tmp_path: Path) -> None:
     ]
     assert replies[4]["error"].startswith("bad request: ")
     assert replies[5] == {"connections": []}
+    assert replies[6]["error"].startswith("bad request: ")
+
+
+def test_a_status_client_that_reads_nothing_does_not_hold_its_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the socket's timeout the reply is dropped, not kept until the client reads it."""
+    monkeypatch.setattr("kilnproxy.status_socket.TIMEOUT", 0.2)
+    big = {"rows": "r" * (8 << 20)}
+
+    async def handler(request: object) -> dict[str, Any]:
+        return big
+
+    async def exchange() -> int:
+        path = tmp_path / "status.sock"
+        server = await serve(path, handler)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            client.sendall(b'{"command": "status"}\n')
+            await asyncio.sleep(1)  # reads nothing past the timeout
+            client.settimeout(5)
+            received = 0
+            while chunk := client.recv(1 << 20):  # then all there is, until the end
+                received += len(chunk)
+        server.close()
+        await server.wait_closed()
+        return received
+
+    assert asyncio.run(exchange()) < len(json.dumps(big))
 
 
 def test_the_status_reply_lists_no_worker_before_any_started(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ import pytest
 from kilnproxy.control import (
     BUCKETS,
     LATENCIES,
+    MAX_LINE,
     VERSION,
     CountsChanged,
     Drain,
@@ -255,6 +257,41 @@ def test_penalties_keep_the_order_of_the_boxs_notices() -> None:
     ]
     notices = [n for message in split for n in message.notices()]
     assert notices == [PENALISED, first, again, full, first]
+
+
+def test_a_host_under_attack_has_its_penalties_told_in_messages_a_worker_can_read() -> None:
+    """60,000 penalised IPv6 sources, as a new worker is told them all when it joins: in
+    messages under MAX_LINE (one line over it would break the channel), in the box's order."""
+    penalised = tuple(
+        Penalised(ipaddress.ip_network(f"2001:db8:{n >> 16:x}:{n & 0xFFFF:x}::/64"), 2e9,
+                  PenaltyEvent.AUTHFAIL)
+        for n in range(60_000)
+    )  # fmt: skip
+    messages = Penalties.of((*penalised, Lifted(NET4)))
+    assert len(messages) == 7 and messages[-1] == Penalties((), (Lifted(NET4),))
+    assert all(len(encode(message)) < MAX_LINE // 2 for message in messages)
+    assert [n for m in messages for n in m.notices()] == [*penalised, Lifted(NET4)]
+    assert from_master(encode(messages[-1])) == messages[-1]
+
+
+def test_a_message_over_the_line_limit_is_not_sent(caplog: pytest.LogCaptureFixture) -> None:
+    """The channel stays whole: the reader never meets a line it must give up on."""
+
+    async def body() -> bytes:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            channel = await ToMaster.open(ours)
+            channel.send(SessionClosed(tuple(f"{n:08x}" for n in range(MAX_LINE // 10))))
+            channel.send(SessionClosed(("3f9c2a1b",)))
+            await asyncio.sleep(0.05)
+            channel.close()
+            return theirs.recv(1 << 16)
+
+    with caplog.at_level(logging.ERROR, logger="kilnproxy.control"):
+        received = asyncio.run(body())
+    assert from_worker(received) == SessionClosed(("3f9c2a1b",))
+    assert re.fullmatch(r"control message session_close of \d+ bytes not sent: over the "
+                        r"channel's 4194304", caplog.records[0].getMessage())  # fmt: skip
 
 
 def test_histograms_and_snapshots_merge() -> None:

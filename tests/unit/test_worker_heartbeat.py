@@ -7,6 +7,7 @@ changed. A session the master never heard of is never told closed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pytest
 from kilnproxy import control
 from kilnproxy.config import Config
 from kilnproxy.worker import process
+from kilnproxy.worker.introspect import first_within
 from kilnproxy.worker.process import MASTER_BACKLOG, WorkerProcess
 from kilnproxy.worker.service import Worker
 
@@ -130,3 +132,61 @@ def test_what_the_master_is_told_waits_while_it_reads_nothing(
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("worker 0: the master has not read")
     assert lines[1:] == ["worker 0: the master reads again; 2 heartbeat(s) were held"]
+
+
+@dataclass
+class FakeSession:
+    id: str
+    sent: int = 0
+
+    def row_key(self) -> tuple[object, ...]:
+        return (self.sent,)
+
+    def statistics(self) -> str:
+        return self.id
+
+
+@dataclass
+class FakeHost:
+    sessions: dict[str, FakeSession]
+
+
+@dataclass
+class RowsOf:
+    """The part of a `Worker` that `changed_connections` uses."""
+
+    host: FakeHost
+    _rows_from: int = 0
+
+
+def test_a_beat_carries_at_most_its_rows_and_every_session_has_its_turn() -> None:
+    """However many sessions changed, a heartbeat stays under the control channel's line limit
+    (over it, the master would stop reading the worker, and kill it). With more sessions
+    changing every second than a beat carries, each one's row still goes, in turn."""
+    sessions = {f"{n:08x}": FakeSession(f"{n:08x}") for n in range(5)}
+    rows = RowsOf(FakeHost(sessions))
+    seen: dict[str, tuple[object, ...]] = {}
+
+    def beat() -> list[str]:
+        changed = Worker.changed_connections(cast(Worker, rows), seen, limit=2)
+        return cast(list[str], changed)
+
+    assert beat() == ["00000000", "00000001"]
+    assert beat() == ["00000002", "00000003"]
+    for session in sessions.values():  # every one changes before each beat from now on
+        session.sent += 1
+    assert beat() == ["00000004", "00000000"]
+    for session in sessions.values():
+        session.sent += 1
+    assert beat() == ["00000001", "00000002"]
+    assert beat() == ["00000003", "00000004"]
+    assert beat() == ["00000000"]
+    assert beat() == []
+
+
+def test_a_task_dump_of_a_busy_worker_fits_the_control_line() -> None:
+    rows = [{"session": f"{n:08x}", "repo": "aviato/website" * 20} for n in range(20_000)]
+    kept = first_within(rows, control.MAX_LINE // 4)
+    assert 0 < len(kept) < len(rows) and kept == rows[: len(kept)]
+    assert len(json.dumps(kept)) <= control.MAX_LINE // 4 < len(json.dumps(rows[: len(kept) + 1]))
+    assert first_within(rows[:3], control.MAX_LINE // 4) == rows[:3]
