@@ -6,13 +6,23 @@ OperatorError (one line, exit status 2). Repository creation for `--init` lives 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kilnproxy.directory import DirectoryStore
-from kilnproxy.directory.model import check_name, default_repo_path, parse_backend_url
+from kilnproxy.directory.model import (
+    PublicKey,
+    check_name,
+    check_repo_path,
+    default_repo_path,
+    parse_backend_url,
+)
 from kilnproxy.errors import BadCommand, OperatorError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs, repo_name
@@ -49,8 +59,9 @@ def add_user(directory: DirectoryStore, account: str, user: str, role: str) -> l
     return [f"added user {account}/{user} with role {role}"]
 
 
-def add_key(directory: DirectoryStore, owner: str, name: str, source: str | None) -> list[str]:
-    account, user = split_owner(owner)
+def read_public_key(source: str | None) -> PublicKey:
+    """The key of `keys add`, from a file or standard input (`-`). Read before the directory
+    is opened: a key pasted by hand takes its time, which is not the directory's."""
     if source is None or source == "-":
         text = sys.stdin.read()
     else:
@@ -58,7 +69,11 @@ def add_key(directory: DirectoryStore, owner: str, name: str, source: str | None
             text = Path(source).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise OperatorError(f"cannot read {source}: {exc}") from None
-    key = parse_public_key(text)
+    return parse_public_key(text)
+
+
+def add_key(directory: DirectoryStore, owner: str, name: str, key: PublicKey) -> list[str]:
+    account, user = split_owner(owner)
     directory.add_key(account, user, name, key)
     return [f"added key {name!r} for {account}/{user}", key.fingerprint]
 
@@ -94,15 +109,19 @@ def add_repo(
     if any(row.repo == repo for row in directory.list_repos(repo.split("/", maxsplit=1)[0])):
         raise OperatorError(f"repository {repo} already exists")
     url = parse_backend_url(directory.backend_url(backend))
-    lines = []
-    if init:
-        if url.scheme != "local":
-            raise OperatorError("--init creates repositories on local backends only")
-        row_path = Path(path or default_repo_path(url.base, repo, kind))
-        init_repository(row_path, kind)
-        lines.append(f"created empty {vcs} repository at {row_path}")
-    row = directory.add_repo(repo, kind, backend, path)
-    return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}", *lines]
+    check_repo_path(path)
+    if not init:
+        row = directory.add_repo(repo, kind, backend, path)
+        return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}"]
+    if url.scheme != "local":
+        raise OperatorError("--init creates repositories on local backends only")
+    row_path = Path(path or default_repo_path(url.base, repo, kind))
+    with new_repository(row_path, kind):  # there only once the row is written
+        row = directory.add_repo(repo, kind, backend, path)
+    return [
+        f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}",
+        f"created empty {vcs} repository at {row_path}",
+    ]
 
 
 def list_repos(directory: DirectoryStore, account: str | None) -> list[str]:
@@ -117,9 +136,42 @@ def grant(directory: DirectoryStore, owner: str, repo: str, access: str) -> list
     return [f"granted {access} on {repo} to {account}/{user}"]
 
 
-def init_repository(path: Path, vcs: Vcs) -> None:
+def replace_file(path: Path, text: str, mode: int = 0o644) -> None:
+    """`path` holds `text`: written beside it, then renamed over it, so that a reader (a worker
+    verifying a backend's host key) finds the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as out:  # fmt: skip
+        try:
+            out.write(text)
+            os.fchmod(out.fileno(), mode)
+        except BaseException:
+            os.unlink(out.name)
+            raise
+    os.replace(out.name, path)
+
+
+@contextlib.contextmanager
+def new_repository(path: Path, vcs: Vcs) -> Iterator[None]:
+    """An empty repository at `path` once the body succeeds; if anything fails (`git init`, or
+    the body: a directory row that cannot be written), nothing is left on disk, so the same
+    command can simply be run again. It is made beside `path` and renamed into place."""
     if path.exists():
         raise OperatorError(f"{path} already exists")
+    made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the first we make
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        init_repository(scratch, vcs)
+        yield
+        scratch.rename(path)
+    except BaseException:
+        shutil.rmtree(made or scratch, ignore_errors=True)
+        raise
+
+
+def init_repository(path: Path, vcs: Vcs) -> None:
+    """An empty repository in `path` (an empty directory, or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if vcs is Vcs.GIT:
         argv = ["git", "init", "--quiet", "--bare", "--initial-branch=main", str(path)]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncssh
 
+from kilnproxy.cli.admin import replace_file
 from kilnproxy.config import Config
 from kilnproxy.directory import DirectoryStore
 from kilnproxy.directory.model import parse_backend_url
@@ -49,10 +50,9 @@ def trust(directory: DirectoryStore, config: Config, name: str, timeout: float) 
     host = url.host if url.port == 22 else f"[{url.host}]:{url.port}"
     entry = f"{host} {key.export_public_key().decode().strip()}\n"
     known = config.backend_ssh.known_hosts
-    known.parent.mkdir(parents=True, exist_ok=True)
     existing = known.read_text().splitlines(keepends=True) if known.exists() else []
     kept = [line for line in existing if line.split(" ", 1)[0] != host]
-    known.write_text("".join([*kept, entry]))
+    replace_file(known, "".join([*kept, entry]))
     fingerprint = key.get_fingerprint("sha256")
     replaced = " (replacing the previous key)" if len(kept) != len(existing) else ""
     return [f"{name}: {host} host key {fingerprint}", f"recorded in {known}{replaced}"]

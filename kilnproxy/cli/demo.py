@@ -7,14 +7,12 @@ commands that work exactly as printed from another shell.
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import asyncssh
 
-from kilnproxy.cli.admin import init_repository, run_tool
+from kilnproxy.cli.admin import init_repository, replace_file, run_tool
 from kilnproxy.config import Config
 from kilnproxy.directory import DirectoryStore, directory_for
 from kilnproxy.directory.model import default_repo_path, parse_backend_url
@@ -107,9 +105,7 @@ def _write_known_hosts(config: Config) -> Path:
         public = asyncssh.read_private_key(host_key).export_public_key().decode().split()
         for address in config.ssh.listen:
             lines.append(f"[{address.host}]:{address.port} {public[0]} {public[1]}\n")
-    with tempfile.NamedTemporaryFile("w", dir=config.home, delete=False) as out:
-        out.writelines(lines)
-    os.replace(out.name, path)
+    replace_file(path, "".join(lines), 0o600)
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -93,8 +94,12 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.directory import DirectoryUnreachable, check_schema
     from kilnproxy.logs import configure
     from kilnproxy.ssh.server import ensure_host_keys
-    from master.arbiter import serve
+    from master.arbiter import HELD_SIGNALS, serve
 
+    # Until the master's handlers are in place (checking the directory alone may take a
+    # minute), a log rotation's USR1, a HUP or a TTIN/TTOU must neither end nor stop it
+    # (their default actions): they wait, blocked, and are acted on once it runs.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     # Before anything starts: a schema this kilnproxy does not speak is one line, exit 2. A
     # database that is down is no reason not to start: sessions are refused until it is back.
     try:
@@ -165,11 +170,20 @@ def _backend_trust(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.backend_admin import trust
     from kilnproxy.directory import directory_for
 
-    directory = directory_for(config)
-    try:
-        return _print(trust(directory, config, args.name, config.timeouts.dial))
-    finally:
-        directory.close()
+    def run() -> list[str]:
+        directory = directory_for(config)
+        try:
+            return trust(directory, config, args.name, config.timeouts.dial)
+        finally:
+            directory.close()
+
+    return _print(_within(ADMIN_DIALS * config.timeouts.dial, config, run))
+
+
+def _keys_add(args: argparse.Namespace, config: Config) -> int:
+    admin.split_owner(args.owner)  # a mistyped owner is said before any key is read
+    args.key = admin.read_public_key(args.source)  # outside the directory's deadline
+    return _directory_action(admin.add_key, "owner", "name", "key")(args, config)
 
 
 def _db_upgrade(args: argparse.Namespace, config: Config) -> int:
@@ -233,9 +247,7 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
     sub.add_argument("--role", choices=["read", "write", "admin"], default="write")
 
     keys = commands.add_parser("keys", help="public keys").add_subparsers(dest="sub", required=True)
-    sub = command(
-        keys, "add", _directory_action(admin.add_key, "owner", "name", "source"), "add a key"
-    )
+    sub = command(keys, "add", _keys_add, "add a key")
     sub.add_argument("owner", metavar="ACCOUNT/USER")
     sub.add_argument("name", metavar="KEY_NAME")
     source = sub.add_mutually_exclusive_group(required=True)

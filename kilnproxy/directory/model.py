@@ -110,5 +110,12 @@ class Route:
     access: Access
 
 
+def check_repo_path(path: str | None) -> str | None:
+    """A repository's own path (`--path`), which must be absolute on its backend."""
+    if path is not None and not PurePosixPath(path).is_absolute():
+        raise OperatorError(f"--path {path!r} must be absolute on the backend")
+    return path
+
+
 def default_repo_path(base: PurePosixPath, repo: str, vcs: Vcs) -> str:
     return str(base / (f"{repo}.git" if vcs is Vcs.GIT else repo))

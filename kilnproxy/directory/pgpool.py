@@ -12,6 +12,9 @@ outlives its timeout. Rules:
   it sat idle (a restart, an idle timeout) costs one more try on a new one within the same
   deadline: when the database comes back, the next lookup works, with no restart and no
   health-check round trip before each lookup.
+- A connection idle for more than IDLE_MAX is closed when it is next taken, not used: a firewall
+  or NAT on the way may have dropped it without a word, and a lookup on it would hang until its
+  deadline (the keepalives of `postgres.KEEPALIVES` find that out only after a minute).
 - No background task: a connection is opened when a lookup needs one, so an outage costs a
   connection attempt per lookup (refused at once, or cut by the deadline), and a directory that
   comes back is used at once.
@@ -36,6 +39,7 @@ from kilnproxy.directory.store import Params, Row
 from kilnproxy.errors import DirectoryUnavailable
 
 Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+IDLE_MAX = 30.0  # seconds a pooled connection may sit idle and still be used
 
 
 class LookupPool:
@@ -46,7 +50,7 @@ class LookupPool:
         self.size = size
         self.timeout = timeout
         self._describe = describe  # an error as one password-free line
-        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []  # and since when
         self._open = 0
         self._in_use = 0
         self._slots: asyncio.Semaphore | None = None  # made in the loop that uses it
@@ -105,8 +109,8 @@ class LookupPool:
 
     async def _one(self, statement: str, params: Params) -> Row | None:
         try:
-            if self._idle:
-                conn = self._idle.pop()
+            conn = self._fresh_idle()
+            if conn is not None:
                 try:
                     return await self._run(conn, statement, params)
                 except psycopg.OperationalError:
@@ -116,6 +120,14 @@ class LookupPool:
             return await self._run(await self._new_connection(), statement, params)
         except (psycopg.Error, OSError) as exc:
             raise DirectoryUnavailable(self._describe(exc)) from None
+
+    def _fresh_idle(self) -> psycopg.AsyncConnection[Any] | None:
+        """The connection idle the shortest time, if under IDLE_MAX; the older ones are closed
+        (they are the first in the list: the newest idle is taken first)."""
+        stale = asyncio.get_running_loop().time() - IDLE_MAX
+        while self._idle and self._idle[0][1] < stale:
+            self._discard(self._idle.pop(0)[0])
+        return self._idle.pop()[0] if self._idle else None
 
     async def _new_connection(self) -> psycopg.AsyncConnection[Any]:
         conn = await self._connect()
@@ -134,7 +146,7 @@ class LookupPool:
             # Kept after an SQL error too (autocommit leaves it idle), never mid-statement.
             idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
             if idle and not conn.broken and not self._closed:
-                self._idle.append(conn)
+                self._idle.append((conn, asyncio.get_running_loop().time()))
             else:
                 self._discard(conn)
 
@@ -150,7 +162,7 @@ class LookupPool:
         for task in list(self._abandoned):
             task.cancel()
         while self._idle:
-            self._discard(self._idle.pop())
+            self._discard(self._idle.pop()[0])
 
     async def aclose(self) -> None:
         self.close()

@@ -43,14 +43,22 @@ def describe(exc: BaseException, url: str) -> str:
     return scrub(" ".join(lines) or type(exc).__name__, url)
 
 
+# TCP keepalives where the URL sets none: a pooled connection that a firewall or NAT dropped
+# while it sat idle is found (and an idle one kept alive through them) instead of hanging the
+# next lookup on it until its deadline.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+              "keepalives_count": 3}  # fmt: skip
+
+
 def connection_string(url: str, timeout: float) -> str:
     """The URL as libpq reads it, plus our defaults where neither it nor PG* sets them: a
-    connect timeout (the lookup timeout) and an application name for pg_stat_activity."""
+    connect timeout (the lookup timeout), TCP keepalives and an application name for
+    pg_stat_activity."""
     try:
         given = libpq.conninfo_to_dict(url)
     except psycopg.Error as exc:
         raise OperatorError(f"[directory] url: {describe(exc, url)}") from None
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
     if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
         extra["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's floor is 2 s
     if "application_name" not in given and "PGAPPNAME" not in os.environ:

@@ -22,14 +22,20 @@ SELECT a.name, u.name, u.role, k.name FROM keys k
 JOIN users u ON u.id = k.user_id JOIN accounts a ON a.id = u.account_id
 WHERE k.fingerprint = :fingerprint"""
 
-# The route and the asking user's grant on it, together: one round trip.
+# The route, and who the asking key belongs to now with their grant on it, together: one round
+# trip. No row: the key was removed since the connection logged in. A row of NULL route: no
+# such repository.
 ROUTE = """
-SELECT r.vcs, r.backend, b.url, r.path, (
-    SELECT g.access FROM grants g JOIN users u ON u.id = g.user_id
-    JOIN accounts ua ON ua.id = u.account_id
-    WHERE g.repo_id = r.id AND ua.name = :user_account AND u.name = :user)
-FROM repos r JOIN accounts a ON a.id = r.account_id JOIN backends b ON b.name = r.backend
-WHERE a.name = :account AND r.name = :name"""
+SELECT rr.vcs, rr.backend, rr.url, rr.path,
+    (SELECT g.access FROM grants g WHERE g.repo_id = rr.id AND g.user_id = k.user_id),
+    ua.name, u.role
+FROM keys k JOIN users u ON u.id = k.user_id JOIN accounts ua ON ua.id = u.account_id
+LEFT JOIN (
+    SELECT r.id, r.vcs, r.backend, b.url, r.path
+    FROM repos r JOIN accounts a ON a.id = r.account_id JOIN backends b ON b.name = r.backend
+    WHERE a.name = :account AND r.name = :name
+) rr ON TRUE
+WHERE k.fingerprint = :fingerprint"""
 
 # -- admin reads -----------------------------------------------------------------------------------
 

@@ -4,12 +4,16 @@ Owns the SQLite connection and how SQLite keeps the schema version (`PRAGMA user
 databases made before the ladder already carry) and its migration lock (`BEGIN IMMEDIATE`).
 Never caches: each lookup reads the file, so a change made with the CLI is seen by the next
 connection. Lookups are single indexed queries, well under a millisecond, run inline on the
-event loop; a failing one raises DirectoryUnavailable like any store's.
+event loop; a failing one raises DirectoryUnavailable like any store's, and so does every one
+once the file is no longer at its path (`SqliteLookups`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +22,10 @@ from kilnproxy.directory.schema import Dialect
 from kilnproxy.directory.store import Conflict, DirectoryStore, Params, Row, seed_local_backend
 from kilnproxy.errors import DirectoryUnavailable, OperatorError
 
+log = logging.getLogger("kilnproxy.directory")
 BUSY_TIMEOUT = 5.0  # a writer holds the lock for milliseconds; a migration a little longer
+FILE_CHECK = 1.0  # seconds between two looks at whether the file is still the one open
+MOVED = "was replaced or removed while kilnproxy had it open"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -98,18 +105,58 @@ class SqliteAdmin:
             self._db.execute(sql, params or {})
 
 
-class SqliteLookups:
-    """The same connection as the store's LookupDb: inline, so always one connection."""
+def _file_of(path: Path) -> tuple[int, int] | None:
+    """Which file `path` names now (device, inode), or None if none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+
+class SqliteLookups:
+    """The store's LookupDb: the admin side's connection, inline, while the file it opened is
+    still the one at the path (looked at once every FILE_CHECK seconds).
+
+    A file moved into its place (a backup restored with `mv`) or a file removed cannot be
+    followed: SQLite would read the new file through the WAL and shared memory of the old one,
+    which this process and every other still hold open, and the CLI writes where the workers no
+    longer read. Lookups then fail (the clients are told the service is unavailable, and no
+    access is decided on a file the directory is no longer in) until kilnproxy is restarted,
+    with one log line saying so; they work again if the same file comes back."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
+        self._file = _file_of(path)
+        self._checked = time.monotonic()
+        self._moved = False  # the path no longer names `_file`
 
     async def one(self, statement: str, params: Params) -> Row | None:
+        self._check_the_file()
+        if self._moved:
+            raise DirectoryUnavailable(f"the directory file {self._path} {MOVED}")
         try:
             row: Row | None = self._db.execute(statement, params).fetchone()
         except sqlite3.Error as exc:
             raise DirectoryUnavailable(str(exc)) from None
         return row
+
+    def _check_the_file(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < FILE_CHECK:
+            return
+        self._checked = now
+        try:
+            moved = _file_of(self._path) != self._file
+        except OSError as exc:  # a parent the worker can no longer enter, say
+            raise DirectoryUnavailable(f"cannot look at {self._path}: {exc.strerror}") from None
+        if moved and not self._moved:
+            log.error("the directory file %s %s; restart kilnproxy to read the file there now "
+                      "(`systemctl restart`)", self._path, MOVED)  # fmt: skip
+        elif self._moved and not moved:
+            log.warning("the directory file %s is back", self._path)
+        self._moved = moved
 
     def usage(self) -> tuple[int, int, int]:
         return 1, 1, 0
@@ -131,7 +178,7 @@ class SqliteDirectory(DirectoryStore):
         db = connect(path)
         admin = SqliteAdmin(db)
         seed = seed_local_backend(default_local_base)
-        super().__init__("sqlite", str(path), lambda: admin, SqliteLookups(db), seed)
+        super().__init__("sqlite", str(path), lambda: admin, SqliteLookups(db, path), seed)
         if prepare:
             try:
                 self.prepare()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol
 
 from kilnproxy.directory import schema, sql
@@ -23,6 +23,7 @@ from kilnproxy.directory.model import (
     PublicKey,
     Route,
     check_name,
+    check_repo_path,
     default_repo_path,
     parse_backend_url,
 )
@@ -177,20 +178,18 @@ class DirectoryStore:
         return Identity(account, user, Role(role), key_name, fingerprint)
 
     async def route(self, identity: Identity, repo: str) -> Route | None:
+        """Where `repo` lives and what `identity`'s key may do there now: None if no such
+        repository, or if the key is gone (removed while its connection stays open: every
+        command is decided on the directory as it is, not as it was at login)."""
         account, _, name = repo.partition("/")
-        params = {
-            "user_account": identity.account,
-            "user": identity.user,
-            "account": account,
-            "name": name,
-        }
+        params = {"fingerprint": identity.fingerprint, "account": account, "name": name}
         row = await self._lookup(sql.ROUTE, params)
-        if row is None:
+        if row is None or row[0] is None:
             return None
-        vcs_text, backend, url, path, grant = row
+        vcs_text, backend, url, path, grant, user_account, role = row
         vcs = Vcs(vcs_text)
         grant_access = Access[grant.upper()] if grant else None
-        access = effective_access(identity.account, identity.role, account, grant_access)
+        access = effective_access(user_account, Role(role), account, grant_access)
         if not path:
             path = default_repo_path(parse_backend_url(url).base, repo, vcs)
         return Route(repo, vcs, backend, url, path, access)
@@ -281,8 +280,7 @@ class DirectoryStore:
     def add_repo(self, repo: str, vcs: Vcs, backend: str, path: str | None) -> RepoRow:
         account, _, name = repo.partition("/")
         url = self.backend_url(backend)
-        if path is not None and not PurePosixPath(path).is_absolute():
-            raise OperatorError(f"--path {path!r} must be absolute on the backend")
+        check_repo_path(path)
         params = {
             "account_id": self._account_id(account),
             "name": name,

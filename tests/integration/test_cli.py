@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,47 @@ def test_admin_workflow(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> Non
     removed = kp(env, "keys", "remove", fingerprint)
     assert removed.returncode == 0 and b"build server" in removed.stdout
     assert fingerprint not in kp(env, "keys", "list").stdout.decode()
+
+
+def test_repos_add_init_that_fails_leaves_nothing_on_disk(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """`--init` checks first and creates last: a command that fails (no such account, a
+    relative --path) leaves no repository behind, so the same command works once mended."""
+    home, env = cli
+    add = ["repos", "add", "nosuch/x", "--vcs", "git", "--backend", "local", "--init"]
+    failed = kp(env, *add)
+    assert (failed.returncode, failed.stderr) == (2, b"kilnproxy: error: no account 'nosuch'\n")
+    assert not (home / "repos" / "nosuch").exists()
+    assert kp(env, "accounts", "add", "nosuch").returncode == 0
+    made = kp(env, *add)
+    assert made.returncode == 0, made.stderr
+    assert (home / "repos" / "nosuch" / "x.git" / "HEAD").exists()
+    assert sorted(p.name for p in (home / "repos" / "nosuch").iterdir()) == ["x.git"]
+    relative = kp(env, "repos", "add", "nosuch/y", "--vcs", "hg", "--backend", "local", "--init",
+                  "--path", "rel/y")  # fmt: skip
+    assert relative.returncode == 2 and b"must be absolute" in relative.stderr
+    assert not (tmp_path / "rel").exists() and not Path("rel").exists()
+
+
+def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """A key pasted slowly into `keys add -` is not cut by the directory's deadline (6 dials).
+    (`backends trust` held to it: test_directory_cli.)"""
+    home, env = cli
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "kilnproxy.toml").write_text('[timeouts]\ndial = "200ms"\n')
+    assert kp(env, "accounts", "add", "aviato").returncode == 0
+    assert kp(env, "users", "add", "aviato", "alice").returncode == 0
+    key = keygen(tmp_path / "alice")
+    with subprocess.Popen([*KILNPROXY, "keys", "add", "aviato/alice", "laptop", "-"], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as pasting:  # fmt: skip
+        time.sleep(2)  # past 6 x 200ms
+        out, err = pasting.communicate(Path(f"{key}.pub").read_bytes(), timeout=20)
+    assert pasting.returncode == 0, err
+    assert out.decode().startswith("added key 'laptop' for aviato/alice\n")
 
 
 @pytest.mark.parametrize(

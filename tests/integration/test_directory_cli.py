@@ -175,3 +175,28 @@ def test_an_admin_command_has_a_deadline(tmp_path: Path) -> None:
     with pytest.raises(ZeroDivisionError):  # what the work raises reaches the caller
         _within(5, config, lambda: 1 // 0)
     assert _within(5, config, lambda: ["done"]) == ["done"]
+
+
+def test_backends_trust_is_held_to_the_directorys_deadline(
+    tmp_path: Path, pg_cluster: Cluster, pg_url: str
+) -> None:
+    """A table locked by a transaction that never ends: `backends trust` reads the backend's
+    URL like any admin command, and gives up at the same deadline (6 dials), in one line."""
+    home = tmp_path / "var"
+    home.mkdir()
+    (home / "kilnproxy.toml").write_text(
+        f'[directory]\nurl = "{pg_url}"\n[timeouts]\ndial = "500ms"\n'
+    )
+    assert kp(home, "db", "upgrade").returncode == 0
+    assert kp(home, "backends", "add", "far", "ssh://git@192.0.2.1:22/srv").returncode == 0
+    with psycopg.connect(pg_url) as held:
+        held.execute("LOCK TABLE backends IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        trusting = kp(home, "backends", "trust", "far")
+        took = time.monotonic() - started
+    assert trusting.returncode == 2
+    (line,) = trusting.stderr.decode().splitlines()
+    assert line.startswith("kilnproxy: error: directory postgresql://") and line.endswith(
+        "did not answer within 3s"
+    ), line
+    assert took < 10

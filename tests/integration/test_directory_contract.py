@@ -140,6 +140,11 @@ def test_a_change_on_one_host_is_in_force_on_another_at_once(
     assert isinstance(bob, Identity) and bob.user == "bob" and access is Access.WRITE
     directory.remove_key(key(3).fingerprint)
     assert asyncio.run(lookups())[0] is None
+    # A connection that logged in before its key was removed, and stays open (ssh's
+    # ControlMaster): its next command is decided on the directory as it is now.
+    assert asyncio.run(other_host.route(bob, "aviato/website")) is None
+    gone = Identity("aviato", "alice", Role.WRITE, "laptop", key(9).fingerprint)
+    assert asyncio.run(other_host.route(gone, "aviato/website")) is None
 
 
 def test_conflicts_are_operator_errors(directory: DirectoryStore) -> None:

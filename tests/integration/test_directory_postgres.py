@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +211,34 @@ def test_the_admin_connection_has_the_lookup_timeout(pg_cluster: Cluster, pg_url
     assert "connect_timeout=7" in connection_string(f"{pg_url}?connect_timeout=7", 2.5)
     with psycopg.connect(connection_string(pg_url, 2.5)) as conn:
         assert conn.execute("SHOW application_name").fetchone() == ("kilnproxy",)
+
+
+def test_a_connection_idle_too_long_is_not_used(
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A firewall or NAT may drop a pooled connection without a word while it sits idle: a
+    lookup on it would hang until its deadline. One idle past IDLE_MAX is closed, not used (its
+    server process is stopped here, as a dropped connection answers nothing); and libpq's
+    keepalives are on unless the URL says otherwise."""
+    from kilnproxy.directory import pgpool
+    from kilnproxy.directory.postgres import connection_string
+
+    monkeypatch.setattr(pgpool, "IDLE_MAX", 0.2)
+
+    async def scenario() -> None:
+        assert (await lookup(store))[0] is not None
+        pool = store._lookups
+        assert isinstance(pool, pgpool.LookupPool)
+        ((idle, _),) = pool._idle
+        backend = idle.info.backend_pid
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.3)
+            found, took = await lookup(store)
+            assert found is not None and took < 0.9, took
+        finally:
+            os.kill(backend, signal.SIGCONT)
+
+    asyncio.run(scenario())
+    assert "keepalives_idle=30" in connection_string("postgresql://k@db/k", 2.5)
+    assert "keepalives_idle=5" in connection_string("postgresql://k@db/k?keepalives_idle=5", 2.5)

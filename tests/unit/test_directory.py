@@ -20,7 +20,7 @@ from kilnproxy.directory import open_directory, sql, upgrade_schema
 from kilnproxy.directory import schema as ladder
 from kilnproxy.directory.health import Outage
 from kilnproxy.directory.model import Identity
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import DirectoryUnavailable, OperatorError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs
 
@@ -171,3 +171,39 @@ def test_the_embedded_store_is_in_wal_mode(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "k.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert db.execute("PRAGMA user_version").fetchone() == (ladder.current_version(),)
+
+
+def test_lookups_fail_once_the_sqlite_file_is_replaced_or_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backup restored with `mv` over the live file, or the file removed: a worker must not go
+    on answering from the file it opened (the CLI writes the new one: a removed key would
+    still log in), nor open the new one through the old one's WAL. It refuses, says so once,
+    and answers again if the same file comes back."""
+    monkeypatch.setattr("kilnproxy.directory.sqlite.FILE_CHECK", 0.0)
+    load_v1(tmp_path / "k.db")
+    url = f"sqlite:{tmp_path / 'k.db'}"
+    upgrade_schema(url, tmp_path)
+    directory = open_directory(url, tmp_path)
+    gavin = "SHA256:" + "2" * 43
+    try:
+        assert asyncio.run(directory.identity_for_key(gavin)) is not None
+        open_directory(f"sqlite:{tmp_path / 'restored.db'}", tmp_path).close()
+        (tmp_path / "k.db").rename(tmp_path / "k.db.old")
+        (tmp_path / "restored.db").rename(tmp_path / "k.db")
+        with caplog.at_level(logging.WARNING, logger="kilnproxy.directory"):
+            for _ in range(2):
+                with pytest.raises(DirectoryUnavailable, match="was replaced or removed"):
+                    asyncio.run(directory.identity_for_key(gavin))
+            (tmp_path / "k.db").unlink()
+            with pytest.raises(DirectoryUnavailable):
+                asyncio.run(directory.identity_for_key(gavin))
+            (tmp_path / "k.db.old").rename(tmp_path / "k.db")
+            assert asyncio.run(directory.identity_for_key(gavin)) is not None
+        assert [r.getMessage() for r in caplog.records if r.filename == "sqlite.py"] == [
+            f"the directory file {tmp_path / 'k.db'} was replaced or removed while kilnproxy "
+            "had it open; restart kilnproxy to read the file there now (`systemctl restart`)",
+            f"the directory file {tmp_path / 'k.db'} is back",
+        ]
+    finally:
+        directory.close()
