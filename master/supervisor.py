@@ -86,6 +86,7 @@ class Supervisor:
         self._boot_failures = 0
         self._ready_announced = False
         self._reloading = False
+        self._stalled_generation = -1  # the rolling restart whose stall was last told
         self._tasks: set[asyncio.Task[None]] = set()
         self._request_ids = itertools.count(1)
         self._counts_due = False  # a pass of the loop will tell workers what changed
@@ -437,7 +438,9 @@ class Supervisor:
         if serving:
             log.error("worker %d %s (%d in a row); %d worker(s) serve on, and it is tried "
                       "again", worker.index, reason, self._boot_failures, serving)  # fmt: skip
-            if self._boot_failures == MAX_BOOT_FAILURES and self._reloading:
+            stalled = self._boot_failures >= MAX_BOOT_FAILURES and self._reloading
+            if stalled and self._stalled_generation != self.generation:
+                self._stalled_generation = self.generation  # said once per HUP
                 log.error("rolling restart to generation %d stalled: its workers cannot boot; "
                           "the old ones serve on until one can", self.generation)  # fmt: skip
                 self.notifier.ready()  # the reload is over, as far as systemd waits for it

@@ -223,8 +223,10 @@ class WorkerProcess:
             log.info("worker %d: the master reads again; %d heartbeat(s) were held",
                      self.worker.index, self._held_beats)  # fmt: skip
             self._held_beats = 0
-            self._report_closed()  # before the rows: the same order as they happened
-            self.worker.admission.resume()
+        # Whatever was held since the last beat (the master may have read nothing only between
+        # two beats), before the rows: in the order it happened.
+        self._report_closed()
+        self.worker.admission.resume()
         beat = control.Heartbeat(
             stats=stats,
             metrics=self.worker.metrics.snapshot(),

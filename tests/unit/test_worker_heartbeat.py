@@ -121,7 +121,7 @@ def test_what_the_master_is_told_waits_while_it_reads_nothing(
         channel.unread = 0
         worker._beat(to_master)
         assert said(channel)[2:] == [("closed", "deadbeef"), ("3f9c2a1b", "c0ffee")]
-        assert fake.admission.resumed == 1
+        assert fake.admission.resumed == 3  # with every beat that went
         close("c0ffee")
         await asyncio.sleep(0)
         assert said(channel)[4:] == [("closed", "c0ffee")]
@@ -190,3 +190,31 @@ def test_a_task_dump_of_a_busy_worker_fits_the_control_line() -> None:
     assert 0 < len(kept) < len(rows) and kept == rows[: len(kept)]
     assert len(json.dumps(kept)) <= control.MAX_LINE // 4 < len(json.dumps(rows[: len(kept) + 1]))
     assert first_within(rows[:3], control.MAX_LINE // 4) == rows[:3]
+
+
+def test_what_was_held_between_two_beats_goes_with_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The master read nothing only for a moment, between two beats: no beat was held, and
+    what was held then goes with the next beat all the same."""
+    monkeypatch.setattr(process, "setproctitle", lambda title: None)
+
+    async def body(ours: socket.socket) -> None:
+        fake = FakeWorker()
+        worker = WorkerProcess(cast(Config, None), cast(Worker, fake), ours)
+        channel = FakeChannel()
+        worker._channel = to_master = cast(control.ToMaster, channel)
+        worker._beat(to_master)
+        channel.unread = MASTER_BACKLOG + 1
+        del fake.rows["deadbeef"]
+        worker._session_closed("deadbeef")
+        await asyncio.sleep(0)
+        assert len(channel.sent) == 1  # held
+        channel.unread = 0
+        worker._beat(to_master)
+        assert said(channel)[1:] == [("closed", "deadbeef"), ()]
+        assert fake.admission.resumed == 2  # with every beat that goes
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        asyncio.run(body(ours))
