@@ -229,7 +229,7 @@ class WorkerAdmission:
             self._schedule()
 
     def resume(self) -> None:
-        """The master reads again: tell it what was held."""
+        """Tell the master what was held, if anything (with every heartbeat that goes)."""
         if self._sessions_changed or self._offences:
             self._schedule()
 
