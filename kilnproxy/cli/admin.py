@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def new_repository(path: Path, vcs: Vcs) -> Iterator[None]:
         raise OperatorError(f"{path} already exists")
     made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the first we make
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    scratch = path.with_name(f".{path.name}.{secrets.token_hex(4)}")  # made by `init`, umask's mode
     try:
         init_repository(scratch, vcs)
         yield

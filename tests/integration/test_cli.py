@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -88,6 +89,9 @@ def test_repos_add_init_that_fails_leaves_nothing_on_disk(
     made = kp(env, *add)
     assert made.returncode == 0, made.stderr
     assert (home / "repos" / "nosuch" / "x.git" / "HEAD").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (home / "repos" / "nosuch" / "x.git").stat().st_mode & 0o777 == 0o777 & ~umask
     assert sorted(p.name for p in (home / "repos" / "nosuch").iterdir()) == ["x.git"]
     relative = kp(env, "repos", "add", "nosuch/y", "--vcs", "hg", "--backend", "local", "--init",
                   "--path", "rel/y")  # fmt: skip
