@@ -172,7 +172,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._shell = False
         self._stream: BackendStream | None = None
         self._task: asyncio.Task[None] | None = None
-        self._output_paused = False  # the client's window is full: the backend must wait
+        self._window_full = False  # the client's window is full: the backend must wait
+        self._backlogged = False  # so is the connection's write buffer (`client_backlogged`)
         self._input_paused = False  # the backend's stdin is full: the client must wait
         self._eof_pending = False
         self._early: list[bytes] = []
@@ -246,17 +247,38 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._eof_pending = True
         return True  # keep our side open: the backend still has output to send
 
+    @property
+    def _output_paused(self) -> bool:
+        return self._window_full or self._backlogged
+
     def pause_writing(self) -> None:
-        self._output_paused = True
-        if self._stream is not None:
-            self._stream.pause_output()
+        self._set_output(window_full=True)
 
     def resume_writing(self) -> None:
-        self._output_paused = False
         if self._exit_when_flushed is not None:
+            self._window_full = False
             self._exit(self._exit_when_flushed)
-        elif self._stream is not None:
-            self._stream.resume_output()
+        else:
+            self._set_output(window_full=False)
+
+    def client_backlogged(self, backlogged: bool) -> None:
+        """The client reads slower than it lets us write: a window is the client's to set (up
+        to 4 GiB), so the connection's own write buffer bounds what waits for it too."""
+        self._set_output(backlogged=backlogged)
+
+    def _set_output(
+        self, *, window_full: bool | None = None, backlogged: bool | None = None
+    ) -> None:
+        was = self._output_paused
+        if window_full is not None:
+            self._window_full = window_full
+        if backlogged is not None:
+            self._backlogged = backlogged
+        if self._stream is not None and self._output_paused != was:
+            if self._output_paused:
+                self._stream.pause_output()
+            else:
+                self._stream.resume_output()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._outcome is None:  # every other ending said how it ended

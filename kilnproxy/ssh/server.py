@@ -12,9 +12,11 @@ import logging
 import socket
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 from asyncssh.encryption import get_encryption_algs
+from asyncssh.packet import SSHPacket
 
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
@@ -120,8 +122,60 @@ async def listen(
     return asyncssh.SSHAcceptor(listener, options)
 
 
+# What `env` requests may leave on a channel: the one variable kilnproxy passes on, no longer
+# than any value `policy.commands.git_protocol` accepts. asyncssh keeps every one it is sent,
+# each up to a packet (256 KiB), for as long as the channel lasts.
+KEPT_ENV = b"GIT_PROTOCOL"
+KEPT_ENV_MAX = 256
+# The connection's write buffer: past WRITE_HIGH bytes that the client has not taken, it is not
+# read from, and every command's output waits, until it is down to WRITE_LOW. A client's window
+# bounds nothing here, since the client sets it; asyncssh itself ignores the transport's pause.
+# Above any one flush of the relay (256 KiB), so that a client that keeps up never meets it.
+WRITE_HIGH, WRITE_LOW = 4 << 20, 1 << 20
+
+
+class _Channel(asyncssh.SSHServerChannel[bytes]):
+    """asyncssh's session channel, keeping of the client's `env` requests only KEPT_ENV."""
+
+    def _process_env_request(self, packet: SSHPacket) -> bool:
+        name = packet.get_string()
+        value = packet.get_string()
+        packet.check_end()
+        if name != KEPT_ENV or len(value) > KEPT_ENV_MAX:
+            return False  # refused (OpenSSH's SendEnv LANG LC_* among them: clients go on)
+        self._env[name] = value
+        return True
+
+
 class _Connection(asyncssh.SSHServerConnection):
-    """asyncssh's server connection, without the copy of its options made at each login."""
+    """asyncssh's server connection, without the copy of its options made at each login,
+    with its channels' `env` kept to what kilnproxy uses, and with back-pressure on its
+    writes: asyncssh's `pause_writing` does nothing, and a client that advertises a large
+    window and then reads nothing would have a clone's whole pack buffered for it."""
+
+    def create_server_channel(
+        self, encoding: str | None = "", errors: str = "", window: int = 0, max_pktsize: int = 0
+    ) -> asyncssh.SSHServerChannel[Any]:
+        channel = super().create_server_channel(encoding, errors, window, max_pktsize)
+        channel.__class__ = _Channel  # the same object, with the env rule above
+        return channel
+
+    def pause_writing(self) -> None:
+        self._backlogged(True)
+
+    def resume_writing(self) -> None:
+        self._backlogged(False)
+
+    def _backlogged(self, backlogged: bool) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if backlogged:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+        owner = self.get_owner()
+        if isinstance(owner, Session):
+            owner.client_backlogged(backlogged)
 
     async def reload_config(self) -> None:
         """Keep the listener's options: asyncssh rebuilds them at the first userauth request,
@@ -153,4 +207,5 @@ async def _serve_accepted(
             conn.set_extra_info(health_check=True)
         return conn
 
-    await loop.connect_accepted_socket(connection, sock)
+    transport, _ = await loop.connect_accepted_socket(connection, sock)
+    transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)

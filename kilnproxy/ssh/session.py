@@ -158,6 +158,7 @@ class Session(asyncssh.SSHServer):
         self.login = ""
         self.identity: Identity | None = None
         self.relays: set[Relay] = set()
+        self.backlogged = False  # the connection's write buffer is full (`client_backlogged`)
         self.started_at = time.time()
         self.cut_reason: CutReason | None = None
         self.draining = False
@@ -367,10 +368,19 @@ class Session(asyncssh.SSHServer):
         if self._one_command and self._had_relay:
             return False  # one more command on a draining connection: the client reconnects
         relay = Relay(self, self.host.services)
+        relay.client_backlogged(self.backlogged)
         self.relays.add(relay)
         self._had_relay = True
         self.touch()
         return relay
+
+    def client_backlogged(self, backlogged: bool) -> None:
+        """The connection's write buffer passed its high-water mark (True: the client reads
+        slower than we write, or nothing) or fell back under its low one: every command's
+        output waits meanwhile, as the connection stops reading the client (`server`)."""
+        self.backlogged = backlogged
+        for relay in self.relays:
+            relay.client_backlogged(backlogged)
 
     def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
         """A channel closed: its access line, then hang up if it was the last of a cut."""

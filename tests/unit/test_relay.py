@@ -454,6 +454,26 @@ async def test_back_pressure_both_ways() -> None:
     assert not rig.backend.stream.output_paused
 
 
+
+@on_a_loop
+async def test_a_client_that_reads_nothing_pauses_the_backend_whatever_its_window() -> None:
+    """The client's window is the client's to set: output also waits while the connection's
+    write buffer is full (`Session.client_backlogged`), and goes on only once neither is."""
+    rig = Rig(website())
+    rig.start()
+    await settle()
+    stream = rig.backend.stream
+    rig.relay.client_backlogged(True)
+    assert stream.output_paused
+    rig.relay.pause_writing()
+    rig.relay.client_backlogged(False)
+    assert stream.output_paused  # the window is still full
+    rig.relay.client_backlogged(True)
+    rig.relay.resume_writing()
+    assert stream.output_paused  # the buffer is still full
+    rig.relay.client_backlogged(False)
+    assert not stream.output_paused
+
 @on_a_loop
 async def test_a_routed_command_tells_the_backend_who_and_what() -> None:
     rig = Rig(website(), env={"GIT_PROTOCOL": "version=2", "LANG": "C"})

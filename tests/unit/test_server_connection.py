@@ -65,3 +65,88 @@ def test_a_login_keeps_the_listeners_options(
     tmp_path: Path, connection: type[asyncssh.SSHServerConnection], kept: bool
 ) -> None:
     assert uvloop.run(options_at_login(tmp_path, connection)) == (kept, True)
+
+
+async def env_and_backlog(
+    tmp_path: Path, connection: type[asyncssh.SSHServerConnection]
+) -> tuple[dict[str, str], bool, bool]:
+    """What a channel kept of a client's `env` requests, and whether the connection stopped
+    reading a client that reads nothing (its window 1 GiB) and read again once it did."""
+    envs: list[dict[str, str]] = []
+    conns: list[Any] = []
+    ready, go = asyncio.Event(), asyncio.Event()
+
+    class Flooding(asyncssh.SSHServerSession):  # type: ignore[type-arg]
+        def connection_made(self, chan: Any) -> None:
+            self.chan = chan
+
+        def exec_requested(self, command: str) -> bool:
+            envs.append(dict(self.chan.get_environment()))
+            return True
+
+        def session_started(self) -> None:
+            loop.create_task(self.flood())
+
+        async def flood(self) -> None:
+            await go.wait()  # once the client reads nothing
+            for _ in range(256):  # 16 MiB, far past what the kernel's buffers take
+                self.chan.write(b"x" * 65536)
+            ready.set()
+
+    class Accepting(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            conns.append(conn)
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+        def session_requested(self) -> Flooding:
+            return Flooding()
+
+    loop = asyncio.get_running_loop()
+    config = from_mapping({}, tmp_path)
+    keys = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
+    options = await asyncssh.SSHServerConnectionOptions.construct(
+        server.server_options(config, keys), server_factory=Accepting
+    )
+    listener = await loop.create_server(lambda: connection(loop, options), "127.0.0.1", 0)
+    try:
+        client = await asyncssh.connect(
+            "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
+            known_hosts=None, config=None, agent_path=None,
+        )  # fmt: skip
+        env = {"GIT_PROTOCOL": "version=2", "LANG": "C.UTF-8", "PAD": "x" * 200_000}
+        chan, _ = await client.create_session(
+            asyncssh.SSHClientSession, "git-upload-pack 'a/b'", env=env, window=1 << 30
+        )
+        client._transport.pause_reading()  # reads nothing from now on
+        go.set()
+        await asyncio.wait_for(ready.wait(), 10)
+        await asyncio.sleep(0.1)
+        stopped = not conns[0]._transport.is_reading()
+        client._transport.resume_reading()
+        await asyncio.sleep(0.5)
+        again = conns[0]._transport.is_reading()
+        chan.close()
+        client.close()
+        await client.wait_closed()
+    finally:
+        listener.close()
+    return envs[0], stopped, again
+
+
+@pytest.mark.parametrize(
+    ("connection", "guarded"),
+    [(server._Connection, True), (asyncssh.SSHServerConnection, False)],
+    ids=["kilnproxy", "stock"],
+)
+def test_a_channel_keeps_only_git_protocol_and_a_client_reading_nothing_is_not_read(
+    tmp_path: Path, connection: type[asyncssh.SSHServerConnection], guarded: bool
+) -> None:
+    env, stopped, again = uvloop.run(env_and_backlog(tmp_path, connection))
+    if guarded:
+        assert env == {"GIT_PROTOCOL": "version=2"}
+        assert (stopped, again) == (True, True)
+    else:  # what asyncssh alone does: keeps all, and reads on while its writes pile up
+        assert set(env) == {"GIT_PROTOCOL", "LANG", "PAD"}
+        assert (stopped, again) == (False, True)
