@@ -4,6 +4,8 @@ A worker accepts on the shared listening socket itself (`ProxyListener`), so tha
 asyncssh before it is admitted: with `[ssh] proxy_protocol` "off" each connection is put to
 admission (SPEC 4b: `admit`, with the peer's address) as soon as it is accepted; with "optional"
 or "require" its header is read first, and admission is asked with the address the header gave.
+A peer outside `proxy_allowed` (in optional mode) is the client whatever it sends: it is put to
+admission at accept, as with the protocol off, before it may wait for a header.
 A refused connection is closed there and then: no banner, no key exchange. An admitted one is
 handed on with that address and its `Startup` (`hand_off`).
 
@@ -262,7 +264,13 @@ class ProxyListener(asyncio.AbstractServer):
         if refusal is not None:
             self._refuse(conn, peer, refusal.reason)
             return
-        self._track(self._admit(conn, peer, allowed))
+        startup = None
+        if not allowed:  # optional mode: the peer is the client whatever it sends, and is
+            # put to admission now, before it may hold a place among the pending
+            startup = self._admitted_as(conn, peer)
+            if startup is None:
+                return
+        self._track(self._admit(conn, peer, allowed, startup))
 
     def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coroutine)
@@ -295,11 +303,15 @@ class ProxyListener(asyncio.AbstractServer):
 
     # -- one connection ------------------------------------------------------------------------
 
-    async def _admit(self, conn: socket.socket, peer: Address, allowed: bool) -> None:
-        """Read the header, decide, and hand the socket on or close it; never raises."""
+    async def _admit(
+        self, conn: socket.socket, peer: Address, allowed: bool, startup: Startup | None
+    ) -> None:
+        """Read the header, decide, and hand the socket on or close it; never raises.
+        `startup`: the peer's own, if admission was asked at accept (a peer not allowed to
+        send a header); it ends here if the connection is not served."""
         admitted = None
         try:
-            admitted = await self._by_header(conn, peer, allowed)
+            admitted = await self._by_header(conn, peer, allowed, startup)
         except ProxyHeaderError as exc:
             self._refuse(conn, peer, str(exc))
         except OSError as exc:  # reset by the peer while we looked
@@ -307,14 +319,16 @@ class ProxyListener(asyncio.AbstractServer):
         finally:
             if admitted is None:
                 conn.close()
+                if startup is not None:
+                    startup.closed(None)  # never served, so never penalised
         if admitted is not None:
             await self._serve(conn, peer, *admitted)
 
     async def _by_header(
-        self, conn: socket.socket, peer: Address, allowed: bool
+        self, conn: socket.socket, peer: Address, allowed: bool, startup: Startup | None
     ) -> tuple[Address | None, Startup, bool] | None:
         """The header's client address (None: the peer's own) and the startup admission gave
-        it; None if the connection is not to be served."""
+        it (or had given it at accept); None if the connection is not to be served."""
         seen = await self._read_header(conn)
         if isinstance(seen, Silent):
             log.debug("%s closed before sending anything", format_address(peer))
@@ -330,7 +344,7 @@ class ProxyListener(asyncio.AbstractServer):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         if isinstance(seen, ProxyHeader):
             _consume(conn, seen.length)
-        startup = self._admitted_as(conn, decision.source or peer)
+        startup = startup or self._admitted_as(conn, decision.source or peer)
         return None if startup is None else (decision.source, startup, is_health_check(seen))
 
     async def _serve(

@@ -382,6 +382,36 @@ def test_behind_a_balancer_admission_is_asked_with_the_headers_address() -> None
     assert gate.asked == [CLIENT[0], "203.0.113.8", "127.0.0.4"]
 
 
+def test_a_peer_that_may_not_send_a_header_is_put_to_admission_at_accept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In optional mode a peer outside proxy_allowed is the client whatever it sends: it is
+    counted (or refused) at accept, as with the protocol off, so that connections which never
+    finish a header cannot fill the pending places and stop the worker accepting."""
+    monkeypatch.setattr(proxy_accept, "PENDING_LIMIT", 2)
+    gate = Gatekeeper("127.0.0.6")
+    raw = {"proxy_protocol": "optional", "proxy_allowed": ["127.0.0.1/32"], "proxy_timeout": "5s"}
+    ssh = from_mapping({"ssh": raw}, Path("/")).ssh
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        flood = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.6", 0))
+                 for _ in range(3)]  # fmt: skip
+        for _, writer in flood:
+            writer.write(b"P")  # the start of a header, never finished
+        await until(lambda: listener.statistics().refused == 3)
+        assert listener.statistics().pending == 0
+        await send(port, SSH, source="127.0.0.5")
+        header = build_v1(CLIENT, ("10.0.0.1", 22))
+        assert await send(port, header + SSH, source="127.0.0.5") == b""
+        await until(lambda: len(received) == 1 and listener.statistics().refused == 4)
+        for _, writer in flood:
+            writer.close()
+
+    assert serve(scenario, ssh, gate) == [(None, SSH)]
+    assert gate.asked == ["127.0.0.6"] * 3 + ["127.0.0.5"] * 2  # at accept, not by the header
+    assert [s.ended for s in gate.startups] == [[], ["closed None"]]
+
+
 @pytest.mark.parametrize("mode", ["off", "optional"])
 def test_a_hand_off_that_fails_ends_its_startup(
     mode: str, caplog: pytest.LogCaptureFixture

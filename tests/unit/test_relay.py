@@ -454,7 +454,6 @@ async def test_back_pressure_both_ways() -> None:
     assert not rig.backend.stream.output_paused
 
 
-
 @on_a_loop
 async def test_a_client_that_reads_nothing_pauses_the_backend_whatever_its_window() -> None:
     """The client's window is the client's to set: output also waits while the connection's
@@ -473,6 +472,7 @@ async def test_a_client_that_reads_nothing_pauses_the_backend_whatever_its_windo
     assert stream.output_paused  # the buffer is still full
     rig.relay.client_backlogged(False)
     assert not stream.output_paused
+
 
 @on_a_loop
 async def test_a_routed_command_tells_the_backend_who_and_what() -> None:

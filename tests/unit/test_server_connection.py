@@ -4,6 +4,7 @@ asyncssh builds a copy of them (in a thread) that each connection then holds for
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ async def env_and_backlog(
             return True
 
         def session_started(self) -> None:
-            loop.create_task(self.flood())
+            self.flooding = loop.create_task(self.flood())
 
         async def flood(self) -> None:
             await go.wait()  # once the client reads nothing
@@ -115,16 +116,20 @@ async def env_and_backlog(
             "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
             known_hosts=None, config=None, agent_path=None,
         )  # fmt: skip
-        env = {"GIT_PROTOCOL": "version=2", "LANG": "C.UTF-8", "PAD": "x" * 200_000}
+        env: Mapping[str | bytes, str | bytes] = {
+            "GIT_PROTOCOL": "version=2", "LANG": "C.UTF-8", "PAD": "x" * 200_000
+        }  # fmt: skip
         chan, _ = await client.create_session(
             asyncssh.SSHClientSession, "git-upload-pack 'a/b'", env=env, window=1 << 30
         )
-        client._transport.pause_reading()  # reads nothing from now on
+        reading = client._transport
+        assert reading is not None
+        reading.pause_reading()  # reads nothing from now on
         go.set()
         await asyncio.wait_for(ready.wait(), 10)
         await asyncio.sleep(0.1)
         stopped = not conns[0]._transport.is_reading()
-        client._transport.resume_reading()
+        reading.resume_reading()
         await asyncio.sleep(0.5)
         again = conns[0]._transport.is_reading()
         chan.close()
