@@ -30,7 +30,7 @@ from kilnproxy.errors import CutReason, DirectoryUnavailable
 from kilnproxy.logs import QuietSessionLog, SessionLog, access_line
 from kilnproxy.policy.penalty import PenaltyEvent, event_for
 from kilnproxy.ssh.keys import fingerprint, policy_problem
-from kilnproxy.ssh.relay import Outcome, Relay, RelayStats
+from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
 from kilnproxy.ssh.services import Services, Startup
 from kilnproxy.ssh.signatures import restrict_signatures
 from kilnproxy.ssh.spread import Spread
@@ -403,14 +403,18 @@ class Session(asyncssh.SSHServer):
         A connection that has not yet sent its first command (still authenticating, or just
         authenticated: a client opens its channel a few milliseconds after) may still run it:
         its client connected before the drain began, so it is served, not refused. It has
-        FIRST_COMMAND_GRACE to ask.
+        FIRST_COMMAND_GRACE to ask (a channel opened for it counts for nothing until then).
         """
         self.draining = True
-        if self.state is SessionState.AUTHENTICATED and not self.relays:
-            if self._had_relay:
+        if self.state is SessionState.AUTHENTICATED:
+            if self._had_relay and not self.relays:
                 self._close_for_drain()
-            else:
+            elif not self._asked():
                 self._await_first_command()
+
+    def _asked(self) -> bool:
+        """Whether a channel of this connection asked for its command."""
+        return any(relay.state is not RelayState.REQUESTED for relay in self.relays)
 
     def _await_first_command(self) -> None:
         """Hang up unless a command comes within FIRST_COMMAND_GRACE (scheduled once)."""
@@ -425,11 +429,16 @@ class Session(asyncssh.SSHServer):
             self._conn.close()
 
     def _close_if_idle(self) -> None:
-        if self.directory_unavailable and not self._had_relay and self._conn is not None:
+        """FIRST_COMMAND_GRACE after a one-command connection was let in: hang up unless its
+        command was asked. A channel opened and never used for one holds the connection for
+        nothing (and, with the directory down, any key at all gets this far)."""
+        if self._conn is None or self._asked():
+            return
+        if self.directory_unavailable:
             self.log.debug("no command while the directory is unavailable: closing")
-            self._conn.close()
         else:
-            self._close_for_drain()
+            self.log.info("closing idle connection for drain")
+        self._conn.close()
 
     # -- timeouts and cuts ------------------------------------------------------------------------
 

@@ -8,8 +8,11 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import paramiko
 from conftest import World
 from harness import finish_upload_pack
+
+from kilnproxy.ssh.session import FIRST_COMMAND_GRACE
 
 
 def test_term_waits_for_a_clone_but_not_for_idle_connections(
@@ -39,6 +42,34 @@ def test_term_waits_for_a_clone_but_not_for_idle_connections(
         assert b"refs/heads/main" in busy.stdout.read()
     assert kiln.proc.wait(timeout=10) == 0
     assert re.search(r"access .*verb=git-upload-pack .*exit=0 outcome=ok", kiln.log())
+
+
+def test_a_channel_that_never_asks_for_its_command_does_not_hold_a_drain(
+    new_world: Callable[..., World],
+) -> None:
+    """A session channel opened and then left without exec (a library client can do that,
+    for as long as `idle` allows): the drain gives it FIRST_COMMAND_GRACE, as a connection
+    with no channel yet, then hangs up, and the server exits long before its drain timeout."""
+    w = new_world()
+    kiln = w.kiln
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", kiln.port, "git", key_filename=str(w.alice),
+                   look_for_keys=False, allow_agent=False)  # fmt: skip
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session()  # and nothing more (kept: paramiko closes it when
+        # it is collected)
+        assert kiln.proc is not None
+        started = time.monotonic()
+        kiln.proc.send_signal(signal.SIGTERM)
+        assert kiln.proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < FIRST_COMMAND_GRACE + 5
+        kiln.wait_for_log(r"closing idle connection for drain")
+        assert channel.closed
+    finally:
+        client.close()
 
 
 def test_drain_timeout_cuts_with_a_message(new_world: Callable[..., World]) -> None:
