@@ -44,6 +44,12 @@ READ_ONLY_HOOK = (
     'pretxnopen.kilnproxy = test "$KILNPROXY_ACCESS" = write || '
     f'{{ echo "{_DENY_LINE}" >&2; exit 1; }}\n'
 )
+# For a session that may only read, hg also takes a push as it comes (`server.streamunbundle`)
+# instead of spooling it whole to a temporary file first: the hook then refuses it at its first
+# part, before a read-only user's bundle can fill a disk. Writers keep the spooling, which takes
+# the repository's lock only once the bundle is all there.
+READ_ONLY_STREAMED = READ_ONLY_HOOK + "[server]\nstreamunbundle = True\n"
+_RC_FILES = {"hg-read-only.rc": READ_ONLY_HOOK, "hg-read-only-streamed.rc": READ_ONLY_STREAMED}
 # What hg reads when HGRCPATH is unset (POSIX); setting HGRCPATH would otherwise drop these.
 _HG_DEFAULT_RC = ("/etc/mercurial/hgrc", "/etc/mercurial/hgrc.d", "~/.hgrc", "~/.config/hg/hgrc")
 
@@ -65,19 +71,23 @@ def command_env(verb: Verb, variables: dict[str, str], hook_rc: Path) -> dict[st
             rc_path = inherited.split(os.pathsep)
         else:
             rc_path = [os.path.expanduser(p) for p in _HG_DEFAULT_RC]
+        if variables.get("KILNPROXY_ACCESS") != "write":
+            hook_rc = hook_rc.with_name("hg-read-only-streamed.rc")
         env["HGRCPATH"] = os.pathsep.join([*rc_path, str(hook_rc)])
     return env
 
 
 def write_hook_rc(state_dir: Path) -> Path:
-    """Write the read-only hook file, once per worker start (its content never varies)."""
-    path = state_dir / "hg-read-only.rc"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != READ_ONLY_HOOK:
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(READ_ONLY_HOOK)
-        temporary.replace(path)
-    return path
+    """Write the read-only hook's files, once per worker start (their content never varies):
+    the one for writers is returned, and `command_env` finds the other beside it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in _RC_FILES.items():
+        path = state_dir / name
+        if not path.exists() or path.read_text() != text:
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(text)
+            temporary.replace(path)
+    return state_dir / "hg-read-only.rc"
 
 
 class _Process(StdinBackPressure, asyncio.SubprocessProtocol):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kilnproxy.backends.base import BACKEND_VARIABLES, BackendRequest
-from kilnproxy.backends.local import command_argv, command_env
+from kilnproxy.backends.local import READ_ONLY_HOOK, command_argv, command_env, write_hook_rc
 from kilnproxy.backends.ssh import remote_command
 from kilnproxy.directory.model import Identity, Route
 from kilnproxy.policy.access import Access, Role
@@ -46,7 +46,21 @@ def test_the_environment_names_the_session_and_only_hg_gets_the_hook(tmp_path: P
     assert (git["KILNPROXY_REPO"], git["GIT_PROTOCOL"]) == ("aviato/website", "version=2")
     assert str(hook) not in git.get("HGRCPATH", "")
     hg = command_env(Verb.HG_SERVE, _request(Verb.HG_SERVE, "/srv/a").environment(), hook)
-    assert hg["HGRCPATH"].endswith(str(hook)) and "GIT_PROTOCOL" not in hg
+    assert "GIT_PROTOCOL" not in hg
+
+
+def test_hg_reads_the_hook_and_for_a_reader_streams_a_push(tmp_path: Path) -> None:
+    """A writer's hg spools a push, then takes the lock; a reader's takes it as it comes, so
+    that the hook refuses it at its first part, before the bundle is on disk."""
+    hook = write_hook_rc(tmp_path / "state")
+    writing = dict(_request(Verb.HG_SERVE, "/srv/a").environment(), KILNPROXY_ACCESS="write")
+    reading = dict(writing, KILNPROXY_ACCESS="read")
+    files = {}
+    for access, variables in (("write", writing), ("read", reading)):
+        rc = Path(command_env(Verb.HG_SERVE, variables, hook)["HGRCPATH"].split(":")[-1])
+        files[access] = rc.read_text()
+    assert files["write"] == READ_ONLY_HOOK and "streamunbundle" not in files["write"]
+    assert files["read"] == READ_ONLY_HOOK + "[server]\nstreamunbundle = True\n"
 
 
 def test_the_agent_passes_on_exactly_the_variables_a_request_has() -> None:
