@@ -628,6 +628,10 @@ class Config:
     agent: AgentSettings
     status: StatusSettings
     log: LogSettings
+    # The file's text as it was read (None: no file). The master starts each worker with its
+    # own, not with the file as it may be by then: a change is in force at a HUP, on every
+    # worker alike, and one saved with a mistake stops no worker that must be replaced.
+    text: str | None = None
 
     def problem(self) -> str | None:
         """What is wrong across sections, if anything."""
@@ -712,19 +716,28 @@ def config_path(explicit: str | None, home: Path) -> Path | None:
     return default if default.exists() else None
 
 
-def load(explicit: str | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Read and validate the configuration; raise OperatorError with one clear line."""
+def load(
+    explicit: str | None = None, environ: dict[str, str] | None = None, text: str | None = None
+) -> Config:
+    """Read and validate the configuration; raise OperatorError with one clear line. With
+    `text`, that is the file's content (read by the master), and the file is not read."""
     home = home_from_env(environ)
-    source = config_path(explicit, home)
-    raw: dict[str, Any] = {}
-    if source is not None:
+    if text is None:
+        source = config_path(explicit, home)
         try:
-            raw = tomllib.loads(source.read_text())
-        except OSError as exc:
-            raise OperatorError(f"cannot read config {source}: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            text = source.read_text() if source is not None else None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise OperatorError(f"cannot read config {source}: {reason}") from None
+    else:
+        source = Path(explicit).absolute() if explicit else None
+    raw: dict[str, Any] = {}
+    if text is not None:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise OperatorError(f"{source}: not valid TOML: {exc}") from None
-    return from_mapping(raw, home, source)
+    return dataclasses.replace(from_mapping(raw, home, source), text=text)
 
 
 def from_mapping(raw: dict[str, Any], home: Path, source: Path | None = None) -> Config:

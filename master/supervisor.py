@@ -278,7 +278,9 @@ class Supervisor:
             if slot is None:
                 raise OSError(f"all {admission.table.slots} slots of the startup table are taken")
             startups = (admission.table.fileno(), slot)
-            handle = await spawn(index, generation, self._listeners, self.config_path, startups)
+            handle = await spawn(
+                index, generation, self._listeners, self.config_path, startups, self.config.text
+            )
         except OSError as exc:
             log.error("cannot start worker %d: %s", index, exc)
             if slot is not None:

@@ -61,15 +61,29 @@ class WorkerHandle:
         return self.state is WorkerState.STARTING
 
 
+def _memory_file(data: bytes) -> int:
+    """A file in memory holding `data`, read from its start: a descriptor to hand a child."""
+    fd = os.memfd_create("kilnproxy.toml")
+    try:
+        os.write(fd, data)  # a config file: far below what one write may take
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def spawn(
     index: int,
     generation: int,
     listeners: list[socket.socket],
     config: Path | None,
     startups: tuple[int, int],
+    text: str | None = None,
 ) -> WorkerHandle:
     """Start one worker process and connect to its end of the socketpair. `startups` is the
-    admission's startup table (its fd) and the worker's slot of it."""
+    admission's startup table (its fd) and the worker's slot of it; `text` the configuration
+    file's text as the master read it, which the worker takes instead of reading the file."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [sock.fileno() for sock in listeners]
     table, slot = startups
@@ -80,14 +94,21 @@ async def spawn(
     ]  # fmt: skip
     if config is not None:
         argv += ["--config", str(config)]
+    given = _memory_file(text.encode()) if text is not None else None
+    if given is not None:
+        argv += ["--config-fd", str(given)]
     try:
         # A plain fork+exec (milliseconds); its exit is watched through a pidfd, so asyncio's
         # child watcher must not reap it.
         proc = subprocess.Popen(  # noqa: ASYNC220
-            argv, pass_fds=[*fds, theirs.fileno(), table], stdin=subprocess.DEVNULL
+            argv,
+            pass_fds=[*fds, theirs.fileno(), table, *([given] if given is not None else [])],
+            stdin=subprocess.DEVNULL,
         )
     finally:
         theirs.close()
+        if given is not None:
+            os.close(given)
     handle = WorkerHandle(index, generation, proc)
     handle.pidfd = os.pidfd_open(proc.pid)
     handle.channel = await ToWorker.open(ours)

@@ -277,6 +277,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startups-fd", type=int, required=True)
     parser.add_argument("--startups-slot", type=int, required=True)
     parser.add_argument("--config")
+    parser.add_argument("--config-fd", type=int)  # the file's text, as the master read it
     return parser.parse_args(argv)
 
 
@@ -287,11 +288,19 @@ def fault_log(config: Config) -> IO[str]:
     return config.log.file.open("a")
 
 
+def given_config(fd: int | None) -> str | None:
+    """The configuration's text the master handed over (in a memory file), if it did."""
+    if fd is None:
+        return None
+    with open(fd, encoding="utf-8") as given:
+        return given.read()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setproctitle(title(args.index, 0))
     try:
-        config = load(args.config)
+        config = load(args.config, text=given_config(args.config_fd))
         configure(config.log.format, config.log.level, config.log.file)
         faulthandler.enable(file=fault_log(config), all_threads=True)
         # Process-wide, before any connection exists.

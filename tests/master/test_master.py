@@ -230,6 +230,27 @@ def test_hup_with_a_broken_config_changes_nothing(new_world: Factory) -> None:
     assert {x["pid"] for x in kiln.workers()} == before
 
 
+def test_a_replaced_worker_starts_from_the_config_the_master_read(new_world: Factory) -> None:
+    """A config file saved with a mistake, and no HUP yet: a worker replaced meanwhile (it
+    died) starts from the configuration its master read, as every other worker runs, not
+    from the file as it is now; the HUP then refuses the file and changes nothing."""
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    kiln.config_path.write_text("[ssh\nlisten = \n")  # half-saved
+    victim = kiln.workers()[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        ready = [x["pid"] for x in kiln.workers() if x["state"] == "ready"]
+        return len(ready) == 2 and victim not in ready
+
+    wait_until(replaced, 20, "the replacement")
+    assert "cannot boot" not in kiln.log()
+    assert kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000").returncode == 0
+    kiln.send(signal.SIGHUP)
+    kiln.wait_for_log(r"reload refused, nothing changed: .*not valid TOML")
+
+
 def test_term_to_one_worker_drains_it_after_its_replacement_is_up(new_world: Factory) -> None:
     w = new_world({"workers": {"count": 2}})
     kiln = w.kiln
