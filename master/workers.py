@@ -79,11 +79,12 @@ async def spawn(
     listeners: list[socket.socket],
     config: Path | None,
     startups: tuple[int, int],
-    text: str | None = None,
+    text: str | None,
 ) -> WorkerHandle:
     """Start one worker process and connect to its end of the socketpair. `startups` is the
     admission's startup table (its fd) and the worker's slot of it; `text` the configuration
-    file's text as the master read it, which the worker takes instead of reading the file."""
+    file's text as the master read it (None: there was none), which the worker takes instead
+    of reading the file."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [sock.fileno() for sock in listeners]
     table, slot = startups
@@ -94,21 +95,19 @@ async def spawn(
     ]  # fmt: skip
     if config is not None:
         argv += ["--config", str(config)]
-    given = _memory_file(text.encode()) if text is not None else None
-    if given is not None:
-        argv += ["--config-fd", str(given)]
+    given = _memory_file((text or "").encode())  # no file: the defaults, as the master's
+    argv += ["--config-fd", str(given)]
     try:
         # A plain fork+exec (milliseconds); its exit is watched through a pidfd, so asyncio's
         # child watcher must not reap it.
         proc = subprocess.Popen(  # noqa: ASYNC220
             argv,
-            pass_fds=[*fds, theirs.fileno(), table, *([given] if given is not None else [])],
+            pass_fds=[*fds, theirs.fileno(), table, given],
             stdin=subprocess.DEVNULL,
         )
     finally:
         theirs.close()
-        if given is not None:
-            os.close(given)
+        os.close(given)
     handle = WorkerHandle(index, generation, proc)
     handle.pidfd = os.pidfd_open(proc.pid)
     handle.channel = await ToWorker.open(ours)

@@ -297,10 +297,12 @@ def test_workers_that_cannot_boot_while_others_serve_stop_nothing(new_world: Fac
         owner = owner_of_held(w)
         key.write_text("not a key\n")
         kiln.send(signal.SIGHUP)
-        kiln.wait_for_log(r"rolling restart to generation 1 stalled: its workers cannot boot")
+        kiln.wait_for_log(r"rolling restart to generation 1 stalled: its workers cannot boot",
+                          timeout=30)  # fmt: skip
         other = next(x["pid"] for x in kiln.workers() if x["pid"] != owner)
         os.kill(other, signal.SIGKILL)
-        kiln.wait_for_log(r"worker \d cannot boot \(\d+ in a row\); 1 worker\(s\) serve on")
+        kiln.wait_for_log(r"worker \d cannot boot \(\d+ in a row\); 1 worker\(s\) serve on",
+                          timeout=30)  # a retry waits for its backoff  # fmt: skip
         assert kiln.proc is not None and kiln.proc.poll() is None
         assert "gives up" not in kiln.log()
         accepted = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
