@@ -1,10 +1,13 @@
-"""kilnproxy/ssh/server.py's connection class: at login it keeps the listener's options, where
-asyncssh builds a copy of them (in a thread) that each connection then holds for its life."""
+"""kilnproxy/ssh/server.py's connection class, against asyncssh's own: at login it keeps the
+listener's options, where asyncssh builds a copy of them (in a thread) that each connection then
+holds for its life; its channels keep only GIT_PROTOCOL of a client's env requests; and it stops
+reading a client that reads nothing."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,41 @@ import uvloop
 from kilnproxy.config import from_mapping
 from kilnproxy.ssh import server
 
+OURS_AND_STOCK = pytest.mark.parametrize(
+    ("connection", "ours"),
+    [(server._Connection, True), (asyncssh.SSHServerConnection, False)],
+    ids=["kilnproxy", "stock"],
+)
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    tmp_path: Path,
+    connection: type[asyncssh.SSHServerConnection],
+    factory: type[asyncssh.SSHServer],
+    **client: Any,
+) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """A client of a listener of `connection`s that kilnproxy's options set up, served by
+    `factory`; the listener closes after."""
+    loop = asyncio.get_running_loop()
+    keys = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
+    options = await asyncssh.SSHServerConnectionOptions.construct(
+        server.server_options(from_mapping({}, tmp_path), keys), server_factory=factory
+    )
+    listener = await loop.create_server(lambda: connection(loop, options), "127.0.0.1", 0)
+    try:
+        conn = await asyncssh.connect(
+            "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
+            known_hosts=None, config=None, agent_path=None, **client,
+        )  # fmt: skip
+        try:
+            yield conn
+        finally:
+            conn.close()
+            await conn.wait_closed()
+    finally:
+        listener.close()
+
 
 async def options_at_login(
     tmp_path: Path, connection: type[asyncssh.SSHServerConnection]
@@ -22,11 +60,13 @@ async def options_at_login(
     """Whether a connection that logged in still holds the listener's options, and whether it
     still takes public keys (what the rebuilt options would have set again)."""
     seen: list[tuple[bool, bool]] = []
-    keys = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
+    options: object = None
 
     class Accepting(asyncssh.SSHServer):
         def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            nonlocal options
             self.conn: Any = conn
+            options = options or conn._options  # the listener's, before any login
 
         def public_key_auth_supported(self) -> bool:
             return True
@@ -37,35 +77,18 @@ async def options_at_login(
         def auth_completed(self) -> None:
             seen.append((self.conn._options is options, self.conn._public_key_auth))
 
-    loop = asyncio.get_running_loop()
-    config = from_mapping({}, tmp_path)
-    options = await asyncssh.SSHServerConnectionOptions.construct(
-        server.server_options(config, keys), server_factory=Accepting
-    )
-    listener = await loop.create_server(lambda: connection(loop, options), "127.0.0.1", 0)
-    try:
-        client = await asyncssh.connect(
-            "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
-            known_hosts=None, config=None, agent_path=None,
-            client_keys=[asyncssh.generate_private_key("ssh-ed25519")],
-        )  # fmt: skip
-        client.close()
-        await client.wait_closed()
-    finally:
-        listener.close()
+    async with connected(tmp_path, connection, Accepting,
+                         client_keys=[asyncssh.generate_private_key("ssh-ed25519")]):  # fmt: skip
+        pass
     assert len(seen) == 1
     return seen[0]
 
 
-@pytest.mark.parametrize(
-    ("connection", "kept"),
-    [(server._Connection, True), (asyncssh.SSHServerConnection, False)],
-    ids=["kilnproxy", "stock"],
-)
+@OURS_AND_STOCK
 def test_a_login_keeps_the_listeners_options(
-    tmp_path: Path, connection: type[asyncssh.SSHServerConnection], kept: bool
+    tmp_path: Path, connection: type[asyncssh.SSHServerConnection], ours: bool
 ) -> None:
-    assert uvloop.run(options_at_login(tmp_path, connection)) == (kept, True)
+    assert uvloop.run(options_at_login(tmp_path, connection)) == (ours, True)
 
 
 async def env_and_backlog(
@@ -76,6 +99,7 @@ async def env_and_backlog(
     envs: list[dict[str, str]] = []
     conns: list[Any] = []
     ready, go = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
 
     class Flooding(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         def connection_made(self, chan: Any) -> None:
@@ -104,18 +128,7 @@ async def env_and_backlog(
         def session_requested(self) -> Flooding:
             return Flooding()
 
-    loop = asyncio.get_running_loop()
-    config = from_mapping({}, tmp_path)
-    keys = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
-    options = await asyncssh.SSHServerConnectionOptions.construct(
-        server.server_options(config, keys), server_factory=Accepting
-    )
-    listener = await loop.create_server(lambda: connection(loop, options), "127.0.0.1", 0)
-    try:
-        client = await asyncssh.connect(
-            "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
-            known_hosts=None, config=None, agent_path=None,
-        )  # fmt: skip
+    async with connected(tmp_path, connection, Accepting) as client:
         env: Mapping[str | bytes, str | bytes] = {
             "GIT_PROTOCOL": "version=2", "LANG": "C.UTF-8", "PAD": "x" * 200_000
         }  # fmt: skip
@@ -133,23 +146,15 @@ async def env_and_backlog(
         await asyncio.sleep(0.5)
         again = conns[0]._transport.is_reading()
         chan.close()
-        client.close()
-        await client.wait_closed()
-    finally:
-        listener.close()
     return envs[0], stopped, again
 
 
-@pytest.mark.parametrize(
-    ("connection", "guarded"),
-    [(server._Connection, True), (asyncssh.SSHServerConnection, False)],
-    ids=["kilnproxy", "stock"],
-)
+@OURS_AND_STOCK
 def test_a_channel_keeps_only_git_protocol_and_a_client_reading_nothing_is_not_read(
-    tmp_path: Path, connection: type[asyncssh.SSHServerConnection], guarded: bool
+    tmp_path: Path, connection: type[asyncssh.SSHServerConnection], ours: bool
 ) -> None:
     env, stopped, again = uvloop.run(env_and_backlog(tmp_path, connection))
-    if guarded:
+    if ours:
         assert env == {"GIT_PROTOCOL": "version=2"}
         assert (stopped, again) == (True, True)
     else:  # what asyncssh alone does: keeps all, and reads on while its writes pile up
