@@ -49,7 +49,8 @@ READ_ONLY_HOOK = (
 # part, before a read-only user's bundle can fill a disk. Writers keep the spooling, which takes
 # the repository's lock only once the bundle is all there.
 READ_ONLY_STREAMED = READ_ONLY_HOOK + "[server]\nstreamunbundle = True\n"
-_RC_FILES = {"hg-read-only.rc": READ_ONLY_HOOK, "hg-read-only-streamed.rc": READ_ONLY_STREAMED}
+HOOK_RC, STREAMED_RC = "hg-read-only.rc", "hg-read-only-streamed.rc"  # in the state directory
+_RC_FILES = {HOOK_RC: READ_ONLY_HOOK, STREAMED_RC: READ_ONLY_STREAMED}
 # What hg reads when HGRCPATH is unset (POSIX); setting HGRCPATH would otherwise drop these.
 _HG_DEFAULT_RC = ("/etc/mercurial/hgrc", "/etc/mercurial/hgrc.d", "~/.hgrc", "~/.config/hg/hgrc")
 
@@ -72,7 +73,7 @@ def command_env(verb: Verb, variables: dict[str, str], hook_rc: Path) -> dict[st
         else:
             rc_path = [os.path.expanduser(p) for p in _HG_DEFAULT_RC]
         if variables.get("KILNPROXY_ACCESS") != "write":
-            hook_rc = hook_rc.with_name("hg-read-only-streamed.rc")
+            hook_rc = hook_rc.with_name(STREAMED_RC)
         env["HGRCPATH"] = os.pathsep.join([*rc_path, str(hook_rc)])
     return env
 
@@ -87,7 +88,7 @@ def write_hook_rc(state_dir: Path) -> Path:
             temporary = path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(text)
             temporary.replace(path)
-    return state_dir / "hg-read-only.rc"
+    return state_dir / HOOK_RC
 
 
 class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
