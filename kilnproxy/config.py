@@ -55,7 +55,8 @@ def setting(parser: Parser, default: object, help: str) -> Any:
 
 # -- parsers: each takes the raw TOML value and KILNPROXY_HOME, returns the typed value ----------
 
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
+MAX_DURATION = 366 * 86400.0  # past a year a wait is a mistake (and too long for a timer)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -68,6 +69,8 @@ def parse_duration(text: str) -> float:
     seconds = sum(int(p.group(1)) * _UNIT_SECONDS[p.group(2)] for p in parts)
     if seconds <= 0:
         raise ValueError(f"{text!r} must be longer than zero")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than a year (366d)")
     return seconds
 
 
@@ -82,7 +85,7 @@ def format_duration(seconds: float) -> str:
     return out + (f"{secs}s" if secs else "")
 
 
-_SIZE = re.compile(r"(\d+)(B|KiB|MiB|GiB)")
+_SIZE = re.compile(r"([0-9]+)(B|KiB|MiB|GiB)")
 _UNIT_BYTES = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
@@ -100,7 +103,7 @@ def format_uptime(seconds: float) -> str:
 
 
 def parse_address(text: str) -> Address:
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:\[\]]+):([0-9]+)", text.strip())
     if not match:
         raise ValueError(f"{text!r} is not an address like 127.0.0.1:2222 or [::1]:2222")
     host = match.group(1) or match.group(3)
@@ -143,22 +146,27 @@ def addresses(raw: object, home: Path) -> tuple[Address, ...]:
     return tuple(parse_address(item) for item in items)
 
 
-def path(raw: object, home: Path) -> Path:
-    text = _string(raw)
+def _path(text: str) -> str:
     if not text:
         raise ValueError("a path cannot be empty")
-    return home / text
+    if "\0" in text:
+        raise ValueError(f"{text!r}: a path has no NUL character")
+    return text
+
+
+def path(raw: object, home: Path) -> Path:
+    return home / _path(_string(raw))
 
 
 def optional_path(raw: object, home: Path) -> Path | None:
-    return home / _string(raw) if _string(raw) else None
+    return home / _path(_string(raw)) if _string(raw) else None
 
 
 def paths(raw: object, home: Path) -> tuple[Path, ...]:
     items = _string_list(raw)
     if not items:
         raise ValueError("at least one path is needed")
-    return tuple(home / item for item in items)
+    return tuple(home / _path(item) for item in items)
 
 
 def names(raw: object, home: Path) -> tuple[str, ...]:
@@ -198,9 +206,15 @@ def boolean(raw: object, home: Path) -> bool:
     return raw
 
 
-def positive_int(raw: object, home: Path) -> int:
+INT_MAX = (1 << 31) - 1  # what a C int holds (listen()'s backlog is one)
+MAX_WORKERS = 1024
+
+
+def positive_int(raw: object, home: Path, most: int = INT_MAX) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise ValueError(f"expected a whole number of at least 1, got {raw!r}")
+    if raw > most:
+        raise ValueError(f"{raw} is more than {most}")
     return raw
 
 
@@ -214,7 +228,12 @@ def growth_factor(raw: object, home: Path) -> float:
 def worker_count(raw: object, home: Path) -> int:
     if raw == "auto":
         return os.cpu_count() or 1
-    return positive_int(raw, home)
+    return positive_int(raw, home, MAX_WORKERS)
+
+
+def listen_backlog(raw: object, home: Path) -> int:
+    """Linux caps a listen backlog at net.core.somaxconn, itself at most 65535."""
+    return positive_int(raw, home, 65535)
 
 
 _USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^@/?#]*)@")
@@ -252,7 +271,7 @@ def directory_url(raw: object, home: Path) -> str:
             raise ValueError(f"{scrub(text, text)!r}: a URL has no spaces or control characters")
         return text
     scheme, sep, rest = text.partition(":")
-    if scheme != "sqlite" or not sep or not rest:
+    if scheme != "sqlite" or not sep or not rest or "\0" in rest:
         raise ValueError(
             f"{scrub(text, text)!r} is not a directory URL like sqlite:kilnproxy.db "
             "or postgresql://USER@HOST:5432/DBNAME"
@@ -264,6 +283,8 @@ def count(raw: object, home: Path) -> int:
     """A whole number where 0 means no limit."""
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
         raise ValueError(f"expected a whole number, 0 for no limit, got {raw!r}")
+    if raw > INT_MAX:
+        raise ValueError(f"{raw} is more than {INT_MAX}")
     return raw
 
 
@@ -330,7 +351,7 @@ class SshSettings:
     host_keys: tuple[Path, ...] = setting(
         paths, ["ssh_host_ed25519_key"], "Host private keys; a missing ed25519 key is generated."
     )
-    backlog: int = setting(positive_int, 1024, "Listen backlog of the SSH socket.")
+    backlog: int = setting(listen_backlog, 1024, "Listen backlog of the SSH socket.")
     kex_algs: tuple[str, ...] = setting(names, DEFAULT_KEX, "Key exchange algorithms offered.")
     encryption_algs: tuple[str, ...] = setting(
         names,
@@ -480,7 +501,12 @@ class TimeoutSettings:
     dial: float = setting(duration, "10s", "Connecting to a backend, handshake included.")
     idle: float = setting(duration, "10m", "A session without a byte in either direction.")
     max_session: float = setting(duration, "6h", "The longest any session may last.")
-    drain: float = setting(duration, "10m", "How long a drain waits before cutting sessions.")
+    drain: float = setting(
+        duration,
+        "10m",
+        "How long a stop (TERM) waits before cutting sessions. A worker replaced (HUP, TTOU, "
+        "recycled) cuts none: it waits for its sessions, by max_session at the latest.",
+    )
     drain_notice: float = setting(
         duration_or_zero,
         "0s",

@@ -64,7 +64,12 @@ def read_public_key(source: str | None) -> PublicKey:
     """The key of `keys add`, from a file or standard input (`-`). Read before the directory
     is opened: a key pasted by hand takes its time, which is not the directory's."""
     if source is None or source == "-":
-        text = sys.stdin.read()
+        if sys.stdin is None:  # started with standard input closed
+            raise OperatorError("standard input is closed: give the key with --file")
+        try:
+            text = sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OperatorError(f"cannot read standard input: {exc}") from None
     else:
         try:
             text = Path(source).read_text()
@@ -154,20 +159,26 @@ def replace_file(path: Path, text: str, mode: int = 0o644) -> None:
 
 @contextlib.contextmanager
 def new_repository(path: Path, vcs: Vcs) -> Iterator[None]:
-    """An empty repository at `path` once the body succeeds; if anything fails (`git init`, or
-    the body: a directory row that cannot be written), nothing is left on disk, so the same
-    command can simply be run again. It is made beside `path` and renamed into place."""
-    if path.exists():
+    """An empty repository at `path` while the body (which writes its directory row) runs; if
+    anything fails (`git init`, the rename, the body), nothing is left on disk, so the same
+    command can simply be run again. It is made beside `path` and renamed into place before the
+    body, so that no row is ever written for a repository that is not there."""
+    if os.path.lexists(path):  # a symlink too, dangling or not
         raise OperatorError(f"{path} already exists")
-    made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the first we make
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = next((p for p in reversed(path.parents) if not os.path.lexists(p)), None)  # ours
     scratch = path.with_name(f".{path.name}.{secrets.token_hex(4)}")  # made by `init`, umask's mode
+    in_place = False
     try:
-        init_repository(scratch, vcs)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            init_repository(scratch, vcs)
+            scratch.rename(path)
+        except OSError as exc:
+            raise OperatorError(f"cannot create {path}: {exc.strerror or exc}") from None
+        in_place = True
         yield
-        scratch.rename(path)
     except BaseException:
-        shutil.rmtree(made or scratch, ignore_errors=True)
+        shutil.rmtree(made or (path if in_place else scratch), ignore_errors=True)
         raise
 
 

@@ -35,8 +35,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _print(lines: Sequence[str]) -> int:
-    for line in lines:
-        print(line)
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:  # what reads our output left early (`| head -1`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        return 141  # as a shell shows a process that SIGPIPE ended
     return 0
 
 
@@ -316,14 +321,16 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
             "run on several hosts at once)")  # fmt: skip
 
 
+CONFIG_HELP = "config file (default: $KILNPROXY_HOME/kilnproxy.toml)"
+
+
 def build_parser() -> OneLineParser:
+    # `--config` is taken before the command and after it. The command's own copy must not
+    # default: argparse would put its None over a path given before the command.
     common = OneLineParser(add_help=False)
-    common.add_argument(
-        "--config", metavar="PATH", help="config file (default: $KILNPROXY_HOME/kilnproxy.toml)"
-    )
-    parser = OneLineParser(
-        prog="kilnproxy", parents=[common], description="SSH front door for git and hg hosting"
-    )
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    parser = OneLineParser(prog="kilnproxy", description="SSH front door for git and hg hosting")
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: Any, name: str, action: Action, help: str) -> OneLineParser:

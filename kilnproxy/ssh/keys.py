@@ -62,10 +62,17 @@ def fingerprint(key: asyncssh.SSHKey) -> str:
 
 def write_new_key(path: Path, comment: str) -> asyncssh.SSHKey:
     """Generate an ed25519 key pair: the private half at `path` (mode 0600), `path`.pub beside."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key.export_private_key())
-    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise OperatorError(f"cannot write a new key to {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(key.export_private_key())
+        path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    except OSError as exc:  # no half of a pair left behind: the next try makes a whole one
+        path.unlink(missing_ok=True)
+        raise OperatorError(f"cannot write a new key to {path}: {exc.strerror or exc}") from None
     return key

@@ -99,6 +99,49 @@ def test_repos_add_init_that_fails_leaves_nothing_on_disk(
     assert not (tmp_path / "rel").exists() and not Path("rel").exists()
 
 
+def test_what_the_file_system_refuses_is_one_line_and_leaves_no_row(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """A place that cannot be made (under a file, or a symlink, dangling or not, already there)
+    is refused before any row is written, so the command can be run again once mended."""
+    home, env = cli
+    assert kp(env, "accounts", "add", "aviato").returncode == 0
+    (home / "repos" / "aviato").mkdir(parents=True)
+    (home / "repos" / "aviato" / "q.git").symlink_to(tmp_path / "nowhere")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    (home / "kilnproxy.toml").write_text(f'[backend_ssh]\nkey = "{a_file}/key"\n')
+    for args, message in [
+        (["repos", "add", "aviato/q", "--vcs", "git", "--backend", "local", "--init"],
+         "q.git already exists"),
+        (["repos", "add", "aviato/r", "--vcs", "git", "--backend", "local", "--init", "--path",
+          f"{a_file}/sub/r.git"], f"cannot create {a_file}/sub/r.git: "),
+        (["backends", "key"], f"cannot write a new key to {a_file}/key: "),
+    ]:  # fmt: skip
+        done = kp(env, *args)
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    assert kp(env, "repos", "list").stdout == b""
+    (home / "repos" / "aviato" / "q.git").unlink()
+    made = kp(env, "repos", "add", "aviato/q", "--vcs", "git", "--backend", "local", "--init")
+    assert made.returncode == 0, made.stderr
+
+
+def test_standard_input_closed_or_output_cut_short(cli: tuple[Path, dict[str, str]]) -> None:
+    _, env = cli
+    assert kp(env, "accounts", "add", "aviato").returncode == 0
+    assert kp(env, "users", "add", "aviato", "alice").returncode == 0
+    closed = run(["sh", "-c", '"$@" <&-', "sh", *KILNPROXY, "keys", "add", "aviato/alice", "k",
+                  "-"], env=env, check=False)  # fmt: skip
+    assert closed.returncode == 2 and b"standard input is closed" in closed.stderr
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left (`| head -1`): every write fails with EPIPE
+    with os.fdopen(write_end, "wb") as stdout:
+        cut = subprocess.run([*KILNPROXY, "config"], env=env, stdout=stdout,
+                             stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+    assert (cut.returncode, cut.stderr) == (141, b"")
+
+
 def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
     cli: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -138,6 +181,8 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["grant", "aviato/u", "aviato/x", "admin"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
         (["serve", "--config", "/nonexistent.toml"], "cannot read config /nonexistent.toml"),
+        (["--config", "/nonexistent.toml", "serve"], "cannot read config /nonexistent.toml"),
+        (["--config", "/none.toml", "accounts", "add", "x"], "cannot read config /none.toml"),
         (["backends", "add", "b", "agent://h/srv"], "agent://HOST:PORT/ABSOLUTE/PATH"),
         (["agent"], "[agent] base"),
         (["agent", "--config", "/nonexistent.toml"], "cannot read config /nonexistent.toml"),
@@ -188,6 +233,18 @@ def test_bad_config_is_one_line(cli: tuple[Path, dict[str, str]], tmp_path: Path
         done = kp(env, "repos", "list", "--config", str(config))
         assert done.returncode == 2
         assert message in done.stderr.decode() and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_config_is_read_whether_named_before_or_after_the_command(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    home, env = cli
+    config = tmp_path / "elsewhere.toml"
+    config.write_text(f'[directory]\nurl = "sqlite:{tmp_path / "elsewhere.db"}"\n')
+    assert kp(env, "--config", str(config), "accounts", "add", "aviato").returncode == 0
+    again = kp(env, "accounts", "add", "aviato", "--config", str(config))
+    assert again.returncode == 2 and b"already exists" in again.stderr, again.stderr
+    assert (tmp_path / "elsewhere.db").exists() and not (home / "kilnproxy.db").exists()
 
 
 def test_version_is_stamped(cli: tuple[Path, dict[str, str]]) -> None:

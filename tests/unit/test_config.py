@@ -34,7 +34,10 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "30", "0s", "10 m", "m10", "1.5s", "-1s", "10x", "1h 2m"])
+BAD_DURATIONS = ["", "30", "0s", "10 m", "m10", "1.5s", "-1s", "10x", "1h 2m", "367d"]
+
+
+@pytest.mark.parametrize("text", [*BAD_DURATIONS, "9" * 20 + "s", "\u0661\u0660s"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -136,6 +139,12 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
             r"\[limits\] penalty_max must be longer than penalty_min",
         ),
         ({"limits": {"max_startup": "10:30:100"}}, r"unknown setting max_startup in \[limits\]"),
+        ({"ssh": {"backlog": 1 << 62}}, r"\[ssh\] backlog: \d+ is more than 65535"),
+        ({"workers": {"count": 100_000_000}}, r"\[workers\] count: 100000000 is more than 1024"),
+        ({"limits": {"max_startups_per_source": 1 << 40}}, r"per_source: \d+ is more than 2147"),
+        ({"ssh": {"host_keys": ["a", ""]}}, r"\[ssh\] host_keys: a path cannot be empty"),
+        ({"log": {"file": "a\0b"}}, r"\[log\] file: 'a\\x00b': a path has no NUL"),
+        ({"directory": {"url": "sqlite:a\0b"}}, r"\[directory\] url: .* is not a directory URL"),
         (
             {"ssh": {"fallback_encryption_algs": "aes128-ctr"}},
             r"\[ssh\] fallback_encryption_algs: expected a list of strings",
