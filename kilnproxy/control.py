@@ -55,7 +55,7 @@ from kilnproxy.policy.penalty import Lifted, Notice, Penalised, PenaltyEvent, Ta
 
 log = logging.getLogger("kilnproxy.control")
 
-VERSION = 5
+VERSION = 6
 MAX_LINE = 4 * 1024 * 1024
 # Penalty notices per `Penalties` message: 10,000 IPv6 ones are about 1 MiB, well under MAX_LINE
 # (a host under attack holds tens of thousands, all told to every worker that joins).
@@ -264,7 +264,12 @@ class Reply:
 
 @dataclass(frozen=True)
 class Drain:
+    """Stop accepting and let the sessions finish. `stopping`: the server stops (TERM), so the
+    rest are cut at the drain timeout; else the worker is replaced (HUP, TTOU, its memory) and
+    cuts no session (SPEC 6): each ends by itself, by `max_session` at the latest."""
+
     kind: ClassVar[Kind] = Kind.DRAIN
+    stopping: bool
 
 
 @dataclass(frozen=True)

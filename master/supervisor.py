@@ -61,7 +61,7 @@ class Stopping(enum.Enum):
         """What every worker is told, including one that becomes ready during the stop."""
         if self is Stopping.NOTICE:
             return control.DrainNotice()
-        return control.Drain() if self is Stopping.DRAIN else control.Stop()
+        return control.Drain(stopping=True) if self is Stopping.DRAIN else control.Stop()
 
 
 class Supervisor:
@@ -305,7 +305,7 @@ class Supervisor:
         log.info("draining worker %d (pid %d)", worker.index, worker.pid)
         worker.state = WorkerState.DRAINING
         if worker.channel is not None:
-            worker.channel.send(control.Drain())
+            worker.channel.send(control.Drain(stopping=False))
 
     # -- what workers say, and how they end --------------------------------------------------------
 

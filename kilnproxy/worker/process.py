@@ -31,7 +31,7 @@ import uvloop
 from setproctitle import setproctitle
 
 from kilnproxy import control
-from kilnproxy.config import Config, load
+from kilnproxy.config import Config, format_duration, load
 from kilnproxy.control import StartupTable
 from kilnproxy.errors import CutReason, OperatorError
 from kilnproxy.logs import configure, reopen
@@ -56,7 +56,8 @@ class Event(enum.Enum):
     """What the worker's loop acts on: its own signals, and what its master says."""
 
     DRAIN = "drain"  # TERM or QUIT reached this worker: drain, and tell the master so
-    TOLD_TO_DRAIN = "told to drain"  # the master said control.Drain
+    REPLACED = "replaced"  # the master said control.Drain(stopping=False): drain, cutting none
+    SERVER_STOPPING = "server stopping"  # control.Drain(stopping=True): the server's drain
     ORPHANED = "orphaned"  # the master is gone: drain
     STOP = "stop"  # INT, or the master said control.Stop: cut every session now
     REOPEN = "reopen"  # USR1: reopen the log file
@@ -117,13 +118,27 @@ class WorkerProcess:
                 return
             if event is Event.DRAIN and self._channel is not None:
                 self._channel.send(control.Draining())
-            # Told to drain, a worker is replaced (a restart); orphaned, it is the server's end.
-            orphaned = event is Event.ORPHANED
-            await self._drain_unless_hurried(CutReason.DRAIN_STOP if orphaned else CutReason.DRAIN)
+            await self._drain_unless_hurried(event)
             return
 
-    async def _drain_unless_hurried(self, reason: CutReason) -> None:
-        drain = asyncio.create_task(self.worker.drain(self.config.timeouts.drain, reason))
+    def _drain_terms(self, event: Event) -> tuple[float, CutReason]:
+        """How long a drain for `event` waits before it cuts, and what the cut tells clients.
+        A worker replaced (HUP, TTOU, its memory) cuts nothing (SPEC 6): every session ends by
+        itself, by `max_session` at the latest. A TERM to this worker alone is a restart; a
+        stop of the server, or a master gone, is the server's end."""
+        timeouts = self.config.timeouts
+        if event is Event.REPLACED:
+            return max(timeouts.max_session, timeouts.drain), CutReason.DRAIN
+        if event is Event.DRAIN:
+            return timeouts.drain, CutReason.DRAIN
+        return timeouts.drain, CutReason.DRAIN_STOP
+
+    async def _drain_unless_hurried(self, event: Event) -> None:
+        """Drain; INT or the master's Stop cuts every session now, and a drain that waits for
+        the sessions of a replaced worker is shortened to the drain timeout when the server
+        stops, the master goes or a TERM comes (the master kills what is left after it)."""
+        within, reason = self._drain_terms(event)
+        drain = asyncio.create_task(self.worker.drain(within, reason))
         while not drain.done():
             hurry = asyncio.create_task(self._events.get())
             await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,6 +150,14 @@ class WorkerProcess:
                 drain.cancel()
                 await self.worker.shutdown()
                 return
+            elif event is Event.REPLACED and hurry.result() is not Event.REPLACED:
+                event = hurry.result()
+                within, reason = self._drain_terms(event)
+                log.info("worker %d: %s: cutting what is left in %s", self.worker.index,
+                         event.value, format_duration(within))  # fmt: skip
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+                drain = asyncio.create_task(self.worker.drain(within, reason))
 
     def _reopen_log(self) -> None:
         settings = self.config.log
@@ -157,8 +180,8 @@ class WorkerProcess:
 
     def _heard(self, channel: control.ToMaster, message: control.MasterMessage) -> None:
         match message:
-            case control.Drain():
-                self._events.put_nowait(Event.TOLD_TO_DRAIN)
+            case control.Drain(stopping=stopping):
+                self._events.put_nowait(Event.SERVER_STOPPING if stopping else Event.REPLACED)
             case control.DrainNotice():
                 self.worker.drain_notice()
             case control.Stop():

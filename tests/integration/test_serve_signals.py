@@ -82,9 +82,39 @@ def test_drain_timeout_cuts_with_a_message(new_world: Callable[..., World]) -> N
         assert stuck.wait(timeout=10) == 1
         assert stuck.stderr is not None
         message = stuck.stderr.read().decode()
-    assert re.search(r"kilnproxy: server is restarting and the drain timeout expired", message)
+    assert re.search(r"kilnproxy: server is shutting down and the drain timeout expired", message)
     assert kiln.proc.wait(timeout=10) == 0
     assert re.search(r"access .*outcome=cut", kiln.log())
+
+
+def test_a_rolling_restart_cuts_no_session_even_past_the_drain_timeout(
+    new_world: Callable[..., World],
+) -> None:
+    """HUP (SPEC 6): no session is cut. A replaced worker waits for its sessions past the drain
+    timeout (by `max_session` at the latest); a stop of the server then shortens that wait to
+    the drain timeout, and its cut says the server is shutting down."""
+    w = new_world({"timeouts": {"drain": "1s"}})
+    kiln = w.kiln
+    assert kiln.proc is not None
+    command = "git-upload-pack 'aviato/website.git'"
+    with kiln.ssh_popen(w.alice, command) as finishing, kiln.ssh_popen(w.alice, command) as held:
+        deadline = time.monotonic() + 10
+        while sum(1 for r in kiln.connections() if r["account"]) < 2:
+            assert time.monotonic() < deadline, kiln.connections()
+            time.sleep(0.05)
+        kiln.proc.send_signal(signal.SIGHUP)
+        kiln.wait_for_log(r"rolling restart to generation \d+ complete")
+        time.sleep(2)  # the drain timeout, twice over
+        assert finishing.poll() is None and held.poll() is None
+        assert finish_upload_pack(finishing) == 0
+        assert finishing.stdout is not None and b"refs/heads/main" in finishing.stdout.read()
+        kiln.proc.send_signal(signal.SIGTERM)
+        kiln.wait_for_log(r"server stopping: cutting what is left in 1s")
+        assert held.wait(timeout=10) == 1
+        assert held.stderr is not None
+        told = held.stderr.read().decode()
+    assert re.search(r"kilnproxy: server is shutting down and the drain timeout expired", told)
+    assert kiln.proc.wait(timeout=10) == 0
 
 
 def test_int_is_a_fast_shutdown(new_world: Callable[..., World]) -> None:

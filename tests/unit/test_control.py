@@ -93,7 +93,8 @@ EVERY_MESSAGE: list[Message] = [
     SessionClosed(("0badf00d", "1badf00d")),
     Reply(7, data={"tasks": [{"name": "x", "stack": ["a:1"]}], "sessions": []}),
     Reply(8, error="worker 0 failed: boom"),
-    Drain(),
+    Drain(stopping=True),
+    Drain(stopping=False),
     Stop(),
     KillSession("0badf00d"),
     TaskDumpRequest(9),
@@ -224,9 +225,9 @@ def test_an_int_is_a_fine_float() -> None:
 
 def test_each_end_hears_only_the_other_side() -> None:
     assert from_worker(encode(BEAT)) == BEAT
-    assert from_master(encode(Drain())) == Drain()
+    assert from_master(encode(Drain(stopping=True))) == Drain(stopping=True)
     with pytest.raises(ProtocolError, match="a worker does not send drain"):
-        from_worker(encode(Drain()))
+        from_worker(encode(Drain(stopping=False)))
     with pytest.raises(ProtocolError, match="the master does not send heartbeat"):
         from_master(encode(BEAT))
 
