@@ -112,9 +112,9 @@ def add_repo(
 ) -> list[str]:
     kind = Vcs(vcs)
     check_repo(repo, kind)
+    url = parse_backend_url(directory.backend_url(backend))
     if any(row.repo == repo for row in directory.list_repos(repo.split("/", maxsplit=1)[0])):
         raise OperatorError(f"repository {repo} already exists")
-    url = parse_backend_url(directory.backend_url(backend))
     check_repo_path(path)
     if not init:
         row = directory.add_repo(repo, kind, backend, path)

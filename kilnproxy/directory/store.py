@@ -233,7 +233,7 @@ class DirectoryStore:
         self._write(sql.ADD_USER, params, f"user {account}/{user} already exists")
 
     def add_key(self, account: str, user: str, name: str, key: PublicKey) -> None:
-        if not name.strip() or len(name) > 200 or any(ord(c) < 32 for c in name):
+        if not name.strip() or len(name) > 200 or not name.isprintable():
             raise OperatorError("a key name is 1 to 200 printable characters")
         owner = self.db.one(sql.KEY_OWNER, {"fingerprint": key.fingerprint})
         if owner:
@@ -256,6 +256,10 @@ class DirectoryStore:
         return rows[0]
 
     def list_keys(self, account: str | None = None, user: str | None = None) -> list[KeyRow]:
+        if account is not None and user is not None:  # a mistyped name is said, not listed
+            self._user_id(account, user)  # as one with no keys
+        elif account is not None:
+            self._account_id(account)
         rows = self.db.all(sql.KEYS, {"account": account, "user": user})
         return [KeyRow(*row) for row in rows]
 
@@ -294,6 +298,8 @@ class DirectoryStore:
         return RepoRow(repo, vcs, backend, resolved)
 
     def list_repos(self, account: str | None = None) -> list[RepoRow]:
+        if account is not None:
+            self._account_id(account)
         rows = []
         for repo, vcs, backend, url, path in self.db.all(sql.REPOS, {"account": account}):
             resolved = path or default_repo_path(parse_backend_url(url).base, repo, Vcs(vcs))

@@ -146,6 +146,13 @@ class _Channel(asyncssh.SSHServerChannel[bytes]):
         self._env[name] = value
         return True
 
+    def _process_exec_request(self, packet: SSHPacket) -> bool:
+        """A command that is not UTF-8 goes to the session like any other, which refuses it as
+        malformed (SPEC 3: a line, exit 128); asyncssh refuses the request, telling nothing."""
+        command = packet.get_string()
+        packet.check_end()
+        return self._start_session(command=command.decode("utf-8", "surrogateescape"))
+
 
 class _Connection(asyncssh.SSHServerConnection):
     """asyncssh's server connection, without the copy of its options made at each login,

@@ -291,19 +291,21 @@ class Session(asyncssh.SSHServer):
         the identity of the key whose signature was verified, and of no other.
         """
         self._candidate = self._unavailable = None
-        self._auth_tries += 1
-        if self._auth_tries > self.host.config.ssh.max_auth_tries:
-            self.log.info("too many keys offered")
-            return False
         try:  # the isolation boundary of authentication: a failure refuses this key only
+            print_ = fingerprint(key)
+            known = self._known
+            again = known is not None and known.fingerprint == print_  # its signature, not a key
+            if not again:  # max_auth_tries counts the keys offered (the 6th of 6 gets in)
+                self._auth_tries += 1
+                if self._auth_tries > self.host.config.ssh.max_auth_tries:
+                    self.log.info("too many keys offered")
+                    return False
             problem = policy_problem(key)
             if problem:
                 self.log.info("refused key: %s", problem)
                 return False
             restrict_signatures(key)
-            print_ = fingerprint(key)
-            known = self._known
-            if known is not None and known.fingerprint == print_:
+            if again:
                 identity: Identity | None = known
             else:
                 identity = await self._look_up(print_)
@@ -473,7 +475,7 @@ class Session(asyncssh.SSHServer):
         }.get(reason)
         self.log.warning("cut: %s%s", reason.value, f" ({detail})" if detail else "")
         if not self.relays:
-            conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"kilnproxy: {reason.value}")
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason.client_line(self.id).rstrip())
             return
         # First: a relay whose cut fails (a bug) must not leave the connection without an end.
         self._timers["cut_grace"] = self._loop.call_later(CUT_GRACE, conn.abort)

@@ -170,6 +170,9 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["accounts", "add", "../etc"], "invalid account name"),
         (["keys", "add", "aviato", "k", "--file", "/nonexistent"], "is not ACCOUNT/USER"),
         (["keys", "remove", "SHA256:nothing"], "no key SHA256:nothing"),
+        (["keys", "list", "nobody"], "no account 'nobody'"),
+        (["keys", "list", "nobody/alice"], "no user nobody/alice"),
+        (["repos", "list", "nobody"], "no account 'nobody'"),
         (["backends", "add", "b", "http://x"], "a backend URL is local:///PATH"),
         (["backends", "add", "b", "local:relative"], "local:///ABSOLUTE/PATH"),
         (

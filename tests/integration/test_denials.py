@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import World
-from harness import Kiln, run
+from harness import Kiln, keygen, run
 
 SESSION = r"\(session [0-9a-f]{8}\)"
 
@@ -32,6 +32,25 @@ def test_unknown_key_is_refused(world: World) -> None:
     assert done.returncode == 255
     assert "Permission denied (publickey)" in stderr_line(done)
     world.kiln.wait_for_log(r"access .*outcome=auth-failed")
+
+
+def test_the_last_key_that_max_auth_tries_allows_gets_in(world: World, tmp_path: Path) -> None:
+    """max_auth_tries (6) counts the keys a client offers: the 6th gets in, although asyncssh
+    asks about it twice (offered, then signed); a 7th is not even looked up."""
+    kiln = world.kiln
+    strangers = [keygen(tmp_path / f"stranger{i}") for i in range(6)]
+
+    def offering(*keys: Path) -> list[str]:
+        return [arg for key in keys for arg in ("-i", str(key))]
+
+    argv = [*kiln.ssh_argv(world.stranger), *offering(*strangers[:5], world.alice), "-p",
+            str(kiln.port), "git@127.0.0.1", "git-upload-pack 'aviato/website'"]  # fmt: skip
+    done = run(argv, env=kiln.client_env(world.alice), input=b"0000", check=False)
+    assert done.returncode == 255 and "Permission denied" in stderr_line(done)  # alice is 7th
+    argv = [*kiln.ssh_argv(strangers[0]), *offering(*strangers[1:5], world.alice), "-p",
+            str(kiln.port), "git@127.0.0.1", "git-upload-pack 'aviato/website'"]  # fmt: skip
+    done = run(argv, env=kiln.client_env(world.alice), input=b"0000", check=False)
+    assert done.returncode == 0, done.stderr  # alice's key is the 6th
 
 
 def auth_lookups(kiln: Kiln) -> float:
@@ -164,6 +183,7 @@ def test_sftp_and_scp_are_refused(world: World, tmp_path: Path) -> None:
         "ls; rm -rf /",
         "git-upload-pack 'unbalanced",
         "git-upload-pack aviato/website extra",
+        "git-upload-pack 'aviato/\udcffwebsite'",  # the byte 0xff: not UTF-8
     ],
 )
 def test_malformed_commands_exit_128(world: World, command: str) -> None:

@@ -47,6 +47,17 @@ def test_idle_session_is_cut(short: World) -> None:
     short.kiln.wait_for_log(r"access .*verb=git-upload-pack.*exit=1 outcome=timeout")
 
 
+def test_a_connection_cut_before_any_command_is_told_why_with_its_session(short: World) -> None:
+    """With no channel to write a line to (`ssh -N`), the cut's line is the disconnect's text."""
+    kiln = short.kiln
+    argv = [*kiln.ssh_argv(short.alice, log_level="INFO"), "-N", "-p", str(kiln.port),
+            "git@127.0.0.1"]  # fmt: skip
+    done = subprocess.run(argv, env=kiln.client_env(short.alice), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=20, check=False)  # fmt: skip
+    assert re.search(rf": kilnproxy: session idle for too long {SESSION}\r?$", done.stderr.decode(),
+                     re.MULTILINE), done.stderr  # fmt: skip
+
+
 def test_busy_session_is_cut_at_max_session(short: World) -> None:
     with short.kiln.ssh_popen(short.alice, "hg -R aviato/designs serve --stdio") as client:
         lasted, stdout, stderr = chatter_until_cut(client)
