@@ -33,6 +33,14 @@ class WorkerTimeout(StatusError):
         super().__init__(f"worker {index} did not answer in {seconds:.0f}s")
 
 
+class WorkerBusy(StatusError):
+    """A task dump or heap profile is under way there: each blocks the worker's loop while it
+    runs, so a worker answers one at a time, and never several in a row without a heartbeat."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"worker {index} is answering another request; try again")
+
+
 class WorkerExited(StatusError):
     def __init__(self, index: int) -> None:
         super().__init__(f"worker {index} exited")

@@ -146,14 +146,19 @@ class StatusBoard:
         ready = [w for w in self._workers.values() if w.state is WorkerState.READY]
         return bool(ready) and all(now - w.last_heartbeat < HEALTHY_HEARTBEAT for w in ready)
 
-    def sample_memory(self) -> None:
-        """One memory sample per slot; a slot being replaced has two workers: the newer speaks."""
-        t = round(time.time(), 3)
-        newest: dict[int, WorkerView] = {}
+    def slot_holders(self) -> dict[int, WorkerView]:
+        """The worker that speaks for each slot: of two (one replacing the other, a rolling
+        restart's step), the newer once it has sent a heartbeat. One series per slot in the
+        memory history and in /metrics, where two would be one series sampled twice."""
+        holders: dict[int, WorkerView] = {}
         for worker in self.serving():
-            if worker.index not in newest or worker.started_at > newest[worker.index].started_at:
-                newest[worker.index] = worker
-        for index, worker in newest.items():
-            beat = self._latest.get(worker.pid)
-            if beat is not None:
-                self.memory.record(index, beat.stats, t)
+            held = holders.get(worker.index)
+            if worker.pid in self._latest and (held is None or worker.started_at > held.started_at):
+                holders[worker.index] = worker
+        return dict(sorted(holders.items()))
+
+    def sample_memory(self) -> None:
+        """One memory sample per slot, from the worker that speaks for it."""
+        t = round(time.time(), 3)
+        for index, worker in self.slot_holders().items():
+            self.memory.record(index, self._latest[worker.pid].stats, t)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +32,12 @@ class MemoryHistory:
         ring = self._samples.setdefault(index, deque(maxlen=self._keep))
         ring.append(MemorySample(t, stats.pid, stats.rss, stats.heap, stats.sessions, stats.tasks))
 
-    def snapshot(self, since: float = 0.0) -> dict[str, list[dict[str, Any]]]:
-        """`GET /debug/memory`'s workers: the samples taken after `since`, by slot."""
+    def snapshot(self, now: float, since: float = 0.0) -> dict[str, list[dict[str, Any]]]:
+        """`GET /debug/memory`'s workers: the samples of the last hour taken after `since`, by
+        slot; a slot with none in the last hour (gone with a TTOU) is left out."""
+        after = max(since, now - HOUR)
         return {
-            str(index): [dataclasses.asdict(s) for s in ring if s.t > since]
+            str(index): [dict(vars(s)) for s in ring if s.t > after]  # asdict: 20 times slower
             for index, ring in sorted(self._samples.items())
+            if ring and ring[-1].t > now - HOUR
         }

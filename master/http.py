@@ -23,6 +23,7 @@ from master.actions import (
     NoWorker,
     StatusError,
     WorkerActions,
+    WorkerBusy,
     WorkerExited,
     WorkerFailed,
     WorkerTimeout,
@@ -31,6 +32,7 @@ from master.board import StatusBoard, fast_path_summary
 from master.metrics import MasterCollector
 
 SESSION_ID = re.compile(r"[0-9a-f]{8}")
+KEEPALIVE = 15.0
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 BOARD: web.AppKey[StatusBoard] = web.AppKey("board")
 ACTIONS: web.AppKey[WorkerActions] = web.AppKey("actions")
@@ -40,6 +42,7 @@ STATUS: dict[type[StatusError], int] = {
     NoSession: 404,
     NoWorker: 404,
     WorkerTimeout: 503,
+    WorkerBusy: 503,
     WorkerExited: 503,
     WorkerFailed: 503,
 }
@@ -64,7 +67,7 @@ def _asset(name: str) -> bytes:
 
 def _worker_index(request: web.Request) -> int:
     text = request.match_info["index"]
-    if not text.isdigit() or len(text) > 4:
+    if not (text.isascii() and text.isdigit()) or len(text) > 4:  # int("²") fails
         raise web.HTTPBadRequest(text=f"worker must be a number, not {text!r}\n")
     return int(text)
 
@@ -140,7 +143,8 @@ async def memory(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
     except ValueError:
         raise web.HTTPBadRequest(text="since must be a number\n") from None
-    return web.json_response({"interval": 1, "workers": request.app[BOARD].memory.snapshot(since)})
+    workers = request.app[BOARD].memory.snapshot(time.time(), since)
+    return web.json_response({"interval": 1, "workers": workers})
 
 
 def application(board: StatusBoard, actions: WorkerActions) -> web.Application:
@@ -163,7 +167,10 @@ def application(board: StatusBoard, actions: WorkerActions) -> web.Application:
 
 
 async def start(board: StatusBoard, actions: WorkerActions, address: Address) -> web.AppRunner:
-    runner = web.AppRunner(application(board, actions), access_log=None, handle_signals=False)
+    # A connection is closed after KEEPALIVE seconds without a whole request (aiohttp's
+    # default is an hour), so that idle or half-sent ones cannot pile up in the master.
+    runner = web.AppRunner(application(board, actions), access_log=None, handle_signals=False,
+                           keepalive_timeout=KEEPALIVE)  # fmt: skip
     await runner.setup()
     await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
     return runner

@@ -24,7 +24,7 @@ from kilnproxy.control import BUCKETS, LATENCIES, FastPathState, Histogram, Metr
 from kilnproxy.policy.admission import Refusal
 from kilnproxy.version import build_info
 from master.admission import AdmissionStats
-from master.board import StatusBoard, WorkerView
+from master.board import StatusBoard
 from master.table import ConnectionTable
 
 
@@ -52,7 +52,7 @@ class MasterCollector(Collector):
         totals = board.totals()
         yield from _totals(totals)
         yield from _admission(totals, board.admission.statistics())
-        yield from _per_worker(board, serving)
+        yield from _per_worker(board)
 
 
 def _fast_path(board: StatusBoard) -> Metric:
@@ -109,7 +109,7 @@ def _admission(totals: MetricsSnapshot, now: AdmissionStats) -> Iterator[Metric]
     )
 
 
-def _per_worker(board: StatusBoard, serving: list[WorkerView]) -> Iterator[Metric]:
+def _per_worker(board: StatusBoard) -> Iterator[Metric]:
     rss = GaugeMetricFamily("kilnproxy_worker_rss_bytes", "Worker RSS.", labels=["worker"])
     heap = GaugeMetricFamily(
         "kilnproxy_worker_heap_bytes",
@@ -119,8 +119,8 @@ def _per_worker(board: StatusBoard, serving: list[WorkerView]) -> Iterator[Metri
     sessions = GaugeMetricFamily(
         "kilnproxy_worker_sessions", "Sessions per worker.", labels=["worker"]
     )
-    for worker in serving:
-        label, stats = [str(worker.index)], board.stats(worker)
+    for index, worker in board.slot_holders().items():  # one series per slot
+        label, stats = [str(index)], board.stats(worker)
         rss.add_metric(label, stats.rss)
         heap.add_metric(label, stats.heap)
         sessions.add_metric(label, stats.sessions)

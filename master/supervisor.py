@@ -32,7 +32,14 @@ from kilnproxy import control
 from kilnproxy.config import Config, format_duration, load
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import reopen
-from master.actions import NoSession, NoWorker, WorkerExited, WorkerFailed, WorkerTimeout
+from master.actions import (
+    NoSession,
+    NoWorker,
+    WorkerBusy,
+    WorkerExited,
+    WorkerFailed,
+    WorkerTimeout,
+)
 from master.board import StatusBoard
 from master.liveness import BOOT_TIMEOUT, Escalation, Liveness, escalation
 from master.notify import Notifier
@@ -511,6 +518,8 @@ class Supervisor:
         worker = next((w for w in self.workers if w.index == index and w.serving), None)
         if worker is None or worker.channel is None:
             raise NoWorker(index)
+        if worker.pending:
+            raise WorkerBusy(index)
         request_id = next(self._request_ids)
         waiter: asyncio.Future[control.Reply] = asyncio.get_running_loop().create_future()
         worker.pending[request_id] = waiter

@@ -177,6 +177,7 @@ class WorkerProcess:
             except Exception:
                 log.exception("worker %d: failed on the master's %s", self.worker.index,
                               type(message).__name__)  # fmt: skip
+            await asyncio.sleep(0)  # lines already read come at once: let the loop run between
 
     def _heard(self, channel: control.ToMaster, message: control.MasterMessage) -> None:
         match message:

@@ -27,8 +27,15 @@ function chart(svg, lines, format) {
   const width = 640, height = 220, left = 56, bottom = 20, top = 8;
   const points = lines.flatMap(line => line.points);
   const now = Date.now() / 1000;
-  const t0 = Math.max(now - WINDOW_SECONDS, Math.min(now - 60, ...points.map(p => p[0])));
-  const vmax = Math.max(1, ...points.map(p => p[1])) * 1.1;
+  // A loop, not Math.min(...points): an hour of samples of 18 workers is more arguments than a
+  // call may take (RangeError), and the charts would stop.
+  let first = now - 60, highest = 1;
+  for (const [t, v] of points) {
+    if (t < first) first = t;
+    if (v > highest) highest = v;
+  }
+  const t0 = Math.max(now - WINDOW_SECONDS, first);
+  const vmax = highest * 1.1;
   const x = t => left + (width - left - 4) * (t - t0) / Math.max(1, now - t0);
   const y = v => height - bottom - (height - bottom - top) * v / vmax;
   svg.append(el("svg:line", {class: "axis", x1: left, y1: y(0), x2: width, y2: y(0)}));
@@ -104,9 +111,12 @@ async function refresh() {
   document.getElementById("workers").textContent = String(info.workers);
   const cutoff = Date.now() / 1000 - WINDOW_SECONDS;
   for (const [index, samples] of Object.entries(memory.workers)) {
-    const kept = (series[index] || []).concat(samples).filter(s => s.t >= cutoff);
-    series[index] = kept;
+    series[index] = (series[index] || []).concat(samples);
     for (const sample of samples) lastSample = Math.max(lastSample, sample.t);
+  }
+  for (const index of Object.keys(series)) {  // a slot gone (TTOU) leaves the legend in an hour
+    series[index] = series[index].filter(s => s.t >= cutoff);
+    if (series[index].length === 0) delete series[index];
   }
   drawCharts();
   drawConnections(rows);

@@ -128,12 +128,35 @@ def test_memory_samples_one_per_slot_the_newer_worker_speaking() -> None:
     board.heard(old, beat(100, sessions=1))
     board.heard(new, beat(101, sessions=2))
     board.sample_memory()
-    history = board.memory.snapshot()
+    history = board.memory.snapshot(time.time())
     assert list(history) == ["0"]  # the quiet worker has said nothing yet
     (sample,) = history["0"]
     assert (sample["pid"], sample["sessions"], sample["rss"], sample["heap"]) == (101, 2, 1000, 500)
     assert sample["t"] == pytest.approx(time.time(), abs=5)
-    assert board.memory.snapshot(since=sample["t"]) == {"0": []}
+    assert board.memory.snapshot(time.time(), since=sample["t"]) == {"0": []}
+    assert board.memory.snapshot(sample["t"] + 3600) == {}  # an hour later: a slot gone
+
+
+def test_one_series_per_slot_while_its_worker_is_replaced() -> None:
+    """A rolling restart's step: the old worker and its replacement both serve slot 0. /metrics
+    has one series for it (two would be one series sampled twice, which Prometheus drops), from
+    the newer worker once it has spoken."""
+    board = StatusBoard()
+    old, new = FakeWorker(0, 100, started_at=1.0), FakeWorker(0, 101, started_at=2.0)
+    for worker in (old, new):
+        board.joined(worker)
+    board.heard(old, beat(100, sessions=1))
+    registry = CollectorRegistry()
+    registry.register(MasterCollector(board))
+
+    def sessions() -> list[tuple[dict[str, str], float]]:
+        families = text_string_to_metric_families(generate_latest(registry).decode())
+        family = next(f for f in families if f.name == "kilnproxy_worker_sessions")
+        return [(sample.labels, sample.value) for sample in family.samples]
+
+    assert board.slot_holders() == {0: old} and sessions() == [({"worker": "0"}, 1.0)]
+    board.heard(new, beat(101, sessions=2))
+    assert board.slot_holders() == {0: new} and sessions() == [({"worker": "0"}, 2.0)]
 
 
 def test_pools_of_serving_workers_and_health() -> None:

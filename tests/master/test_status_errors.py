@@ -17,6 +17,7 @@ from master.actions import (
     NoSession,
     NoWorker,
     StatusError,
+    WorkerBusy,
     WorkerExited,
     WorkerFailed,
     WorkerTimeout,
@@ -62,6 +63,7 @@ ERRORS = [
     (NoWorker(7), 404, "no worker 7"),
     (WorkerTimeout(0, 10.0), 503, "worker 0 did not answer in 10s"),
     (WorkerExited(0), 503, "worker 0 exited"),
+    (WorkerBusy(0), 503, "worker 0 is answering another request; try again"),
     (WorkerFailed("worker 0 failed: boom"), 503, "worker 0 failed: boom"),
 ]
 
@@ -75,6 +77,14 @@ def test_debug_endpoints_answer_json_errors(error: StatusError, status: int, mes
     for path in ("/debug/workers/0/tasks", "/debug/workers/0/heap?top=3"):
         got = asyncio.run(fetch(FakeActions(error), "GET", path))
         assert got == (status, "application/json", json.dumps({"error": message}))
+
+
+def test_a_worker_index_is_ascii_digits() -> None:
+    for index in ("%C2%B2", "%D9%A1", "-1", "12345"):  # ², Arabic-Indic 1
+        status, _, text = asyncio.run(
+            fetch(FakeActions(None), "GET", f"/debug/workers/{index}/tasks")
+        )
+        assert status == 400 and text.startswith("worker must be a number"), (index, text)
 
 
 def test_ending_an_unknown_session_is_a_404_line_the_dashboard_shows() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -235,6 +238,25 @@ def test_bound_to_its_address_and_malformed_requests_get_4xx(status_world: World
     assert get_json(w, "/info")["version"]  # still serving
 
 
+def test_a_worker_answers_one_debug_request_at_a_time(status_world: World) -> None:
+    """A dump blocks the worker's loop while it runs: a second request for the same worker,
+    while one is under way, is turned away at once (503), not queued behind it."""
+    w = status_world
+    pid = next(r["pid"] for r in w.kiln.workers() if r["index"] == 0)
+    os.kill(pid, signal.SIGSTOP)  # the first request waits, for well under a heartbeat timeout
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(get, w, "/debug/workers/0/tasks")
+            time.sleep(0.5)
+            status, body = get(w, "/debug/workers/0/tasks")
+            assert status == 503 and b"answering another request" in body, (status, body)
+            os.kill(pid, signal.SIGCONT)
+            assert first.result(timeout=15)[0] == 200
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert get(w, "/debug/workers/0/tasks")[0] == 200
+
+
 def test_dashboard_in_headless_chromium(status_world: World, tmp_path: Path) -> None:
     assert shutil.which("chromium"), "Debian's chromium is missing: `make test` installs it"
     w = status_world
@@ -265,6 +287,41 @@ def test_dashboard_in_headless_chromium(status_world: World, tmp_path: Path) -> 
     assert f'data-session="{row["session"]}"' in html and "end session" in html
     assert get_json(w, "/info")["version"] in html
     assert shot.stat().st_size > 10_000
+
+
+CHROMIUM = [
+    "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--allow-file-access-from-files",
+]  # fmt: skip
+
+
+def test_the_charts_take_an_hour_of_many_workers(tmp_path: Path) -> None:
+    """An hour of samples of 24 workers (2 x 24 x 3600 points in the memory chart) is drawn:
+    spread into one Math.min call, so many arguments threw a RangeError and froze the page."""
+    script = REPO / "master" / "static" / "dashboard.js"
+    page = tmp_path / "charts.html"
+    page.write_text(f"""<!doctype html><title>-</title><div id="status"></div><svg id="c"></svg>
+<script src="{script.as_uri()}"></script>
+<script>
+const now = Date.now() / 1000, lines = [];
+for (let w = 0; w < 24; w++) {{
+  const points = [];
+  for (let i = 0; i < 3600; i++) points.push([now - 3600 + i, 1e6 * (w + 1) + i]);
+  lines.push({{color: "#000", points}}, {{color: "#000", dashed: true, points}});
+}}
+try {{
+  chart(document.getElementById("c"), lines, String);
+  document.title = "drawn " + document.querySelectorAll("#c polyline").length;
+}} catch (error) {{
+  document.title = "failed: " + error;
+}}
+</script>""")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    dom = subprocess.run([*CHROMIUM, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          page.as_uri()], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)  # fmt: skip
+    assert "<title>drawn 48</title>" in dom.stdout, dom.stdout[:300]
 
 
 def test_json_logs_carry_the_session_everywhere(tmp_path: Path) -> None:
