@@ -30,6 +30,7 @@ Rule 3: this module must never import asyncssh (the master imports it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -46,7 +47,6 @@ import types
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
@@ -600,6 +600,14 @@ class Channel:
             return
         self._writer.write(line)
 
+    async def close_sent(self, within: float) -> None:
+        """Close once what was sent has been written (at most `within` seconds, for a peer
+        that reads nothing): a process about to exit says its last words this way."""
+        self._writer.close()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(within):
+                await self._writer.wait_closed()
+
     def backlog(self) -> int:
         """Bytes sent that the other end has not read yet (beyond the socket's own buffer)."""
         return self._writer.transport.get_write_buffer_size()
@@ -710,7 +718,7 @@ class StartupTable:
         """The buckets a source is counted in (the same in every process of the host)."""
         return source_buckets(netblock, self._key, self.buckets)
 
-    @contextmanager
+    @contextlib.contextmanager
     def exclusive(self) -> Iterator[bool]:
         """Decide and count with no other worker doing the same meanwhile (microseconds each);
         whether the lock was had. A worker stopped while it holds the lock (SIGSTOP, a

@@ -54,6 +54,7 @@ BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 30.0, 60.0
 MAX_BOOT_FAILURES = 3
 OPERATOR_EXIT = 2  # the CLI's status for an operator's error, which systemd does not restart
 TICK = 0.1
+LAST_WORDS = 0.5  # how long a worker's channel is read after it exited
 SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU, signal.SIGUSR1)  # fmt: skip
 
@@ -125,10 +126,11 @@ class Supervisor:
     def _finished(self) -> bool:
         return self.stopping is not None and not self.workers and self._spawning == 0
 
-    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -301,8 +303,8 @@ class Supervisor:
         for message in admission.joined(handle.pid, slot):
             assert handle.channel is not None
             handle.channel.send(message)
-        asyncio.get_running_loop().add_reader(handle.pidfd, self._reap, handle)
-        self._background(self._listen(handle))
+        asyncio.get_running_loop().add_reader(handle.pidfd, self._exited, handle)
+        handle.listener = self._background(self._listen(handle))
         log.info("started worker %d (pid %d, generation %d)", index, handle.pid, generation)
         if self.stopping is not None:  # it came while the worker started: it stops with the rest
             handle.state = WorkerState.DRAINING
@@ -405,11 +407,22 @@ class Supervisor:
         ready = [w for w in self.workers if w.state is WorkerState.READY]
         return len(ready) >= self.desired
 
-    def _reap(self, worker: WorkerHandle) -> None:
-        status = worker.proc.poll()
-        if status is None:
-            return
+    def _exited(self, worker: WorkerHandle) -> None:
+        """Its pidfd says the worker exited. What it said last (the heartbeat a drained worker
+        sends as it goes, sessions closed) may still be unread on its channel: that is read to
+        its end (a moment; at most LAST_WORDS) before the worker is accounted for as gone,
+        so that none of its counts is lost. A zombie until then: its pid is not reused."""
         asyncio.get_running_loop().remove_reader(worker.pidfd)
+        self._background(self._reap(worker))
+
+    async def _reap(self, worker: WorkerHandle) -> None:
+        if worker.listener is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAST_WORDS):
+                    await asyncio.shield(worker.listener)
+        status = worker.proc.poll()
+        if status is None:  # not the pidfd's word: it exited
+            status = worker.proc.wait(timeout=1)
         os.close(worker.pidfd)
         if worker.channel is not None:
             worker.channel.close()

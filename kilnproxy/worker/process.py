@@ -41,6 +41,7 @@ from kilnproxy.worker.service import Worker
 
 log = logging.getLogger("kilnproxy.worker")
 HEARTBEAT = 1.0
+LAST_BEAT_TIMEOUT = 0.3  # below the master's LAST_WORDS: within a fast stop's 2 s (SPEC 6)
 BEAT_FAILURES_LOGGED = 60  # after the first failed heartbeat, one line per this many
 # Unread bytes to the master past which what the worker tells it is held (see `_tell_master`).
 MASTER_BACKLOG = 4 << 20
@@ -105,7 +106,17 @@ class WorkerProcess:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.worker.close()
-            channel.close()
+            self._last_beat(channel)
+            await channel.close_sent(LAST_BEAT_TIMEOUT)
+
+    def _last_beat(self, channel: control.ToMaster) -> None:
+        """One more heartbeat as the worker goes: what it counted since the last one (the
+        sessions that ended its drain, or were cut at its end, and their bytes) reaches the
+        master's totals, which keep a gone worker's last figures."""
+        try:
+            self._beat(channel)
+        except Exception:
+            log.exception("worker %d: the last heartbeat failed", self.worker.index)
 
     async def _serve_until_told(self) -> None:
         while True:

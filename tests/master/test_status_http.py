@@ -160,6 +160,27 @@ def test_metrics_parse_and_move_with_a_clone(status_world: World, tmp_path: Path
     assert now[("kilnproxy_penalised_sources", ())] == 0
 
 
+def test_the_session_that_ends_a_drain_is_counted(tmp_path: Path) -> None:
+    """A replaced worker exits as its last session ends, within milliseconds, before its next
+    heartbeat: the one it sends as it goes, read before the master counts it gone, carries
+    that session and its bytes into the totals."""
+    w = make_world(tmp_path, {"workers": {"count": 1}})
+    ok = ("kilnproxy_sessions_total", (("outcome", "ok"),))
+    try:
+        with hold(w) as client:
+            row_of(w)
+            before = metric_values(w).get(ok, 0)
+            old = w.kiln.workers()[0]["pid"]
+            assert w.kiln.proc is not None
+            w.kiln.proc.send_signal(signal.SIGHUP)
+            w.kiln.wait_for_log(r"rolling restart to generation \d+ complete")
+            assert finish_upload_pack(client) == 0
+        w.kiln.wait_for_log(rf"worker 0 \(pid {old}\) exited 0 after draining")
+        assert metric_values(w).get(ok, 0) == before + 1
+    finally:
+        w.kiln.stop()
+
+
 def test_task_dump_shows_a_waiting_session(tmp_path: Path) -> None:
     w = make_world(tmp_path, {"timeouts": {"dial": "20s"}})
     try:
