@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy import algorithms
 from kilnproxy.policy.admission import (
     NetblockSize,
     StartupLimits,
@@ -179,6 +180,20 @@ def names(raw: object, home: Path) -> tuple[str, ...]:
 def names_or_none(raw: object, home: Path) -> tuple[str, ...]:
     """A list of names that may be empty (`[]`: none)."""
     return tuple(_string_list(raw))
+
+
+def algorithm_names(known: frozenset[str], what: str, none: bool = False) -> Parser:
+    """A list of SSH algorithm names, each one asyncssh knows (`policy.algorithms`); `none`: the
+    list may be empty."""
+
+    def parse(raw: object, home: Path) -> tuple[str, ...]:
+        listed = names_or_none(raw, home) if none else names(raw, home)
+        unknown = [name for name in listed if name not in known]
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown[0]!r}")
+        return listed
+
+    return parse
 
 
 def networks(raw: object, home: Path) -> tuple[Network, ...]:
@@ -352,19 +367,25 @@ class SshSettings:
         paths, ["ssh_host_ed25519_key"], "Host private keys; a missing ed25519 key is generated."
     )
     backlog: int = setting(listen_backlog, 1024, "Listen backlog of the SSH socket.")
-    kex_algs: tuple[str, ...] = setting(names, DEFAULT_KEX, "Key exchange algorithms offered.")
+    kex_algs: tuple[str, ...] = setting(
+        algorithm_names(algorithms.KEX, "key exchange"),
+        DEFAULT_KEX,
+        "Key exchange algorithms offered.",
+    )
     encryption_algs: tuple[str, ...] = setting(
-        names,
+        algorithm_names(algorithms.CIPHERS, "cipher"),
         DEFAULT_CIPHERS,
         "Ciphers offered to every client (the client's order decides which).",
     )
     fallback_encryption_algs: tuple[str, ...] = setting(
-        names_or_none,
+        algorithm_names(algorithms.CIPHERS, "cipher", none=True),
         DEFAULT_FALLBACK_CIPHERS,
         "Ciphers offered, after encryption_algs, only to a client that has none of those "
         "(kilnproxy reads the client's offer before it sends its own); empty: never.",
     )
-    mac_algs: tuple[str, ...] = setting(names, DEFAULT_MACS, "MACs offered (encrypt-then-MAC).")
+    mac_algs: tuple[str, ...] = setting(
+        algorithm_names(algorithms.MACS, "MAC"), DEFAULT_MACS, "MACs offered (encrypt-then-MAC)."
+    )
     max_channels: int = setting(positive_int, 10, "Concurrent channels on one connection.")
     max_auth_tries: int = setting(positive_int, 6, "Public keys a client may offer per connection.")
     fast_path: bool = setting(
@@ -658,6 +679,17 @@ class Config:
     # own, not with the file as it may be by then: a change is in force at a HUP, on every
     # worker alike, and one saved with a mistake stops no worker that must be replaced.
     text: str | None = None
+
+    def fixed_until_restart(self, reloaded: Config) -> list[str]:
+        """The settings `reloaded` changes that a HUP cannot apply: the master holds the
+        sockets they name from its start (the listening ones are the workers' too)."""
+        kept = {
+            "[ssh] listen": (self.ssh.listen, reloaded.ssh.listen),
+            "[ssh] backlog": (self.ssh.backlog, reloaded.ssh.backlog),
+            "[status] http": (self.status.http, reloaded.status.http),
+            "[status] socket": (self.status.socket, reloaded.status.socket),
+        }
+        return [name for name, (now, then) in kept.items() if now != then]
 
     def problem(self) -> str | None:
         """What is wrong across sections, if anything."""

@@ -158,6 +158,11 @@ class Supervisor:
             if not self._reloading:  # else READY=1 when the restart under way completes
                 self.notifier.ready()
             return
+        fixed = self.config.fixed_until_restart(config)
+        if fixed:
+            log.warning("reload: %s changed, in force only after a restart", ", ".join(fixed))
+        if config.log != self.config.log:
+            reopen(config.log.format, config.log.level, config.log.file)  # says if it cannot
         if config.workers.count != self.config.workers.count:
             self.desired = config.workers.count
         self.config = config

@@ -230,6 +230,22 @@ def test_hup_with_a_broken_config_changes_nothing(new_world: Factory) -> None:
     assert {x["pid"] for x in kiln.workers()} == before
 
 
+def test_hup_says_what_only_a_restart_applies_and_takes_the_log_settings(
+    new_world: Factory,
+) -> None:
+    """The sockets the master bound at its start stay (a line names the settings that wait
+    for a restart); its own log takes the new [log] settings, as the new workers do."""
+    w = new_world({"workers": {"count": 1}})
+    kiln = w.kiln
+    kiln.settings["status"] = {"http": f"127.0.0.1:{kiln.http_port + 1}"}
+    kiln.settings["log"] = {"format": "json"}
+    kiln.write_config()
+    kiln.send(signal.SIGHUP)
+    kiln.wait_for_log(r"reload: \[status\] http changed, in force only after a restart")
+    kiln.wait_for_log(r'^\{.*"kilnproxy.master".*rolling restart to generation \d+ complete')
+    assert kiln.status()["workers"]  # the status socket, where it was
+
+
 def test_a_replaced_worker_starts_from_the_config_the_master_read(new_world: Factory) -> None:
     """A config file saved with a mistake, and no HUP yet: a worker replaced meanwhile (it
     died) starts from the configuration its master read, as every other worker runs, not

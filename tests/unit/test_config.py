@@ -21,6 +21,7 @@ from kilnproxy.config import (
     with_reference,
 )
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy import algorithms
 from kilnproxy.policy.admission import NetblockSize, StartupLimits
 from kilnproxy.policy.penalty import Overflow, PenaltySettings
 
@@ -100,6 +101,21 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
         load(str(tmp_path / "missing.toml"), {"KILNPROXY_HOME": str(tmp_path)})
 
 
+def test_the_algorithm_names_are_those_the_pinned_asyncssh_knows() -> None:
+    """The configuration checks names against `kilnproxy.algorithms`, where the master reads
+    it too (it never imports asyncssh): the lists must be asyncssh's own."""
+    from asyncssh.encryption import get_encryption_algs
+    from asyncssh.kex import get_kex_algs
+    from asyncssh.mac import get_mac_algs
+
+    def names(algs: list[bytes]) -> frozenset[str]:
+        return frozenset(alg.decode("ascii") for alg in algs)
+
+    assert names(get_kex_algs()) == algorithms.KEX
+    assert names(get_encryption_algs()) == algorithms.CIPHERS
+    assert names(get_mac_algs()) == algorithms.MACS
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -139,6 +155,10 @@ def test_load_reads_home_file_or_explicit_path(tmp_path: Path) -> None:
             r"\[limits\] penalty_max must be longer than penalty_min",
         ),
         ({"limits": {"max_startup": "10:30:100"}}, r"unknown setting max_startup in \[limits\]"),
+        ({"ssh": {"kex_algs": ["curve25519-sha265"]}}, r"kex_algs: unknown key exchange 'curve"),
+        ({"ssh": {"encryption_algs": ["rot13"]}}, r"encryption_algs: unknown cipher 'rot13'"),
+        ({"ssh": {"fallback_encryption_algs": ["x"]}}, r"fallback_encryption_algs: unknown ciph"),
+        ({"ssh": {"mac_algs": [""]}}, r"\[ssh\] mac_algs: unknown MAC ''"),
         ({"ssh": {"backlog": 1 << 62}}, r"\[ssh\] backlog: \d+ is more than 65535"),
         ({"workers": {"count": 100_000_000}}, r"\[workers\] count: 100000000 is more than 1024"),
         ({"limits": {"max_startups_per_source": 1 << 40}}, r"per_source: \d+ is more than 2147"),
