@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -106,16 +107,33 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         raise OperatorError(f"the CA in {directory} is not readable: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise OperatorError(f"the CA key in {directory} is not an ECDSA key")
+    if key.public_key() != cert.public_key():  # what it signed would verify against no CA
+        raise OperatorError(f"ca.key in {directory} is not the key of ca.pem")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise OperatorError(f"ca.pem in {directory} is not a CA certificate")
     return cert, key
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
 def _subject_names(names: list[str]) -> list[x509.GeneralName]:
+    """An agent's names as its backend URLs write them: addresses, or host names (which TLS
+    compares with the URL's host; a name no URL can hold would make a certificate for none)."""
     out: list[x509.GeneralName] = []
     for item in names:
         try:
             out.append(x509.IPAddress(ipaddress.ip_address(item)))
+            continue
         except ValueError:
-            out.append(x509.DNSName(item))
+            pass
+        if len(item) > 253 or not all(_HOST_LABEL.fullmatch(p) for p in item.split(".")):
+            raise ValueError(f"{item!r} is neither a host name nor an IP address")
+        out.append(x509.DNSName(item))
     return out
 
 
@@ -124,6 +142,8 @@ def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> li
     addresses, as the backend URLs write them), or a proxy's client certificate."""
     if days < 1:
         raise OperatorError(f"--days must be at least 1, not {days}")
+    if kind == "proxy" and len(names) > 1:  # its certificate names one proxy, in its CN
+        raise OperatorError(f"a proxy's certificate has one name, not {len(names)}")
     if not out.name or out.name in (".", ".."):
         raise OperatorError(f"OUT must name the files to write (OUT.pem, OUT.key), not {out}")
     cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")

@@ -322,11 +322,32 @@ def test_pki_refuses_what_a_certificate_cannot_carry_and_writes_nothing(
         (["--name", "h" * 65, str(pki / "a")], "cannot issue a certificate for hhh"),
         (["--name", "h", "--days", "99999999", str(pki / "a")], "cannot issue a certificate"),
         (["--name", "h", "."], "OUT must name the files to write"),
+        (["--name", "bad name!", str(pki / "a")], "'bad name!' is neither a host name nor an IP"),
+        (["--name=-h.example", str(pki / "a")], "is neither a host name nor an IP address"),
     ]:
         done = kp(env, *issue, *args)
         lines = done.stderr.decode().splitlines()
         assert (done.returncode, len(lines)) == (2, 1), lines
         assert lines[0].startswith("kilnproxy: error: ") and message in lines[0], lines[0]
+    two = kp(env, "pki", "issue", "--ca", str(pki), "--kind", "proxy", "--name", "p1", "--name",
+             "p2", str(pki / "p"))  # fmt: skip
+    assert two.returncode == 2 and b"a proxy's certificate has one name, not 2" in two.stderr
+    other = tmp_path / "other"
+    assert kp(env, "pki", "init", str(other)).returncode == 0
+    mixed = tmp_path / "mixed"  # one CA's certificate, another's key
+    mixed.mkdir()
+    (mixed / "ca.pem").write_bytes((pki / "ca.pem").read_bytes())
+    (mixed / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    leaf = tmp_path / "leaf"  # a certificate that is no CA's, with its own key
+    assert kp(env, *issue, "--name", "h", str(tmp_path / "h")).returncode == 0
+    leaf.mkdir()
+    (leaf / "ca.pem").write_bytes((tmp_path / "h.pem").read_bytes())
+    (leaf / "ca.key").write_bytes((tmp_path / "h.key").read_bytes())
+    for directory, message in [(mixed, "is not the key of ca.pem"), (leaf, "is not a CA cert")]:
+        done = kp(env, "pki", "issue", "--ca", str(directory), "--kind", "agent", "--name", "h",
+                  str(directory / "a"))  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr.decode(), done.stderr
+        assert not (directory / "a.pem").exists()
     long_ca = kp(env, "pki", "init", "--name", "c" * 65, str(tmp_path / "long"))
     assert long_ca.returncode == 2
     assert long_ca.stderr.decode().startswith("kilnproxy: error: cannot name a CA")
