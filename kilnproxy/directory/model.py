@@ -69,6 +69,23 @@ class BackendUrl:
     port: int = 0
 
 
+def check_new_backend_url(url: str) -> BackendUrl:
+    """A URL for `backends add`: what parse_backend_url reads, written plainly, so that what is
+    stored is what is used (urlsplit drops tabs and newlines, ignores a query and a fragment,
+    and reads port 0 as none), with no password (stored and listed, never used)."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise OperatorError(f"{url!r}: a backend URL has no spaces or control characters")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise OperatorError(f"{url!r}: a backend URL has no query (?) or fragment (#)")
+    if parts.password is not None:
+        raise OperatorError(f"{parts.scheme}://...: a backend URL has no password (keys only)")
+    parsed = parse_backend_url(url)
+    if parsed.scheme != "local" and parts.port == 0:
+        raise OperatorError(f"{url!r}: port 0 is no port")
+    return parsed
+
+
 def parse_backend_url(url: str) -> BackendUrl:
     parts = urlsplit(url)
     if parts.scheme == "local":
@@ -114,6 +131,8 @@ def check_repo_path(path: str | None) -> str | None:
     """A repository's own path (`--path`), which must be absolute on its backend."""
     if path is not None and not PurePosixPath(path).is_absolute():
         raise OperatorError(f"--path {path!r} must be absolute on the backend")
+    if path is not None and ".." in PurePosixPath(path).parts:
+        raise OperatorError(f"--path {path!r} must not go up (..)")
     return path
 
 

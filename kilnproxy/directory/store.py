@@ -23,6 +23,7 @@ from kilnproxy.directory.model import (
     PublicKey,
     Route,
     check_name,
+    check_new_backend_url,
     check_repo_path,
     default_repo_path,
     parse_backend_url,
@@ -265,7 +266,7 @@ class DirectoryStore:
 
     def add_backend(self, name: str, url: str) -> None:
         check_name("backend", name)
-        parse_backend_url(url)
+        check_new_backend_url(url)
         self._write(
             sql.ADD_BACKEND,
             {"name": name, "url": url, "now": time.time()},
@@ -293,8 +294,11 @@ class DirectoryStore:
             "path": path,
             "now": time.time(),
         }
-        self._write(sql.ADD_REPO, params, f"repository {repo} already exists")
         resolved = path or default_repo_path(parse_backend_url(url).base, repo, vcs)
+        for other in self.list_repos():  # a grant on one would give the other's data
+            if (other.backend, other.path) == (backend, resolved) and other.repo != repo:
+                raise OperatorError(f"{resolved} on {backend} is repository {other.repo}'s")
+        self._write(sql.ADD_REPO, params, f"repository {repo} already exists")
         return RepoRow(repo, vcs, backend, resolved)
 
     def list_repos(self, account: str | None = None) -> list[RepoRow]:

@@ -127,6 +127,23 @@ def test_what_the_file_system_refuses_is_one_line_and_leaves_no_row(
     assert made.returncode == 0, made.stderr
 
 
+def test_a_repository_path_is_its_own(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Two rows on one place would share its data (a grant on one gives the other), and a path
+    that goes up is not the place it seems."""
+    home, env = cli
+    assert kp(env, "accounts", "add", "aviato").returncode == 0
+    add = ["repos", "add", "--vcs", "git", "--backend", "local"]
+    assert kp(env, *add, "aviato/website").returncode == 0
+    for args, message in [
+        (["aviato/copy", "--path", f"{home}/repos/aviato/website.git"],
+         f"{home}/repos/aviato/website.git on local is repository aviato/website's"),
+        (["aviato/up", "--path", f"{home}/repos/../elsewhere.git"], "must not go up (..)"),
+    ]:  # fmt: skip
+        done = kp(env, *add, *args)
+        assert done.returncode == 2 and message in done.stderr.decode(), done.stderr
+    assert kp(env, "repos", "list").stdout.decode().count("\n") == 1
+
+
 def test_standard_input_closed_or_output_cut_short(cli: tuple[Path, dict[str, str]]) -> None:
     _, env = cli
     assert kp(env, "accounts", "add", "aviato").returncode == 0
@@ -175,6 +192,10 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["repos", "list", "nobody"], "no account 'nobody'"),
         (["backends", "add", "b", "http://x"], "a backend URL is local:///PATH"),
         (["backends", "add", "b", "local:relative"], "local:///ABSOLUTE/PATH"),
+        (["backends", "add", "b", "local:///srv/a\nb"], "no spaces or control characters"),
+        (["backends", "add", "b", "local:///srv/x?q=1"], "no query (?) or fragment (#)"),
+        (["backends", "add", "b", "ssh://git@h:0/srv"], "port 0 is no port"),
+        (["backends", "add", "b", "ssh://git:secret@h/srv"], "ssh://...: a backend URL has no pas"),
         (
             ["repos", "add", "aviato/../x", "--vcs", "git", "--backend", "local"],
             "not a repository name",
