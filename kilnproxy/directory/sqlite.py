@@ -32,12 +32,25 @@ def connect(path: Path) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        if _foreign(db):  # before anything is changed in it (the journal mode is the file's)
+            db.close()
+            raise OperatorError(
+                f"{path} is another program's database, not a kilnproxy directory: it has "
+                "tables, and no schema version of ours"
+            )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA synchronous=NORMAL")
     except (OSError, sqlite3.Error) as exc:
         raise OperatorError(f"cannot open directory {path}: {exc}") from None
     return db
+
+
+def _foreign(db: sqlite3.Connection) -> bool:
+    """Tables, and user_version 0: not a directory, which has its version from its first table
+    on (both are set in the transaction that installs the schema)."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    return version == 0 and db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -142,6 +143,22 @@ def test_a_repository_path_is_its_own(cli: tuple[Path, dict[str, str]], tmp_path
         done = kp(env, *add, *args)
         assert done.returncode == 2 and message in done.stderr.decode(), done.stderr
     assert kp(env, "repos", "list").stdout.decode().count("\n") == 1
+
+
+def test_another_programs_database_is_left_as_it_was(
+    cli: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    home, env = cli
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    db.close()
+    before = other.read_bytes()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "kilnproxy.toml").write_text(f'[directory]\nurl = "sqlite:{other}"\n')
+    done = kp(env, "keys", "list")
+    assert done.returncode == 2 and b"is another program's database" in done.stderr, done.stderr
+    assert other.read_bytes() == before and not Path(f"{other}-wal").exists()
 
 
 def test_standard_input_closed_or_output_cut_short(cli: tuple[Path, dict[str, str]]) -> None:
