@@ -768,6 +768,8 @@ def home_from_env(environ: dict[str, str] | None = None) -> Path:
 
 def config_path(explicit: str | None, home: Path) -> Path | None:
     """--config if given, else $KILNPROXY_HOME/kilnproxy.toml if it exists, else no file."""
+    if explicit == "":  # `--config "$UNSET"`: not the default file, which may be another's
+        raise OperatorError("--config needs a path")
     if explicit:
         return Path(explicit).absolute()
     default = home / CONFIG_NAME

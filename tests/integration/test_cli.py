@@ -223,6 +223,7 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["frobnicate"], "invalid choice"),
         (["serve", "--config", "/nonexistent.toml"], "cannot read config /nonexistent.toml"),
         (["--config", "/nonexistent.toml", "serve"], "cannot read config /nonexistent.toml"),
+        (["accounts", "add", "x", "--config", ""], "--config needs a path"),
         (["--config", "/none.toml", "accounts", "add", "x"], "cannot read config /none.toml"),
         (["backends", "add", "b", "agent://h/srv"], "agent://HOST:PORT/ABSOLUTE/PATH"),
         (["agent"], "[agent] base"),
