@@ -290,6 +290,7 @@ class Supervisor:
         slot = admission.claim_slot()
         try:
             if slot is None:
+                self._hurry_a_drain()
                 raise OSError(f"all {admission.table.slots} slots of the startup table are taken")
             startups = (admission.table.fileno(), slot)
             handle = await spawn(
@@ -314,6 +315,19 @@ class Supervisor:
         if self.stopping is not None:  # it came while the worker started: it stops with the rest
             handle.state = WorkerState.DRAINING
             handle.channel.send(self.stopping.message)
+
+    def _hurry_a_drain(self) -> None:
+        """Every slot is held, by replaced workers waiting for their sessions (a HUP cuts none):
+        the oldest of them gets a TERM, as a worker restarted alone does, which cuts what it
+        has left at the drain timeout; its slot is free when it exits. One at a time."""
+        waiting = [w for w in self.workers if w.state is WorkerState.DRAINING and not w.hurried]
+        if waiting and not any(w.hurried for w in self.workers):
+            oldest = min(waiting, key=lambda w: w.started_at)
+            oldest.hurried = True
+            log.warning("no free slot: worker %d (pid %d) cuts what is left in %s",
+                        oldest.index, oldest.pid,
+                        format_duration(self.config.timeouts.drain))  # fmt: skip
+            self._signal(oldest, signal.SIGTERM)
 
     def _drain_one(self, worker: WorkerHandle) -> None:
         log.info("draining worker %d (pid %d)", worker.index, worker.pid)
@@ -366,7 +380,8 @@ class Supervisor:
         worker.memory = observe(worker.memory, rss, ready, quiet, now, factor)
         if not due(worker.memory, now) or worker.recycling:
             return
-        busy = any(w.state is not WorkerState.READY or self._stale(w) for w in self.workers)
+        # Workers draining do not count: a replaced one waits for its sessions, for hours.
+        busy = any(w.state is not WorkerState.READY or self._stale(w) for w in serving)
         if busy or self._spawning or self._reloading or self.stopping is not None:
             return
         worker.recycling = True
@@ -413,21 +428,32 @@ class Supervisor:
         return len(ready) >= self.desired
 
     def _exited(self, worker: WorkerHandle) -> None:
-        """Its pidfd says the worker exited. What it said last (the heartbeat a drained worker
-        sends as it goes, sessions closed) may still be unread on its channel: that is read to
-        its end (a moment; at most LAST_WORDS) before the worker is accounted for as gone,
-        so that none of its counts is lost. A zombie until then: its pid is not reused."""
+        """Its pidfd says the worker exited. What it said last (the heartbeat a worker sends as
+        it goes, sessions closed) may still be unread on its channel: that is read to its end
+        (a moment; at most LAST_WORDS, and never past a fast stop's deadline) before the worker
+        is accounted for as gone, so that none of its counts is lost."""
         asyncio.get_running_loop().remove_reader(worker.pidfd)
         self._background(self._reap(worker))
 
     async def _reap(self, worker: WorkerHandle) -> None:
-        if worker.listener is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LAST_WORDS):
-                    await asyncio.shield(worker.listener)
-        status = worker.proc.poll()
-        if status is None:  # not the pidfd's word: it exited
-            status = worker.proc.wait(timeout=1)
+        try:
+            within = LAST_WORDS
+            if self.stopping is Stopping.FAST:
+                within = min(within, max(0.0, self.stop_deadline - time.monotonic()))
+            if worker.listener is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(within):
+                        await asyncio.shield(worker.listener)
+        finally:  # whatever happened above, the worker is gone: a stop waits for none
+            self._gone(worker)
+
+    def _gone(self, worker: WorkerHandle) -> None:
+        status = worker.proc.poll()  # its exit status (a heartbeat check may have reaped it)
+        if status is None:  # not what a pidfd says: not left running untracked
+            log.error("worker %d (pid %d) reported gone, still running: killed", worker.index,
+                      worker.pid)  # fmt: skip
+            self._signal(worker, signal.SIGKILL)
+            status = -signal.SIGKILL
         os.close(worker.pidfd)
         if worker.channel is not None:
             worker.channel.close()

@@ -47,6 +47,7 @@ class WorkerHandle:
     pidfd: int = -1
     memory: MemoryWatch = field(default_factory=MemoryWatch)  # its RSS against its baseline
     recycling: bool = False  # to be replaced for its memory, as a rolling restart would
+    hurried: bool = False  # replaced, and sent a TERM: its slot is needed
     listener: asyncio.Task[None] | None = None  # reads its channel until the worker's end closes
 
     @property

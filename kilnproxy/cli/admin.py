@@ -115,14 +115,14 @@ def add_repo(
     url = parse_backend_url(directory.backend_url(backend))
     if any(row.repo == repo for row in directory.list_repos(repo.split("/", maxsplit=1)[0])):
         raise OperatorError(f"repository {repo} already exists")
-    check_repo_path(path)
+    path = check_repo_path(path)
     if not init:
         row = directory.add_repo(repo, kind, backend, path)
         return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}"]
     if url.scheme != "local":
         raise OperatorError("--init creates repositories on local backends only")
     row_path = Path(path or default_repo_path(url.base, repo, kind))
-    with new_repository(row_path, kind):  # there only once the row is written
+    with new_repository(row_path, kind):  # in place, then its row; gone if the row fails
         row = directory.add_repo(repo, kind, backend, path)
     return [
         f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}",

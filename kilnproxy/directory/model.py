@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from kilnproxy.errors import OperatorError
 from kilnproxy.policy.access import Access, Role
@@ -75,7 +76,7 @@ def check_new_backend_url(url: str) -> BackendUrl:
     and reads port 0 as none), with no password (stored and listed, never used)."""
     if any(c.isspace() or not c.isprintable() for c in url):
         raise OperatorError(f"{url!r}: a backend URL has no spaces or control characters")
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise OperatorError(f"{url!r}: a backend URL has no query (?) or fragment (#)")
     if parts.password is not None:
@@ -86,8 +87,15 @@ def check_new_backend_url(url: str) -> BackendUrl:
     return parsed
 
 
+def _split(url: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise OperatorError(f"{url!r}: not a URL ({exc})") from None
+
+
 def parse_backend_url(url: str) -> BackendUrl:
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.scheme == "local":
         if parts.netloc or not parts.path.startswith("/"):
             raise OperatorError(f"{url!r}: a local backend is local:///ABSOLUTE/PATH")
@@ -128,12 +136,21 @@ class Route:
 
 
 def check_repo_path(path: str | None) -> str | None:
-    """A repository's own path (`--path`), which must be absolute on its backend."""
-    if path is not None and not PurePosixPath(path).is_absolute():
+    """A repository's own path (`--path`), which must be absolute on its backend, as it is
+    kept: written one way only (`canonical_path`)."""
+    if path is None:
+        return None
+    if not PurePosixPath(path).is_absolute():
         raise OperatorError(f"--path {path!r} must be absolute on the backend")
-    if path is not None and ".." in PurePosixPath(path).parts:
+    if ".." in PurePosixPath(path).parts:
         raise OperatorError(f"--path {path!r} must not go up (..)")
-    return path
+    return canonical_path(path)
+
+
+def canonical_path(path: str) -> str:
+    """One way to write an absolute path: no `.`, no `//`, no trailing `/` (two rows with
+    `/srv/a.git` and `//srv/a.git/` name one repository)."""
+    return "/" + posixpath.normpath(path).lstrip("/")
 
 
 def default_repo_path(base: PurePosixPath, repo: str, vcs: Vcs) -> str:

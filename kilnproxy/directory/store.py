@@ -22,6 +22,7 @@ from kilnproxy.directory.model import (
     Identity,
     PublicKey,
     Route,
+    canonical_path,
     check_name,
     check_new_backend_url,
     check_repo_path,
@@ -285,7 +286,7 @@ class DirectoryStore:
     def add_repo(self, repo: str, vcs: Vcs, backend: str, path: str | None) -> RepoRow:
         account, _, name = repo.partition("/")
         url = self.backend_url(backend)
-        check_repo_path(path)
+        path = check_repo_path(path)
         params = {
             "account_id": self._account_id(account),
             "name": name,
@@ -294,9 +295,10 @@ class DirectoryStore:
             "path": path,
             "now": time.time(),
         }
-        resolved = path or default_repo_path(parse_backend_url(url).base, repo, vcs)
+        resolved = canonical_path(path or default_repo_path(parse_backend_url(url).base, repo, vcs))
         for other in self.list_repos():  # a grant on one would give the other's data
-            if (other.backend, other.path) == (backend, resolved) and other.repo != repo:
+            same = (other.backend, canonical_path(other.path)) == (backend, resolved)
+            if same and other.repo != repo:
                 raise OperatorError(f"{resolved} on {backend} is repository {other.repo}'s")
         self._write(sql.ADD_REPO, params, f"repository {repo} already exists")
         return RepoRow(repo, vcs, backend, resolved)

@@ -318,7 +318,10 @@ class Session(asyncssh.SSHServer):
         if identity is None:
             self.log.info("unknown key %s", print_)
             return False
-        self._known = self._candidate = identity
+        self._candidate = identity
+        # The free re-ask is the signature of the key just offered, once: a client that signs
+        # again (a bad signature, retried) is counted, as every key it offers is.
+        self._known = None if again else identity
         return True
 
     async def _look_up(self, print_: str) -> Identity | None:

@@ -41,7 +41,7 @@ from kilnproxy.worker.service import Worker
 
 log = logging.getLogger("kilnproxy.worker")
 HEARTBEAT = 1.0
-LAST_BEAT_TIMEOUT = 0.3  # below the master's LAST_WORDS: within a fast stop's 2 s (SPEC 6)
+LAST_BEAT_TIMEOUT = 0.3  # for a master that reads nothing: a fast stop is over in 2 s (SPEC 6)
 BEAT_FAILURES_LOGGED = 60  # after the first failed heartbeat, one line per this many
 # Unread bytes to the master past which what the worker tells it is held (see `_tell_master`).
 MASTER_BACKLOG = 4 << 20
@@ -114,7 +114,7 @@ class WorkerProcess:
         sessions that ended its drain, or were cut at its end, and their bytes) reaches the
         master's totals, which keep a gone worker's last figures."""
         try:
-            self._beat(channel)
+            self._beat(channel, last=True)
         except Exception:
             log.exception("worker %d: the last heartbeat failed", self.worker.index)
 
@@ -242,7 +242,7 @@ class WorkerProcess:
                                   failures)  # fmt: skip
             await asyncio.sleep(HEARTBEAT)
 
-    def _beat(self, channel: control.ToMaster) -> None:
+    def _beat(self, channel: control.ToMaster, last: bool = False) -> None:
         stats = self.worker.statistics()
         setproctitle(title(self.worker.index, stats.sessions))
         if channel.backlog() > MASTER_BACKLOG:
@@ -270,8 +270,8 @@ class WorkerProcess:
         )
         channel.send(beat)
         # After the beat: a release blocks the loop a while, and the master's watchdog counts
-        # from the last beat it had.
-        if self.worker.settle_memory():
+        # from the last beat it had. Not as the worker exits: nothing is left to give back.
+        if not last and self.worker.settle_memory():
             self._sent = dict(self._sent)  # a dict never shrinks its table: a flood's
 
     def _changed_sessions(self) -> tuple[control.SessionStats, ...]:

@@ -138,6 +138,8 @@ def test_a_repository_path_is_its_own(cli: tuple[Path, dict[str, str]], tmp_path
     for args, message in [
         (["aviato/copy", "--path", f"{home}/repos/aviato/website.git"],
          f"{home}/repos/aviato/website.git on local is repository aviato/website's"),
+        (["aviato/slash", "--path", f"/{home}/repos/aviato/./website.git/"],
+         f"{home}/repos/aviato/website.git on local is repository aviato/website's"),
         (["aviato/up", "--path", f"{home}/repos/../elsewhere.git"], "must not go up (..)"),
     ]:  # fmt: skip
         done = kp(env, *add, *args)
@@ -213,6 +215,7 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["backends", "add", "b", "local:///srv/x?q=1"], "no query (?) or fragment (#)"),
         (["backends", "add", "b", "ssh://git@h:0/srv"], "port 0 is no port"),
         (["backends", "add", "b", "ssh://git:secret@h/srv"], "ssh://...: a backend URL has no pas"),
+        (["backends", "add", "b", "ssh://git@[::1/srv"], "not a URL (Invalid IPv6 URL)"),
         (
             ["repos", "add", "aviato/../x", "--vcs", "git", "--backend", "local"],
             "not a repository name",

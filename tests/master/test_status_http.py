@@ -266,13 +266,17 @@ def test_a_worker_answers_one_debug_request_at_a_time(status_world: World) -> No
     pid = next(r["pid"] for r in w.kiln.workers() if r["index"] == 0)
     os.kill(pid, signal.SIGSTOP)  # the first request waits, for well under a heartbeat timeout
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(get, w, "/debug/workers/0/tasks")
-            time.sleep(0.5)
-            status, body = get(w, "/debug/workers/0/tasks")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            asked = [pool.submit(get, w, "/debug/workers/0/tasks")]
+            time.sleep(0.2)
+            asked.append(pool.submit(get, w, "/debug/workers/0/tasks"))
+            # Whichever reached the worker second is turned away at once, the other waits.
+            done, waiting = concurrent.futures.wait(asked, timeout=5, return_when="FIRST_COMPLETED")
+            assert len(done) == 1 and len(waiting) == 1, "neither was turned away"
+            status, body = done.pop().result()
             assert status == 503 and b"answering another request" in body, (status, body)
             os.kill(pid, signal.SIGCONT)
-            assert first.result(timeout=15)[0] == 200
+            assert waiting.pop().result(timeout=15)[0] == 200
     finally:
         os.kill(pid, signal.SIGCONT)
     assert get(w, "/debug/workers/0/tasks")[0] == 200
