@@ -61,6 +61,18 @@ async def status_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return web.Response(text=f"{exc}\n", status=status)
 
 
+@web.middleware
+async def same_site(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What acts on a worker (a dump, a heap trace, a session ended) is done for the status
+    page itself or a script, never for another site's page the operator has open: a browser
+    says where a request comes from (Sec-Fetch-Site), and an `<img>` elsewhere pointing at
+    /debug/workers/0/heap?seconds=3600 would otherwise start an hour of tracing."""
+    acts = request.path.startswith("/debug/workers/") or request.method not in ("GET", "HEAD")
+    if acts and request.headers.get("Sec-Fetch-Site", "none") not in ("same-origin", "none"):
+        raise web.HTTPForbidden(text="only from the status page itself, or a script\n")
+    return await handler(request)
+
+
 def _asset(name: str) -> bytes:
     return resources.files("master").joinpath("static", name).read_bytes()
 
@@ -148,7 +160,7 @@ async def memory(request: web.Request) -> web.Response:
 
 
 def application(board: StatusBoard, actions: WorkerActions) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024, middlewares=[status_errors])
+    app = web.Application(client_max_size=64 * 1024, middlewares=[same_site, status_errors])
     app[BOARD] = board
     app[ACTIONS] = actions
     registry = CollectorRegistry(auto_describe=True)

@@ -145,10 +145,14 @@ class WorkerProcess:
         return timeouts.drain, CutReason.DRAIN_STOP
 
     async def _drain_unless_hurried(self, event: Event) -> None:
-        """Drain; INT or the master's Stop cuts every session now, and a drain that waits for
-        the sessions of a replaced worker is shortened to the drain timeout when the server
-        stops, the master goes or a TERM comes (the master kills what is left after it)."""
+        """Drain; INT or the master's Stop cuts every session now. What comes meanwhile may
+        bring the cut closer, never put it off: a replaced worker's wait for its sessions is
+        shortened to the drain timeout when the server stops, the master goes or a TERM comes
+        (the master kills what is left after it), and a drain the server's end overtakes tells
+        its clients so."""
+        loop = asyncio.get_running_loop()
         within, reason = self._drain_terms(event)
+        deadline = loop.time() + within
         drain = asyncio.create_task(self.worker.drain(within, reason))
         while not drain.done():
             hurry = asyncio.create_task(self._events.get())
@@ -161,14 +165,21 @@ class WorkerProcess:
                 drain.cancel()
                 await self.worker.shutdown()
                 return
-            elif event is Event.REPLACED and hurry.result() is not Event.REPLACED:
-                event = hurry.result()
-                within, reason = self._drain_terms(event)
+            else:
+                later, later_reason = self._drain_terms(hurry.result())
+                now = loop.time()
+                closer = min(deadline, now + later)
+                stop = CutReason.DRAIN_STOP in (reason, later_reason)
+                if (closer, stop) == (deadline, reason is CutReason.DRAIN_STOP):
+                    continue
+                deadline, reason = closer, CutReason.DRAIN_STOP if stop else reason
+                left = deadline - now
                 log.info("worker %d: %s: cutting what is left in %s", self.worker.index,
-                         event.value, format_duration(within))  # fmt: skip
+                         hurry.result().value,
+                         format_duration(round(left) if left >= 1 else round(left, 3)))  # fmt: skip
                 drain.cancel()
                 await asyncio.gather(drain, return_exceptions=True)
-                drain = asyncio.create_task(self.worker.drain(within, reason))
+                drain = asyncio.create_task(self.worker.drain(left, reason))
 
     def _reopen_log(self) -> None:
         settings = self.config.log

@@ -52,9 +52,12 @@ class FakeActions:
         return {"tracing": not stop, "top": top, "seconds": seconds, "peek": peek}
 
 
-async def fetch(actions: FakeActions, method: str, path: str) -> tuple[int, str, str]:
+async def fetch(
+    actions: FakeActions, method: str, path: str, site: str | None = None
+) -> tuple[int, str, str]:
+    headers = {"Sec-Fetch-Site": site} if site else {}
     async with TestClient(TestServer(application(StatusBoard(), actions))) as client:
-        response = await client.request(method, path)
+        response = await client.request(method, path, headers=headers)
         return response.status, response.content_type, await response.text()
 
 
@@ -85,6 +88,18 @@ def test_a_worker_index_is_ascii_digits() -> None:
             fetch(FakeActions(None), "GET", f"/debug/workers/{index}/tasks")
         )
         assert status == 400 and text.startswith("worker must be a number"), (index, text)
+
+
+def test_what_acts_on_a_worker_is_not_done_for_another_sites_page() -> None:
+    """A browser names where a request comes from; scripts (curl) send no such header."""
+    acting = [("GET", "/debug/workers/0/heap"), ("GET", "/debug/workers/0/tasks"),
+              ("DELETE", "/connections/0badf00d")]  # fmt: skip
+    for method, path in acting:
+        for site, status in (("cross-site", 403), ("same-site", 403), ("same-origin", 200),
+                             ("none", 200), (None, 200)):  # fmt: skip
+            got = asyncio.run(fetch(FakeActions(None), method, path, site))
+            assert got[0] == status, (method, path, site, got)
+    assert asyncio.run(fetch(FakeActions(None), "GET", "/info", "cross-site"))[0] == 200
 
 
 def test_ending_an_unknown_session_is_a_404_line_the_dashboard_shows() -> None:

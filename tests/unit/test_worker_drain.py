@@ -1,6 +1,7 @@
 """How long a worker's drain waits, and what its cut tells clients (worker.process): a worker
 replaced (HUP, TTOU, its memory) cuts no session (SPEC 6), until the server stops, its master
-goes or a TERM comes, which shorten the wait to the drain timeout; INT cuts at once."""
+goes or a TERM comes, which shorten the wait to the drain timeout; what comes later brings the
+cut closer, never puts it off; INT cuts at once."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def drains(
     with ours, theirs:
         asyncio.run(body(ours))
     assert fake.shut_down  # the INT: every session cut now
+    fake.drains = [(round(within), reason) for within, reason in fake.drains]  # ms pass between
     return fake
 
 
@@ -81,15 +83,17 @@ def test_a_replaced_worker_waits_for_its_sessions_until_told_otherwise(
 
 
 @pytest.mark.parametrize(
-    ("first", "terms"),
+    ("first", "then"),
     [
-        (Event.SERVER_STOPPING, (DRAIN, CutReason.DRAIN_STOP)),
-        (Event.ORPHANED, (DRAIN, CutReason.DRAIN_STOP)),
-        (Event.DRAIN, (DRAIN, CutReason.DRAIN)),
+        (Event.SERVER_STOPPING, []),
+        (Event.ORPHANED, []),
+        # A TERM's drain, which the server's then overtakes: the same deadline, told why.
+        (Event.DRAIN, [(DRAIN, CutReason.DRAIN_STOP)]),
     ],
 )
 def test_every_other_drain_cuts_at_the_drain_timeout(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, first: Event, terms: tuple[float, CutReason]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, first: Event, then: list[object]
 ) -> None:
-    fake = drains(monkeypatch, tmp_path, first, Event.REPLACED, Event.SERVER_STOPPING)
-    assert fake.drains == [terms]
+    fake = drains(monkeypatch, tmp_path, first, Event.REPLACED, Event.SERVER_STOPPING, Event.DRAIN)
+    terms = (DRAIN, CutReason.DRAIN if first is Event.DRAIN else CutReason.DRAIN_STOP)
+    assert fake.drains == [terms, *then]
