@@ -135,7 +135,8 @@ WRITE_HIGH, WRITE_LOW = 4 << 20, 1 << 20
 
 
 class _Channel(asyncssh.SSHServerChannel[bytes]):
-    """asyncssh's session channel, keeping of the client's `env` requests only KEPT_ENV."""
+    """asyncssh's session channel, keeping of the client's `env` requests only KEPT_ENV, and
+    handing the session every command, UTF-8 or not."""
 
     def _process_env_request(self, packet: SSHPacket) -> bool:
         name = packet.get_string()
