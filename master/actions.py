@@ -54,10 +54,12 @@ class WorkerActions(Protocol):
     def end_session(self, session: str) -> None:
         """Tell the session's worker to cut it (the client is told why); NoSession if unknown."""
 
-    async def dump_tasks(self, index: int) -> dict[str, Any]:
-        """Serving worker `index`'s tasks with their stacks, and its sessions."""
+    async def dump_tasks(self, index: int, pid: int | None = None) -> dict[str, Any]:
+        """Worker `index`'s tasks with their stacks, and its sessions: the one serving its slot,
+        or the one of that `pid` (draining, say)."""
 
     async def profile_heap(
-        self, index: int, top: int, seconds: float, stop: bool, peek: bool
+        self, index: int, top: int, seconds: float, stop: bool, peek: bool, pid: int | None = None
     ) -> dict[str, Any]:
-        """Serving worker `index`'s top allocation sites (tracing for `seconds` from now on)."""
+        """Worker `index`'s top allocation sites (tracing for `seconds` from now on); `pid` as
+        for `dump_tasks`."""

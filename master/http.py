@@ -130,8 +130,19 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _pid(request: web.Request) -> int | None:
+    """`?pid=N`: which of the slot's workers (one draining beside its replacement, say)."""
+    text = request.query.get("pid")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        raise web.HTTPBadRequest(text=f"pid must be a number, not {text!r}\n")
+    return int(text)
+
+
 async def tasks(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[ACTIONS].dump_tasks(_worker_index(request)))
+    actions = request.app[ACTIONS]
+    return web.json_response(await actions.dump_tasks(_worker_index(request), _pid(request)))
 
 
 async def heap(request: web.Request) -> web.Response:
@@ -146,7 +157,9 @@ async def heap(request: web.Request) -> web.Response:
     stop = query.get("stop") in ("1", "true", "yes")
     peek = query.get("peek") in ("1", "true", "yes")
     index = _worker_index(request)
-    profile = await request.app[ACTIONS].profile_heap(index, top, seconds, stop, peek)
+    profile = await request.app[ACTIONS].profile_heap(
+        index, top, seconds, stop, peek, _pid(request)
+    )
     return web.json_response(profile)
 
 

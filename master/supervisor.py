@@ -545,21 +545,28 @@ class Supervisor:
             raise NoSession(session)
         worker.channel.send(control.KillSession(session))
 
-    async def dump_tasks(self, index: int) -> dict[str, Any]:
-        return await self._ask(index, control.TaskDumpRequest)
+    async def dump_tasks(self, index: int, pid: int | None = None) -> dict[str, Any]:
+        return await self._ask(index, pid, control.TaskDumpRequest)
 
     async def profile_heap(
-        self, index: int, top: int, seconds: float, stop: bool, peek: bool
+        self, index: int, top: int, seconds: float, stop: bool, peek: bool, pid: int | None = None
     ) -> dict[str, Any]:
         return await self._ask(
-            index, lambda i: control.HeapProfileRequest(i, top, seconds, stop, peek)
+            index, pid, lambda i: control.HeapProfileRequest(i, top, seconds, stop, peek)
         )
 
     async def _ask(
-        self, index: int, request: Callable[[int], control.MasterMessage]
+        self, index: int, pid: int | None, request: Callable[[int], control.MasterMessage]
     ) -> dict[str, Any]:
-        """Ask serving worker `index` (the request is made with its id); wait a bounded time."""
-        worker = next((w for w in self.workers if w.index == index and w.serving), None)
+        """Ask worker `index` (the request is made with its id); wait a bounded time. Without
+        `pid`, the worker that speaks for the slot (the newer of two in a rolling restart's
+        step); with it, that one, draining too (a drain that does not end is worth a dump).
+        The answer names the pid that gave it."""
+        live = [w for w in self.workers if w.index == index and w.state is not WorkerState.EXITED]
+        if pid is not None:
+            worker = next((w for w in live if w.pid == pid), None)
+        else:
+            worker = max((w for w in live if w.serving), key=lambda w: w.started_at, default=None)
         if worker is None or worker.channel is None:
             raise NoWorker(index)
         if worker.pending:
@@ -577,4 +584,4 @@ class Supervisor:
             worker.pending.pop(request_id, None)
         if reply.data is None:
             raise WorkerFailed(reply.error or f"worker {index} sent no data")
-        return reply.data
+        return {"pid": worker.pid, **reply.data}

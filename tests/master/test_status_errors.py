@@ -39,13 +39,13 @@ class FakeActions:
             raise self.error
         self.ended.append(session)
 
-    async def dump_tasks(self, index: int) -> dict[str, Any]:
+    async def dump_tasks(self, index: int, pid: int | None = None) -> dict[str, Any]:
         if self.error is not None:
             raise self.error
-        return {"tasks": [], "sessions": [], "index": index}
+        return {"tasks": [], "sessions": [], "index": index, "pid": pid}
 
     async def profile_heap(
-        self, index: int, top: int, seconds: float, stop: bool, peek: bool
+        self, index: int, top: int, seconds: float, stop: bool, peek: bool, pid: int | None = None
     ) -> dict[str, Any]:
         if self.error is not None:
             raise self.error
@@ -115,6 +115,11 @@ def test_answers_when_nothing_fails() -> None:
     assert json.loads(text) == {"tracing": False, "top": 25, "seconds": 5.0, "peek": False}
     status, _, text = asyncio.run(fetch(actions, "GET", "/debug/workers/12/tasks"))
     assert (status, json.loads(text)["index"]) == (200, 12)
+    status, _, text = asyncio.run(fetch(actions, "GET", "/debug/workers/1/tasks?pid=4321"))
+    assert (status, json.loads(text)["pid"]) == (200, 4321)
+    for pid in ("x", "-1", "\u00b2", "12345678901"):
+        status, _, text = asyncio.run(fetch(actions, "GET", f"/debug/workers/1/tasks?pid={pid}"))
+        assert status == 400 and text.startswith("pid must be a number"), (pid, text)
 
 
 def ask_socket(path: Path, actions: FakeActions, *lines: bytes) -> list[dict[str, Any]]:

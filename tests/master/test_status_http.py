@@ -181,6 +181,32 @@ def test_the_session_that_ends_a_drain_is_counted(tmp_path: Path) -> None:
         w.kiln.stop()
 
 
+def test_a_worker_that_drains_for_a_hup_waits_for_its_session_and_can_be_dumped(
+    tmp_path: Path,
+) -> None:
+    """The old worker of a slot waits for its session past the drain timeout (SPEC 6: a HUP
+    cuts none); `?pid=` reaches it for a task dump, which shows that session. Without it, the
+    slot's new worker answers; each answer names its pid."""
+    w = make_world(tmp_path, {"workers": {"count": 1}, "timeouts": {"drain": "1s"}})
+    try:
+        with hold(w) as client:
+            row = row_of(w)
+            old = w.kiln.workers()[0]["pid"]
+            assert w.kiln.proc is not None
+            w.kiln.proc.send_signal(signal.SIGHUP)
+            w.kiln.wait_for_log(r"rolling restart to generation \d+ complete")
+            time.sleep(1.5)  # past the drain timeout
+            new = get_json(w, "/debug/workers/0/tasks")
+            assert new["pid"] != old and row["session"] not in json.dumps(new["sessions"])
+            dump = get_json(w, f"/debug/workers/0/tasks?pid={old}")
+            assert dump["pid"] == old and row["session"] in json.dumps(dump["sessions"])
+            assert get(w, "/debug/workers/0/tasks?pid=1")[0] == 404
+            assert finish_upload_pack(client) == 0
+        w.kiln.wait_for_log(rf"worker 0 \(pid {old}\) exited 0 after draining")
+    finally:
+        w.kiln.stop()
+
+
 def test_task_dump_shows_a_waiting_session(tmp_path: Path) -> None:
     w = make_world(tmp_path, {"timeouts": {"dial": "20s"}})
     try:
@@ -213,7 +239,8 @@ def test_heap_profile_on_demand_and_stops(status_world: World) -> None:
     assert second["sites"], second
     site = second["sites"][0]
     assert site["size"] > 0 and site["count"] > 0 and site["traceback"]
-    assert get_json(w, "/debug/workers/0/heap?stop=1") == {"tracing": False, "sites": []}
+    stopped = get_json(w, "/debug/workers/0/heap?stop=1")
+    assert stopped == {"tracing": False, "sites": [], "pid": first["pid"]}
     get_json(w, "/debug/workers/0/heap?seconds=1")
     time.sleep(1.5)  # the time limit stops it by itself
     assert get_json(w, "/debug/workers/0/heap?peek=1")["tracing"] is False
