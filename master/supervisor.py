@@ -380,8 +380,11 @@ class Supervisor:
         worker.memory = observe(worker.memory, rss, ready, quiet, now, factor)
         if not due(worker.memory, now) or worker.recycling:
             return
-        # Workers draining do not count: a replaced one waits for its sessions, for hours.
-        busy = any(w.state is not WorkerState.READY or self._stale(w) for w in serving)
+        # One recycle at a time, its old worker's drain included. A worker a HUP replaced holds
+        # up none: it may wait for its sessions for hours.
+        busy = any(w.recycling for w in self.workers) or any(
+            w.state is not WorkerState.READY or self._stale(w) for w in serving
+        )
         if busy or self._spawning or self._reloading or self.stopping is not None:
             return
         worker.recycling = True
