@@ -77,11 +77,15 @@ def _asset(name: str) -> bytes:
     return resources.files("master").joinpath("static", name).read_bytes()
 
 
-def _worker_index(request: web.Request) -> int:
-    text = request.match_info["index"]
-    if not (text.isascii() and text.isdigit()) or len(text) > 4:  # int("²") fails
-        raise web.HTTPBadRequest(text=f"worker must be a number, not {text!r}\n")
+def _number(text: str, what: str, digits: int) -> int:
+    """A whole number of at most `digits` ASCII digits (int("²") fails, "-1" is not one)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > digits:
+        raise web.HTTPBadRequest(text=f"{what} must be a number, not {text!r}\n")
     return int(text)
+
+
+def _worker_index(request: web.Request) -> int:
+    return _number(request.match_info["index"], "worker", 4)
 
 
 async def dashboard(request: web.Request) -> web.Response:
@@ -133,11 +137,7 @@ async def metrics(request: web.Request) -> web.Response:
 def _pid(request: web.Request) -> int | None:
     """`?pid=N`: which of the slot's workers (one draining beside its replacement, say)."""
     text = request.query.get("pid")
-    if text is None:
-        return None
-    if not (text.isascii() and text.isdigit()) or len(text) > 10:
-        raise web.HTTPBadRequest(text=f"pid must be a number, not {text!r}\n")
-    return int(text)
+    return None if text is None else _number(text, "pid", 10)
 
 
 async def tasks(request: web.Request) -> web.Response:
