@@ -376,6 +376,24 @@ def hold_upload_pack(
     return client
 
 
+@contextlib.contextmanager
+def only_worker(kiln: Kiln, index: int) -> Iterator[None]:
+    """While it lasts, only worker `index` accepts connections. The workers share one listen
+    queue and a new connection goes to whichever accepts first, which can be the same worker
+    many times over (one idle since its last accept tends to win each race): the others are
+    stopped (SIGSTOP, for far less than the master's 10 s watchdog), and continued however the
+    block ends."""
+    others = [int(row["pid"]) for row in kiln.workers() if int(row["index"]) != index]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def finish_upload_pack(client: subprocess.Popen[bytes]) -> int:
     """The client says it wants nothing (a flush-pkt) and hangs up: the command exits 0."""
     assert client.stdin is not None

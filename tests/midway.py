@@ -22,6 +22,7 @@ import psutil
 from harness import (
     Kiln,
     finish_upload_pack,
+    only_worker,
     pack_bytes_received,
     ssh_client_of,
     wait_until,
@@ -88,28 +89,18 @@ class Bystander:
 
 @contextlib.contextmanager
 def bystanders(kiln: Kiln, key: Path) -> Iterator[dict[int, Bystander]]:
-    """One held session on each worker, by worker index. The kernel picks which worker
-    accepts: sessions are opened until every worker has one, and the extra ones finished."""
+    """One held session on each worker, by worker index (each begun while only its worker
+    accepts)."""
     held: dict[int, Bystander] = {}
-    workers = {int(row["index"]) for row in kiln.workers()}
     try:
-        for _ in range(20):
-            # Several at once: a worker idle since the last accept tends to win every race for
-            # connections that arrive one by one, so one at a time may never reach the other.
-            wanted = 2 * len(workers - set(held)) + 1
-            clients = [kiln.ssh_popen(key, "git-upload-pack 'aviato/website.git'")
-                       for _ in range(wanted)]  # fmt: skip
-            for client in clients:
+        for index in sorted({int(row["index"]) for row in kiln.workers()}):
+            with only_worker(kiln, index):
+                client = kiln.ssh_popen(key, "git-upload-pack 'aviato/website.git'")
+                held[index] = Bystander(client, index)
                 assert client.stdout is not None
                 assert b" HEAD\x00" in client.stdout.read(200)  # the advertisement has begun
-                extra = Bystander(client, int(row_of(kiln, client.pid)["worker"]))
-                if extra.worker in held:
-                    extra.finish()
-                else:
-                    held[extra.worker] = extra
-            if set(held) == workers:
-                break
-        assert set(held) == workers, f"sessions landed only on workers {sorted(held)}"
+        for index, bystander in held.items():
+            assert int(row_of(kiln, bystander.client.pid)["worker"]) == index
         yield dict(held)
     finally:
         for bystander in held.values():

@@ -31,7 +31,14 @@ from typing import Any
 import asyncssh
 import pytest
 from conftest import World, make_world
-from harness import SHIPPED_LIMITS, Kiln, finish_upload_pack, hold_upload_pack, wait_until
+from harness import (
+    SHIPPED_LIMITS,
+    Kiln,
+    finish_upload_pack,
+    hold_upload_pack,
+    only_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -389,16 +396,26 @@ def idle_clients(port: int, index: int) -> subprocess.Popen[str]:
 
 
 def hold_a_clone_on_each_worker(w: World) -> list[subprocess.Popen[bytes]]:
-    """Upload-packs begun and held (the clone goes on when the test finishes it), until every
-    slot serves at least one: whichever worker is recycled, a clone runs on it meanwhile."""
+    """An upload-pack begun and held on each worker (the clone goes on when the test finishes
+    it): whichever worker is recycled, a clone runs on it meanwhile."""
     held: list[subprocess.Popen[bytes]] = []
-    while len(held) < 12:
-        held.append(hold_upload_pack(w.kiln, w.alice))
-        time.sleep(0.2)  # a heartbeat brings the row
-        rows = [r for r in w.kiln.connections() if r["repo"] == "aviato/website"]
-        if {r["worker"] for r in rows} == set(by_slot(w.kiln)):
-            return held
-    raise AssertionError(f"{len(held)} held clones, all on one worker")
+    try:
+        workers = sorted(by_slot(w.kiln))
+        for index in workers:
+            with only_worker(w.kiln, index):
+                held.append(hold_upload_pack(w.kiln, w.alice))
+
+        def on_each() -> bool:
+            rows = [r for r in w.kiln.connections() if r["repo"] == "aviato/website"]
+            return sorted(r["worker"] for r in rows) == workers
+
+        wait_until(on_each, 10, "a held clone on each worker")  # a heartbeat brings the rows
+    except BaseException:
+        for client in held:
+            with client:  # its pipes closed, and waited for
+                client.kill()
+        raise
+    return held
 
 
 def recycles(kiln: Kiln) -> float:
