@@ -182,6 +182,21 @@ def names_or_none(raw: object, home: Path) -> tuple[str, ...]:
     return tuple(_string_list(raw))
 
 
+HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def host_names(raw: object, home: Path) -> tuple[str, ...]:
+    """DNS names (RFC 1123), lower case and without a final dot; the list may be empty."""
+    listed = []
+    for item in _string_list(raw):
+        name = item.strip().lower().removesuffix(".")
+        labels = name.split(".")
+        if len(name) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"{item!r} is not a host name")
+        listed.append(name)
+    return tuple(listed)
+
+
 def algorithm_names(known: frozenset[str], what: str, none: bool = False) -> Parser:
     """A list of SSH algorithm names, each one asyncssh knows (`policy.algorithms`); `none`: the
     list may be empty."""
@@ -648,6 +663,10 @@ class AgentSettings:
 class StatusSettings:
     http: Address = setting(address, "127.0.0.1:8022", "Intranet HTTP status page.")
     socket: Path = setting(path, "kilnproxy.sock", "Unix status socket for the CLI (mode 0600).")
+    hosts: tuple[str, ...] = setting(
+        host_names, [], "Names a browser may use for the status page, besides its addresses, "
+        "localhost and this machine's name: another name (a DNS rebinding attack) gets 421.",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -682,12 +701,14 @@ class Config:
 
     def fixed_until_restart(self, reloaded: Config) -> list[str]:
         """The settings `reloaded` changes that a HUP cannot apply: the master holds the
-        sockets they name from its start (the listening ones are the workers' too)."""
+        sockets they name from its start (the listening ones are the workers' too), and its
+        status server the names it answers to."""
         kept = {
             "[ssh] listen": (self.ssh.listen, reloaded.ssh.listen),
             "[ssh] backlog": (self.ssh.backlog, reloaded.ssh.backlog),
             "[status] http": (self.status.http, reloaded.status.http),
             "[status] socket": (self.status.socket, reloaded.status.socket),
+            "[status] hosts": (self.status.hosts, reloaded.status.hosts),
         }
         return [name for name, (now, then) in kept.items() if now != then]
 

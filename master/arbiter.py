@@ -52,7 +52,7 @@ async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> 
     sockets = listeners(config.ssh.listen, config.ssh.backlog)
     status_path = config.status.socket  # a reload does not move it
     status = await serve_status(status_path, StatusAnswers(board, supervisor).answer)
-    http = await start_http(board, supervisor, config.status.http)
+    http = await start_http(board, supervisor, config.status)
     addresses = ", ".join(str(Address(*sock.getsockname()[:2])) for sock in sockets)
     log.info("kilnproxy %s master %d listening on %s", build_info().version, os.getpid(),
              addresses)  # fmt: skip

@@ -1,6 +1,7 @@
 """The intranet status server (SPEC 7), served by the master from its status board.
 
-Bound to `[status] http` only (127.0.0.1:8022 by default). Every request is validated before it
+Bound to `[status] http` only (127.0.0.1:8022 by default), and answering a browser only under
+an address or one of its own names (`named_host`). Every request is validated before it
 reaches the board or a worker: a malformed one gets a 4xx with a one-line reason, never a 500.
 What it asks of workers goes through `actions.WorkerActions`; a request that cannot be served
 raises a `StatusError`, and STATUS below is the one place that says which HTTP status each gets.
@@ -8,7 +9,9 @@ raises a `StatusError`, and STATUS below is the one place that says which HTTP s
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 import time
 from importlib import resources
 
@@ -16,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from kilnproxy.config import Address, format_uptime
+from kilnproxy.config import StatusSettings, format_uptime
 from kilnproxy.version import build_info
 from master.actions import (
     NoSession,
@@ -37,6 +40,7 @@ STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 BOARD: web.AppKey[StatusBoard] = web.AppKey("board")
 ACTIONS: web.AppKey[WorkerActions] = web.AppKey("actions")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+NAMES: web.AppKey[frozenset[str]] = web.AppKey("names")
 
 STATUS: dict[type[StatusError], int] = {
     NoSession: 404,
@@ -59,6 +63,54 @@ async def status_errors(request: web.Request, handler: Handler) -> web.StreamRes
         if request.path.startswith("/debug/"):
             return web.json_response({"error": str(exc)}, status=status)
         return web.Response(text=f"{exc}\n", status=status)
+
+
+# -- the names it answers to: a guard against DNS rebinding ----------------------------------------
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port: lower case, without a final dot."""
+    if header.startswith("[") and "]" in header:  # [::1]:8022
+        return header[1 : header.index("]")]
+    host = header.rpartition(":")[0] if header.count(":") == 1 else header
+    return host.lower().removesuffix(".")
+
+
+def answers_to(host: str, names: frozenset[str]) -> bool:
+    """Whether the status page answers to `host` (a Host header's `host_name`): an IP address,
+    localhost (and RFC 6761's names under it, which browsers resolve to loopback), or one of
+    `names`."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost") or host in names
+    return True
+
+
+def own_names(settings: StatusSettings, hostname: str) -> frozenset[str]:
+    """The names it answers to besides addresses: [status] hosts, this machine's name (as
+    `hostname` gives it, and its first label), and the name [status] http binds, if one."""
+    machine = hostname.lower().removesuffix(".")
+    return frozenset({*settings.hosts, machine, machine.partition(".")[0],
+                      host_name(settings.http.host)})  # fmt: skip
+
+
+@web.middleware
+async def named_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A browser's request must name this page. Under DNS rebinding, another site's page has its
+    own name resolve to this host's address: the browser then takes the status page for that
+    site's, and would let it read who is connected and end their sessions (`same_site` sees
+    "same-origin"). Only browsers are held to this (they send Sec-Fetch-Site, which a page
+    cannot remove): a script or Prometheus may use any name."""
+    host = request.headers.get("Host")
+    if host is not None and "Sec-Fetch-Site" in request.headers:
+        name = host_name(host)
+        if not answers_to(name, request.app[NAMES]):
+            raise web.HTTPMisdirectedRequest(
+                text=f"this status page does not answer to the name {name!r}: "
+                "[status] hosts lists the names it answers to\n"
+            )
+    return await handler(request)
 
 
 @web.middleware
@@ -172,9 +224,14 @@ async def memory(request: web.Request) -> web.Response:
     return web.json_response({"interval": 1, "workers": workers})
 
 
-def application(board: StatusBoard, actions: WorkerActions) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024, middlewares=[same_site, status_errors])
+def application(
+    board: StatusBoard, actions: WorkerActions, names: frozenset[str] = frozenset()
+) -> web.Application:
+    """The status server; `names`: what it answers to besides addresses and localhost."""
+    middlewares = [named_host, same_site, status_errors]
+    app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
     app[BOARD] = board
+    app[NAMES] = names
     app[ACTIONS] = actions
     registry = CollectorRegistry(auto_describe=True)
     registry.register(MasterCollector(board))
@@ -191,11 +248,14 @@ def application(board: StatusBoard, actions: WorkerActions) -> web.Application:
     return app
 
 
-async def start(board: StatusBoard, actions: WorkerActions, address: Address) -> web.AppRunner:
+async def start(
+    board: StatusBoard, actions: WorkerActions, settings: StatusSettings
+) -> web.AppRunner:
     # A connection is closed after KEEPALIVE seconds without a whole request (aiohttp's
     # default is an hour), so that idle or half-sent ones cannot pile up in the master.
-    runner = web.AppRunner(application(board, actions), access_log=None, handle_signals=False,
-                           keepalive_timeout=KEEPALIVE)  # fmt: skip
+    app = application(board, actions, own_names(settings, socket.gethostname()))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE)
     await runner.setup()
+    address = settings.http
     await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
     return runner

@@ -165,6 +165,12 @@ def test_the_algorithm_names_are_those_the_pinned_asyncssh_knows() -> None:
         ({"ssh": {"host_keys": ["a", ""]}}, r"\[ssh\] host_keys: a path cannot be empty"),
         ({"log": {"file": "a\0b"}}, r"\[log\] file: 'a\\x00b': a path has no NUL"),
         ({"directory": {"url": "sqlite:a\0b"}}, r"\[directory\] url: .* is not a directory URL"),
+        ({"status": {"hosts": ["kiln 01"]}}, r"\[status\] hosts: 'kiln 01' is not a host name"),
+        ({"status": {"hosts": ["-kiln.corp"]}}, r"\[status\] hosts: '-kiln.corp' is not a host"),
+        ({"status": {"hosts": ["kiln..corp"]}}, r"\[status\] hosts: 'kiln..corp' is not a host"),
+        ({"status": {"hosts": [""]}}, r"\[status\] hosts: '' is not a host name"),
+        ({"status": {"hosts": ["a" * 64]}}, r"\[status\] hosts: 'a+' is not a host name"),
+        ({"status": {"hosts": "kiln.corp"}}, r"\[status\] hosts: expected a list of strings"),
         (
             {"ssh": {"fallback_encryption_algs": "aes128-ctr"}},
             r"\[ssh\] fallback_encryption_algs: expected a list of strings",
@@ -255,3 +261,11 @@ def test_fallback_ciphers_may_be_none(tmp_path: Path) -> None:
     assert config.ssh.fallback_encryption_algs == ()
     with pytest.raises(OperatorError, match=r"\[ssh\] encryption_algs: at least one name"):
         from_mapping({"ssh": {"encryption_algs": []}}, tmp_path)
+
+
+def test_status_host_names_are_kept_as_dns_compares_them(tmp_path: Path) -> None:
+    hosts = ["Kiln-01.Corp.", "status.kiln-01.corp", "10.0.0.5"]
+    config = from_mapping({"status": {"hosts": hosts}}, tmp_path)
+    assert config.status.hosts == ("kiln-01.corp", "status.kiln-01.corp", "10.0.0.5")
+    assert from_mapping({}, tmp_path).status.hosts == ()
+    assert from_mapping({}, tmp_path).fixed_until_restart(config) == ["[status] hosts"]
