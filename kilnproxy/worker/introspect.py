@@ -8,17 +8,22 @@ so it runs only on demand and stops by itself after a time limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import linecache
 import logging
+import threading
 import tracemalloc
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 HEAP_FRAMES = 25
+T = TypeVar("T")
 log = logging.getLogger("kilnproxy.worker")
 
 
@@ -107,17 +112,28 @@ def first_within(items: list[dict[str, Any]], budget: int) -> list[dict[str, Any
 
 
 class HeapTracer:
-    """tracemalloc on demand: started by the first request, stopped after `limit` seconds."""
+    """tracemalloc on demand: started by the first request, stopped after `limit` seconds.
+
+    A report's snapshot is taken and summed up in a thread of its own: over the few hundred
+    thousand traces of a busy worker that takes seconds (10.9 s once, on a loaded machine),
+    which the event loop, its sessions and its heartbeats must not wait (the master kills a
+    worker silent for 10 s). The thread is a daemon: a worker that exits meanwhile does not
+    wait for it. One snapshot at a time."""
 
     def __init__(self) -> None:
         self._stop_timer: asyncio.TimerHandle | None = None
+        self._snapshot: asyncio.Future[list[dict[str, Any]] | None] | None = None
 
-    def report(self, top: int, limit: float, stop: bool, peek: bool = False) -> dict[str, Any]:
+    async def report(
+        self, top: int, limit: float, stop: bool, peek: bool = False
+    ) -> dict[str, Any]:
         if stop:
             self.stop()
             return {"tracing": False, "sites": []}
         if peek:  # is it tracing? without starting it
             return {"tracing": tracemalloc.is_tracing(), "sites": []}
+        if self._snapshot is not None:
+            raise HeapBusy("a heap snapshot is still being taken")
         loop = asyncio.get_running_loop()
         started = not tracemalloc.is_tracing()
         if started:
@@ -125,17 +141,13 @@ class HeapTracer:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
         self._stop_timer = loop.call_later(limit, self.stop)
-        snapshot = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, tracemalloc.__file__)]
-        )
-        sites = [
-            {
-                "size": stat.size,
-                "count": stat.count,
-                "traceback": [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)],
-            }
-            for stat in snapshot.statistics("traceback")[:top]
-        ]
+        self._snapshot = in_daemon_thread(lambda: top_sites(top), "heap snapshot")
+        try:
+            sites = await self._snapshot
+        finally:
+            self._snapshot = None
+        if sites is None:  # stopped (its time ran out) before the snapshot was taken
+            return {"tracing": False, "sites": []}
         traced, peak = tracemalloc.get_traced_memory()
         return {
             "tracing": True,
@@ -151,6 +163,51 @@ class HeapTracer:
             self._stop_timer.cancel()
             self._stop_timer = None
         tracemalloc.stop()
+
+
+class HeapBusy(Exception):
+    """A heap report was asked while the last one's snapshot is still being taken."""
+
+
+def top_sites(top: int) -> list[dict[str, Any]] | None:
+    """The `top` allocation sites by size, with their tracebacks; None if nothing is traced."""
+    try:
+        snapshot = tracemalloc.take_snapshot()
+    except RuntimeError:  # tracing stopped meanwhile
+        return None
+    snapshot = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    return [
+        {
+            "size": stat.size,
+            "count": stat.count,
+            "traceback": [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)],
+        }
+        for stat in snapshot.statistics("traceback")[:top]
+    ]
+
+
+def in_daemon_thread(work: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """`work()` in a new daemon thread; its result (or exception) in the running loop. If the
+    loop is closed before it ends, the result is dropped: nobody waits for it any more."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():  # not cancelled meanwhile
+            outcome()
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as exc:  # whatever ends the thread ends the wait: raised there
+            done = functools.partial(future.set_exception, exc)
+        else:
+            done = functools.partial(future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(settle, done)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class _MallInfo2(ctypes.Structure):

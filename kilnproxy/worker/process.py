@@ -36,7 +36,7 @@ from kilnproxy.control import StartupTable
 from kilnproxy.errors import CutReason, OperatorError
 from kilnproxy.logs import configure, reopen
 from kilnproxy.ssh import fast_path, kex_offer
-from kilnproxy.worker.introspect import HeapTracer, first_within, task_dump
+from kilnproxy.worker.introspect import HeapBusy, HeapTracer, first_within, task_dump
 from kilnproxy.worker.service import Worker
 
 log = logging.getLogger("kilnproxy.worker")
@@ -84,6 +84,7 @@ class WorkerProcess:
         self._closed: list[str] = []  # told the master at the end of this pass, or once it reads
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._heap = HeapTracer()
+        self._answering: set[asyncio.Task[None]] = set()  # heap profiles being taken
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,6 +103,7 @@ class WorkerProcess:
         try:
             await self._serve_until_told()
         finally:
+            tasks += self._answering
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -211,34 +213,55 @@ class WorkerProcess:
                 self._events.put_nowait(Event.STOP)
             case control.KillSession(session=session):
                 self.worker.kill_session(session)
-            case control.TaskDumpRequest() | control.HeapProfileRequest():
-                channel.send(self._answer(message))
+            case control.TaskDumpRequest():
+                channel.send(self._answer_tasks(message))
+            case control.HeapProfileRequest():
+                task = asyncio.create_task(self._answer_heap(channel, message))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
             case control.OthersChanged():
                 self.worker.admission.others_changed(message)
             case control.Penalties():
                 self.worker.admission.penalties(message)
 
-    def _answer(
-        self, request: control.TaskDumpRequest | control.HeapProfileRequest
-    ) -> control.Reply:
-        """A task dump or a heap profile, for the status page (SPEC 7)."""
+    def _answer_tasks(self, request: control.TaskDumpRequest) -> control.Reply:
+        """A task dump, for the status page (SPEC 7)."""
         try:  # the isolation boundary of one request: a failure is its reply, not the worker's
-            if isinstance(request, control.TaskDumpRequest):
-                # Relays run on callbacks, not tasks, while bytes flow: list sessions as well.
-                sessions = [dataclasses.asdict(row) for row in self.worker.connections()]
-                tasks = task_dump()
-                data = {
-                    "tasks": first_within(tasks, DUMP_BUDGET),
-                    "tasks_total": len(tasks),
-                    "sessions": first_within(sessions, DUMP_BUDGET),
-                    "sessions_total": len(sessions),
-                }
-                return control.Reply(request.id, data=data)
-            report = self._heap.report(request.top, request.seconds, request.stop, request.peek)
-            return control.Reply(request.id, data=report)
+            # Relays run on callbacks, not tasks, while bytes flow: list sessions as well.
+            sessions = [dataclasses.asdict(row) for row in self.worker.connections()]
+            tasks = task_dump()
+            data = {
+                "tasks": first_within(tasks, DUMP_BUDGET),
+                "tasks_total": len(tasks),
+                "sessions": first_within(sessions, DUMP_BUDGET),
+                "sessions_total": len(sessions),
+            }
         except Exception as exc:
-            log.exception("worker %d cannot answer %s", self.worker.index, request.kind.value)
-            return control.Reply(request.id, error=f"worker {self.worker.index} failed: {exc}")
+            return self._failed(request, exc)
+        return control.Reply(request.id, data=data)
+
+    async def _answer_heap(
+        self, channel: control.ToMaster, request: control.HeapProfileRequest
+    ) -> None:
+        """A heap profile, for the status page, in a task: its snapshot is taken off the loop
+        (`HeapTracer`)."""
+        try:  # the isolation boundary of one request, as in `_answer_tasks`
+            report = await self._heap.report(
+                request.top, request.seconds, request.stop, request.peek
+            )
+        except HeapBusy as exc:
+            reply = control.Reply(request.id, error=f"worker {self.worker.index}: {exc}")
+        except Exception as exc:
+            reply = self._failed(request, exc)
+        else:
+            reply = control.Reply(request.id, data=report)
+        channel.send(reply)
+
+    def _failed(
+        self, request: control.TaskDumpRequest | control.HeapProfileRequest, exc: Exception
+    ) -> control.Reply:
+        log.exception("worker %d cannot answer %s", self.worker.index, request.kind.value)
+        return control.Reply(request.id, error=f"worker {self.worker.index} failed: {exc}")
 
     async def _heartbeat(self, channel: control.ToMaster) -> None:
         failures = 0
