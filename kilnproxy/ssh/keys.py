@@ -6,6 +6,7 @@ Accepted: ed25519, ecdsa, rsa of at least 2048 bits (and their security-key vari
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import asyncssh
@@ -40,20 +41,51 @@ def policy_problem(key: asyncssh.SSHKey) -> str | None:
     return None
 
 
+RFC4716_BEGIN = "---- BEGIN SSH2 PUBLIC KEY ----"
+# A key type, then its base64 (every SSH key blob starts with the length of its type: AAAA),
+# after something else: authorized_keys options before the key.
+_AFTER_OPTIONS = re.compile(r"(.*?)\s+(?:ssh|ecdsa|sk)-\S+\s+AAAA")
+
+
 def parse_public_key(text: str) -> PublicKey:
-    """Parse one OpenSSH public key line; raise OperatorError if it is not an acceptable key."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    if len(lines) != 1:
-        raise OperatorError("expected exactly one public key line")
+    """Parse one public key: an OpenSSH line (as in id_ed25519.pub), or the RFC 4716 block that
+    `ssh-keygen -e` and PuTTYgen write. Raise OperatorError if it is not an acceptable key."""
+    blob = key_text(text)
     try:
-        key = asyncssh.import_public_key(lines[0])
+        key = asyncssh.import_public_key(blob)
     except (asyncssh.KeyImportError, ValueError) as exc:
+        options = _AFTER_OPTIONS.match(blob)
+        if options:
+            raise OperatorError(
+                f"the key comes after authorized_keys options ({shorten(options.group(1))}): "
+                "give the key alone, as ssh-keygen wrote it"
+            ) from None
         raise OperatorError(f"not an OpenSSH public key: {exc}") from None
     problem = policy_problem(key)
     if problem:
         raise OperatorError(problem)
     openssh = key.export_public_key("openssh").decode("ascii").split()
     return PublicKey(key.algorithm.decode("ascii"), fingerprint(key), " ".join(openssh[:2]))
+
+
+def key_text(text: str) -> str:
+    """The one key in `text`: an RFC 4716 block whole, else its one non-empty line."""
+    if RFC4716_BEGIN in text:
+        return text.strip()
+    if "PRIVATE KEY-----" in text:
+        raise OperatorError("this is a private key: give the public one (its .pub file)")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        raise OperatorError("no public key given (the input is empty)")
+    if len(lines) > 1:
+        raise OperatorError(
+            f"expected one public key line, got {len(lines)} lines: add each key on its own"
+        )
+    return lines[0]
+
+
+def shorten(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def fingerprint(key: asyncssh.SSHKey) -> str:

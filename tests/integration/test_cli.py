@@ -263,6 +263,35 @@ def test_bad_keys_are_refused(cli: tuple[Path, dict[str, str]], tmp_path: Path) 
     assert refused.returncode == 2 and b"not accepted" in refused.stderr, refused.stderr
 
 
+def test_keys_as_people_paste_them(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """ssh-keygen's RFC 4716 export (PuTTYgen's format) is the key it holds; an authorized_keys
+    line with options, a private key, or a whole file of keys is refused, saying so."""
+    _, env = cli
+    kp(env, "accounts", "add", "a")
+    kp(env, "users", "add", "a", "u")
+    key = tmp_path / "id"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "u@laptop", "-f", str(key)])
+    rfc4716 = run(["ssh-keygen", "-e", "-f", f"{key}.pub"]).stdout
+    assert rfc4716.startswith(b"---- BEGIN SSH2 PUBLIC KEY ----")
+    added = kp(env, "keys", "add", "a/u", "putty", "-", input=rfc4716)
+    assert added.returncode == 0, added.stderr
+    listed = kp(env, "keys", "list", "a/u").stdout.decode()
+    fingerprint = run(["ssh-keygen", "-l", "-f", f"{key}.pub"]).stdout.split()[1].decode()
+    assert fingerprint in listed and "putty" in listed
+    public = Path(f"{key}.pub").read_bytes()
+    for given, message in [
+        (b'no-pty,command="git-shell" ' + public, "the key comes after authorized_keys options "
+         "(no-pty,command=\"git-shell\"): give the key alone"),
+        (key.read_bytes(), "this is a private key: give the public one (its .pub file)"),
+        (public + public, "expected one public key line, got 2 lines"),
+        (b"\n", "no public key given"),
+    ]:  # fmt: skip
+        refused = kp(env, "keys", "add", "a/u", "other", "-", input=given)
+        lines = refused.stderr.decode().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, (given, lines)
+        assert lines[0].startswith(f"kilnproxy: error: {message}"), lines
+
+
 def test_bad_config_is_one_line(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     _, env = cli
     for text, message in [
