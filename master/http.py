@@ -13,7 +13,7 @@ import ipaddress
 import re
 import socket
 import time
-from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -125,8 +125,14 @@ async def same_site(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
+STATIC_DIR = Path(__file__).with_name("static")
+
+
 def _asset(name: str) -> bytes:
-    return resources.files("master").joinpath("static", name).read_bytes()
+    # Beside this module, not `importlib.resources.files("master")`: with an editable install
+    # whose tests/ is on the path (pytest), `master` is a namespace package that includes
+    # tests/master, and resources may look there.
+    return (STATIC_DIR / name).read_bytes()
 
 
 def _number(text: str, what: str, digits: int) -> int:
