@@ -199,8 +199,10 @@ def in_daemon_thread(work: Callable[[], T], name: str) -> asyncio.Future[T]:
     def run() -> None:
         try:
             result = work()
-        except BaseException as exc:  # whatever ends the thread ends the wait: raised there
-            done = functools.partial(future.set_exception, exc)
+        except BaseException as exc:  # whatever ends the thread ends the wait, as an error
+            # there (a SystemExit raised in the loop would stop it)
+            error = exc if isinstance(exc, Exception) else RuntimeError(f"{name}: {exc!r}")
+            done = functools.partial(future.set_exception, error)
         else:
             done = functools.partial(future.set_result, result)
         with contextlib.suppress(RuntimeError):  # the loop is closed

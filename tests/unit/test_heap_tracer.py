@@ -101,4 +101,10 @@ def test_the_threads_outcome_reaches_the_loop() -> None:
             await in_daemon_thread(fails, "question")
         assert names == ["question"]
 
+        def exits() -> int:
+            raise SystemExit(3)
+
+        with pytest.raises(RuntimeError, match=r"leaving: SystemExit\(3\)"):
+            await in_daemon_thread(exits, "leaving")
+
     asyncio.run(main())
