@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import itertools
 import json
 import linecache
 import logging
@@ -176,14 +177,22 @@ def top_sites(top: int) -> list[dict[str, Any]] | None:
     except RuntimeError:  # tracing stopped meanwhile
         return None
     snapshot = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    sites = (stat for stat in snapshot.statistics("traceback") if not _ours(stat.traceback))
     return [
         {
             "size": stat.size,
             "count": stat.count,
             "traceback": [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)],
         }
-        for stat in snapshot.statistics("traceback")[:top]
+        for stat in itertools.islice(sites, top)
     ]
+
+
+def _ours(traceback: tracemalloc.Traceback) -> bool:
+    """Allocated for the report itself (this thread, its result): not what an operator looks
+    for. Asked of each site, not of each trace (a filter over every frame of every trace took
+    the report from 1.3 s to 7.7 s over 50,000 traces)."""
+    return any(frame.filename == __file__ for frame in traceback)
 
 
 def in_daemon_thread(work: Callable[[], T], name: str) -> asyncio.Future[T]:

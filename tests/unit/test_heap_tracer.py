@@ -83,6 +83,27 @@ def test_one_snapshot_at_a_time() -> None:
     asyncio.run(main())
 
 
+def test_a_report_shows_none_of_its_own_allocations() -> None:
+    """The thread that takes the snapshot, and the snapshot, are not what an operator looks
+    for: a report right after tracing starts shows what the worker allocated, not them."""
+
+    async def main() -> list[dict[str, object]]:
+        tracer = HeapTracer()
+        try:
+            await tracer.report(top=1000, limit=60, stop=False)
+            held = held_objects(100)
+            sites = (await tracer.report(top=1000, limit=60, stop=False))["sites"]
+            assert len(held) == 100
+            return list(sites)
+        finally:
+            tracer.stop()
+
+    sites = asyncio.run(main())
+    frames = [frame for site in sites for frame in site["traceback"]]  # type: ignore[attr-defined]
+    assert any("test_heap_tracer.py" in frame for frame in frames)
+    assert not [frame for frame in frames if "introspect.py" in frame]
+
+
 def test_nothing_traced_is_no_sites() -> None:
     assert not tracemalloc.is_tracing()
     assert top_sites(3) is None
