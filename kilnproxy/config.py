@@ -664,8 +664,9 @@ class StatusSettings:
     http: Address = setting(address, "127.0.0.1:8022", "Intranet HTTP status page.")
     socket: Path = setting(path, "kilnproxy.sock", "Unix status socket for the CLI (mode 0600).")
     hosts: tuple[str, ...] = setting(
-        host_names, [], "Names a browser may use for the status page, besides its addresses, "
-        "localhost and this machine's name: another name (a DNS rebinding attack) gets 421.",
+        host_names, [], "Names the status page answers to (browsers, scripts, Prometheus), "
+        "besides its addresses, localhost and this machine's name: another name, as in a DNS "
+        "rebinding attack, gets 421.",
     )  # fmt: skip
 
 

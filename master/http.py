@@ -10,6 +10,7 @@ raises a `StatusError`, and STATUS below is the one place that says which HTTP s
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 import time
@@ -41,6 +42,9 @@ BOARD: web.AppKey[StatusBoard] = web.AppKey("board")
 ACTIONS: web.AppKey[WorkerActions] = web.AppKey("actions")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 NAMES: web.AppKey[frozenset[str]] = web.AppKey("names")
+REFUSED: web.AppKey[set[str]] = web.AppKey("refused")  # names refused and logged
+REFUSED_LOGGED = 32
+log = logging.getLogger("kilnproxy.master")
 
 STATUS: dict[type[StatusError], int] = {
     NoSession: 404,
@@ -97,15 +101,17 @@ def own_names(settings: StatusSettings, hostname: str) -> frozenset[str]:
 
 @web.middleware
 async def named_host(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A browser's request must name this page. Under DNS rebinding, another site's page has its
-    own name resolve to this host's address: the browser then takes the status page for that
-    site's, and would let it read who is connected and end their sessions (`same_site` sees
-    "same-origin"). Only browsers are held to this (they send Sec-Fetch-Site, which a page
-    cannot remove): a script or Prometheus may use any name."""
+    """A request must name this page. Under DNS rebinding, another site's page has its own
+    name resolve to this host's address: the browser then takes the status page for that
+    site's, and would let it read who is connected (and start heap traces, end sessions: to a
+    plain-HTTP page that is not localhost, a browser sends no Sec-Fetch-Site for `same_site`
+    to go by). Only the Host header tells the two apart, so every request is held to it,
+    scripts' too; one without a Host header (HTTP/1.0) comes from no browser."""
     host = request.headers.get("Host")
-    if host is not None and "Sec-Fetch-Site" in request.headers:
+    if host is not None:
         name = host_name(host)
         if not answers_to(name, request.app[NAMES]):
+            _log_refused(request.app[REFUSED], name)
             raise web.HTTPMisdirectedRequest(
                 text=f"this status page does not answer to the name {name!r}: "
                 "[status] hosts lists the names it answers to\n"
@@ -113,12 +119,23 @@ async def named_host(request: web.Request, handler: Handler) -> web.StreamRespon
     return await handler(request)
 
 
+def _log_refused(logged: set[str], name: str) -> None:
+    """Once a name, for the operator whose scraper or bookmark uses a name not yet listed; at
+    most REFUSED_LOGGED names, whatever a rebinding page tries."""
+    if name not in logged and len(logged) < REFUSED_LOGGED:
+        logged.add(name)
+        log.warning("status page: refused a request for the name %r; if it is this host's, "
+                    "add it to [status] hosts", name[:100])  # fmt: skip
+
+
 @web.middleware
 async def same_site(request: web.Request, handler: Handler) -> web.StreamResponse:
     """What acts on a worker (a dump, a heap trace, a session ended) is done for the status
     page itself or a script, never for another site's page the operator has open: a browser
     says where a request comes from (Sec-Fetch-Site), and an `<img>` elsewhere pointing at
-    /debug/workers/0/heap?seconds=3600 would otherwise start an hour of tracing."""
+    /debug/workers/0/heap?seconds=3600 would otherwise start an hour of tracing. Browsers send
+    it only to localhost and HTTPS: for a page reached by another address over HTTP, nothing
+    tells such an `<img>` from a script (a DELETE from elsewhere is refused by the browser)."""
     acts = request.path.startswith("/debug/workers/") or request.method not in ("GET", "HEAD")
     if acts and request.headers.get("Sec-Fetch-Site", "none") not in ("same-origin", "none"):
         raise web.HTTPForbidden(text="only from the status page itself, or a script\n")
@@ -238,6 +255,7 @@ def application(
     app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
     app[BOARD] = board
     app[NAMES] = names
+    app[REFUSED] = set()
     app[ACTIONS] = actions
     registry = CollectorRegistry(auto_describe=True)
     registry.register(MasterCollector(board))
