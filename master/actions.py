@@ -34,8 +34,9 @@ class WorkerTimeout(StatusError):
 
 
 class WorkerBusy(StatusError):
-    """A task dump or heap profile is under way there: each blocks the worker's loop while it
-    runs, so a worker answers one at a time, and never several in a row without a heartbeat."""
+    """A task dump or heap profile is under way there: a worker answers one at a time (a dump
+    holds its loop while it runs, and a heap snapshot a thread beside it), so that requests
+    cannot pile up in it."""
 
     def __init__(self, index: int) -> None:
         super().__init__(f"worker {index} is answering another request; try again")

@@ -49,7 +49,9 @@ from master.workers import WorkerHandle, WorkerState, spawn
 log = logging.getLogger("kilnproxy.master")
 
 FAST_STOP_GRACE = 1.8  # SPEC 6: a fast shutdown is over within 2 s
-REQUEST_TIMEOUT = 10.0  # a task dump or heap profile asked of a worker
+REQUEST_TIMEOUT = 10.0  # a task dump asked of a worker (it holds the worker's loop)
+# A heap profile: its snapshot is taken beside the loop, seconds over a busy worker's traces.
+HEAP_TIMEOUT = 60.0
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 30.0, 60.0
 MAX_BOOT_FAILURES = 3
 OPERATOR_EXIT = 2  # the CLI's status for an operator's error, which systemd does not restart
@@ -555,11 +557,16 @@ class Supervisor:
         self, index: int, top: int, seconds: float, stop: bool, peek: bool, pid: int | None = None
     ) -> dict[str, Any]:
         return await self._ask(
-            index, pid, lambda i: control.HeapProfileRequest(i, top, seconds, stop, peek)
-        )
+            index, pid, lambda i: control.HeapProfileRequest(i, top, seconds, stop, peek),
+            HEAP_TIMEOUT,
+        )  # fmt: skip
 
     async def _ask(
-        self, index: int, pid: int | None, request: Callable[[int], control.MasterMessage]
+        self,
+        index: int,
+        pid: int | None,
+        request: Callable[[int], control.MasterMessage],
+        within: float = REQUEST_TIMEOUT,
     ) -> dict[str, Any]:
         """Ask worker `index` (the request is made with its id); wait a bounded time. Without
         `pid`, the worker that speaks for the slot (the newer of two in a rolling restart's
@@ -579,10 +586,10 @@ class Supervisor:
         worker.pending[request_id] = waiter
         worker.channel.send(request(request_id))
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
+            async with asyncio.timeout(within):
                 reply = await waiter
         except TimeoutError:
-            raise WorkerTimeout(index, REQUEST_TIMEOUT) from None
+            raise WorkerTimeout(index, within) from None
         finally:
             worker.pending.pop(request_id, None)
         if reply.data is None:

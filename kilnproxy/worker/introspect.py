@@ -23,6 +23,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
+from kilnproxy.errors import KilnproxyError
+
 HEAP_FRAMES = 25
 T = TypeVar("T")
 log = logging.getLogger("kilnproxy.worker")
@@ -112,6 +114,9 @@ def first_within(items: list[dict[str, Any]], budget: int) -> list[dict[str, Any
     return items
 
 
+Sites = list[dict[str, Any]]
+
+
 class HeapTracer:
     """tracemalloc on demand: started by the first request, stopped after `limit` seconds.
 
@@ -119,11 +124,14 @@ class HeapTracer:
     thousand traces of a busy worker that takes seconds (10.9 s once, on a loaded machine),
     which the event loop, its sessions and its heartbeats must not wait (the master kills a
     worker silent for 10 s). The thread is a daemon: a worker that exits meanwhile does not
-    wait for it. One snapshot at a time."""
+    wait for it. One snapshot at a time, and tracing is never stopped while one is taken:
+    `tracemalloc.stop()` frees the tracebacks the snapshot thread is reading (a stop asked
+    meanwhile, or the time limit, takes effect once it is done)."""
 
     def __init__(self) -> None:
         self._stop_timer: asyncio.TimerHandle | None = None
-        self._snapshot: asyncio.Future[list[dict[str, Any]] | None] | None = None
+        self._snapshot: asyncio.Future[tuple[Sites, int, int] | None] | None = None
+        self._stop_after_snapshot = False
 
     async def report(
         self, top: int, limit: float, stop: bool, peek: bool = False
@@ -142,16 +150,15 @@ class HeapTracer:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
         self._stop_timer = loop.call_later(limit, self.stop)
-        self._snapshot = in_daemon_thread(lambda: top_sites(top), "heap snapshot")
-        try:
-            sites = await self._snapshot
-        finally:
-            self._snapshot = None
-        if sites is None:  # stopped (its time ran out) before the snapshot was taken
+        self._stop_after_snapshot = False
+        self._snapshot = snapshot = in_daemon_thread(lambda: heap_summary(top), "heap snapshot")
+        snapshot.add_done_callback(self._snapshot_done)  # when the thread is, cancelled or not
+        summary = await asyncio.shield(snapshot)
+        if summary is None:  # not tracing (another stop than ours)
             return {"tracing": False, "sites": []}
-        traced, peak = tracemalloc.get_traced_memory()
+        sites, traced, peak = summary
         return {
-            "tracing": True,
+            "tracing": tracemalloc.is_tracing(),
             "just_started": started,
             "stops_in": limit,
             "traced": traced,
@@ -163,29 +170,41 @@ class HeapTracer:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
             self._stop_timer = None
-        tracemalloc.stop()
+        if self._snapshot is not None:
+            self._stop_after_snapshot = True
+        else:
+            tracemalloc.stop()
+
+    def _snapshot_done(self, _: asyncio.Future[Any]) -> None:
+        self._snapshot = None
+        if self._stop_after_snapshot:
+            self._stop_after_snapshot = False
+            tracemalloc.stop()
 
 
-class HeapBusy(Exception):
+class HeapBusy(KilnproxyError):
     """A heap report was asked while the last one's snapshot is still being taken."""
 
 
-def top_sites(top: int) -> list[dict[str, Any]] | None:
-    """The `top` allocation sites by size, with their tracebacks; None if nothing is traced."""
+def heap_summary(top: int) -> tuple[Sites, int, int] | None:
+    """The `top` allocation sites by size, with their tracebacks, and the bytes traced now and
+    at most; None if nothing is traced."""
     try:
         snapshot = tracemalloc.take_snapshot()
-    except RuntimeError:  # tracing stopped meanwhile
+    except RuntimeError:  # not tracing
         return None
+    traced, peak = tracemalloc.get_traced_memory()
     snapshot = snapshot.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-    sites = (stat for stat in snapshot.statistics("traceback") if not _ours(stat.traceback))
-    return [
+    stats = (stat for stat in snapshot.statistics("traceback") if not _ours(stat.traceback))
+    sites = [
         {
             "size": stat.size,
             "count": stat.count,
             "traceback": [f"{f.filename}:{f.lineno}" for f in reversed(stat.traceback)],
         }
-        for stat in itertools.islice(sites, top)
+        for stat in itertools.islice(stats, top)
     ]
+    return sites, traced, peak
 
 
 def _ours(traceback: tracemalloc.Traceback) -> bool:

@@ -255,7 +255,10 @@ class WorkerProcess:
             reply = self._failed(request, exc)
         else:
             reply = control.Reply(request.id, data=report)
-        channel.send(reply)
+        try:  # in a task nobody awaits: a failure is logged here or nowhere
+            channel.send(reply)
+        except Exception:
+            log.exception("worker %d cannot send its heap profile", self.worker.index)
 
     def _failed(
         self, request: control.TaskDumpRequest | control.HeapProfileRequest, exc: Exception
