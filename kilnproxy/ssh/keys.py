@@ -42,6 +42,9 @@ def policy_problem(key: asyncssh.SSHKey) -> str | None:
 
 
 RFC4716_BEGIN = "---- BEGIN SSH2 PUBLIC KEY ----"
+RFC4716_END = "---- END SSH2 PUBLIC KEY ----"
+# What a private key file holds: OpenSSH's and PEM's armour, RFC 4716's, PuTTY's .ppk.
+PRIVATE_KEY_MARKS = ("PRIVATE KEY-----", "PRIVATE KEY ----", "PuTTY-User-Key-File-")
 # A key type, then its base64 (every SSH key blob starts with the length of its type: AAAA),
 # after something else: authorized_keys options before the key.
 _AFTER_OPTIONS = re.compile(r"(.*?)\s+(?:ssh|ecdsa|sk)-\S+\s+AAAA")
@@ -54,6 +57,8 @@ def parse_public_key(text: str) -> PublicKey:
     try:
         key = asyncssh.import_public_key(blob)
     except (asyncssh.KeyImportError, ValueError) as exc:
+        if blob.startswith(RFC4716_BEGIN):
+            raise OperatorError(f"not an RFC 4716 public key: {exc}") from None
         options = _AFTER_OPTIONS.match(blob)
         if options:
             raise OperatorError(
@@ -69,18 +74,21 @@ def parse_public_key(text: str) -> PublicKey:
 
 
 def key_text(text: str) -> str:
-    """The one key in `text`: an RFC 4716 block whole, else its one non-empty line."""
-    if RFC4716_BEGIN in text:
-        return text.strip()
-    if "PRIVATE KEY-----" in text:
+    """The one key in `text`: an RFC 4716 block whole, else its one non-empty line. asyncssh
+    would take the first of several keys and pass over the rest: one is all there may be."""
+    if any(mark in text for mark in PRIVATE_KEY_MARKS):
         raise OperatorError("this is a private key: give the public one (its .pub file)")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    text = text.strip()
+    blocks = text.count(RFC4716_BEGIN)
+    if blocks == 1 and text.startswith(RFC4716_BEGIN) and text.endswith(RFC4716_END):
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise OperatorError("no public key given (the input is empty)")
-    if len(lines) > 1:
-        raise OperatorError(
-            f"expected one public key line, got {len(lines)} lines: add each key on its own"
-        )
+    if blocks or len(lines) > 1:
+        what = (f"{blocks} RFC 4716 blocks" if blocks > 1 else
+                "an RFC 4716 block and more" if blocks else f"{len(lines)} lines")  # fmt: skip
+        raise OperatorError(f"expected one public key, got {what}: add each key on its own")
     return lines[0]
 
 

@@ -283,7 +283,11 @@ def test_keys_as_people_paste_them(cli: tuple[Path, dict[str, str]], tmp_path: P
         (b'no-pty,command="git-shell" ' + public, "the key comes after authorized_keys options "
          "(no-pty,command=\"git-shell\"): give the key alone"),
         (key.read_bytes(), "this is a private key: give the public one (its .pub file)"),
-        (public + public, "expected one public key line, got 2 lines"),
+        (public + public, "expected one public key, got 2 lines: add each key on its own"),
+        (rfc4716 + rfc4716, "expected one public key, got 2 RFC 4716 blocks"),
+        (public + rfc4716, "expected one public key, got an RFC 4716 block and more"),
+        (rfc4716.replace(b"AAAA", b"!!!!"), "not an RFC 4716 public key"),
+        (b"PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\n", "this is a private key"),
         (b"\n", "no public key given"),
     ]:  # fmt: skip
         refused = kp(env, "keys", "add", "a/u", "other", "-", input=given)
