@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -376,22 +377,38 @@ def hold_upload_pack(
     return client
 
 
+STOPPED_AT_MOST = 5.0  # seconds `only_worker` keeps the others stopped: half the watchdog's 10
+
+
 @contextlib.contextmanager
 def only_worker(kiln: Kiln, index: int) -> Iterator[None]:
     """While it lasts, only worker `index` accepts connections. The workers share one listen
     queue and a new connection goes to whichever accepts first, which can be the same worker
     many times over (one idle since its last accept tends to win each race): the others are
-    stopped (SIGSTOP, for far less than the master's 10 s watchdog), and continued however the
-    block ends."""
+    stopped (SIGSTOP), and continued however the block ends, or after STOPPED_AT_MOST seconds
+    if it has not (the master would take them for hung at 10 s); the block then fails."""
     others = [int(row["pid"]) for row in kiln.workers() if int(row["index"]) != index]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
+    overran = threading.Event()
+
+    def resume() -> None:
         for pid in others:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+    def too_long() -> None:
+        overran.set()
+        resume()
+
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = threading.Timer(STOPPED_AT_MOST, too_long)
+    deadline.start()
+    try:
+        yield
+    finally:
+        deadline.cancel()
+        resume()
+    assert not overran.is_set(), f"only worker {index}: the others were stopped too long"
 
 
 def finish_upload_pack(client: subprocess.Popen[bytes]) -> int:
