@@ -182,7 +182,12 @@ def names_or_none(raw: object, home: Path) -> tuple[str, ...]:
     return tuple(_string_list(raw))
 
 
-HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host_name(name: str) -> bool:
+    """Whether `name` is a DNS host name (RFC 1123), without a final dot."""
+    return len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def host_names(raw: object, home: Path) -> tuple[str, ...]:
@@ -190,8 +195,7 @@ def host_names(raw: object, home: Path) -> tuple[str, ...]:
     listed = []
     for item in _string_list(raw):
         name = item.strip().lower().removesuffix(".")
-        labels = name.split(".")
-        if len(name) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        if not is_host_name(name):
             raise ValueError(f"{item!r} is not a host name")
         listed.append(name)
     return tuple(listed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import secrets
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kilnproxy.config import is_host_name
 from kilnproxy.errors import OperatorError
 
 CA_DAYS = 3650
@@ -118,9 +118,6 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
 def _subject_names(names: list[str]) -> list[x509.GeneralName]:
     """An agent's names as its backend URLs write them: addresses, or host names (which TLS
     compares with the URL's host; a name no URL can hold would make a certificate for none)."""
@@ -131,7 +128,7 @@ def _subject_names(names: list[str]) -> list[x509.GeneralName]:
             continue
         except ValueError:
             pass
-        if len(item) > 253 or not all(_HOST_LABEL.fullmatch(p) for p in item.split(".")):
+        if not is_host_name(item):
             raise ValueError(f"{item!r} is neither a host name nor an IP address")
         out.append(x509.DNSName(item))
     return out
