@@ -30,8 +30,27 @@ ADMIN_DIALS = 6
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """Errors on one line. A command's own parser (`intermixed`) takes its options between its
+    positionals, as in `keys add OWNER NAME --config PATH -`: argparse's usual parsing has
+    given up on an optional positional by the time an option comes before it."""
+
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._intermixed = intermixed
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"kilnproxy: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if not self._intermixed:
+            return super().parse_known_args(args, namespace)
+        self._intermixed = False  # parse_known_intermixed_args calls back here, twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = True
 
 
 def _print(lines: Sequence[str]) -> int:
@@ -186,6 +205,8 @@ def _backend_trust(args: argparse.Namespace, config: Config) -> int:
 
 
 def _keys_add(args: argparse.Namespace, config: Config) -> int:
+    if (args.source is None) == (args.stdin is None):
+        raise OperatorError("give the key once: --file PUBKEY, or - for standard input")
     admin.split_owner(args.owner)  # a mistyped owner is said before any key is read
     args.key = admin.read_public_key(args.source)  # outside the directory's deadline
     return _directory_action(admin.add_key, "owner", "name", "key")(args, config)
@@ -255,14 +276,12 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
     sub = command(keys, "add", _keys_add, "add a key")
     sub.add_argument("owner", metavar="ACCOUNT/USER")
     sub.add_argument("name", metavar="KEY_NAME")
-    source = sub.add_mutually_exclusive_group(required=True)
-    source.add_argument(
+    sub.add_argument(
         "--file", dest="source", metavar="PUBKEY", help="read the public key from a file"
     )
-    source.add_argument(
+    sub.add_argument(
         "stdin", nargs="?", choices=["-"], help="read the public key from standard input"
     )
-    sub.set_defaults(source=None)
     sub = command(keys, "list", _directory_action(admin.list_keys, "owner"), "list keys")
     sub.add_argument("owner", nargs="?", metavar="ACCOUNT[/USER]")
     sub = command(
@@ -334,7 +353,7 @@ def build_parser() -> OneLineParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: Any, name: str, action: Action, help: str) -> OneLineParser:
-        sub: OneLineParser = parent.add_parser(name, parents=[common], help=help)
+        sub: OneLineParser = parent.add_parser(name, parents=[common], help=help, intermixed=True)
         sub.set_defaults(action=action)
         return sub
 

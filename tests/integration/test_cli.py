@@ -205,6 +205,9 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["accounts", "add", "bad name"], "invalid account name"),
         (["accounts", "add", "../etc"], "invalid account name"),
         (["keys", "add", "aviato", "k", "--file", "/nonexistent"], "is not ACCOUNT/USER"),
+        (["keys", "add", "aviato/u", "k"], "give the key once: --file PUBKEY, or - for standard"),
+        (["keys", "add", "aviato/u", "k", "-", "--file", "/x.pub"], "give the key once"),
+        (["keys", "add", "aviato/u", "k", "-", "extra"], "unrecognized arguments: extra"),
         (["keys", "remove", "SHA256:nothing"], "no key SHA256:nothing"),
         (["keys", "list", "nobody"], "no account 'nobody'"),
         (["keys", "list", "nobody/alice"], "no user nobody/alice"),
@@ -322,6 +325,11 @@ def test_config_is_read_whether_named_before_or_after_the_command(
     assert kp(env, "--config", str(config), "accounts", "add", "aviato").returncode == 0
     again = kp(env, "accounts", "add", "aviato", "--config", str(config))
     assert again.returncode == 2 and b"already exists" in again.stderr, again.stderr
+    # Between a command's positionals too: `-` still counts after the option.
+    assert kp(env, "users", "add", "aviato", "--config", str(config), "alice").returncode == 0
+    key = Path(f"{keygen(tmp_path / 'alice')}.pub").read_bytes()
+    added = kp(env, "keys", "add", "aviato/alice", "k", "--config", str(config), "-", input=key)
+    assert added.returncode == 0 and b"added key 'k'" in added.stdout, added.stderr
     assert (tmp_path / "elsewhere.db").exists() and not (home / "kilnproxy.db").exists()
 
 
