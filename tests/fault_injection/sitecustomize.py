@@ -3,8 +3,11 @@
 Python imports `sitecustomize` at start-up, so every worker process the master fork+execs picks
 this up. In a worker, opening the repository `aviato/boom` raises inside the session's setup,
 as a bug of ours would; with KILNPROXY_TEST_CRASH_AFTER_READY set, the worker dies half a
-second after it said READY; with KILNPROXY_TEST_ASYNCSSH_VERSION set, asyncssh says it is that
-version (the fast path's version guard). The faults live in the tests: no client can trigger them.
+second after it said READY; with KILNPROXY_TEST_CHANNEL_HELD=PATH set, the first worker to
+say READY leaves a `sleep` holding its end of the control channel, writes that pid to PATH, and
+dies half a second later (the channel outlives its worker); with
+KILNPROXY_TEST_ASYNCSSH_VERSION set, asyncssh says it is that version (the fast path's version
+guard). The faults live in the tests: no client can trigger them.
 """
 
 from __future__ import annotations
@@ -44,3 +47,28 @@ if "kilnproxy.worker.process" in sys.orig_argv:
                 asyncio.get_running_loop().call_later(0.5, os._exit, 1)
 
         Channel.send = _send_then_crash  # type: ignore[method-assign]
+
+    if os.environ.get("KILNPROXY_TEST_CHANNEL_HELD"):
+        import subprocess
+
+        from kilnproxy.control import Channel, Message
+
+        _real_send = Channel.send
+
+        def _send_then_leave_a_holder(self: Channel, message: Message) -> None:
+            _real_send(self, message)
+            if message.kind.value != "ready":
+                return
+            try:  # the first worker only: its replacements serve
+                fd = os.open(
+                    os.environ["KILNPROXY_TEST_CHANNEL_HELD"], os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                )
+            except FileExistsError:
+                return
+            channel = self._writer.get_extra_info("socket").fileno()
+            holder = subprocess.Popen(["sleep", "60"], pass_fds=(channel,), start_new_session=True)
+            os.write(fd, str(holder.pid).encode())
+            os.close(fd)
+            asyncio.get_running_loop().call_later(0.5, os._exit, 1)
+
+        Channel.send = _send_then_leave_a_holder  # type: ignore[method-assign]

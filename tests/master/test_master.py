@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -544,3 +545,27 @@ def test_a_worker_crashing_after_boot_is_restarted_with_backoff(new_world: Facto
     assert max(slots.count(0), slots.count(1)) <= 7, slots
     assert "died with status 1" in kiln.log()
     assert kiln.proc is not None and kiln.proc.poll() is None  # booted fine: no giving up
+
+
+def test_a_worker_whose_channel_outlives_it_is_replaced_all_the_same(
+    new_world: Factory, tmp_path: Path
+) -> None:
+    """A process the worker left behind holds the worker's end of its channel, so the master
+    never reads EOF there: it reads what is left for LAST_WORDS only, then replaces the worker."""
+    holder = tmp_path / "holder.pid"
+    fault = {"PYTHONPATH": str(Path(__file__).parents[1] / "fault_injection"),
+             "KILNPROXY_TEST_CHANNEL_HELD": str(holder)}  # fmt: skip
+    w = new_world({"workers": {"count": 1}}, env=fault)
+    kiln = w.kiln
+    try:
+        wait_until(lambda: holder.exists() and bool(holder.read_text()), 10, "the channel held")
+        wait_until(lambda: kiln.log().count("started worker 0") == 2, 10, "a replacement")
+        assert "worker 0 (pid " in kiln.log() and "died with status 1" in kiln.log()
+        assert psutil.pid_exists(int(holder.read_text()))  # the channel was never closed
+        wait_until(lambda: kiln.log().count(") ready") == 2, 10, "the replacement ready")
+        done = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+        assert done.returncode == 0 and b"refs/heads/main" in done.stdout
+    finally:
+        if holder.exists() and holder.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(holder.read_text()), signal.SIGKILL)
