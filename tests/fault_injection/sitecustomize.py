@@ -7,7 +7,9 @@ second after it said READY; with KILNPROXY_TEST_CHANNEL_HELD=PATH set, the first
 say READY leaves a `sleep` holding its end of the control channel, writes that pid to PATH, and
 dies half a second later (the channel outlives its worker); with
 KILNPROXY_TEST_ASYNCSSH_VERSION set, asyncssh says it is that version (the fast path's version
-guard). The faults live in the tests: no client can trigger them.
+guard). In the master (`kilnproxy serve`), KILNPROXY_TEST_SLOTS=N makes the startup table's
+least size N rather than 64, so that a test can hold every slot with a few workers. The faults
+live in the tests: no client can trigger them.
 """
 
 from __future__ import annotations
@@ -72,3 +74,8 @@ if "kilnproxy.worker.process" in sys.orig_argv:
             asyncio.get_running_loop().call_later(0.5, os._exit, 1)
 
         Channel.send = _send_then_leave_a_holder  # type: ignore[method-assign]
+
+if os.environ.get("KILNPROXY_TEST_SLOTS") and "serve" in sys.orig_argv:
+    import master.admission
+
+    master.admission.MIN_SLOTS = int(os.environ["KILNPROXY_TEST_SLOTS"])  # before arbiter's import

@@ -41,6 +41,11 @@ def held_session(w: World) -> subprocess.Popen[bytes]:
     return hold_upload_pack(w.kiln, w.alice)
 
 
+def kill_if_running(client: subprocess.Popen[bytes]) -> None:
+    if client.poll() is None:
+        client.kill()
+
+
 def owner_of_held(w: World) -> int:
     wait_until(lambda: any(r["repo"] for r in w.kiln.connections()), 10, "the session row")
     row = next(r for r in w.kiln.connections() if r["repo"])
@@ -266,6 +271,36 @@ def test_a_replaced_worker_starts_from_the_config_the_master_read(new_world: Fac
     assert kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000").returncode == 0
     kiln.send(signal.SIGHUP)
     kiln.wait_for_log(r"reload refused, nothing changed: .*not valid TOML")
+
+
+def test_a_hup_with_every_slot_held_hurries_the_oldest_drain(new_world: Factory) -> None:
+    """A HUP leaves each replaced worker draining for as long as its sessions last; each holds
+    a slot of the startup table (4 here, 64 and up for real). When a replacement finds none
+    free, the oldest drain gets a TERM, as a worker restarted alone does: its sessions are cut
+    at the drain timeout, its slot frees, and the restart goes on. The others are not cut."""
+    fault = {"PYTHONPATH": str(Path(__file__).parents[1] / "fault_injection"),
+             "KILNPROXY_TEST_SLOTS": "1"}  # fmt: skip
+    w = new_world({"workers": {"count": 1}, "timeouts": {"drain": "1s"}}, env=fault)
+    kiln = w.kiln
+    held: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        for generation in range(1, 4):  # slots 0-2 drain, and slot 3 serves
+            held.append(stack.enter_context(held_session(w)))  # on the one worker accepting
+            stack.callback(kill_if_running, held[-1])  # should the test fail
+            kiln.send(signal.SIGHUP)
+            kiln.wait_for_log(rf"rolling restart to generation {generation} complete")
+        first = int(re.findall(r"started worker 0 \(pid (\d+)", kiln.log())[0])
+        kiln.send(signal.SIGHUP)
+        kiln.wait_for_log(rf"no free slot: worker 0 \(pid {first}\) cuts what is left in 1s")
+        assert held[0].wait(timeout=10) == 1
+        assert held[0].stderr is not None
+        assert b"drain timeout expired" in held[0].stderr.read()
+        kiln.wait_for_log(r"rolling restart to generation 4 complete", timeout=30)
+        for client in held[1:]:  # replaced too, and never cut
+            assert client.poll() is None
+            assert finish_upload_pack(client) == 0
+    done = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+    assert done.returncode == 0 and b"refs/heads/main" in done.stdout
 
 
 def test_term_to_one_worker_drains_it_after_its_replacement_is_up(new_world: Factory) -> None:
