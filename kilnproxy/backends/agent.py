@@ -31,7 +31,7 @@ from kilnproxy.backends.frames import (
     data_frames,
     frame,
 )
-from kilnproxy.backends.pool import DialFailed, Link, Pool
+from kilnproxy.backends.pool import DialFailed, Draining, Link, LinkState, Pool
 from kilnproxy.backends.wire import FlowSwitch, FrameConnection
 from kilnproxy.errors import BackendError
 
@@ -49,10 +49,6 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise DialFailed(f"cannot load [backend_agent] ca, cert or key: {exc}") from None
     return context
-
-
-class AgentDraining(BackendError):
-    """The agent refused a channel because it drains: another connection may take it."""
 
 
 class AgentConnection(FrameConnection["AgentStream"]):
@@ -98,8 +94,11 @@ class AgentConnection(FrameConnection["AgentStream"]):
             why = exc or "closed before it answered (does it trust our certificate?)"
             self.answered.set_exception(ConnectionError(str(why)))
             self.answered.exception()  # retrieved: a dial that gave up does not leave it unread
+        # An agent that drains closes a connection that runs nothing at once: an OPEN sent
+        # before its DRAINING arrived goes unanswered, and may go to another connection.
+        retired = self.link.state is LinkState.DRAINING
         self.link.lost(exc)
-        self._lose_streams(f"connection lost ({exc or 'closed'})")
+        self._lose_streams(f"connection lost ({exc or 'closed'})", retired)
 
     # -- frames ----------------------------------------------------------------------------------
 
@@ -133,11 +132,11 @@ class AgentConnection(FrameConnection["AgentStream"]):
             self.send(frame(Kind.PING, CONTROL))
         self._timer = asyncio.get_running_loop().call_later(self.keepalive, self._tick)
 
-    def _lose_streams(self, detail: str) -> None:
+    def _lose_streams(self, detail: str, retired: bool = False) -> None:
         streams, self.channels = self.channels, {}
         for stream in streams.values():
             try:
-                stream.lost(detail)
+                stream.lost(detail, retired)
             except Exception:  # one session's bug: every other session is still told
                 log.exception("backend %s: failed on losing its connection",
                               self.link.pool.name, extra={"session": stream.session})  # fmt: skip
@@ -216,7 +215,7 @@ class AgentStream:
         if self.started.done() and not self.started.cancelled():
             raise FrameError(f"{each.kind.name} on a running channel")
         if each.kind is Kind.DRAINING:
-            error: BackendError = AgentDraining(self._repo, "agent refused: it drains")
+            error: BackendError = Draining(self._repo, "agent refused: it drains")
             if self._link is not None:
                 self._pool.retire(self._link)
         else:
@@ -226,10 +225,15 @@ class AgentStream:
         if not self.started.done():
             self.started.set_exception(error)
 
-    def lost(self, detail: str) -> None:
+    def lost(self, detail: str, retired: bool = False) -> None:
+        """The connection went. A channel not started yet on a connection the pool had retired
+        (its agent said it drains) ran nothing the client saw (no CREDIT, so no stdin either):
+        it may be opened on another connection (`Draining`)."""
         self._release()
         error = BackendError(self._repo, f"backend {self._pool.name}: {detail}")
         if not self.started.done():
+            if retired:
+                error = Draining(self._repo, f"{error.detail} before the channel started")
             self.started.set_exception(error)
             return
         sink, self.sink = self.sink, None
@@ -354,11 +358,11 @@ class AgentBackend:
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
         try:
             return await self._open(request, sink)
-        except AgentDraining:
+        except Draining as exc:
             # The pool no longer hands out that connection: this goes to another, dialled anew
             # unless one has room, and is refused for good if that agent drains too.
-            log.info("backend %s: the agent drains; opening the channel on another connection",
-                     self.name)  # fmt: skip
+            log.info("backend %s: %s; opening the channel on another connection", self.name,
+                     exc.detail, extra={"session": request.session_id})  # fmt: skip
         return await self._open(request, sink)
 
     async def _open(self, request: BackendRequest, sink: BackendSink) -> AgentStream:

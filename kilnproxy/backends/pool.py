@@ -6,8 +6,13 @@ dialled already counts its reservations, so a burst of sessions shares a few dia
 each opening its own. Idle connections close after `idle` seconds (a timer, not a task); a broken
 one leaves the pool at once and the next session dials a new one. A connection whose peer said
 it takes no new channel (an agent that drains) is retired: never handed out again, and closed
-once its last channel has ended. Every dial is bounded by the dial timeout, TCP connect and
-handshake together, and so is opening a channel on a connection (`open_channel`). What a
+once its last channel has ended; a session that was to open its channel there is told so
+(`Draining`), and may open it on another connection. Every dial is bounded by the dial timeout,
+TCP connect and handshake together, and so is opening a channel on a connection
+(`open_channel`). A connection on which a channel did not open in time is retired too: a peer
+that has stopped answering there (a frozen host, a firewall that forgot the flow) would
+otherwise be handed every next session, each to wait out the dial timeout in turn, until the
+keepalive gives the connection up. What a
 connection is (an SSH connection for ssh://, a TLS one for agent://) and how a channel starts on
 it are the backend's business: the pool only counts.
 """
@@ -45,6 +50,10 @@ class Abortable(Protocol):
 
 C = TypeVar("C", bound=Closable)
 S = TypeVar("S", bound=Abortable)
+
+
+class Draining(BackendError):
+    """The peer takes no new channel on the connection (it drains): another connection may."""
 
 
 class DialFailed(KilnproxyError):
@@ -123,8 +132,11 @@ class Pool(Generic[C]):
             self.release(link)
             raise
         if link.state is not LinkState.OPEN:
+            state = link.state  # a release may close it
             self.release(link)
-            detail = failure or f"backend {self.name}: connection {link.state.value}"
+            detail = failure or f"backend {self.name}: connection {state.value}"
+            if state is LinkState.DRAINING:  # the peer said so while it was dialled
+                raise Draining(repo, detail)
             raise BackendError(repo, detail)
         return link
 
@@ -145,8 +157,9 @@ class Pool(Generic[C]):
             async with asyncio.timeout(self.dial_timeout):
                 await start(stream, link.conn)
         except TimeoutError:
-            stream.abort()
             detail = f"backend {self.name}: no channel within {self.dial_timeout:g}s"
+            self.retire(link, f"{detail}: new sessions go to another connection")
+            stream.abort()
             raise BackendError(repo, detail) from None
         except BaseException:
             stream.abort()
@@ -162,13 +175,16 @@ class Pool(Generic[C]):
         elif link.state is LinkState.DRAINING:
             self._close(link, "closing a drained connection")
 
-    def retire(self, link: Link[C]) -> None:
-        """The peer takes no new channel on `link`: sessions go to another connection, and this
-        one closes once its channels have ended."""
+    def retire(self, link: Link[C], why: str = "") -> None:
+        """No new channel on `link` (its peer drains, or `why`): sessions go to another
+        connection, and this one closes once its channels have ended."""
         if link.state is LinkState.CLOSED or link.state is LinkState.DRAINING:
             return
-        log.info("backend %s: the peer drains a connection (%d channel(s) on it); new sessions "
-                 "go to another", self.name, link.active)  # fmt: skip
+        if why:
+            log.warning("backend %s: %s", self.name, why)
+        else:
+            log.info("backend %s: the peer drains a connection (%d channel(s) on it); new "
+                     "sessions go to another", self.name, link.active)  # fmt: skip
         link.state = LinkState.DRAINING
         if link.active == 0:
             self._close(link, "closing a drained connection")

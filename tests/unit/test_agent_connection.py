@@ -37,7 +37,7 @@ from kilnproxy.backends.frames import (
     count_frame,
     frame,
 )
-from kilnproxy.backends.pool import Link, LinkState, Pool
+from kilnproxy.backends.pool import Draining, Link, LinkState, Pool
 from kilnproxy.backends.wire import FlowSwitch
 from kilnproxy.directory.model import Identity, Route
 from kilnproxy.errors import BackendError
@@ -50,11 +50,16 @@ WINDOW = 65536
 class ScriptedAgent(asyncio.Protocol):
     """An agent's end of one connection: PONG to PING; an OPEN is started (CREDIT), or, once
     `draining`, refused as a draining agent refuses it: DRAINING on the connection, then on
-    the channel."""
+    the channel. `closes`: the agent began draining as the OPEN was on its way, and closed the
+    connection, which ran nothing, before it read the OPEN. `silent`: an OPEN gets no answer."""
 
-    def __init__(self, draining: bool, exits: bool = False) -> None:
+    def __init__(
+        self, draining: bool, exits: bool = False, closes: bool = False, silent: bool = False
+    ) -> None:
         self.draining = draining
         self.exits = exits  # an OPEN is answered with EXIT 1 and no CREDIT
+        self.closes = closes
+        self.silent = silent
         self.opened: list[OpenRequest] = []
         self.closed: list[int] = []  # channels the proxy sent CLOSE for
         self.transport: asyncio.Transport | None = None
@@ -70,6 +75,12 @@ class ScriptedAgent(asyncio.Protocol):
                 self.transport.write(frame(Kind.PONG, CONTROL))
             elif each.kind is Kind.OPEN:
                 self.opened.append(OpenRequest.decode(each.payload))
+                if self.silent:
+                    continue
+                if self.draining and self.closes:
+                    self.transport.write(frame(Kind.DRAINING, CONTROL))
+                    self.transport.close()
+                    return
                 if self.draining:
                     answer = frame(Kind.DRAINING, CONTROL) + frame(Kind.DRAINING, each.channel)
                 elif self.exits:
@@ -86,25 +97,32 @@ class ScriptedAgent(asyncio.Protocol):
 
 
 class Storage:
-    """Dials scripted agents: the first `draining` of them drain, the next ones serve."""
+    """Dials scripted agents: the first `draining` of them drain (and close, with `closes`),
+    the first `silent` answer no OPEN; the next ones serve."""
 
-    def __init__(self, draining: int, exits: bool = False) -> None:
+    def __init__(
+        self, draining: int, exits: bool = False, closes: bool = False, silent: int = 0
+    ) -> None:
         self.draining = draining
         self.exits = exits
+        self.closes = closes
+        self.silent = silent
         self.agents: list[ScriptedAgent] = []
 
     async def connect(self, link: AgentLink) -> AgentConnection:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
-        agent = ScriptedAgent(draining=len(self.agents) < self.draining, exits=self.exits)
+        dialled = len(self.agents)
+        agent = ScriptedAgent(draining=dialled < self.draining, exits=self.exits,
+                              closes=self.closes, silent=dialled < self.silent)  # fmt: skip
         self.agents.append(agent)
         await loop.create_connection(lambda: agent, sock=theirs)
         _, conn = await loop.create_connection(lambda: AgentConnection(link, 30.0), sock=ours)
         await conn.answered
         return conn
 
-    def pool(self) -> AgentPool:
-        return Pool("agent1", ("127.0.0.1", 9422), self.connect, 16, 60.0, 2.0)
+    def pool(self, dial_timeout: float = 2.0) -> AgentPool:
+        return Pool("agent1", ("127.0.0.1", 9422), self.connect, 16, 60.0, dial_timeout)
 
 
 def request() -> BackendRequest:
@@ -142,6 +160,49 @@ def test_a_second_refusal_for_the_drain_is_final() -> None:
             await backend.open(request(), RecordingSink())
         assert refused.value.detail == "agent refused: it drains"
         assert backend.pool.dials == 2  # retried once, not more
+        await backend.close()
+
+    asyncio.run(body())
+
+
+def test_a_session_whose_connection_the_draining_agent_closed_is_opened_on_a_new_one() -> None:
+    """The agent began its drain as the OPEN was on its way: it said DRAINING and closed the
+    connection, which ran nothing, without an answer for the OPEN. The session never started
+    there, and goes to the agent that replaces it."""
+
+    async def body() -> None:
+        storage = Storage(draining=1, closes=True)
+        backend = AgentBackend("agent1", storage.pool(), WINDOW)
+        link = await backend.pool.acquire("aviato/website")
+        backend.pool.release(link)  # an idle pooled connection, as after an earlier session
+        stream = await backend.open(request(), RecordingSink())
+        first, second = storage.agents
+        assert len(first.opened) == len(second.opened) == 1
+        assert backend.pool.dials == 2
+        assert [each.state for each in backend.pool.links] == [LinkState.OPEN]
+        stream.abort()
+        await backend.close()
+
+    asyncio.run(body())
+
+
+def test_a_connection_on_which_no_channel_opens_in_time_is_handed_out_no_more() -> None:
+    """A peer that stopped answering on a pooled connection (a frozen host, a firewall that
+    forgot the flow): the session waits out the dial timeout there, but the next one dials
+    anew rather than wait there too until the keepalive gives the connection up."""
+
+    async def body() -> None:
+        storage = Storage(draining=0, silent=1)
+        backend = AgentBackend("agent1", storage.pool(dial_timeout=0.2), WINDOW)
+        with pytest.raises(BackendError) as late:
+            await backend.open(request(), RecordingSink())
+        assert late.value.detail == "backend agent1: no channel within 0.2s"
+        stream = await backend.open(request(), RecordingSink())
+        assert backend.pool.dials == 2 and len(storage.agents[1].opened) == 1
+        await asyncio.sleep(0.01)
+        silent = storage.agents[0].transport
+        assert silent is not None and silent.is_closing()  # it ran nothing more: closed
+        stream.abort()
         await backend.close()
 
     asyncio.run(body())
@@ -287,6 +348,31 @@ def test_a_connection_whose_sessions_left_while_it_was_dialled_closes_when_idle(
         (link,) = pool.links
         assert (link.state, link.active, conn.closed) == (LinkState.OPEN, 0, False)
         await asyncio.sleep(0.1)
+        assert (conn.closed, pool.links) == (True, [])
+
+    asyncio.run(body())
+
+
+def test_a_connection_retired_while_it_was_dialled_says_its_sessions_may_go_elsewhere() -> None:
+    """The agent said DRAINING as its handshake ended: the sessions that waited for the dial
+    are told `Draining` (AgentBackend opens them once more), not that the backend failed."""
+
+    async def body() -> None:
+        dialled = asyncio.Event()
+        conn = Closed()
+
+        async def connect(link: Link[Closed]) -> Closed:
+            await dialled.wait()
+            return conn
+
+        pool = Pool("agent1", ("127.0.0.1", 9422), connect, 16, 60.0, 2.0)
+        waiter = asyncio.create_task(pool.acquire("aviato/website"))
+        await asyncio.sleep(0.01)
+        (link,) = pool.links
+        pool.retire(link)
+        dialled.set()
+        with pytest.raises(Draining, match="connection draining"):
+            await waiter
         assert (conn.closed, pool.links) == (True, [])
 
     asyncio.run(body())
