@@ -84,6 +84,10 @@ class Channel:
             unexpected = sorted(set(request.env) - BACKEND_VARIABLES)
             if unexpected:  # GIT_CONFIG_PARAMETERS, LD_PRELOAD: any command at all
                 raise Refused(f"variable {unexpected[0]!r} is not one the agent passes on")
+            if any("\0" in value for value in request.env.values()):
+                raise Refused("a variable's value holds a NUL byte")
+            if verb is Verb.RECEIVE_PACK and request.env.get("KILNPROXY_ACCESS") != "write":
+                raise Refused("git-receive-pack without KILNPROXY_ACCESS=write")  # as a proxy
             path = confine(base, request.path)
             self.stream = await start_command(verb, path, request.env, hook_rc, request.repo, self)
         except (Refused, BackendError) as exc:

@@ -406,7 +406,8 @@ def speak(site: Site, agent: Agent, *frames: bytes) -> list[Frame]:
 def test_only_the_local_backends_commands_run(site: Site) -> None:
     """The agent trusts a proxy's certificate, not its requests: a command that is not git's or
     hg's is refused, and so is a variable that is not one of kilnproxy's (git would run what
-    GIT_CONFIG_PARAMETERS names as its pack-objects hook); a broken frame closes the
+    GIT_CONFIG_PARAMETERS names as its pack-objects hook), a push without write access, and a
+    NUL in a value (which no process environment can hold); a broken frame closes the
     connection."""
     agent = site.agent("strict")
     path = str(site.repo(agent, "strict", "aviato/on-strict"))
@@ -423,6 +424,16 @@ def test_only_the_local_backends_commands_run(site: Site) -> None:
         (Kind.REFUSED, b"variable 'GIT_CONFIG_PARAMETERS' is not one the agent passes on")
     ]
     agent.wait_for_log(r"\[5ca1ab1e\] refused git-upload-pack .* 'GIT_CONFIG_PARAMETERS'")
+    # A push with no write access (hg's are refused by its hook), and a value no process takes.
+    reader = env | {"KILNPROXY_ACCESS": "read"}
+    push = OpenRequest("5ca1ab1e", "aviato/on-strict", "git-receive-pack", path, reader, 65536)
+    nul = OpenRequest("5ca1ab1e", "aviato/on-strict", "git-upload-pack", path,
+                      env | {"KILNPROXY_REPO": "a\0b"}, 65536)  # fmt: skip
+    answers = speak(site, agent, push.encode(1) + nul.encode(2))
+    assert [(a.kind, a.channel, a.payload) for a in answers] == [
+        (Kind.REFUSED, 1, b"git-receive-pack without KILNPROXY_ACCESS=write"),
+        (Kind.REFUSED, 2, b"a variable's value holds a NUL byte"),
+    ]
     assert speak(site, agent, frame(Kind.OPEN, 1, b"{not json")) == []
     agent.wait_for_log(r"proxy 127\.0\.0\.1:\d+: protocol error, closing: OPEN is not JSON")
     assert "started" not in agent.log()
