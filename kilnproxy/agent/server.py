@@ -37,7 +37,7 @@ from typing import cast
 
 from kilnproxy.agent.channel import Channel
 from kilnproxy.agent.connection import ProxyConnection
-from kilnproxy.backends.local import KILL_GRACE, write_hook_rc
+from kilnproxy.backends.local import KILL_GRACE, LocalStream, write_hook_rc
 from kilnproxy.config import Address, Config
 from kilnproxy.errors import OperatorError
 from kilnproxy.logs import reopen
@@ -136,6 +136,9 @@ class Agent:
         self.connections: set[ProxyConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[asyncio.Task[None]] = set()  # channels' starts (of `_tasks`)
+        self._commands: set[LocalStream] = set()  # started and not exited, aborted ones too
+        self._emptied = asyncio.Event()  # no connection is left
+        self._emptied.set()
         self._servers: list[asyncio.Server] = []
         self._drain = asyncio.Event()  # a drain began (TERM, QUIT or INT)
         self._stop = asyncio.Event()  # draining and no connection left, or INT: finish now
@@ -163,11 +166,29 @@ class Agent:
         task = self._spawn(channel.start(self.base, self.hook_rc))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
+        task.add_done_callback(lambda _: self._follow(channel))
+
+    def _follow(self, channel: Channel) -> None:
+        """Keep its command in `_commands` until it has exited, however its channel ends: one
+        aborted as its connection went (SIGTERM, SIGKILL after a grace on this loop) is waited
+        for before the agent exits."""
+        stream = channel.stream
+        if stream is not None:
+            self._commands.add(stream)
+            self._spawn(self._until_exited(stream))
+
+    async def _until_exited(self, stream: LocalStream) -> None:
+        try:
+            await stream.wait_exited()
+        finally:
+            self._commands.discard(stream)
 
     def gone(self, conn: ProxyConnection) -> None:
         self.connections.discard(conn)
-        if self.draining and not self.connections:
-            self._stop.set()
+        if not self.connections:
+            self._emptied.set()
+            if self.draining:
+                self._stop.set()
 
     # -- accepting -------------------------------------------------------------------------------
 
@@ -217,6 +238,7 @@ class Agent:
             return
         conn.connection_made(tls)  # start_tls leaves that to us
         self.connections.add(conn)
+        self._emptied.clear()
         if self.draining:
             conn.drain()
 
@@ -328,28 +350,34 @@ class Agent:
                 await self._stop.wait()
         except TimeoutError:
             log.warning("drain timeout: cutting %d command(s)", self._running())
-            await self._cut(DRAIN_EXPIRED)
+            self._cut(DRAIN_EXPIRED)
         else:
             if self.lifecycle is Lifecycle.STOPPING:
                 log.info("stopping at once: cutting %d command(s)", self._running())
-                await self._cut(STOPPING)
+                self._cut(STOPPING)
+        await self._wrapped_up()
         log.info("agent stopped")
 
-    async def _cut(self, why: str) -> None:
-        """Cut every command still running (`Channel.cut`), close the connections, and wait
-        until the commands have exited: at most the grace before their SIGKILL, which runs on
-        this loop."""
-        channels = [c for conn in list(self.connections) for c in list(conn.channels.values())]
-        for channel in channels:
-            channel.cut(why)
+    def _cut(self, why: str) -> None:
+        """Cut every command still running (`Channel.cut`) and close the connections."""
         for conn in list(self.connections):
+            for channel in list(conn.channels.values()):
+                channel.cut(why)
             conn.close()  # not abort: what was just sent goes first
+
+    async def _wrapped_up(self) -> None:
+        """Before the loop ends: every command has exited, those aborted as their connection
+        went too, and each closed connection has sent what it had (a cut's line for its
+        client). At most the grace before a command's SIGKILL, which runs on this loop, and a
+        moment: a proxy that reads nothing does not hold the agent."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(KILL_GRACE + 0.5):
                 if self._starting:  # a command cut while it started is aborted once it has
                     await asyncio.wait(self._starting)
-                streams = [channel.stream for channel in channels if channel.stream is not None]
-                await asyncio.gather(*(stream.wait_exited() for stream in streams))
+                await asyncio.gather(*(stream.wait_exited() for stream in list(self._commands)))
+                await self._emptied.wait()
+        if self._commands:
+            log.warning("exiting with %d command(s) still running", len(self._commands))
 
 
 def run(config: Config) -> int:

@@ -7,6 +7,7 @@ storage's faults (killed, stopped) in test_faults.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 from agent import Agent, Pki, read_frames
 from conftest import World, make_world
@@ -45,10 +47,15 @@ class Site:
         return self.world.kiln.cli(*args, check=check)
 
     def agent(
-        self, backend: str, pki: Pki | None = None, proxies: Pki | None = None, name: str = ""
+        self,
+        backend: str,
+        pki: Pki | None = None,
+        proxies: Pki | None = None,
+        name: str = "",
+        env: dict[str, str] | None = None,
     ) -> Agent:
         """A started agent, added as `backend`; its certificate signed by `pki` for `name`."""
-        agent = Agent(self.root / backend, pki or self.pki, proxies, name or "127.0.0.1")
+        agent = Agent(self.root / backend, pki or self.pki, proxies, name or "127.0.0.1", env=env)
         self.agents.append(agent)
         agent.start()
         self.cli("backends", "add", backend, agent.url)
@@ -216,6 +223,38 @@ def test_int_or_a_second_term_stops_at_once(site: Site, signals: list[signal.Sig
     assert held.wait(10) == 1
     assert re.fullmatch(CUT.format("is shutting down"), release(held).decode())
     assert agent.processes() == []
+
+
+def test_a_command_aborted_during_the_drain_has_exited_before_the_agent_does(
+    site: Site, tmp_path: Path
+) -> None:
+    """A proxy's connection is lost while the agent drains: its command gets SIGTERM, and
+    SIGKILL after the grace if it takes no notice (as this one, which ignores TERM). The agent
+    exits only once it has: a command left behind runs on in its own process group."""
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "git").write_text("#!/bin/sh\ntrap '' TERM\nexec sleep 60\n")
+    (wrapper / "git").chmod(0o755)
+    agent = site.agent("stubborn", env={"PATH": f"{wrapper}:{os.environ['PATH']}"})
+    path = str(site.repo(agent, "stubborn", "aviato/on-stubborn"))
+    request = OpenRequest("5ca1ab1e", "aviato/on-stubborn", "git-upload-pack", path,
+                          {"KILNPROXY_SESSION": "5ca1ab1e"}, 65536)  # fmt: skip
+    assert agent.proc is not None
+    try:
+        with contextlib.closing(tls_to(site, agent)) as tls:
+            tls.sendall(request.encode(1))
+            agent.wait_for_log(r"\[5ca1ab1e\] started git-upload-pack")
+            (command,) = agent.processes()
+            agent.proc.send_signal(signal.SIGTERM)
+            agent.wait_for_log(r"draining: 1 command\(s\) running")
+        agent.wait_for_log(r"\[5ca1ab1e\] aborting git-upload-pack .*connection from .* lost")
+        started = time.monotonic()
+        assert agent.proc.wait(10) == 0
+        assert time.monotonic() - started > 1.0  # its SIGKILL came KILL_GRACE after its SIGTERM
+        assert not command.is_running()
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess, UnboundLocalError):
+            command.kill()
 
 
 def agent_certificate(agent: Agent, trusted: Pki, proxies: Pki) -> bytes:
