@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,57 @@ def parse_request(line: bytes) -> StatusRequest:
     return StatusRequest(command, str(data.get("session", "")))
 
 
-async def serve(path: Path, handler: Handler) -> asyncio.Server:
-    """Listen on `path` with mode 0600; a stale socket file is replaced."""
+def claim(path: Path) -> None:
+    """Make way for our socket at `path`: a stale socket (nobody listens) is removed. Anything
+    else there is left as it is, and the server does not start: a socket another kilnproxy
+    answers on (its status commands would reach us), or a file that is no socket at all (a
+    mistyped setting must not delete the directory database or a host key)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OperatorError(f"[status] socket {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise OperatorError(f"[status] socket {path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:  # stale: its server is gone
+            path.unlink()
+            return
+        except OSError as exc:
+            if not isinstance(exc, TimeoutError):  # a timeout: a server too busy to accept
+                raise OperatorError(f"[status] socket {path}: {exc.strerror or exc}") from None
+    raise OperatorError(f"[status] socket {path} is in use: is another kilnproxy serving?")
+
+
+@dataclass
+class Listening:
+    """The status socket being served; `close` removes its file, unless another server has
+    put its own there since."""
+
+    server: asyncio.Server
+    path: Path
+    inode: tuple[int, int]  # st_dev, st_ino of the socket file we made
+
+    def close(self) -> None:
+        self.server.close()
+        with contextlib.suppress(OSError):
+            info = self.path.lstat()
+            if (info.st_dev, info.st_ino) == self.inode:
+                self.path.unlink()
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_closed()
+
+
+async def serve(path: Path, handler: Handler) -> Listening:
+    """Listen on `path` with mode 0600 (`claim` first)."""
     # Start-up only, before any client is served: blocking file calls are fine here.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # noqa: ASYNC240
+    claim(path)
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -88,10 +134,14 @@ async def serve(path: Path, handler: Handler) -> asyncio.Server:
     old_umask = os.umask(0o177)
     try:
         server = await asyncio.start_unix_server(on_client, path)
+    except OSError as exc:  # a path too long for a socket's, a directory we may not write
+        reason = exc.strerror or str(exc)
+        raise OperatorError(f"cannot listen on [status] socket {path}: {reason}") from None
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    return server
+    info = os.lstat(path)
+    return Listening(server, path, (info.st_dev, info.st_ino))
 
 
 def request(path: Path, command: str, **args: str) -> dict[str, Any]:

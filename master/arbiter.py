@@ -11,7 +11,6 @@ through it. It must never import asyncssh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -50,9 +49,12 @@ async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> 
     supervisor.catch_signals()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # what came meanwhile is acted on
     sockets = listeners(config.ssh.listen, config.ssh.backlog)
-    status_path = config.status.socket  # a reload does not move it
-    status = await serve_status(status_path, StatusAnswers(board, supervisor).answer)
-    http = await start_http(board, supervisor, config.status)
+    status = await serve_status(config.status.socket, StatusAnswers(board, supervisor).answer)
+    try:  # a reload moves neither
+        http = await start_http(board, supervisor, config.status)
+    except BaseException:
+        status.close()
+        raise
     addresses = ", ".join(str(Address(*sock.getsockname()[:2])) for sock in sockets)
     log.info("kilnproxy %s master %d listening on %s", build_info().version, os.getpid(),
              addresses)  # fmt: skip
@@ -63,8 +65,6 @@ async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> 
         status.close()
         await http.cleanup()
         reports.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            status_path.unlink()
         notifier.close()
     log.info("master exits %d", exit_status)
     return exit_status

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import socket
 import time
@@ -21,6 +22,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kilnproxy.config import StatusSettings, format_uptime
+from kilnproxy.errors import OperatorError
 from kilnproxy.version import build_info
 from master.actions import (
     NoSession,
@@ -281,5 +283,10 @@ async def start(
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE)
     await runner.setup()
     address = settings.http
-    await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+    try:
+        await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+    except OSError as exc:  # in use, not this host's address, a name that does not resolve
+        await runner.cleanup()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OperatorError(f"cannot listen on [status] http {address}: {reason}") from None
     return runner

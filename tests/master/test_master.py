@@ -320,6 +320,32 @@ def test_term_to_one_worker_drains_it_after_its_replacement_is_up(new_world: Fac
     kiln.wait_for_log(rf"worker \d \(pid {victim}\) exited 0 after draining")
 
 
+def test_what_holds_the_status_socket_or_page_is_left_alone(
+    new_world: Factory, tmp_path: Path
+) -> None:
+    """A second server given the first's status socket or page stops with one line, and the
+    first still answers; a status socket path that names another file (a mistyped setting)
+    stops the server, and the file is left as it was."""
+    first = new_world().kiln
+    notes = tmp_path / "second" / "var" / "notes.txt"
+    cases = [
+        ({"socket": str(first.home / "kilnproxy.sock")}, "is in use: is another kilnproxy"),
+        ({"socket": str(notes)}, "exists and is not a socket; not replacing it"),
+        ({"http": f"127.0.0.1:{first.http_port}"}, "cannot listen on [status] http 127.0.0.1:"),
+    ]
+    for settings, message in cases:
+        second = Kiln(tmp_path / "second", {"status": settings})
+        notes.write_text("kept\n")
+        argv = [*KILNPROXY, "serve", "--config", str(second.config_path)]
+        done = run(argv, env=second.server_env(), check=False, timeout=30)
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 2 and message in lines[-1], lines
+        assert notes.read_text() == "kept\n"
+        assert not (second.home / "kilnproxy.sock").exists()  # none left behind
+        assert first.workers()  # the first server still answers on its socket
+        assert first.cli("status").returncode == 0
+
+
 def test_a_worker_that_cannot_boot_stops_the_master(tmp_path: Path, new_world: Factory) -> None:
     w = new_world({"workers": {"count": 2}})
     kiln = w.kiln

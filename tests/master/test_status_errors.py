@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from kilnproxy.errors import OperatorError
 from kilnproxy.status_socket import serve
 from master.actions import (
     NoSession,
@@ -199,3 +200,30 @@ def test_the_status_reply_lists_no_worker_before_any_started(tmp_path: Path) -> 
     }  # fmt: skip
     assert (reply["unauthenticated"], reply["penalised_sources"]) == (0, 0)
     assert reply["fast_path"] == "none"
+
+
+def test_a_stale_status_socket_is_replaced_and_removed_as_the_server_closes(tmp_path: Path) -> None:
+    """One whose server is gone (a master killed with SIGKILL) is taken over; the file is
+    removed at the end only while it is still ours."""
+    path = tmp_path / "status.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # a socket file nobody listens on
+
+    async def handler(request: object) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def body() -> None:
+        listening = await serve(path, handler)
+        with pytest.raises(OperatorError, match="is in use"):
+            await serve(path, handler)
+        listening.close()
+        await listening.wait_closed()
+        assert not path.exists()
+        again = await serve(path, handler)
+        path.unlink()
+        path.write_text("another's\n")  # put there since: left alone
+        again.close()
+        await again.wait_closed()
+        assert path.read_text() == "another's\n"
+
+    asyncio.run(body())
