@@ -154,7 +154,11 @@ def replace_file(path: Path, text: str, mode: int = 0o644) -> None:
         except BaseException:
             os.unlink(out.name)
             raise
-    os.replace(out.name, path)
+    try:
+        os.replace(out.name, path)
+    except BaseException:  # `path` is a directory, say: the copy is not left beside it
+        os.unlink(out.name)
+        raise
 
 
 @contextlib.contextmanager

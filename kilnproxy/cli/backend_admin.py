@@ -44,15 +44,20 @@ def trust(directory: DirectoryStore, config: Config, name: str, timeout: float) 
     try:
         key = asyncio.run(asyncio.wait_for(_host_key(url.host, url.port), timeout))
     except (OSError, TimeoutError, asyncssh.Error) as exc:
-        raise OperatorError(f"cannot reach {url.host}:{url.port}: {exc or 'timed out'}") from None
+        reason = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        raise OperatorError(f"cannot reach {url.host}:{url.port}: {reason}") from None
     if key is None:
         raise OperatorError(f"{url.host}:{url.port} sent no host key")
     host = url.host if url.port == 22 else f"[{url.host}]:{url.port}"
     entry = f"{host} {key.export_public_key().decode().strip()}\n"
     known = config.backend_ssh.known_hosts
-    existing = known.read_text().splitlines(keepends=True) if known.exists() else []
-    kept = [line for line in existing if line.split(" ", 1)[0] != host]
-    replace_file(known, "".join([*kept, entry]))
+    try:
+        existing = known.read_text().splitlines(keepends=True) if known.exists() else []
+        kept = [line for line in existing if line.split(" ", 1)[0] != host]
+        replace_file(known, "".join([*kept, entry]))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OperatorError(f"cannot update [backend_ssh] known_hosts {known}: {reason}") from None
     fingerprint = key.get_fingerprint("sha256")
     replaced = " (replacing the previous key)" if len(kept) != len(existing) else ""
     return [f"{name}: {host} host key {fingerprint}", f"recorded in {known}{replaced}"]

@@ -54,6 +54,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _print(lines: Sequence[str]) -> int:
+    """Print the result of what was done. Output that cannot be written (standard output
+    closed, a full disk) is said on stderr: the change itself stands."""
+    if sys.stdout is None:
+        print("kilnproxy: standard output is closed; the command's output is lost",
+              file=sys.stderr)  # fmt: skip
+        return 1
     try:
         for line in lines:
             print(line)
@@ -61,6 +67,11 @@ def _print(lines: Sequence[str]) -> int:
     except BrokenPipeError:  # what reads our output left early (`| head -1`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
         return 141  # as a shell shows a process that SIGPIPE ended
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        print(f"kilnproxy: cannot write the command's output: {exc.strerror or exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

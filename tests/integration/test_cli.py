@@ -176,6 +176,18 @@ def test_standard_input_closed_or_output_cut_short(cli: tuple[Path, dict[str, st
         cut = subprocess.run([*KILNPROXY, "config"], env=env, stdout=stdout,
                              stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
     assert (cut.returncode, cut.stderr) == (141, b"")
+    # Output that cannot be written: said in one line, and what was done stands.
+    with open("/dev/full", "wb") as full:
+        lost = subprocess.run([*KILNPROXY, "accounts", "add", "hooli"], env=env, stdout=full,
+                              stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+    assert lost.returncode == 1, lost.stderr
+    assert lost.stderr == b"kilnproxy: cannot write the command's output: No space left on device\n"
+    closed = run(["sh", "-c", '"$@" >&-', "sh", *KILNPROXY, "accounts", "add", "piper"], env=env,
+                 check=False)  # fmt: skip
+    assert closed.returncode == 1
+    assert closed.stderr == b"kilnproxy: standard output is closed; the command's output is lost\n"
+    for account in ("hooli", "piper"):
+        assert kp(env, "users", "add", account, "gavin").returncode == 0
 
 
 def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(

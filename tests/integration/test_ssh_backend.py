@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -220,10 +221,25 @@ def random_bytes(mib: int) -> bytes:
     return os.urandom(mib * 1024 * 1024)
 
 
-def test_trust_and_key_commands_speak_one_line_errors(remote: Remote) -> None:
+def test_trust_and_key_commands_speak_one_line_errors(remote: Remote, tmp_path: Path) -> None:
     kiln = remote.world.kiln
     argv = [*KILNPROXY, "backends", "trust", "local", "--config", str(kiln.config_path)]
     done = run(argv, env=kiln.server_env(), check=False)
     assert done.returncode == 2
     expected = "kilnproxy: error: backend 'local' is not an ssh:// backend"
     assert done.stderr.decode().strip() == expected
+    # A known_hosts file that cannot be written (a directory there): one line, nothing left.
+    config = tmp_path / "kilnproxy.toml"
+    blocked = tmp_path / "known_hosts"
+    blocked.mkdir()
+    config.write_text(kiln.config_path.read_text().replace(
+        "[backend_ssh]\n", f"[backend_ssh]\nknown_hosts = {json.dumps(str(blocked))}\n"
+    ))  # fmt: skip
+    argv = [*KILNPROXY, "backends", "trust", "storage1", "--config", str(config)]
+    done = run(argv, env=kiln.server_env(), check=False)
+    assert done.returncode == 2
+    (line,) = done.stderr.decode().splitlines()
+    assert line == f"kilnproxy: error: cannot update [backend_ssh] known_hosts {blocked}: " + (
+        "Is a directory"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kilnproxy.toml", "known_hosts"]
