@@ -28,24 +28,27 @@ from master.http import start as start_http
 from master.notify import Notifier
 from master.sockets import listeners
 from master.status import StatusAnswers
-from master.supervisor import Supervisor
+from master.supervisor import Supervisor, Vet
 
 log = logging.getLogger("kilnproxy.master")
 # Blocked from the start of `kilnproxy serve` until the supervisor's handlers take them.
 HELD_SIGNALS = {signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU}
 
 
-def serve(config: Config, config_arg: str | None) -> int:
+def serve(config: Config, config_arg: str | None, vet: Vet | None = None) -> int:
+    """`vet`: what a HUP's configuration must pass besides loading (Supervisor.vet)."""
     config_path = Path(config_arg).absolute() if config_arg else None
     notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment before any worker starts
-    return asyncio.run(_run(config, config_path, notifier))
+    return asyncio.run(_run(config, config_path, notifier, vet))
 
 
-async def _run(config: Config, config_path: Path | None, notifier: Notifier) -> int:
+async def _run(
+    config: Config, config_path: Path | None, notifier: Notifier, vet: Vet | None
+) -> int:
     setproctitle("kilnproxy: master")
     # Slots of the startup table: a rolling restart runs each old worker beside its new one.
     board = StatusBoard(config.limits.penalty_settings(), max(MIN_SLOTS, 4 * config.workers.count))
-    supervisor = Supervisor(config, config_path, board, notifier)
+    supervisor = Supervisor(config, config_path, board, notifier, vet)
     supervisor.catch_signals()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # what came meanwhile is acted on
     sockets = listeners(config.ssh.listen, config.ssh.backlog)

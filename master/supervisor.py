@@ -74,12 +74,21 @@ class Stopping(enum.Enum):
         return control.Drain(stopping=True) if self is Stopping.DRAIN else control.Stop()
 
 
+Vet = Callable[[Config], None]  # raises OperatorError for what no worker could start with
+
+
 class Supervisor:
     def __init__(
-        self, config: Config, config_path: Path | None, board: StatusBoard, notifier: Notifier
+        self,
+        config: Config,
+        config_path: Path | None,
+        board: StatusBoard,
+        notifier: Notifier,
+        vet: Vet | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.vet = vet  # asks what the master cannot (host keys: asyncssh's, not the master's)
         self.board = board
         self.notifier = notifier
         self.desired = config.workers.count
@@ -155,6 +164,8 @@ class Supervisor:
         self.notifier.reloading()
         try:
             config = load(str(self.config_path) if self.config_path else None)
+            if self.vet is not None:
+                self.vet(config)
         except OperatorError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             if not self._reloading:  # else READY=1 when the restart under way completes

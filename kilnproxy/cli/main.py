@@ -128,7 +128,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.backend_admin import ensure_backend_key
     from kilnproxy.directory import DirectoryUnreachable, check_schema
     from kilnproxy.logs import configure
-    from kilnproxy.ssh.server import ensure_host_keys
+    from kilnproxy.ssh.server import ensure_host_keys, load_host_keys, server_options
     from master.arbiter import HELD_SIGNALS, serve
 
     # Until the master's handlers are in place (checking the directory alone may take a
@@ -148,10 +148,17 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     configure(config.log.format, config.log.level, config.log.file)
     for line in ensure_host_keys(config.ssh.host_keys):
         print(line, file=sys.stderr)
+
+    # What every worker would fail on is said once here, rather than by each worker's boot,
+    # and a HUP is refused for it (SPEC 6: a reload that cannot apply changes nothing).
+    def vet(config: Config) -> None:
+        server_options(config, load_host_keys(config.ssh.host_keys))
+
+    vet(config)
     _, made = ensure_backend_key(config.backend_ssh.key)
     if made:
         print(f"generated backend key {config.backend_ssh.key}", file=sys.stderr)
-    return serve(config, args.config)
+    return serve(config, args.config, vet)
 
 
 def _agent(args: argparse.Namespace, config: Config) -> int:

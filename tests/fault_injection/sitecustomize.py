@@ -1,15 +1,18 @@
 """Injected faults, for tests only: put this directory on PYTHONPATH.
 
 Python imports `sitecustomize` at start-up, so every worker process the master fork+execs picks
-this up. In a worker, opening the repository `aviato/boom` raises inside the session's setup,
-as a bug of ours would; with KILNPROXY_TEST_CRASH_AFTER_READY set, the worker dies half a
-second after it said READY; with KILNPROXY_TEST_CHANNEL_HELD=PATH set, the first worker to
-say READY leaves a `sleep` holding its end of the control channel, writes that pid to PATH, and
-dies half a second later (the channel outlives its worker); with
-KILNPROXY_TEST_ASYNCSSH_VERSION set, asyncssh says it is that version (the fast path's version
-guard). In the master (`kilnproxy serve`), KILNPROXY_TEST_SLOTS=N makes the startup table's
-least size N rather than 64, so that a test can hold every slot with a few workers. The faults
-live in the tests: no client can trigger them.
+this up. The faults live in the tests: no client can trigger them. In a worker:
+- opening the repository `aviato/boom` raises inside the session's setup, as a bug of ours would;
+- KILNPROXY_TEST_CRASH_AFTER_READY: the worker dies half a second after it said READY;
+- KILNPROXY_TEST_CHANNEL_HELD=PATH: the first worker to say READY leaves a `sleep` holding its
+  end of the control channel, writes that pid to PATH, and dies half a second later (the
+  channel outlives its worker);
+- KILNPROXY_TEST_BOOT_FAILS_WHILE=PATH: a worker cannot boot while PATH exists (its host keys
+  fail to load, as in a deploy under way);
+- KILNPROXY_TEST_ASYNCSSH_VERSION: asyncssh says it is that version (the fast path's guard).
+
+In the master (`kilnproxy serve`), KILNPROXY_TEST_SLOTS=N makes the startup table's least size
+N rather than 64, so that a test can hold every slot with a few workers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 if "kilnproxy.worker.process" in sys.orig_argv:
     from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
@@ -32,6 +36,21 @@ if "kilnproxy.worker.process" in sys.orig_argv:
         return await _real_open(self, request, sink)
 
     LocalBackend.open = _faulty_open  # type: ignore[method-assign]
+
+    if os.environ.get("KILNPROXY_TEST_BOOT_FAILS_WHILE"):
+        import asyncssh
+
+        import kilnproxy.ssh.server
+        from kilnproxy.errors import OperatorError
+
+        _real_load = kilnproxy.ssh.server.load_host_keys
+
+        def _load_unless_broken(paths: tuple[Path, ...]) -> list[asyncssh.SSHKeyPair]:
+            if os.path.exists(os.environ["KILNPROXY_TEST_BOOT_FAILS_WHILE"]):
+                raise OperatorError("host key: injected failure (a deploy under way)")
+            return _real_load(paths)
+
+        kilnproxy.ssh.server.load_host_keys = _load_unless_broken  # before the worker imports it
 
     if os.environ.get("KILNPROXY_TEST_ASYNCSSH_VERSION"):
         import asyncssh

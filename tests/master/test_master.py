@@ -234,6 +234,15 @@ def test_hup_with_a_broken_config_changes_nothing(new_world: Factory) -> None:
     )
     time.sleep(1)
     assert {x["pid"] for x in kiln.workers()} == before
+    # A host key no worker could serve with is no better.
+    kiln.config_path.write_text(good)
+    key = kiln.home / "ssh_host_ed25519_key"
+    key.write_text("not a key\n")
+    kiln.send(signal.SIGHUP)
+    kiln.wait_for_log(rf"reload refused, nothing changed: host key {key} is not a usable private")
+    time.sleep(1)
+    assert {x["pid"] for x in kiln.workers()} == before
+    assert "rolling restart" not in kiln.log()
 
 
 def test_hup_says_what_only_a_restart_applies_and_takes_the_log_settings(
@@ -346,34 +355,52 @@ def test_what_holds_the_status_socket_or_page_is_left_alone(
         assert first.cli("status").returncode == 0
 
 
+def booting_fails_while(flag: Path) -> dict[str, str]:
+    """The environment of a server whose workers cannot boot while `flag` exists (as if their
+    host key were broken after the master read it: a deploy under way)."""
+    return {"PYTHONPATH": str(Path(__file__).parents[1] / "fault_injection"),
+            "KILNPROXY_TEST_BOOT_FAILS_WHILE": str(flag)}  # fmt: skip
+
+
 def test_a_worker_that_cannot_boot_stops_the_master(tmp_path: Path, new_world: Factory) -> None:
     w = new_world({"workers": {"count": 2}})
     kiln = w.kiln
     kiln.stop()
-    (kiln.home / "ssh_host_ed25519_key").write_text("not a key\n")
+    flag = tmp_path / "broken"
+    flag.touch()
     started = time.monotonic()
     with kiln.log_path.open("ab") as log:
         proc = subprocess.Popen([*KILNPROXY, "serve", "--config", str(kiln.config_path)],
-                                env=kiln.server_env(), stdout=log, stderr=log)  # fmt: skip
+                                env=kiln.server_env() | booting_fails_while(flag), stdout=log,
+                                stderr=log)  # fmt: skip
     assert proc.wait(timeout=30) == 2  # an operator's problem: systemd does not restart it
     assert time.monotonic() - started < 15
     log_text = kiln.log()
     assert "cannot boot (3 of 3 tries)" in log_text
     assert log_text.count("host key") >= 3 and "the master gives up" in log_text
-
-
-def test_workers_that_cannot_boot_while_others_serve_stop_nothing(new_world: Factory) -> None:
-    """A broken deploy (an unreadable host key) then a HUP, and a worker killed meanwhile: the
-    replacements cannot boot, but the workers that serve go on serving, the held clone is not
-    cut, and the master does not give up. It tries again with its backoff, and once the key is
-    mended the rolling restart completes."""
-    w = new_world({"workers": {"count": 2}})
-    kiln = w.kiln
+    # A host key that is broken before the start is said once, before any worker boots.
     key = kiln.home / "ssh_host_ed25519_key"
-    good = key.read_bytes()
+    key.write_text("not a key\n")
+    argv = [*KILNPROXY, "serve", "--config", str(kiln.config_path)]
+    done = run(argv, env=kiln.server_env(), check=False, timeout=30)
+    assert done.returncode == 2
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith(f"kilnproxy: error: host key {key} is not a usable private key"), line
+
+
+def test_workers_that_cannot_boot_while_others_serve_stop_nothing(
+    new_world: Factory, tmp_path: Path
+) -> None:
+    """A broken deploy (workers that cannot boot, though the master found nothing wrong) then a
+    HUP, and a worker killed meanwhile: the replacements cannot boot, but the workers that serve
+    go on serving, the held clone is not cut, and the master does not give up. It tries again
+    with its backoff, and once the deploy is mended the rolling restart completes."""
+    broken = tmp_path / "broken"
+    w = new_world({"workers": {"count": 2}}, env=booting_fails_while(broken))
+    kiln = w.kiln
     with held_session(w) as client:
         owner = owner_of_held(w)
-        key.write_text("not a key\n")
+        broken.touch()
         kiln.send(signal.SIGHUP)
         kiln.wait_for_log(r"rolling restart to generation 1 stalled: its workers cannot boot",
                           timeout=30)  # fmt: skip
@@ -386,7 +413,7 @@ def test_workers_that_cannot_boot_while_others_serve_stop_nothing(new_world: Fac
         assert "gives up" not in kiln.log()
         accepted = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
         assert accepted.returncode == 0
-        key.write_bytes(good)
+        broken.unlink()
         kiln.wait_for_log(r"rolling restart to generation 1 complete", timeout=60)
         assert finish_upload_pack(client) == 0  # opened before the HUP, finished after it
     wait_until(gone(owner), 10, "the old worker to drain and exit")
