@@ -473,3 +473,16 @@ def test_pki_certificates_find_their_ca_in_a_bundle_of_same_named_cas(
     assert verified.stdout.decode().endswith(": OK\n")
     default_names = {kp(env, "pki", "init", str(tmp_path / d)).stdout for d in ("c1", "c2")}
     assert len(default_names) == 2 and all(b"kilnproxy CA " in n for n in default_names)
+
+
+def test_demo_with_a_host_key_that_cannot_serve_seeds_nothing(
+    cli: tuple[Path, dict[str, str]],
+) -> None:
+    home, env = cli
+    home.mkdir()
+    (home / "ssh_host_ed25519_key").write_text("not a key\n")
+    done = kp(env, "demo")
+    assert done.returncode == 2
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith("kilnproxy: error: host key ") and "not a usable private key" in line
+    assert sorted(p.name for p in home.iterdir()) == ["ssh_host_ed25519_key"]
