@@ -802,6 +802,17 @@ def config_path(explicit: str | None, home: Path) -> Path | None:
     return default if default.exists() else None
 
 
+MAX_CONFIG = 1 << 20  # bytes: a config file is a few KiB; /dev/zero is not one
+
+
+def _read_config(path: Path) -> str:
+    with path.open("rb") as file:
+        data = file.read(MAX_CONFIG + 1)
+    if len(data) > MAX_CONFIG:
+        raise OperatorError(f"config {path} is over {MAX_CONFIG >> 20} MiB: not a config file")
+    return data.decode()
+
+
 def load(
     explicit: str | None = None, environ: dict[str, str] | None = None, text: str | None = None
 ) -> Config:
@@ -811,7 +822,7 @@ def load(
     if text is None:
         source = config_path(explicit, home)
         try:
-            text = source.read_text() if source is not None else None
+            text = _read_config(source) if source is not None else None
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise OperatorError(f"cannot read config {source}: {reason}") from None

@@ -60,6 +60,9 @@ def add_user(directory: DirectoryStore, account: str, user: str, role: str) -> l
     return [f"added user {account}/{user} with role {role}"]
 
 
+MAX_KEY_TEXT = 64 << 10  # an RSA key of 16384 bits, OpenSSH's largest, is under 3 KiB
+
+
 def read_public_key(source: str | None) -> PublicKey:
     """The key of `keys add`, from a file or standard input (`-`). Read before the directory
     is opened: a key pasted by hand takes its time, which is not the directory's."""
@@ -67,14 +70,18 @@ def read_public_key(source: str | None) -> PublicKey:
         if sys.stdin is None:  # started with standard input closed
             raise OperatorError("standard input is closed: give the key with --file")
         try:
-            text = sys.stdin.read()
+            text = sys.stdin.read(MAX_KEY_TEXT + 1)
         except (OSError, UnicodeDecodeError) as exc:
             raise OperatorError(f"cannot read standard input: {exc}") from None
     else:
         try:
-            text = Path(source).read_text()
+            with Path(source).open("rb") as file:
+                text = file.read(MAX_KEY_TEXT + 1).decode()
         except (OSError, UnicodeDecodeError) as exc:
             raise OperatorError(f"cannot read {source}: {exc}") from None
+    if len(text) > MAX_KEY_TEXT:
+        raise OperatorError(f"{source or 'standard input'}: over {MAX_KEY_TEXT >> 10} KiB, "
+                            "which is no public key")  # fmt: skip
     return parse_public_key(text)
 
 
@@ -88,7 +95,8 @@ def list_keys(directory: DirectoryStore, owner: str | None) -> list[str]:
     account = user = None
     if owner:
         account, _, user_part = owner.partition("/")
-        user = user_part or None
+        check_name("account", account)
+        user = check_name("user", user_part) if user_part else None
     rows = directory.list_keys(account, user)
     return [f"{r.fingerprint}  {r.account}/{r.user}  {r.algorithm}  {r.name}" for r in rows]
 
@@ -112,10 +120,10 @@ def add_repo(
 ) -> list[str]:
     kind = Vcs(vcs)
     check_repo(repo, kind)
+    path = check_repo_path(path)
     url = parse_backend_url(directory.backend_url(backend))
     if any(row.repo == repo for row in directory.list_repos(repo.split("/", maxsplit=1)[0])):
         raise OperatorError(f"repository {repo} already exists")
-    path = check_repo_path(path)
     if not init:
         row = directory.add_repo(repo, kind, backend, path)
         return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -248,6 +249,9 @@ def _status_request(command: str) -> Action:
         from kilnproxy.cli.statusview import render
         from kilnproxy.status_socket import request
 
+        if command == "kill" and not re.fullmatch(r"[0-9a-f]{8}", args.session):
+            raise OperatorError(f"{args.session!r} is no session id (8 hex digits, as listed "
+                                "by kilnproxy connections)")  # fmt: skip
         reply = request(
             config.status.socket,
             command,
@@ -394,6 +398,13 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for arg in sys.argv[1:] if argv is None else argv:
+        try:
+            arg.encode()
+        except UnicodeEncodeError:  # bytes the locale could not decode, kept as surrogates
+            shown = repr(os.fsencode(arg))[1:]  # as bytes: 'caf\xe9'
+            print(f"kilnproxy: error: argument {shown} is not UTF-8", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)

@@ -140,6 +140,8 @@ def check_repo_path(path: str | None) -> str | None:
     kept: written one way only (`canonical_path`)."""
     if path is None:
         return None
+    if any(ord(c) < 32 or c == "\x7f" for c in path):  # a row that lists as two lines
+        raise OperatorError(f"--path {path!r} must not hold control characters")
     if not PurePosixPath(path).is_absolute():
         raise OperatorError(f"--path {path!r} must be absolute on the backend")
     if ".." in PurePosixPath(path).parts:

@@ -1,6 +1,7 @@
 """OpenSSH public keys: parsing, fingerprints, and the key policy of SPEC 2.
 
-Accepted: ed25519, ecdsa, rsa of at least 2048 bits (and their security-key variants). Never dsa.
+Accepted: ed25519, ecdsa, rsa of 2048 to 16384 bits (and their security-key variants). Never
+dsa.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kilnproxy.directory.model import PublicKey
 from kilnproxy.errors import OperatorError
 
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384  # OpenSSH's own limit: a larger key costs every login its verification
 _ALLOWED = (
     "ssh-ed25519",
     "sk-ssh-ed25519@openssh.com",
@@ -38,6 +40,8 @@ def policy_problem(key: asyncssh.SSHKey) -> str | None:
         assert isinstance(public, rsa.RSAPublicKey)
         if public.key_size < MIN_RSA_BITS:
             return f"rsa key of {public.key_size} bits is too small (at least {MIN_RSA_BITS})"
+        if public.key_size > MAX_RSA_BITS:
+            return f"rsa key of {public.key_size} bits is too large (at most {MAX_RSA_BITS})"
     return None
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from harness import KILNPROXY, keygen, run
 
 from kilnproxy.config import reference
@@ -220,6 +222,14 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["keys", "add", "aviato/u", "k"], "give the key once: --file PUBKEY, or - for standard"),
         (["keys", "add", "aviato/u", "k", "-", "--file", "/x.pub"], "give the key once"),
         (["keys", "add", "aviato/u", "k", "-", "extra"], "unrecognized arguments: extra"),
+        (["keys", "list", "aviato/b c"], "invalid user name 'b c'"),
+        (["accounts", "add", "caf\udce9"], "argument 'caf\\xe9' is not UTF-8"),
+        (["accounts", "add", "x", "--config", "/dev/zero"], "is over 1 MiB: not a config file"),
+        (["kill", "a\nb"], "'a\\nb' is no session id (8 hex digits"),
+        (
+            ["repos", "add", "aviato/y", "--vcs", "git", "--backend", "local", "--path", "/s/y\n"],
+            "must not hold control characters",
+        ),
         (["keys", "remove", "SHA256:nothing"], "no key SHA256:nothing"),
         (["keys", "list", "nobody"], "no account 'nobody'"),
         (["keys", "list", "nobody/alice"], "no user nobody/alice"),
@@ -276,6 +286,14 @@ def test_bad_keys_are_refused(cli: tuple[Path, dict[str, str]], tmp_path: Path) 
     dsa = DSA_KEY
     refused = kp(env, "keys", "add", "a/u", "dsa", "-", input=dsa)
     assert refused.returncode == 2 and b"not accepted" in refused.stderr, refused.stderr
+    # Over OpenSSH's 16384 bits (a public modulus needs no primes to be written down).
+    modulus = rsa.RSAPublicNumbers(65537, (1 << 16400) + 1).public_key()
+    line = modulus.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    large = kp(env, "keys", "add", "a/u", "large", "-", input=line + b"\n")
+    assert large.returncode == 2 and b"16401 bits is too large" in large.stderr, large.stderr
+    (tmp_path / "huge.pub").write_bytes(b"ssh-ed25519 " + b"A" * (1 << 20))
+    huge = kp(env, "keys", "add", "a/u", "huge", "--file", str(tmp_path / "huge.pub"))
+    assert huge.returncode == 2 and b"over 64 KiB, which is no public key" in huge.stderr
 
 
 def test_keys_as_people_paste_them(cli: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
