@@ -173,6 +173,8 @@ def _agent(args: argparse.Namespace, config: Config) -> int:
 def _pki_init(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.pki import init_ca
 
+    if not args.dir:  # Path("") is the current directory
+        raise OperatorError("DIR must name the CA's directory")
     return _print(init_ca(Path(args.dir), args.name))
 
 

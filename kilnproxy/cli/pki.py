@@ -21,12 +21,16 @@ from kilnproxy.config import is_host_name
 from kilnproxy.errors import OperatorError
 
 CA_DAYS = 3650
+MAX_DAYS = 36500  # a hundred years; x509 dates end in 9999
 COMMON_NAME_MAX = 64  # characters, in x509 (ub-common-name)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a directory should be, too
+        raise OperatorError(f"cannot make the directory {path.parent}: {exc.strerror}") from None
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         raise OperatorError(f"{path} exists already; not overwriting it") from None
@@ -71,6 +75,8 @@ def init_ca(directory: Path, name: str | None) -> list[str]:
 
     Without a name: "kilnproxy CA" and a random suffix (two CAs of one name are easily confused)."""
     name = name or f"kilnproxy CA {secrets.token_hex(4)}"
+    if not name.isprintable():
+        raise OperatorError(f"--name {name!r} must be printable")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     try:
@@ -137,8 +143,11 @@ def _subject_names(names: list[str]) -> list[x509.GeneralName]:
 def issue(ca_dir: Path, kind: str, names: list[str], out: Path, days: int) -> list[str]:
     """OUT.pem and OUT.key: an agent's server certificate for `names` (host names or
     addresses, as the backend URLs write them), or a proxy's client certificate."""
-    if days < 1:
-        raise OperatorError(f"--days must be at least 1, not {days}")
+    if not 1 <= days <= MAX_DAYS:
+        raise OperatorError(f"--days must be 1 to {MAX_DAYS}, not {days}")
+    for name in names:
+        if not name.isprintable():  # a common name on two lines, in every log that shows it
+            raise OperatorError(f"--name {name!r} must be printable")
     if kind == "proxy" and len(names) > 1:  # its certificate names one proxy, in its CN
         raise OperatorError(f"a proxy's certificate has one name, not {len(names)}")
     if not out.name or out.name in (".", ".."):

@@ -433,7 +433,8 @@ def test_pki_refuses_what_a_certificate_cannot_carry_and_writes_nothing(
     for args, message in [
         (["--name", "bücher.example", str(pki / "a")], "cannot issue a certificate for bücher"),
         (["--name", "h" * 65, str(pki / "a")], "cannot issue a certificate for hhh"),
-        (["--name", "h", "--days", "99999999", str(pki / "a")], "cannot issue a certificate"),
+        (["--name", "h", "--days", "99999999", str(pki / "a")], "--days must be 1 to 36500"),
+        (["--name", "h", str(pki / "ca.pem" / "a")], "cannot make the directory"),
         (["--name", "h", "."], "OUT must name the files to write"),
         (["--name", "bad name!", str(pki / "a")], "'bad name!' is neither a host name nor an IP"),
         (["--name=-h.example", str(pki / "a")], "is neither a host name nor an IP address"),
@@ -445,6 +446,17 @@ def test_pki_refuses_what_a_certificate_cannot_carry_and_writes_nothing(
     two = kp(env, "pki", "issue", "--ca", str(pki), "--kind", "proxy", "--name", "p1", "--name",
              "p2", str(pki / "p"))  # fmt: skip
     assert two.returncode == 2 and b"a proxy's certificate has one name, not 2" in two.stderr
+    for args, message in [
+        (["pki", "issue", "--ca", str(pki), "--kind", "proxy", "--name", "p\n1", str(pki / "p")],
+         "--name 'p\\n1' must be printable"),
+        (["pki", "init", "--name", "c\tA", str(tmp_path / "tab")], "--name 'c\\tA' must be"),
+        (["pki", "init", ""], "DIR must name the CA's directory"),
+    ]:  # fmt: skip
+        done = kp(env, *args)
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"kilnproxy: error: {message}"), lines
+    assert not (tmp_path / "tab").exists()
     other = tmp_path / "other"
     assert kp(env, "pki", "init", str(other)).returncode == 0
     mixed = tmp_path / "mixed"  # one CA's certificate, another's key
