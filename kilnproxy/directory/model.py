@@ -142,11 +142,25 @@ def check_repo_path(path: str | None) -> str | None:
         return None
     if any(ord(c) < 32 or c == "\x7f" for c in path):  # a row that lists as two lines
         raise OperatorError(f"--path {path!r} must not hold control characters")
+    if canonical_path(path) == "/":
+        raise OperatorError("--path / is the whole disk, not a repository")
     if not PurePosixPath(path).is_absolute():
         raise OperatorError(f"--path {path!r} must be absolute on the backend")
     if ".." in PurePosixPath(path).parts:
         raise OperatorError(f"--path {path!r} must not go up (..)")
     return canonical_path(path)
+
+
+def storage_host(url: BackendUrl) -> str:
+    """The machine whose disk a backend's paths are on: this one for local backends, else the
+    URL's host (two backends, ssh:// and agent:// say, may reach the same disk)."""
+    return "" if url.scheme == "local" else url.host.lower()
+
+
+def paths_overlap(one: str, other: str) -> bool:
+    """Whether two canonical paths are one place, or one lies inside the other."""
+    a, b = PurePosixPath(one), PurePosixPath(other)
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def canonical_path(path: str) -> str:

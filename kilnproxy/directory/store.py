@@ -28,6 +28,8 @@ from kilnproxy.directory.model import (
     check_repo_path,
     default_repo_path,
     parse_backend_url,
+    paths_overlap,
+    storage_host,
 )
 from kilnproxy.directory.schema import SchemaDb
 from kilnproxy.errors import DirectoryUnavailable, OperatorError
@@ -295,13 +297,26 @@ class DirectoryStore:
             "path": path,
             "now": time.time(),
         }
-        resolved = canonical_path(path or default_repo_path(parse_backend_url(url).base, repo, vcs))
-        for other in self.list_repos():  # a grant on one would give the other's data
-            same = (other.backend, canonical_path(other.path)) == (backend, resolved)
-            if same and other.repo != repo:
-                raise OperatorError(f"{resolved} on {backend} is repository {other.repo}'s")
+        parsed = parse_backend_url(url)
+        resolved = canonical_path(path or default_repo_path(parsed.base, repo, vcs))
+        self._check_place(repo, backend, storage_host(parsed), resolved)
         self._write(sql.ADD_REPO, params, f"repository {repo} already exists")
         return RepoRow(repo, vcs, backend, resolved)
+
+    def _check_place(self, repo: str, backend: str, host: str, path: str) -> None:
+        """A repository's place is its own: not another's (a grant on one would give the
+        other's data), by whichever backend reaches that disk, nor inside or around one."""
+        hosts = {name: storage_host(parse_backend_url(url)) for name, url in self.list_backends()}
+        for other in self.list_repos():
+            there = canonical_path(other.path)
+            if other.repo == repo or hosts.get(other.backend) != host:
+                continue
+            if there == path:
+                raise OperatorError(f"{path} on {backend} is repository {other.repo}'s")
+            if paths_overlap(there, path):
+                where = f"{there} on {other.backend}"
+                raise OperatorError(f"{path} on {backend} and repository {other.repo} ({where}) "
+                                    "would lie one inside the other")  # fmt: skip
 
     def list_repos(self, account: str | None = None) -> list[RepoRow]:
         if account is not None:

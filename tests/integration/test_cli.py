@@ -143,10 +143,25 @@ def test_a_repository_path_is_its_own(cli: tuple[Path, dict[str, str]], tmp_path
         (["aviato/slash", "--path", f"/{home}/repos/aviato/./website.git/"],
          f"{home}/repos/aviato/website.git on local is repository aviato/website's"),
         (["aviato/up", "--path", f"{home}/repos/../elsewhere.git"], "must not go up (..)"),
+        (["aviato/in", "--path", f"{home}/repos/aviato/website.git/objects"],
+         f"and repository aviato/website ({home}/repos/aviato/website.git on local) would lie"),
+        (["aviato/around", "--path", f"{home}/repos/aviato"], "would lie one inside the other"),
+        (["aviato/all", "--path", "/"], "--path / is the whole disk, not a repository"),
+        # Another backend that reaches the same disk: the same place all the same.
+        (["aviato/alias", "--backend", "again", "--path", f"{home}/repos/aviato/website.git"],
+         f"{home}/repos/aviato/website.git on again is repository aviato/website's"),
     ]:  # fmt: skip
+        if "again" in args:
+            assert kp(env, "backends", "add", "again", f"local://{home}/repos/").returncode == 0
         done = kp(env, *add, *args)
         assert done.returncode == 2 and message in done.stderr.decode(), done.stderr
     assert kp(env, "repos", "list").stdout.decode().count("\n") == 1
+    # The same path on another machine's disk is another place.
+    assert kp(env, "backends", "add", "far", "ssh://git@far.example/srv").returncode == 0
+    far = kp(
+        env, *add, "aviato/far", "--backend", "far", "--path", f"{home}/repos/aviato/website.git"
+    )
+    assert far.returncode == 0, far.stderr
 
 
 def test_another_programs_database_is_left_as_it_was(
