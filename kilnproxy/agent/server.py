@@ -58,11 +58,12 @@ def server_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     try:
         context.load_verify_locations(cafile=ca)
-        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise OperatorError(
-            f"[agent] cannot load ca {ca}, cert {cert} or key {key}: {exc}"
-        ) from None
+        raise OperatorError(f"[agent] cannot load ca {ca}: {exc}") from None
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:  # either file: OpenSSL does not say which
+        raise OperatorError(f"[agent] cannot load cert {cert} with key {key}: {exc}") from None
     return context
 
 
@@ -282,6 +283,9 @@ class Agent:
             except OSError as exc:
                 # asyncio words it "error while attempting to bind on address ...": the errno's
                 # own words say it once.
+                if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+                    reason = exc.strerror
+                    raise OperatorError(f"[agent] cannot listen on {address}: {reason}") from None
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 if exc.errno not in _NOT_YET or loop.time() >= deadline:
                     raise OperatorError(f"[agent] cannot listen on {address}: {reason}") from None

@@ -45,9 +45,12 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
         context.load_verify_locations(cafile=ca)
-        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise DialFailed(f"cannot load [backend_agent] ca, cert or key: {exc}") from None
+        raise DialFailed(f"cannot load [backend_agent] ca {ca}: {exc}") from None
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:  # either file: OpenSSL does not say which
+        raise DialFailed(f"cannot load [backend_agent] cert {cert} with key {key}: {exc}") from None
     return context
 
 

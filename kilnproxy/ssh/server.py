@@ -20,7 +20,7 @@ from asyncssh.packet import SSHPacket
 
 from kilnproxy.config import Config
 from kilnproxy.errors import OperatorError
-from kilnproxy.ssh.keys import write_new_key
+from kilnproxy.ssh.keys import policy_problem, write_new_key
 from kilnproxy.ssh.proxy_accept import Address, ProxyListener
 from kilnproxy.ssh.services import Startup
 from kilnproxy.ssh.session import Session, SessionHost
@@ -45,7 +45,11 @@ def load_host_keys(paths: tuple[Path, ...]) -> list[asyncssh.SSHKeyPair]:
     keys = []
     for path in paths:
         try:
-            for pair in asyncssh.load_keypairs([asyncssh.read_private_key(path)]):
+            key = asyncssh.read_private_key(path)
+            problem = policy_problem(key)  # what a client's key may not be, a host key neither
+            if problem is not None:
+                raise OperatorError(f"host key {path}: {problem}")
+            for pair in asyncssh.load_keypairs([key]):
                 pair.host_key_algorithms = [
                     alg for alg in pair.host_key_algorithms if alg in ALLOWED_SIGNATURES
                 ]

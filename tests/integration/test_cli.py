@@ -531,3 +531,21 @@ def test_demo_with_a_host_key_that_cannot_serve_seeds_nothing(
     (line,) = done.stderr.decode().splitlines()
     assert line.startswith("kilnproxy: error: host key ") and "not a usable private key" in line
     assert sorted(p.name for p in home.iterdir()) == ["ssh_host_ed25519_key"]
+
+
+def test_the_agent_says_which_of_its_files_it_cannot_load(
+    cli: tuple[Path, dict[str, str]], ca: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    _, env = cli
+    _, pki = ca
+    config = tmp_path / "agent.toml"
+    for files, message in [
+        (("/nonexistent/ca.pem", pki / "ca.pem", pki / "ca.key"), "cannot load ca /nonexistent/"),
+        ((pki / "ca.pem", pki / "ca.pem", tmp_path), f"cannot load cert {pki / 'ca.pem'} with key"),
+    ]:
+        ca_file, cert, key = files
+        config.write_text(f'[agent]\nlisten = ["127.0.0.1:9"]\nbase = "{tmp_path}"\n'
+                          f'ca = "{ca_file}"\ncert = "{cert}"\nkey = "{key}"\n')  # fmt: skip
+        done = kp(env, "agent", "--config", str(config))
+        (line,) = done.stderr.decode().splitlines()
+        assert done.returncode == 2 and line.startswith(f"kilnproxy: error: [agent] {message}")

@@ -16,6 +16,7 @@ import pytest
 import uvloop
 
 from kilnproxy.config import from_mapping
+from kilnproxy.errors import OperatorError
 from kilnproxy.ssh import server
 
 OURS_AND_STOCK = pytest.mark.parametrize(
@@ -160,3 +161,17 @@ def test_a_channel_keeps_only_git_protocol_and_a_client_reading_nothing_is_not_r
     else:  # what asyncssh alone does: keeps all, and reads on while its writes pile up
         assert set(env) == {"GIT_PROTOCOL", "LANG", "PAD"}
         assert (stopped, again) == (False, True)
+
+
+def test_a_host_key_is_held_to_the_key_policy(tmp_path: Path) -> None:
+    """An RSA host key under 2048 bits is refused as a client's would be, in one line."""
+    small = tmp_path / "rsa_1024"
+    asyncssh.generate_private_key("ssh-rsa", key_size=1024).write_private_key(small)
+    with pytest.raises(OperatorError) as refused:
+        server.load_host_keys((small,))
+    assert (
+        str(refused.value) == f"host key {small}: rsa key of 1024 bits is too small (at least 2048)"
+    )
+    good = tmp_path / "ed25519"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(good)
+    assert len(server.load_host_keys((good,))) == 1
