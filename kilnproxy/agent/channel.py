@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from kilnproxy.agent.paths import Refused, confine
+from kilnproxy.agent.paths import PathChecks, Refused
 from kilnproxy.backends.base import BACKEND_VARIABLES
 from kilnproxy.backends.frames import (
     MAX_PAYLOAD,
@@ -41,6 +41,7 @@ log = logging.getLogger("kilnproxy.agent")
 # nothing.
 GATHER = 0.001
 CUT_STATUS = 1  # a command the agent cut (its drain expired, or it stops at once): SPEC 3
+CHECKS = PathChecks()  # the agent's: one loop, one process
 
 
 class Wire(Protocol):
@@ -88,7 +89,7 @@ class Channel:
                 raise Refused("a variable's value holds a NUL byte")
             if verb is Verb.RECEIVE_PACK and request.env.get("KILNPROXY_ACCESS") != "write":
                 raise Refused("git-receive-pack without KILNPROXY_ACCESS=write")  # as a proxy
-            path = confine(base, request.path)
+            path = await CHECKS.confine(base, request.path)
             self.stream = await start_command(verb, path, request.env, hook_rc, request.repo, self)
         except (Refused, BackendError) as exc:
             detail = exc.detail if isinstance(exc, BackendError) else str(exc)

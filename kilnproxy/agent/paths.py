@@ -6,15 +6,24 @@ instead of the path itself: git opens PATH/.git before PATH, and PATH.git/.git a
 PATH is no repository; hg opens PATH/.hg. And so is a repository there that names its data
 elsewhere: a gitfile (a `.git` file saying `gitdir: DIR`), a shared hg repository's
 `.hg/sharedpath`. What lies inside a repository (its hooks, config, alternates) is the
-operator's, and trusted as such: the rule is about which repository a proxy may ask for.
+operator's, and trusted as such: the rule is about which repository a proxy may ask for. The
+agent checks off its loop (`PathChecks`): the check reads the disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 from kilnproxy.errors import KilnproxyError
+
+# The check reads the disk (a stat of every component, a gitfile): a repository on a disk that
+# has stopped answering (a hung NFS mount) must hold its own request only, not the agent's loop.
+CHECK_WITHIN = 5.0  # seconds before such a request is refused
+STUCK_AT_MOST = 8  # checks left waiting on a disk; past them a request is refused at once
 
 
 class Refused(KilnproxyError):
@@ -68,3 +77,50 @@ def _pointer(opened: Path) -> Path | None:
 def _first_line(path: Path) -> str:
     with path.open("rb") as file:
         return file.read(4096).decode(errors="replace").split("\n", 1)[0].strip()
+
+
+class PathChecks:
+    """`confine` off the agent's loop, each in a daemon thread of its own: one that a disk never
+    answers is given up after `within` seconds and left behind (it holds no pool that another
+    check would queue for, and the agent's exit does not wait for it). At most `stuck` of them
+    wait at once: a disk that answers none is not left to pile up threads."""
+
+    def __init__(self, within: float = CHECK_WITHIN, stuck: int = STUCK_AT_MOST) -> None:
+        self.within = within
+        self.stuck = stuck
+        self.running = 0  # threads started and not ended, counted on the loop
+
+    async def confine(self, base: Path, requested: str) -> Path:
+        if self.running >= self.stuck:
+            raise Refused(f"path {requested!r}: {self.running} path check(s) still wait on "
+                          "the disk")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        checked: asyncio.Future[Path] = loop.create_future()
+
+        def check() -> None:
+            try:
+                outcome: Path | BaseException = confine(base, requested)
+            except BaseException as exc:  # the waiting request gets it
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(self._ended, checked, outcome)
+
+        self.running += 1
+        threading.Thread(target=check, name="path check", daemon=True).start()
+        try:
+            async with asyncio.timeout(self.within):
+                return await checked
+        except TimeoutError:
+            detail = f"the disk did not answer within {self.within:g}s"
+            raise Refused(f"path {requested!r}: {detail}") from None
+
+    def _ended(self, checked: asyncio.Future[Path], outcome: Path | BaseException) -> None:
+        self.running -= 1
+        if checked.done():  # given up meanwhile
+            return
+        if isinstance(outcome, Exception):
+            checked.set_exception(outcome)
+        elif isinstance(outcome, BaseException):  # raised in the loop, it would stop it
+            checked.set_exception(RuntimeError(f"path check: {outcome!r}"))
+        else:
+            checked.set_result(outcome)

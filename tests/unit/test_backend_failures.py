@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import cast
@@ -16,6 +18,7 @@ from sinks import RecordingSink
 
 from kilnproxy.agent.channel import Channel
 from kilnproxy.agent.connection import ProxyConnection
+from kilnproxy.agent.paths import PathChecks
 from kilnproxy.backends import local
 from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.frames import Kind, OpenRequest, count_frame, frame
@@ -102,6 +105,53 @@ def test_an_agent_channel_that_fails_to_start_is_refused_at_once(
     (failure,) = [r for r in caplog.records if r.message.startswith("cannot start")]
     assert failure.session == "3f9c2a1b"  # type: ignore[attr-defined]
     assert "RuntimeError: a bug" in caplog.text
+
+
+def test_a_path_check_on_a_disk_that_does_not_answer_holds_only_its_own_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's path check reads the disk in a thread: a repository on a hung mount is
+    refused after its time, the agent's loop (every other session) running meanwhile; with as
+    many checks stuck as it allows, the next is refused at once; and the agent's exit does not
+    wait for a check the disk never answers."""
+    stuck = threading.Event()
+
+    def hung(base: Path, requested: str) -> Path:
+        stuck.wait(10)  # a stat on a mount that does not answer
+        return base / "a.git"
+
+    monkeypatch.setattr("kilnproxy.agent.paths.confine", hung)
+    monkeypatch.setattr("kilnproxy.agent.channel.CHECKS", PathChecks(within=0.3, stuck=1))
+    request = OpenRequest("3f9c2a1b", "aviato/website", "git-upload-pack",
+                          str(tmp_path / "a.git"), {}, 65536)  # fmt: skip
+    first, second = Wire(), Wire()
+
+    async def body() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(tick())
+        await Channel(first, 1, request, 65536).start(tmp_path, tmp_path / "hg.rc")
+        await Channel(second, 2, request, 65536).start(tmp_path, tmp_path / "hg.rc")
+        ticking.cancel()
+        return ticks
+
+    started = time.monotonic()
+    try:
+        assert asyncio.run(body()) >= 10  # 0.3 s of a loop that was never held
+        assert time.monotonic() - started < 5  # not joined at exit: it waits 10 s
+    finally:
+        stuck.set()
+    path = str(tmp_path / "a.git")
+    answer = f"path {path!r}: the disk did not answer within 0.3s".encode()
+    assert first.sent == [frame(Kind.REFUSED, 1, answer)]
+    answer = f"path {path!r}: 1 path check(s) still wait on the disk".encode()
+    assert second.sent == [frame(Kind.REFUSED, 2, answer)]
 
 
 class Host:
