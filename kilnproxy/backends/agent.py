@@ -64,6 +64,7 @@ class AgentConnection(FrameConnection["AgentStream"]):
         self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next_channel = 1
         self._heard = True  # anything received since the last keepalive tick
+        self.received = 0  # bytes, all told (the pool's `heard`)
         self._missed = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -76,6 +77,7 @@ class AgentConnection(FrameConnection["AgentStream"]):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._heard = True
+        self.received += nbytes
         super().buffer_updated(nbytes)
 
     def protocol_error(self, error: FrameError) -> None:
@@ -236,7 +238,7 @@ class AgentStream:
         error = BackendError(self._repo, f"backend {self._pool.name}: {detail}")
         if not self.started.done():
             if retired:
-                error = Draining(self._repo, f"{error.detail} before the channel started")
+                error = Draining(self._repo, f"{detail} before the channel started")
             self.started.set_exception(error)
             return
         sink, self.sink = self.sink, None
@@ -349,7 +351,8 @@ def agent_pool(
             raise
         return conn
 
-    return Pool(name, address, connect, max_sessions, idle, dial_timeout, on_dial)
+    return Pool(name, address, connect, max_sessions, idle, dial_timeout, on_dial,
+                heard=lambda conn: conn.received)  # fmt: skip
 
 
 class AgentBackend:

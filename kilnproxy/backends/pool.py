@@ -9,10 +9,11 @@ it takes no new channel (an agent that drains) is retired: never handed out agai
 once its last channel has ended; a session that was to open its channel there is told so
 (`Draining`), and may open it on another connection. Every dial is bounded by the dial timeout,
 TCP connect and handshake together, and so is opening a channel on a connection
-(`open_channel`). A connection on which a channel did not open in time is retired too: a peer
-that has stopped answering there (a frozen host, a firewall that forgot the flow) would
-otherwise be handed every next session, each to wait out the dial timeout in turn, until the
-keepalive gives the connection up. What a
+(`open_channel`). A connection on which a channel did not open in time, and on which nothing at
+all came meanwhile, is retired too: a peer that has stopped answering there (a frozen host, a
+firewall that forgot the flow) would otherwise be handed every next session, each to wait out
+the dial timeout in turn, until the keepalive gives the connection up. (One that is only slow to
+start that command, while its other channels flow, is not: a new dial would not help.) What a
 connection is (an SSH connection for ssh://, a TLS one for agent://) and how a channel starts on
 it are the backend's business: the pool only counts.
 """
@@ -97,11 +98,13 @@ class Pool(Generic[C]):
         idle: float,
         dial_timeout: float,
         on_dial: Callable[[float], None] | None = None,
+        heard: Callable[[C], int] | None = None,
     ) -> None:
         self.name = name
         self.address = address
         self.connect = connect
         self.on_dial = on_dial  # told how long each successful dial took
+        self.heard = heard  # bytes a connection has received so far, where it counts them
         self.max_sessions = max_sessions
         self.idle = idle
         self.dial_timeout = dial_timeout
@@ -134,10 +137,9 @@ class Pool(Generic[C]):
         if link.state is not LinkState.OPEN:
             state = link.state  # a release may close it
             self.release(link)
-            detail = failure or f"backend {self.name}: connection {state.value}"
             if state is LinkState.DRAINING:  # the peer said so while it was dialled
-                raise Draining(repo, detail)
-            raise BackendError(repo, detail)
+                raise Draining(repo, "the peer drains the connection dialled")
+            raise BackendError(repo, failure or f"backend {self.name}: connection {state.value}")
         return link
 
     async def open_channel(
@@ -151,16 +153,20 @@ class Pool(Generic[C]):
         wedged storage server cannot hang the session. However the start fails, cancelled too
         (the client left meanwhile), the stream is aborted, which gives its slot back."""
         link = await self.acquire(repo)
-        assert link.conn is not None
+        conn = link.conn
+        assert conn is not None
+        heard = self.heard(conn) if self.heard is not None else None
         stream = stream_on(link)
         try:
             async with asyncio.timeout(self.dial_timeout):
-                await start(stream, link.conn)
+                await start(stream, conn)
         except TimeoutError:
-            detail = f"backend {self.name}: no channel within {self.dial_timeout:g}s"
-            self.retire(link, f"{detail}: new sessions go to another connection")
+            late = f"no channel within {self.dial_timeout:g}s"
+            if heard is not None and self.heard is not None and self.heard(conn) == heard:
+                self.retire(link, f"{late}, and nothing else came: new sessions go to another "
+                                  "connection")  # fmt: skip
             stream.abort()
-            raise BackendError(repo, detail) from None
+            raise BackendError(repo, f"backend {self.name}: {late}") from None
         except BaseException:
             stream.abort()
             raise

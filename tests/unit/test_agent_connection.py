@@ -122,7 +122,8 @@ class Storage:
         return conn
 
     def pool(self, dial_timeout: float = 2.0) -> AgentPool:
-        return Pool("agent1", ("127.0.0.1", 9422), self.connect, 16, 60.0, dial_timeout)
+        return Pool("agent1", ("127.0.0.1", 9422), self.connect, 16, 60.0, dial_timeout,
+                    heard=lambda conn: conn.received)  # fmt: skip
 
 
 def request() -> BackendRequest:
@@ -202,6 +203,16 @@ def test_a_connection_on_which_no_channel_opens_in_time_is_handed_out_no_more() 
         await asyncio.sleep(0.01)
         silent = storage.agents[0].transport
         assert silent is not None and silent.is_closing()  # it ran nothing more: closed
+        # A connection that is only slow to start one command, while the rest of what it
+        # carries flows (here a PONG): the session gives up, the connection stays.
+        storage.agents[1].silent = True
+        opening = asyncio.create_task(backend.open(request(), RecordingSink()))
+        await asyncio.sleep(0.1)
+        storage.agents[1].send(frame(Kind.PONG, CONTROL))
+        with pytest.raises(BackendError, match=r"no channel within 0\.2s"):
+            await opening
+        assert backend.pool.dials == 2
+        assert [link.state for link in backend.pool.links] == [LinkState.OPEN]
         stream.abort()
         await backend.close()
 
@@ -371,7 +382,7 @@ def test_a_connection_retired_while_it_was_dialled_says_its_sessions_may_go_else
         (link,) = pool.links
         pool.retire(link)
         dialled.set()
-        with pytest.raises(Draining, match="connection draining"):
+        with pytest.raises(Draining, match="the peer drains the connection dialled"):
             await waiter
         assert (conn.closed, pool.links) == (True, [])
 
