@@ -14,6 +14,8 @@ an internal error. This module must import nothing of ours: everything else impo
 from __future__ import annotations
 
 import enum
+import os
+import socket
 from typing import Protocol
 
 
@@ -142,3 +144,14 @@ class CutReason(enum.Enum):
 
     def client_line(self, session_id: str) -> str:
         return client_line(self.value, session_id)
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong, in the system's words: a resolver's (a gaierror's errno is negative,
+    and has none of os.strerror's), an errno's (asyncio rewords a bind's: "error while
+    attempting to bind on address ..."), else the message."""
+    if isinstance(exc, socket.gaierror):
+        return str(exc.strerror)
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kilnproxy.errors import KilnproxyError, OperatorError
+from kilnproxy.errors import KilnproxyError, OperatorError, os_reason
 
 log = logging.getLogger("kilnproxy.status")
 MAX_REQUEST = 4096
@@ -82,9 +82,10 @@ def claim(path: Path) -> None:
         except ConnectionRefusedError:  # stale: its server is gone
             path.unlink()
             return
+        except (TimeoutError, BlockingIOError):  # a server too busy to accept: in use
+            pass
         except OSError as exc:
-            if not isinstance(exc, TimeoutError):  # a timeout: a server too busy to accept
-                raise OperatorError(f"[status] socket {path}: {exc.strerror or exc}") from None
+            raise OperatorError(f"[status] socket {path}: {os_reason(exc)}") from None
     raise OperatorError(f"[status] socket {path} is in use: is another kilnproxy serving?")
 
 
@@ -135,8 +136,7 @@ async def serve(path: Path, handler: Handler) -> Listening:
     try:
         server = await asyncio.start_unix_server(on_client, path)
     except OSError as exc:  # a path too long for a socket's, a directory we may not write
-        reason = exc.strerror or str(exc)
-        raise OperatorError(f"cannot listen on [status] socket {path}: {reason}") from None
+        raise OperatorError(f"cannot listen on [status] socket {path}: {os_reason(exc)}") from None
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import socket
 import time
@@ -22,7 +21,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kilnproxy.config import StatusSettings, format_uptime
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import OperatorError, os_reason
 from kilnproxy.version import build_info
 from master.actions import (
     NoSession,
@@ -287,6 +286,5 @@ async def start(
         await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
     except OSError as exc:  # in use, not this host's address, a name that does not resolve
         await runner.cleanup()
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise OperatorError(f"cannot listen on [status] http {address}: {reason}") from None
+        raise OperatorError(f"cannot listen on [status] http {address}: {os_reason(exc)}") from None
     return runner

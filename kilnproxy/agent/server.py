@@ -27,7 +27,6 @@ import contextlib
 import enum
 import errno
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -39,7 +38,7 @@ from kilnproxy.agent.channel import Channel
 from kilnproxy.agent.connection import ProxyConnection
 from kilnproxy.backends.local import KILL_GRACE, LocalStream, write_hook_rc
 from kilnproxy.config import Address, Config
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import OperatorError, os_reason
 from kilnproxy.logs import reopen
 from kilnproxy.policy.admission import RefusalLog
 
@@ -283,10 +282,7 @@ class Agent:
             except OSError as exc:
                 # asyncio words it "error while attempting to bind on address ...": the errno's
                 # own words say it once.
-                if isinstance(exc, socket.gaierror):  # a host name that does not resolve
-                    reason = exc.strerror
-                    raise OperatorError(f"[agent] cannot listen on {address}: {reason}") from None
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                reason = os_reason(exc)
                 if exc.errno not in _NOT_YET or loop.time() >= deadline:
                     raise OperatorError(f"[agent] cannot listen on {address}: {reason}") from None
                 if not waited:
