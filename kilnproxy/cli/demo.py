@@ -20,7 +20,7 @@ from kilnproxy.errors import OperatorError
 from kilnproxy.policy.access import Role
 from kilnproxy.policy.commands import Vcs
 from kilnproxy.ssh.keys import parse_public_key, write_new_key
-from kilnproxy.ssh.server import ensure_host_keys, load_host_keys
+from kilnproxy.ssh.server import ensure_host_keys, serving_options
 
 ACCOUNT = "demo"
 USER = "demo"
@@ -30,7 +30,7 @@ AUTHOR = "kilnproxy demo <demo@example.com>"
 
 def seed(config: Config) -> list[str]:
     ensure_host_keys(config.ssh.host_keys)
-    load_host_keys(config.ssh.host_keys)  # one that cannot serve is said before anything is seeded
+    serving_options(config)  # what no worker could serve with is said before anything is seeded
     directory = directory_for(config)
     try:
         _ensure_user(directory)

@@ -61,6 +61,12 @@ def load_host_keys(paths: tuple[Path, ...]) -> list[asyncssh.SSHKeyPair]:
     return keys
 
 
+def serving_options(config: Config) -> asyncssh.SSHServerConnectionOptions:
+    """The host keys read and the options built: what a worker serves with, and what `serve`,
+    `demo` and a HUP check first (OperatorError: no worker could start with them)."""
+    return server_options(config, load_host_keys(config.ssh.host_keys))
+
+
 def server_options(
     config: Config, keys: list[asyncssh.SSHKeyPair]
 ) -> asyncssh.SSHServerConnectionOptions:

@@ -25,7 +25,7 @@ from kilnproxy.control import PoolStats, SessionStats, StartupTable, WorkerStats
 from kilnproxy.directory import directory_for
 from kilnproxy.errors import CutReason
 from kilnproxy.ssh.fast_path import fast_path_state
-from kilnproxy.ssh.server import listen, load_host_keys, server_options
+from kilnproxy.ssh.server import listen, serving_options
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost
 from kilnproxy.worker.admission import WorkerAdmission
@@ -87,7 +87,7 @@ class Worker:
 
     async def start(self) -> None:
         asyncio.get_running_loop().set_exception_handler(_log_loop_error)
-        options = server_options(self.config, load_host_keys(self.config.ssh.host_keys))
+        options = serving_options(self.config)
         for sock in self._sockets:
             self._acceptors.append(await listen(sock, self.host, options))
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
