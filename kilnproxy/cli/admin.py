@@ -21,7 +21,6 @@ from kilnproxy.directory.model import (
     PublicKey,
     check_name,
     check_repo_path,
-    default_repo_path,
     parse_backend_url,
 )
 from kilnproxy.errors import BadCommand, OperatorError
@@ -129,7 +128,7 @@ def add_repo(
         return [f"added repository {row.repo} ({vcs}) on backend {row.backend} at {row.path}"]
     if url.scheme != "local":
         raise OperatorError("--init creates repositories on local backends only")
-    row_path = Path(path or default_repo_path(url.base, repo, kind))
+    row_path = Path(directory.check_place(repo, kind, backend, path))  # before anything is made
     with new_repository(row_path, kind):  # in place, then its row; gone if the row fails
         row = directory.add_repo(repo, kind, backend, path)
     return [

@@ -45,7 +45,7 @@ class OneLineParser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        if not self._intermixed:
+        if not self._intermixed or (args is not None and "--" in args):  # `--`: all positional
             return super().parse_known_args(args, namespace)
         self._intermixed = False  # parse_known_intermixed_args calls back here, twice
         try:
@@ -129,7 +129,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.cli.backend_admin import ensure_backend_key
     from kilnproxy.directory import DirectoryUnreachable, check_schema
     from kilnproxy.logs import configure
-    from kilnproxy.ssh.server import ensure_host_keys, load_host_keys, server_options
+    from kilnproxy.ssh.server import ensure_host_keys, serving_options
     from master.arbiter import HELD_SIGNALS, serve
 
     # Until the master's handlers are in place (checking the directory alone may take a
@@ -153,7 +153,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     # What every worker would fail on is said once here, rather than by each worker's boot,
     # and a HUP is refused for it (SPEC 6: a reload that cannot apply changes nothing).
     def vet(config: Config) -> None:
-        server_options(config, load_host_keys(config.ssh.host_keys))
+        serving_options(config)
 
     vet(config)
     _, made = ensure_backend_key(config.backend_ssh.key)
@@ -298,6 +298,7 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
 
     keys = commands.add_parser("keys", help="public keys").add_subparsers(dest="sub", required=True)
     sub = command(keys, "add", _keys_add, "add a key")
+    sub.description = "Add a public key: from a file (--file PUBKEY), or standard input (-)."
     sub.add_argument("owner", metavar="ACCOUNT/USER")
     sub.add_argument("name", metavar="KEY_NAME")
     sub.add_argument(

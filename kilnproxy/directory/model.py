@@ -151,10 +151,11 @@ def check_repo_path(path: str | None) -> str | None:
     return canonical_path(path)
 
 
-def storage_host(url: BackendUrl) -> str:
-    """The machine whose disk a backend's paths are on: this one for local backends, else the
-    URL's host (two backends, ssh:// and agent:// say, may reach the same disk)."""
-    return "" if url.scheme == "local" else url.host.lower()
+def storage_of(url: BackendUrl) -> tuple[str, str, int]:
+    """The disk a backend's paths are on, as far as its URL tells: this machine's for every
+    local backend; for ssh:// and agent://, the server at the URL's host and port (another
+    port may be another machine behind one address, or a container of its own)."""
+    return ("local", "", 0) if url.scheme == "local" else (url.scheme, url.host.lower(), url.port)
 
 
 def paths_overlap(one: str, other: str) -> bool:

@@ -29,7 +29,7 @@ from kilnproxy.directory.model import (
     default_repo_path,
     parse_backend_url,
     paths_overlap,
-    storage_host,
+    storage_of,
 )
 from kilnproxy.directory.schema import SchemaDb
 from kilnproxy.errors import DirectoryUnavailable, OperatorError
@@ -287,7 +287,6 @@ class DirectoryStore:
 
     def add_repo(self, repo: str, vcs: Vcs, backend: str, path: str | None) -> RepoRow:
         account, _, name = repo.partition("/")
-        url = self.backend_url(backend)
         path = check_repo_path(path)
         params = {
             "account_id": self._account_id(account),
@@ -297,19 +296,21 @@ class DirectoryStore:
             "path": path,
             "now": time.time(),
         }
-        parsed = parse_backend_url(url)
-        resolved = canonical_path(path or default_repo_path(parsed.base, repo, vcs))
-        self._check_place(repo, backend, storage_host(parsed), resolved)
+        resolved = self.check_place(repo, vcs, backend, path)
         self._write(sql.ADD_REPO, params, f"repository {repo} already exists")
         return RepoRow(repo, vcs, backend, resolved)
 
-    def _check_place(self, repo: str, backend: str, host: str, path: str) -> None:
-        """A repository's place is its own: not another's (a grant on one would give the
-        other's data), by whichever backend reaches that disk, nor inside or around one."""
-        hosts = {name: storage_host(parse_backend_url(url)) for name, url in self.list_backends()}
+    def check_place(self, repo: str, vcs: Vcs, backend: str, path: str | None) -> str:
+        """Where `repo` would be on `backend` (`path`, or the backend's default): a place of its
+        own, not another repository's (a grant on one would give the other's data), by
+        whichever backend reaches that disk, nor inside or around one."""
+        url = parse_backend_url(self.backend_url(backend))
+        path = canonical_path(check_repo_path(path) or default_repo_path(url.base, repo, vcs))
+        disk = storage_of(url)
+        disks = {name: storage_of(parse_backend_url(u)) for name, u in self.list_backends()}
         for other in self.list_repos():
             there = canonical_path(other.path)
-            if other.repo == repo or hosts.get(other.backend) != host:
+            if other.repo == repo or disks.get(other.backend) != disk:
                 continue
             if there == path:
                 raise OperatorError(f"{path} on {backend} is repository {other.repo}'s")
@@ -317,6 +318,7 @@ class DirectoryStore:
                 where = f"{there} on {other.backend}"
                 raise OperatorError(f"{path} on {backend} and repository {other.repo} ({where}) "
                                     "would lie one inside the other")  # fmt: skip
+        return path
 
     def list_repos(self, account: str | None = None) -> list[RepoRow]:
         if account is not None:

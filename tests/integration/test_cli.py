@@ -156,12 +156,20 @@ def test_a_repository_path_is_its_own(cli: tuple[Path, dict[str, str]], tmp_path
         done = kp(env, *add, *args)
         assert done.returncode == 2 and message in done.stderr.decode(), done.stderr
     assert kp(env, "repos", "list").stdout.decode().count("\n") == 1
-    # The same path on another machine's disk is another place.
-    assert kp(env, "backends", "add", "far", "ssh://git@far.example/srv").returncode == 0
-    far = kp(
-        env, *add, "aviato/far", "--backend", "far", "--path", f"{home}/repos/aviato/website.git"
-    )
-    assert far.returncode == 0, far.stderr
+    # --init makes nothing where it would be refused.
+    inside = home / "repos" / "aviato" / "website.git" / "nested"
+    nested = kp(env, *add, "aviato/nested", "--init", "--path", str(inside))
+    assert nested.returncode == 2 and b"would lie one inside the other" in nested.stderr
+    assert not inside.exists()
+    # The same path on another machine's disk is another place; behind another port, too.
+    website = f"{home}/repos/aviato/website.git"
+    for backend, url in [
+        ("far", "ssh://git@far.example/srv"),
+        ("far2", "ssh://git@far.example:2222/srv"),
+    ]:
+        assert kp(env, "backends", "add", backend, url).returncode == 0
+        done = kp(env, *add, f"aviato/{backend}", "--backend", backend, "--path", website)
+        assert done.returncode == 0, done.stderr
 
 
 def test_another_programs_database_is_left_as_it_was(
@@ -241,6 +249,8 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["accounts", "add", "caf\udce9"], "argument 'caf\\xe9' is not UTF-8"),
         (["accounts", "add", "x", "--config", "/dev/zero"], "is over 1 MiB: not a config file"),
         (["kill", "a\nb"], "'a\\nb' is no session id (8 hex digits"),
+        (["kill", "--", "-abcdef1"], "'-abcdef1' is no session id"),  # `--`: positionals follow
+        (["accounts", "add", "--", "-acc"], "invalid account name '-acc'"),
         (
             ["repos", "add", "aviato/y", "--vcs", "git", "--backend", "local", "--path", "/s/y\n"],
             "must not hold control characters",
