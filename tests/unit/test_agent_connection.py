@@ -341,16 +341,21 @@ def test_a_dial_that_times_out_after_its_handshake_closes_its_connection(tmp_pat
     asyncio.run(body())
 
 
+def dialled_when_set(idle: float) -> tuple[Pool[Closed], asyncio.Event, Closed]:
+    """A pool whose dial of its one connection ends when the event is set."""
+    dialled = asyncio.Event()
+    conn = Closed()
+
+    async def connect(link: Link[Closed]) -> Closed:
+        await dialled.wait()
+        return conn
+
+    return Pool("agent1", ("127.0.0.1", 9422), connect, 16, idle, 2.0), dialled, conn
+
+
 def test_a_connection_whose_sessions_left_while_it_was_dialled_closes_when_idle() -> None:
     async def body() -> None:
-        dialled = asyncio.Event()
-        conn = Closed()
-
-        async def connect(link: Link[Closed]) -> Closed:
-            await dialled.wait()
-            return conn
-
-        pool = Pool("agent1", ("127.0.0.1", 9422), connect, 16, 0.05, 2.0)
+        pool, dialled, conn = dialled_when_set(idle=0.05)
         waiter = asyncio.create_task(pool.acquire("aviato/website"))
         await asyncio.sleep(0.01)
         waiter.cancel()  # the only session waiting for it: its client left
@@ -369,14 +374,7 @@ def test_a_connection_retired_while_it_was_dialled_says_its_sessions_may_go_else
     are told `Draining` (AgentBackend opens them once more), not that the backend failed."""
 
     async def body() -> None:
-        dialled = asyncio.Event()
-        conn = Closed()
-
-        async def connect(link: Link[Closed]) -> Closed:
-            await dialled.wait()
-            return conn
-
-        pool = Pool("agent1", ("127.0.0.1", 9422), connect, 16, 60.0, 2.0)
+        pool, dialled, conn = dialled_when_set(idle=60.0)
         waiter = asyncio.create_task(pool.acquire("aviato/website"))
         await asyncio.sleep(0.01)
         (link,) = pool.links
