@@ -222,6 +222,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         return False
 
     def session_started(self) -> None:
+        if self.state is not RelayState.REQUESTED:  # cut before its exec came: runs nothing
+            return
         self.state = RelayState.OPENING
         name = f"session {self._owner.id}: {self._line or 'shell'}"
         self._task = asyncio.get_running_loop().create_task(self._open(), name=name)
@@ -486,11 +488,21 @@ class Relay(asyncssh.SSHServerSession[bytes]):
                 self._chan.abort()
 
     def _end_now(self, outcome: Outcome, line: str, status: int) -> None:
+        if self.state is RelayState.EXITING and self._exit_when_flushed is not None:
+            # The command ended, and its last bytes wait for a client that does not take them:
+            # cut all the same. Its line goes after them, its status in place of the command's
+            # (the session hangs up at the cut's grace if the client never reads).
+            self._outcome = outcome
+            self._exit_status = self._exit_when_flushed = status
+            self._write_stderr(line.encode())
+            return
         if self.state in (RelayState.EXITING, RelayState.CLOSED):
             return
         self._outcome = outcome
         self._to_client.discard()
         self._close_backend()
+        if self._task is not None and not self._task.done():  # a route lookup, a dial: moot
+            self._task.cancel()
         self.state = RelayState.EXITING
         self._exit_status = status
         if self._chan is not None:

@@ -387,17 +387,53 @@ def test_a_cut_says_why_stops_the_backend_and_exits_1(reason: CutReason, outcome
 
 
 @on_a_loop
-async def test_a_cut_while_opening_aborts_the_backend_once_it_is_up() -> None:
+async def test_a_cut_while_opening_gives_up_the_opening() -> None:
+    """A route lookup or a backend dial under way is cancelled, not waited for (a dial may take
+    the dial timeout): no command is started for a session that has ended."""
     rig = Rig(website())
     rig.backend.up.clear()
     rig.start()
     await settle()
+    assert rig.backend.requests  # the backend is being opened
     rig.relay.cut(CutReason.ADMIN)
+    await settle()
     rig.backend.up.set()
     await settle()
-    assert rig.backend.stream.calls == [("abort", b"")]
+    assert rig.backend.stream.calls == []  # never handed over: nothing to abort
     assert rig.relay.state is RelayState.EXITING
     assert rig.chan.sent[-1] == ("exit", 1)
+
+
+@on_a_loop
+async def test_a_cut_while_the_last_bytes_wait_for_the_client_is_still_a_cut() -> None:
+    """The command has ended and its last bytes wait for a client that reads nothing: a cut
+    (idle, drain, an administrator) is what the session's end is, in its line and for the
+    client, who gets its message after those bytes and exit status 1, not the command's 0."""
+    rig = Rig(website())
+    await rig.running()
+    rig.relay.pause_writing()
+    rig.chan.buffered = 65536
+    rig.relay.backend_stdout(b"last bytes")
+    rig.relay.backend_finished(0)
+    rig.relay.cut(CutReason.IDLE)
+    line = f"kilnproxy: {CutReason.IDLE.value} (session {SESSION})\n".encode()
+    assert rig.chan.sent == [("out", b"last bytes"), ("err", line)]
+    rig.chan.buffered = 0
+    rig.relay.resume_writing()
+    assert rig.chan.sent[-1] == ("exit", 1)
+    rig.relay.connection_lost(None)
+    (stats,) = rig.owner.closed
+    assert (stats.outcome, stats.exit_status) == (Outcome.TIMEOUT, 1)
+
+
+@on_a_loop
+async def test_an_exec_that_comes_after_a_cut_starts_nothing() -> None:
+    rig = Rig(website())
+    rig.relay.cut(CutReason.ADMIN)  # its channel open, its exec still on the way
+    rig.start()
+    await settle()
+    assert rig.backend.requests == []
+    assert rig.relay.state is RelayState.EXITING
 
 
 @on_a_loop
