@@ -464,6 +464,11 @@ class Session(asyncssh.SSHServer):
             due = min(idle_ends, self._ends_at) - now
             self._timers["limits"] = self._loop.call_later(due, self._check_limits)
 
+    def abort(self) -> None:
+        """Hang up at once (the worker exits): the connection and its channels end now."""
+        if self._conn is not None:
+            self._conn.abort()
+
     def cut(self, reason: CutReason) -> None:
         """End this session now with a message saying why (SPEC 3 and 4)."""
         conn = self._conn

@@ -34,6 +34,7 @@ from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
 SHUTDOWN_GRACE = 1.5  # SPEC 6: a fast shutdown is over within 2 s
+HANG_UP_GRACE = 0.3  # for the connections aborted then to end (their callbacks, a pass or two)
 RELEASE_AFTER = 1000  # closed connections between two releases of memory, at least
 # Session rows per heartbeat: a row is at most about 1 KiB, so a beat stays well under the
 # control channel's line limit (control.MAX_LINE) however many sessions changed.
@@ -118,13 +119,25 @@ class Worker:
             session.drain()
         if not await self._sessions_ended(within):
             self.cut_all(reason)
-            await self._sessions_ended(CUT_GRACE + 1)
+            if not await self._sessions_ended(CUT_GRACE + 1):
+                await self._hang_up_on_the_rest()
 
     async def shutdown(self) -> None:
         """Cut every session now (SPEC 6: INT, or a second TERM)."""
         self.stop_accepting()
         self.cut_all(CutReason.SHUTDOWN)
-        await self._sessions_ended(SHUTDOWN_GRACE)
+        if not await self._sessions_ended(SHUTDOWN_GRACE):
+            await self._hang_up_on_the_rest()
+
+    async def _hang_up_on_the_rest(self) -> None:
+        """Sessions that a cut did not end (a client that reads nothing has not taken its
+        message) are aborted before the worker exits: each still ends, and logs its line."""
+        left = list(self.host.sessions.values())
+        log.warning("worker %d hangs up on %d session(s) that a cut did not end", self.index,
+                    len(left))  # fmt: skip
+        for session in left:
+            session.abort()
+        await self._sessions_ended(HANG_UP_GRACE)
 
     def cut_all(self, reason: CutReason) -> None:
         for session in list(self.host.sessions.values()):

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import paramiko
+import psutil
 from conftest import World
 from harness import finish_upload_pack
 
@@ -132,6 +133,30 @@ def test_int_is_a_fast_shutdown(new_world: Callable[..., World]) -> None:
         assert running.wait(timeout=10) == 1
         assert running.stderr is not None
         assert b"kilnproxy: server is shutting down" in running.stderr.read()
+
+
+def test_a_fast_shutdown_logs_a_client_that_answers_nothing_too(
+    new_world: Callable[..., World],
+) -> None:
+    """A client that takes nothing more (its ssh stopped) never answers the cut's close: the
+    worker hangs up on it before it exits, and its session still has its access line."""
+    w = new_world()
+    kiln = w.kiln
+    with kiln.ssh_popen(w.alice, "git-upload-pack 'aviato/website.git'") as stopped:
+        assert stopped.stdout is not None and b" HEAD\x00" in stopped.stdout.read(200)
+        client = psutil.Process(stopped.pid)
+        client.suspend()
+        try:
+            assert kiln.proc is not None
+            started = time.monotonic()
+            kiln.proc.send_signal(signal.SIGINT)
+            assert kiln.proc.wait(timeout=10) == 0
+            assert time.monotonic() - started < 2.5
+        finally:
+            client.resume()
+            stopped.kill()
+    assert re.search(r"hangs up on 1 session\(s\) that a cut did not end", kiln.log())
+    assert re.search(r"\] access .*repo=aviato/website .*exit=1 outcome=cut", kiln.log())
 
 
 def test_second_term_hurries_the_drain(new_world: Callable[..., World]) -> None:
