@@ -8,14 +8,18 @@ meanwhile. Spread over passes, the same lines leave the loop free between batche
 
 Rule 1: only what may wait goes here (log lines and the counters that go with them), never what
 the next accept or the next heartbeat depends on (admission counts, the live table, timers).
-Rule 2: nothing is dropped: `run_all` does what is left, before the worker exits.
+Rule 2: nothing is dropped: `run_all` does what is left, before the worker exits. An item that
+raises (a bug) is logged, and the others are done all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
+
+log = logging.getLogger("kilnproxy.session")
 
 
 class Spread:
@@ -37,7 +41,7 @@ class Spread:
     def run_all(self) -> None:
         """Do what is left now."""
         while self._queue:
-            self._queue.popleft()()
+            _do(self._queue.popleft())
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -46,9 +50,14 @@ class Spread:
 
     def _run_some(self) -> None:
         self._scheduled = False
-        try:
-            for _ in range(min(self._per_pass, len(self._queue))):
-                self._queue.popleft()()
-        finally:  # what is left waits for the next pass, even if one item raised
-            if self._queue:
-                self._schedule()
+        for _ in range(min(self._per_pass, len(self._queue))):
+            _do(self._queue.popleft())
+        if self._queue:  # what is left waits for the next pass
+            self._schedule()
+
+
+def _do(work: Callable[[], None]) -> None:
+    try:
+        work()
+    except Exception:
+        log.exception("failed to finish a closed connection's work (its access line?)")
