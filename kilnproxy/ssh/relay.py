@@ -416,7 +416,13 @@ class Relay(asyncssh.SSHServerSession[bytes]):
     def backend_resume_input(self) -> None:
         self._input_paused = False
         if self._chan is not None and self.state is RelayState.RUNNING:
-            self._chan.resume_reading()
+            # asyncssh passes on what the client sent meanwhile, its EOF too, from inside this
+            # call, so inside the backend's callback: a bug there must end this session only,
+            # not the backend connection that other sessions share.
+            try:
+                self._chan.resume_reading()
+            except Exception:
+                self._relay_failed()
 
     def backend_lost(self, error: BackendError) -> None:
         self._stream = None

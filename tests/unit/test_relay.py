@@ -790,3 +790,31 @@ def test_a_write_to_the_client_that_fails_a_pass_later_ends_the_command_as_an_er
     asyncio.run(body())
     (failure,) = [r for r in caplog.records if r.exc_info]
     assert failure.message.startswith("internal error while relaying")
+
+
+def test_a_bug_on_what_a_resumed_client_sent_ends_this_session_not_the_backends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Resuming the client inside the backend's callback makes asyncssh hand over what the
+    client sent meanwhile: a bug there ends the command as an internal error, and nothing
+    escapes into the backend connection's callback (that would end every session on it)."""
+
+    async def body() -> None:
+        rig = Rig(website())
+        stream = await rig.running()
+        rig.relay.backend_pause_input()
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        rig.chan.resume_reading = broken  # type: ignore[method-assign]
+        rig.relay.backend_resume_input()  # raises nothing
+        line = f"kilnproxy: internal error (session {SESSION})\n".encode()
+        assert rig.chan.sent == [("err", line), ("exit", 1)]
+        assert stream.calls == [("abort", b"")]
+        rig.relay.connection_lost(None)
+        assert rig.owner.closed[0].outcome is Outcome.INTERNAL_ERROR
+
+    asyncio.run(body())
+    (failure,) = [r for r in caplog.records if r.exc_info]
+    assert failure.message.startswith("internal error while relaying")
