@@ -200,6 +200,11 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             started_at=self._started_at,
         )
 
+    @property
+    def opened(self) -> bool:
+        """asyncssh has given it its channel, and has yet to take it away."""
+        return self._chan is not None
+
     # -- asyncssh session callbacks -------------------------------------------------------------
 
     def connection_made(self, chan: Channel) -> None:

@@ -177,6 +177,7 @@ class Session(asyncssh.SSHServer):
         self.directory_unavailable = False
         self._auth_tries = 0
         self._had_relay = False
+        self._relays_logged = 0  # channels that ended with their access line
         self._conn: asyncssh.SSHServerConnection | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._startup: Startup | None = None  # counted by admission until authenticated
@@ -217,6 +218,13 @@ class Session(asyncssh.SSHServer):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        # A channel asked for as the connection went (in the same read as the client's
+        # DISCONNECT, or before asyncssh finished opening it) never gets its channel, so never
+        # closes: it ran nothing, and the connection's own line says so.
+        unopened = {relay for relay in self.relays if not relay.opened}
+        if unopened:
+            self.relays -= unopened
+            self._had_relay = bool(self.relays) or self._relays_logged > 0
         if self._startup is not None:
             self._startup.closed(self._offence())
         self.state = SessionState.CLOSED
@@ -391,6 +399,7 @@ class Session(asyncssh.SSHServer):
         """A channel closed: its access line, then hang up if it was the last of a cut."""
         assert stats.outcome is not None, "a closed relay always says how it ended"
         self._log_access(stats.outcome, stats)
+        self._relays_logged += 1
         self.relays.discard(relay)
         self.touch()
         if (self.cut_reason or self._one_command) and not self.relays and self._conn is not None:

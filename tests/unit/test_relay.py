@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import asyncssh
 import pytest
 
 from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
+from kilnproxy.config import from_mapping
 from kilnproxy.directory import Identity, Route
 from kilnproxy.errors import BackendError, CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog
@@ -25,6 +27,7 @@ from kilnproxy.policy.admission import AccountSessions
 from kilnproxy.policy.commands import Command, Vcs, Verb
 from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
 from kilnproxy.ssh.services import Services
+from kilnproxy.ssh.session import Session, SessionHost
 
 SESSION = "3f9c2a1b"
 BOB = Identity("aviato", "bob", Role.WRITE, "laptop", "SHA256:bobkey")
@@ -818,3 +821,35 @@ def test_a_bug_on_what_a_resumed_client_sent_ends_this_session_not_the_backends(
     asyncio.run(body())
     (failure,) = [r for r in caplog.records if r.exc_info]
     assert failure.message.startswith("internal error while relaying")
+
+
+class FakeConnection:
+    """What a Session asks of asyncssh's connection before any channel has opened."""
+
+    def get_extra_info(self, name: str) -> object:
+        return ("192.0.2.7", 40000) if name == "peername" else None
+
+
+@on_a_loop
+async def test_a_channel_asked_for_as_the_connection_went_leaves_the_connections_line() -> None:
+    """A channel the client asked for in the same read as its DISCONNECT (or before asyncssh
+    finished opening it) never gets its channel, so never closes: the connection still logs
+    its one access line, as one that ran no command, and keeps no relay."""
+    ended: list[str] = []
+
+    class CountingMetrics(FakeMetrics):
+        def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
+            ended.append(outcome)
+
+    services = Services(FakeDirectory(website()), FakeBackends(FakeBackend()), CountingMetrics(),
+                        FakeAdmission())  # fmt: skip
+    host = SessionHost(from_mapping({}, Path("/nonexistent")), services)
+    session = Session(host)
+    session.connection_made(cast(asyncssh.SSHServerConnection, FakeConnection()))
+    session.identity = BOB  # authenticated, as asyncssh requires before a channel
+    relay = session.session_requested()
+    assert isinstance(relay, Relay) and not relay.opened  # asyncssh raised on its channel
+    session.connection_lost(None)
+    host.close_logs.run_all()
+    assert session.relays == set()
+    assert ended == ["no-command"]
