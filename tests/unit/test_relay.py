@@ -764,6 +764,16 @@ def test_a_backend_whose_abort_fails_still_lets_its_session_close(
     assert "failed to abort the backend" in caplog.text
 
 
+def ended_as_an_internal_error(rig: Rig, stream: FakeStream) -> None:
+    """The client was told of an internal error (exit 1), the backend stopped, and the
+    command's line says so."""
+    line = f"kilnproxy: internal error (session {SESSION})\n".encode()
+    assert rig.chan.sent == [("err", line), ("exit", 1)]
+    assert stream.calls == [("abort", b"")]
+    rig.relay.connection_lost(None)
+    assert rig.owner.closed[0].outcome is Outcome.INTERNAL_ERROR
+
+
 def test_a_write_to_the_client_that_fails_a_pass_later_ends_the_command_as_an_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -784,11 +794,7 @@ def test_a_write_to_the_client_that_fails_a_pass_later_ends_the_command_as_an_er
         rig.chan.write = broken  # type: ignore[method-assign]
         rig.relay.backend_stdout(b"boom")
         await settle()
-        line = f"kilnproxy: internal error (session {SESSION})\n".encode()
-        assert rig.chan.sent == [("err", line), ("exit", 1)]
-        assert stream.calls == [("abort", b"")]
-        rig.relay.connection_lost(None)
-        assert rig.owner.closed[0].outcome is Outcome.INTERNAL_ERROR
+        ended_as_an_internal_error(rig, stream)
 
     asyncio.run(body())
     (failure,) = [r for r in caplog.records if r.exc_info]
@@ -812,11 +818,7 @@ def test_a_bug_on_what_a_resumed_client_sent_ends_this_session_not_the_backends(
 
         rig.chan.resume_reading = broken  # type: ignore[method-assign]
         rig.relay.backend_resume_input()  # raises nothing
-        line = f"kilnproxy: internal error (session {SESSION})\n".encode()
-        assert rig.chan.sent == [("err", line), ("exit", 1)]
-        assert stream.calls == [("abort", b"")]
-        rig.relay.connection_lost(None)
-        assert rig.owner.closed[0].outcome is Outcome.INTERNAL_ERROR
+        ended_as_an_internal_error(rig, stream)
 
     asyncio.run(body())
     (failure,) = [r for r in caplog.records if r.exc_info]
