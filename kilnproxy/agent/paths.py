@@ -13,11 +13,11 @@ agent checks off its loop (`PathChecks`): the check reads the disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import os
-import threading
 from pathlib import Path
 
+from kilnproxy.backends.threads import in_daemon_thread
 from kilnproxy.errors import KilnproxyError
 
 # The check reads the disk (a stat of every component, a gitfile): a repository on a disk that
@@ -94,19 +94,9 @@ class PathChecks:
         if self.running >= self.stuck:
             raise Refused(f"path {requested!r}: {self.running} path check(s) still wait on "
                           "the disk")  # fmt: skip
-        loop = asyncio.get_running_loop()
-        checked: asyncio.Future[Path] = loop.create_future()
-
-        def check() -> None:
-            try:
-                outcome: Path | BaseException = confine(base, requested)
-            except BaseException as exc:  # the waiting request gets it
-                outcome = exc
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                loop.call_soon_threadsafe(self._ended, checked, outcome)
-
         self.running += 1
-        threading.Thread(target=check, name="path check", daemon=True).start()
+        check = functools.partial(confine, base, requested)
+        checked = in_daemon_thread(check, "path check", ended=self._ended)
         try:
             async with asyncio.timeout(self.within):
                 return await checked
@@ -114,13 +104,5 @@ class PathChecks:
             detail = f"the disk did not answer within {self.within:g}s"
             raise Refused(f"path {requested!r}: {detail}") from None
 
-    def _ended(self, checked: asyncio.Future[Path], outcome: Path | BaseException) -> None:
+    def _ended(self) -> None:
         self.running -= 1
-        if checked.done():  # given up meanwhile
-            return
-        if isinstance(outcome, Exception):
-            checked.set_exception(outcome)
-        elif isinstance(outcome, BaseException):  # raised in the loop, it would stop it
-            checked.set_exception(RuntimeError(f"path check: {outcome!r}"))
-        else:
-            checked.set_result(outcome)

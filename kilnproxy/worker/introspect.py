@@ -8,21 +8,18 @@ so it runs only on demand and stops by itself after a time limit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import ctypes.util
-import functools
 import gc
 import itertools
 import json
 import linecache
 import logging
-import threading
 import tracemalloc
-from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
+from kilnproxy.backends.threads import in_daemon_thread
 from kilnproxy.errors import KilnproxyError
 
 HEAP_FRAMES = 25
@@ -212,32 +209,6 @@ def _ours(traceback: tracemalloc.Traceback) -> bool:
     for. Asked of each site, not of each trace (a filter over every frame of every trace took
     the report from 1.3 s to 7.7 s over 50,000 traces)."""
     return any(frame.filename == __file__ for frame in traceback)
-
-
-def in_daemon_thread(work: Callable[[], T], name: str) -> asyncio.Future[T]:
-    """`work()` in a new daemon thread; its result (or exception) in the running loop. If the
-    loop is closed before it ends, the result is dropped: nobody waits for it any more."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not future.done():  # not cancelled meanwhile
-            outcome()
-
-    def run() -> None:
-        try:
-            result = work()
-        except BaseException as exc:  # whatever ends the thread ends the wait, as an error
-            # there (a SystemExit raised in the loop would stop it)
-            error = exc if isinstance(exc, Exception) else RuntimeError(f"{name}: {exc!r}")
-            done = functools.partial(future.set_exception, error)
-        else:
-            done = functools.partial(future.set_result, result)
-        with contextlib.suppress(RuntimeError):  # the loop is closed
-            loop.call_soon_threadsafe(settle, done)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
 
 
 class _MallInfo2(ctypes.Structure):

@@ -9,7 +9,8 @@ import tracemalloc
 
 import pytest
 
-from kilnproxy.worker.introspect import HeapBusy, HeapTracer, heap_summary, in_daemon_thread
+from kilnproxy.backends.threads import in_daemon_thread
+from kilnproxy.worker.introspect import HeapBusy, HeapTracer, heap_summary
 
 TRACES = 50_000
 
@@ -147,5 +148,14 @@ def test_the_threads_outcome_reaches_the_loop() -> None:
 
         with pytest.raises(RuntimeError, match=r"leaving: SystemExit\(3\)"):
             await in_daemon_thread(exits, "leaving")
+
+        # Given up on (a timeout), the thread is still told of when it ends.
+        release, ended = threading.Event(), asyncio.Event()
+        late = in_daemon_thread(lambda: release.wait(5), "late", ended=ended.set)
+        late.cancel()
+        release.set()
+        async with asyncio.timeout(5):
+            await ended.wait()
+        assert late.cancelled()
 
     asyncio.run(main())
