@@ -72,7 +72,7 @@ def claim(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise OperatorError(f"[status] socket {path}: {exc.strerror or exc}") from None
+        raise OperatorError(f"[status] socket {path}: {os_reason(exc)}") from None
     if not stat.S_ISSOCK(mode):
         raise OperatorError(f"[status] socket {path} exists and is not a socket; not replacing it")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:

@@ -16,7 +16,7 @@ from kilnproxy.cli.admin import replace_file
 from kilnproxy.config import Config
 from kilnproxy.directory import DirectoryStore
 from kilnproxy.directory.model import parse_backend_url
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import OperatorError, os_reason
 from kilnproxy.ssh.keys import write_new_key
 
 
@@ -56,7 +56,7 @@ def trust(directory: DirectoryStore, config: Config, name: str, timeout: float) 
         kept = [line for line in existing if line.split(" ", 1)[0] != host]
         replace_file(known, "".join([*kept, entry]))
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
         raise OperatorError(f"cannot update [backend_ssh] known_hosts {known}: {reason}") from None
     fingerprint = key.get_fingerprint("sha256")
     replaced = " (replacing the previous key)" if len(kept) != len(existing) else ""

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 from kilnproxy.cli import admin
 from kilnproxy.config import Config, format_duration, load, reference, scrub
-from kilnproxy.errors import OperatorError
+from kilnproxy.errors import OperatorError, os_reason
 from kilnproxy.version import build_info
 
 Action = Callable[[argparse.Namespace, Config], int]
@@ -70,7 +70,7 @@ def _print(lines: Sequence[str]) -> int:
         return 141  # as a shell shows a process that SIGPIPE ended
     except OSError as exc:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
-        print(f"kilnproxy: cannot write the command's output: {exc.strerror or exc}",
+        print(f"kilnproxy: cannot write the command's output: {os_reason(exc)}",
               file=sys.stderr)  # fmt: skip
         return 1
     return 0

@@ -295,8 +295,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             self._close_backend()
         except Exception:  # a backend's bug: the account's count and the session still close
             self._owner.log.exception("failed to abort the backend")
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._stop_opening()
         if self._account is not None:
             self._services.admission.close_session(self._account)
             self._account = None
@@ -512,13 +511,17 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._outcome = outcome
         self._to_client.discard()
         self._close_backend()
-        if self._task is not None and not self._task.done():  # a route lookup, a dial: moot
-            self._task.cancel()
+        self._stop_opening()
         self.state = RelayState.EXITING
         self._exit_status = status
         if self._chan is not None:
             self._write_stderr(line.encode())
             self._exit_channel(self._chan, status)
+
+    def _stop_opening(self) -> None:
+        """A route lookup or a backend dial still under way is moot: cancelled."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     def _close_backend(self) -> None:
         self._to_backend.discard()
