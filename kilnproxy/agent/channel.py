@@ -89,7 +89,7 @@ class Channel:
                 raise Refused("a variable's value holds a NUL byte")
             if verb is Verb.RECEIVE_PACK and request.env.get("KILNPROXY_ACCESS") != "write":
                 raise Refused("git-receive-pack without KILNPROXY_ACCESS=write")  # as a proxy
-            path = await CHECKS.confine(base, request.path)
+            path = await CHECKS.served(base, request.path)
             self.stream = await start_command(verb, path, request.env, hook_rc, request.repo, self)
         except (Refused, BackendError) as exc:
             detail = exc.detail if isinstance(exc, BackendError) else str(exc)

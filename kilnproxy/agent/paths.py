@@ -7,7 +7,8 @@ PATH is no repository; hg opens PATH/.hg. And so is a repository there that name
 elsewhere: a gitfile (a `.git` file saying `gitdir: DIR`), a shared hg repository's
 `.hg/sharedpath`. What lies inside a repository (its hooks, config, alternates) is the
 operator's, and trusted as such: the rule is about which repository a proxy may ask for. The
-agent checks off its loop (`PathChecks`): the check reads the disk.
+agent checks off its loop (`PathChecks`), that the directory is there too: the check reads the
+disk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import os
 from pathlib import Path
 
+from kilnproxy.backends.local import absent
 from kilnproxy.backends.threads import in_daemon_thread
 from kilnproxy.errors import KilnproxyError
 
@@ -58,6 +60,15 @@ def confine(base: Path, requested: str) -> Path:
     return resolved
 
 
+def served(base: Path, requested: str) -> Path:
+    """`confine`d, and a directory there to run a command in (the local backend's rule)."""
+    path = confine(base, requested)
+    missing = absent(path)
+    if missing is not None:
+        raise Refused(missing)
+    return path
+
+
 def _pointer(opened: Path) -> Path | None:
     """Where a repository found at `opened` says its data is, resolved: a gitfile's `gitdir:`
     (a `.git` that is a file), or a shared hg repository's `.hg/sharedpath`."""
@@ -80,7 +91,7 @@ def _first_line(path: Path) -> str:
 
 
 class PathChecks:
-    """`confine` off the agent's loop, each in a daemon thread of its own: one that a disk never
+    """`served` off the agent's loop, each in a daemon thread of its own: one that a disk never
     answers is given up after `within` seconds and left behind (it holds no pool that another
     check would queue for, and the agent's exit does not wait for it). At most `stuck` of them
     wait at once: a disk that answers none is not left to pile up threads."""
@@ -90,12 +101,12 @@ class PathChecks:
         self.stuck = stuck
         self.running = 0  # threads started and not ended, counted on the loop
 
-    async def confine(self, base: Path, requested: str) -> Path:
+    async def served(self, base: Path, requested: str) -> Path:
         if self.running >= self.stuck:
             raise Refused(f"path {requested!r}: {self.running} path check(s) still wait on "
                           "the disk")  # fmt: skip
         self.running += 1
-        check = functools.partial(confine, base, requested)
+        check = functools.partial(served, base, requested)
         checked = in_daemon_thread(check, "path check", ended=self._ended)
         try:
             async with asyncio.timeout(self.within):

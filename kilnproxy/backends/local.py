@@ -201,13 +201,19 @@ def signal_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)
 
 
+def absent(path: Path) -> str | None:
+    """Why `path` is no repository directory to run a command in, or None: one stat of its
+    disk, which the caller makes where a disk that stops answering would hold nothing else."""
+    return None if path.is_dir() else f"repository path {path} does not exist"
+
+
 async def start_command(
     verb: Verb, path: Path, variables: dict[str, str], hook_rc: Path, repo: str, sink: BackendSink
 ) -> LocalStream:
-    """Run one repository command in `path`, its output to `sink` (the storage agent's too)."""
-    # One stat on the repository disk: cheap enough to do inline.
-    if not path.is_dir():  # noqa: ASYNC240
-        raise BackendError(repo, f"repository path {path} does not exist")
+    """Run one repository command on `path` (checked by `absent`), its output to `sink` (the
+    storage agent's too). The command is started in /, not in the repository: the spawn waits
+    until its child has exec'd, and a child entering a directory on a disk that does not
+    answer would hold the loop with it. git and hg go to the path they are given themselves."""
     loop = asyncio.get_running_loop()
     try:
         _, process = await loop.subprocess_exec(
@@ -217,7 +223,7 @@ async def start_command(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=command_env(verb, variables, hook_rc),
-            cwd=path,
+            cwd="/",
             start_new_session=True,
         )
     except OSError as exc:
@@ -232,6 +238,11 @@ class LocalBackend:
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
         path, repo = Path(request.route.path), request.route.repo
+        # One stat of the proxy's own disk, inline: a local backend's repositories are on the
+        # disk the proxy itself runs from.
+        missing = absent(path)
+        if missing is not None:
+            raise BackendError(repo, missing)
         return await start_command(
             request.verb, path, request.environment(), self.hook_rc, repo, sink
         )

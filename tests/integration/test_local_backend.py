@@ -78,3 +78,34 @@ def command_group(script: Path) -> list[psutil.Process]:
     children = psutil.Process().children(recursive=True)
     leader = next(p for p in children if str(script) in " ".join(p.cmdline()))
     return [p for p in children if os.getpgid(p.pid) == leader.pid]
+
+
+def test_a_command_starts_outside_its_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spawn waits for its child to exec: a child that entered the repository first would
+    hold the loop as long as a disk that does not answer holds it. So the command starts in /,
+    with the path in its arguments, and git (or hg) enters it itself."""
+    fake = tmp_path / "bin" / "git"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$PWD $2"\n')  # `git upload-pack PATH`
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    repository = tmp_path / "site.git"
+    repository.mkdir()
+    route = Route("aviato/site", Vcs.GIT, "local", "local:///", str(repository), Access.READ)
+    who = Identity("aviato", "alice", Role.READ, "laptop", "SHA256:x")
+    sink = RecordingSink()
+
+    async def run() -> None:
+        request = BackendRequest("0badf00d", Verb.UPLOAD_PACK, route, who, None)
+        stream = await LocalBackend("local", tmp_path / "state").open(request, sink)
+        await asyncio.wait_for(sink.spoke.wait(), 10)
+        for _ in range(500):  # until it has exited, and its transport with it
+            if sink.ended:
+                break
+            await asyncio.sleep(0.01)
+        stream.abort()
+
+    uvloop.run(run())
+    assert sink.stdout.decode().split() == ["/", str(repository)]

@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from kilnproxy.agent.paths import Refused, confine
+from kilnproxy.agent.paths import Refused, confine, served
 from kilnproxy.directory.model import BackendUrl, parse_backend_url
 from kilnproxy.errors import OperatorError
 
@@ -32,6 +32,20 @@ def test_paths_under_the_base_only(tmp_path: Path) -> None:
     ]:
         with pytest.raises(Refused, match=error):
             confine(base, path)
+
+
+def test_a_path_served_is_a_directory_there(tmp_path: Path) -> None:
+    """What the agent runs a command on is checked in the same thread as its confinement: the
+    spawn itself no longer reads the repository's disk."""
+    base = tmp_path / "srv"
+    (base / "aviato" / "site.git").mkdir(parents=True)
+    (base / "aviato" / "notes.txt").write_text("not a repository")
+    assert served(base, f"{base}/aviato/site.git") == base / "aviato" / "site.git"
+    for name in ("gone.git", "notes.txt"):
+        with pytest.raises(Refused, match=f"repository path {base}/aviato/{name} does not exist"):
+            served(base, f"{base}/aviato/{name}")
+    with pytest.raises(Refused, match="outside the agent's base"):
+        served(base, str(tmp_path))
 
 
 def test_where_git_or_hg_would_look_instead_lies_under_the_base_too(tmp_path: Path) -> None:
