@@ -41,7 +41,14 @@ def ensure_host_keys(paths: tuple[Path, ...]) -> list[str]:
 
 
 def load_host_keys(paths: tuple[Path, ...]) -> list[asyncssh.SSHKeyPair]:
-    """Read the host keys; an RSA host key signs with rsa-sha2-256/512 only, never SHA-1."""
+    """Read the host keys; an RSA host key signs with rsa-sha2-256/512 only, never SHA-1.
+
+    A key pair per signature algorithm: asyncssh sets the algorithm a connection negotiated on
+    the key pair it chose (`set_sig_algorithm`), and signs when the client's key exchange comes,
+    a round trip later. One RSA pair shared by every connection of a worker would sign one
+    client's exchange with the algorithm another client negotiated meanwhile (OpenSSH's
+    rsa-sha2-512, Go's rsa-sha2-256), and its handshake would fail. A pair whose algorithm is
+    the one negotiated is never changed."""
     keys = []
     for path in paths:
         try:
@@ -49,11 +56,13 @@ def load_host_keys(paths: tuple[Path, ...]) -> list[asyncssh.SSHKeyPair]:
             problem = policy_problem(key)  # what a client's key may not be, a host key neither
             if problem is not None:
                 raise OperatorError(f"host key {path}: {problem}")
-            for pair in asyncssh.load_keypairs([key]):
-                pair.host_key_algorithms = [
-                    alg for alg in pair.host_key_algorithms if alg in ALLOWED_SIGNATURES
-                ]
-                keys.append(pair)
+            (loaded,) = asyncssh.load_keypairs([key])
+            for alg in loaded.host_key_algorithms:
+                if alg in ALLOWED_SIGNATURES:
+                    (pair,) = asyncssh.load_keypairs([key])
+                    pair.set_sig_algorithm(alg)
+                    pair.host_key_algorithms = [alg]
+                    keys.append(pair)
         except OSError as exc:
             raise OperatorError(f"cannot read host key {path}: {exc.strerror}") from None
         except (asyncssh.KeyImportError, ValueError) as exc:

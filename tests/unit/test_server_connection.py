@@ -14,6 +14,7 @@ from typing import Any
 import asyncssh
 import pytest
 import uvloop
+from asyncssh.packet import SSHPacket
 
 from kilnproxy.config import from_mapping
 from kilnproxy.errors import OperatorError
@@ -175,3 +176,26 @@ def test_a_host_key_is_held_to_the_key_policy(tmp_path: Path) -> None:
     good = tmp_path / "ed25519"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(good)
     assert len(server.load_host_keys((good,))) == 1
+
+
+def test_an_rsa_host_key_signs_each_exchange_with_the_algorithm_it_negotiated(
+    tmp_path: Path,
+) -> None:
+    """Every connection of a worker chooses from the same host key pairs, and signs a round
+    trip after choosing: a connection that negotiated rsa-sha2-512 signs with it, whatever
+    another negotiated meanwhile."""
+    path = tmp_path / "ssh_host_rsa_key"
+    asyncssh.generate_private_key("ssh-rsa", key_size=2048).write_private_key(path)
+    pairs = server.load_host_keys((path,))
+    assert [pair.algorithm for pair in pairs] == [b"rsa-sha2-256", b"rsa-sha2-512"]
+
+    async def signed() -> list[bytes]:
+        options = await asyncssh.SSHServerConnectionOptions.construct(server_host_keys=pairs)
+        loop = asyncio.get_running_loop()
+        first, second = (asyncssh.SSHServerConnection(loop, options) for _ in range(2))
+        assert first.choose_server_host_key([b"rsa-sha2-512"])  # an OpenSSH client
+        assert second.choose_server_host_key([b"rsa-sha2-256", b"ssh-ed25519"])  # a Go client
+        keys = (first.get_server_host_key(), second.get_server_host_key())
+        return [SSHPacket(key.sign(b"exchange hash")).get_string() for key in keys if key]
+
+    assert uvloop.run(signed()) == [b"rsa-sha2-512", b"rsa-sha2-256"]
