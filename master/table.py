@@ -36,17 +36,21 @@ class ConnectionTable:
 
     def __init__(self) -> None:
         self._rows: dict[tuple[int, str], TableRow] = {}
+        self.version = 0  # counts the changes: what was read of an unchanged table still holds
 
     def update(self, pid: int, index: int, rows: Iterable[SessionStats]) -> None:
         for stats in rows:
             self._rows[pid, stats.session] = TableRow(stats, index, pid)
+            self.version += 1
 
     def remove(self, pid: int, session: str) -> None:
-        self._rows.pop((pid, session), None)
+        if self._rows.pop((pid, session), None) is not None:
+            self.version += 1
 
     def drop_worker(self, pid: int) -> None:
         for key in [key for key in self._rows if key[0] == pid]:
             del self._rows[key]
+            self.version += 1
 
     def owner(self, session: str) -> int | None:
         """The pid of the worker serving `session` (the oldest's, if two share the id)."""

@@ -4,6 +4,7 @@ the status socket its one-line error (the real master is in test_status_http and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from kilnproxy.control import SessionStats
 from kilnproxy.errors import OperatorError
 from kilnproxy.status_socket import serve
 from master.actions import (
@@ -24,7 +26,7 @@ from master.actions import (
     WorkerTimeout,
 )
 from master.board import StatusBoard
-from master.http import STATUS, application
+from master.http import STATUS, TRAFFIC, application
 from master.status import StatusAnswers
 
 
@@ -227,3 +229,96 @@ def test_a_stale_status_socket_is_replaced_and_removed_as_the_server_closes(tmp_
         assert path.read_text() == "another's\n"
 
     asyncio.run(body())
+
+
+def big_rows(count: int, size: int) -> list[SessionStats]:
+    return [
+        SessionStats(
+            session=f"{n:08x}",
+            remote_addr="127.0.0.1:1",
+            login="g" * size,
+            account="aviato",
+            user="alice",
+            key_name="k",
+            key_fingerprint="SHA256:x",
+            repo="aviato/website",
+            vcs="git",
+            verb="git-upload-pack",
+            backend="local",
+            started_at=1.0,
+            duration=0.0,
+            bytes_in=1,
+            bytes_out=2,
+            state="authenticated",
+        )
+        for n in range(count)
+    ]
+
+
+def test_a_page_client_that_reads_nothing_is_dropped_and_holds_up_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp has no write timeout: a client that asks for /connections and reads nothing
+    would hold the body in the master's memory for good. It gets SEND_WITHIN seconds, then its
+    connection goes; a client reading meanwhile is answered all the same."""
+    monkeypatch.setattr("master.http.SEND_WITHIN", 0.5)
+    board = StatusBoard()
+    board.table.update(100, 0, big_rows(40, 1 << 20))  # 40 MB of JSON: past any socket buffer
+
+    async def exchange() -> tuple[int, int, int]:
+        async with TestClient(TestServer(application(board, FakeActions(None)))) as client:
+            reader, writer = await asyncio.open_connection(
+                client.host, client.port, limit=1024
+            )  # reads at most a few KiB, then lets the server's writes pile up
+            writer.write(b"GET /connections HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await asyncio.sleep(0.2)
+            answered = len(await (await client.get("/connections")).read())
+            await asyncio.sleep(1)  # past SEND_WITHIN
+            received = 0
+            while chunk := await reader.read(1 << 20):
+                received += len(chunk)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            return answered, received, client.app[TRAFFIC].in_flight if client.app else -1
+
+    answered, received, in_flight = asyncio.run(exchange())
+    assert answered > 40 << 20  # all of it, to the client that reads
+    assert received < answered / 2  # the rest was dropped with the connection
+    assert in_flight == 0
+
+
+def test_requests_past_the_limit_are_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("master.http.IN_FLIGHT", 2)
+    stalled = asyncio.Event()
+
+    class Stalling(FakeActions):
+        async def dump_tasks(self, index: int, pid: int | None = None) -> dict[str, Any]:
+            await stalled.wait()
+            return await super().dump_tasks(index, pid)
+
+    async def exchange() -> list[int]:
+        async with TestClient(TestServer(application(StatusBoard(), Stalling(None)))) as client:
+            held = [asyncio.create_task(client.get(f"/debug/workers/{n}/tasks")) for n in (0, 1)]
+            await asyncio.sleep(0.2)
+            refused = await client.get("/info")
+            stalled.set()
+            statuses = [refused.status] + [(await each).status for each in held]
+            statuses.append((await client.get("/info")).status)
+            return statuses
+
+    assert asyncio.run(exchange()) == [503, 200, 200, 200]
+
+
+def test_connections_are_made_once_a_second_while_the_table_does_not_change() -> None:
+    board = StatusBoard()
+    board.table.update(100, 0, big_rows(2, 8))
+
+    async def exchange() -> list[list[str]]:
+        async with TestClient(TestServer(application(board, FakeActions(None)))) as client:
+            first = await (await client.get("/connections")).json()
+            board.table.remove(100, "00000000")  # a change is seen at once
+            second = await (await client.get("/connections")).json()
+            return [[row["session"] for row in rows] for rows in (first, second)]
+
+    assert asyncio.run(exchange()) == [["00000000", "00000001"], ["00000001"]]
