@@ -161,14 +161,18 @@ class Supervisor:
     def handle_sighup(self) -> None:
         if self.stopping is not None:
             return
-        self.notifier.reloading()
+        # systemd hears of a reload only once it has heard READY=1: before, it still waits
+        # for the start, which READY=1 ends only once every worker is ready.
+        announced = self._ready_announced
+        if announced:
+            self.notifier.reloading()
         try:
             config = load(str(self.config_path) if self.config_path else None)
             if self.vet is not None:
                 self.vet(config)
         except OperatorError as exc:
             log.error("reload refused, nothing changed: %s", exc)
-            if not self._reloading:  # else READY=1 when the restart under way completes
+            if announced and not self._reloading:  # else when the restart under way completes
                 self.notifier.ready()
             return
         fixed = self.config.fixed_until_restart(config)
