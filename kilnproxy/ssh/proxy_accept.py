@@ -17,7 +17,11 @@ asyncssh with every byte it sent.
 Rules: a connection whose header is refused, malformed, truncated, oversized or too slow is
 closed with one log line (at most `LOG_BURST` such lines a second; admission logs its own
 refusals), never an exception out of this module; an admitted connection that cannot be handed
-on is closed and its `Startup` with it (it was never served, so never penalised);
+on is closed and its `Startup` with it (it was never served, so never penalised); a peer that
+is the client itself (optional mode, outside `proxy_allowed`) and is not served for what it
+sent or did not send is penalised as an SSH client would be (`grace_exceeded` for a stall,
+`noauth` for anything else): else a few sources could hold every startup by starting a header
+and waiting, `proxy_timeout` at a time, for ever;
 at most `PENDING_LIMIT` connections wait for their header at once (beyond that the worker stops
 accepting and the kernel's listen queue holds the rest). It never speaks SSH: what happens after
 the hand-off is asyncssh's and the session's (whose login grace starts then, at most
@@ -36,6 +40,7 @@ from typing import Any
 
 from kilnproxy.config import Network, SshSettings, format_duration
 from kilnproxy.policy.admission import RefusalLog, source_address
+from kilnproxy.policy.penalty import PenaltyEvent
 from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyHeaderError, parse
 from kilnproxy.ssh.services import Startup
 
@@ -287,7 +292,8 @@ class ProxyListener(asyncio.AbstractServer):
 
     def _admit_done(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
-        self._resume()
+        if self._retry is None:  # not while an accept error is waited out: its timer resumes
+            self._resume()
         # The isolation boundary of one connection's admission: a bug here closes that
         # connection (its socket is closed by `_admit`) and is logged, nothing more.
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -310,33 +316,43 @@ class ProxyListener(asyncio.AbstractServer):
         `startup`: the peer's own, if admission was asked at accept (a peer not allowed to
         send a header); it ends here if the connection is not served."""
         admitted = None
+        offence: PenaltyEvent | None = PenaltyEvent.NOAUTH  # if not served: the client's doing
         try:
-            admitted = await self._by_header(conn, peer, allowed, startup)
+            outcome = await self._by_header(conn, peer, allowed, startup)
+            if isinstance(outcome, tuple):
+                admitted = outcome
+            else:
+                offence = outcome
         except ProxyHeaderError as exc:
             self._refuse(conn, peer, str(exc))
         except OSError as exc:  # reset by the peer while we looked
             self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")
+        except BaseException:  # cancelled (the worker stops): not the client's doing
+            offence = None
+            raise
         finally:
             if admitted is None:
                 conn.close()
                 if startup is not None:
-                    startup.closed(None)  # never served, so never penalised
+                    startup.closed(offence)
         if admitted is not None:
             await self._serve(conn, peer, *admitted)
 
     async def _by_header(
         self, conn: socket.socket, peer: Address, allowed: bool, startup: Startup | None
-    ) -> tuple[Address | None, Startup, bool] | None:
+    ) -> tuple[Address | None, Startup, bool] | PenaltyEvent | None:
         """The header's client address (None: the peer's own) and the startup admission gave
-        it (or had given it at accept); None if the connection is not to be served."""
+        it (or had given it at accept); if the connection is not to be served, how the peer
+        misbehaved (for the startup it was given at accept), or None."""
         seen = await self._read_header(conn)
         if isinstance(seen, Silent):
             log.debug("%s closed before sending anything", format_address(peer))
-            return None
+            return PenaltyEvent.NOAUTH
         decision = decide(self._mode, allowed, seen, self._timeout)
         if isinstance(decision, Refuse):
             self._refuse(conn, peer, decision.reason)
-            return None
+            stalled = isinstance(seen, TimedOut)
+            return PenaltyEvent.GRACE_EXCEEDED if stalled else PenaltyEvent.NOAUTH
         if self._failing_health_checks() and is_health_check(seen):
             log.debug("health check from %s failed on purpose: a drain is coming",
                       format_address(peer))  # fmt: skip

@@ -11,6 +11,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -409,7 +410,35 @@ def test_a_peer_that_may_not_send_a_header_is_put_to_admission_at_accept(
 
     assert serve(scenario, ssh, gate) == [(None, SSH)]
     assert gate.asked == ["127.0.0.6"] * 3 + ["127.0.0.5"] * 2  # at accept, not by the header
-    assert [s.ended for s in gate.startups] == [[], ["closed None"]]
+    assert [s.ended for s in gate.startups] == [[], ["closed PenaltyEvent.NOAUTH"]]
+
+
+def test_a_client_outside_proxy_allowed_that_is_not_served_is_penalised() -> None:
+    """Counted at accept, as over plain SSH; and, as over plain SSH, penalised if it ends
+    without being served for what it did: a header it started and never finished is a stall
+    (grace_exceeded), one it may not send or a close without a word is noauth. Else a few
+    sources could hold every startup, `proxy_timeout` at a time, unpenalised."""
+    gate = Gatekeeper()
+    raw = {
+        "proxy_protocol": "optional",
+        "proxy_allowed": ["127.0.0.1/32"],
+        "proxy_timeout": "300ms",
+    }
+    ssh = from_mapping({"ssh": raw}, Path("/")).ssh
+    header = build_v1(CLIENT, ("10.0.0.1", 22))
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        await send(port, b"PROXY TCP4 ", eof=False, source="127.0.0.7")  # stalls
+        await send(port, header + SSH, source="127.0.0.7")  # may not send one
+        await send(port, source="127.0.0.7")  # closes without a word
+        await send(port, header + SSH)  # the balancer: served, and its client's
+        await until(lambda: len(received) == 1)
+
+    assert serve(scenario, ssh, gate) == [(CLIENT, SSH)]
+    assert [s.ended for s in gate.startups] == [
+        ["closed PenaltyEvent.GRACE_EXCEEDED"], ["closed PenaltyEvent.NOAUTH"],
+        ["closed PenaltyEvent.NOAUTH"], [],
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["off", "optional"])
@@ -427,3 +456,51 @@ def test_a_hand_off_that_fails_ends_its_startup(
     assert [s.ended for s in gate.startups] == [["closed None"]]  # uncounted, not penalised
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.endswith("connection failed: Connection reset by peer")
+
+
+class Exhausted(socket.socket):
+    """A listening socket whose accepts fail as out of descriptors, while `failing` is set."""
+
+    failing = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failing:
+            raise OSError(24, "Too many open files")
+        return super().accept()
+
+
+def test_an_accept_error_is_waited_out_whatever_else_ends(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After EMFILE the worker waits ACCEPT_RETRY before it accepts again: a connection whose
+    header is done meanwhile (which frees a pending place) does not cut the wait short."""
+    monkeypatch.setattr(proxy_accept, "ACCEPT_RETRY", 1.0)
+    header = build_v1(CLIENT, ("10.0.0.1", 22))
+
+    async def hand_off(conn: socket.socket, *_: object) -> None:
+        conn.close()
+
+    async def main() -> list[str]:
+        plain = socket.create_server(("127.0.0.1", 0))
+        with Exhausted(plain.family, plain.type, plain.proto, plain.detach()) as sock:
+            listener = ProxyListener(sock, settings(), hand_off, Gatekeeper())
+            await listener.start_serving()
+            port = sock.getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(header[:5])  # pending: half a header
+            await until(lambda: listener.statistics().pending == 1)
+            sock.failing = True
+            waiting = await asyncio.open_connection("127.0.0.1", port)  # cannot be accepted
+            await until(lambda: "cannot accept" in caplog.text)
+            writer.write(header[5:])  # the pending one is done, and frees its place
+            await until(lambda: listener.statistics().pending == 0)
+            await asyncio.sleep(0.3)  # within ACCEPT_RETRY
+            for each in (writer, waiting[1]):
+                each.close()
+            listener.close()
+            await listener.wait_closed()
+        return [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+
+    with caplog.at_level(logging.ERROR, logger="kilnproxy.proxy"):
+        errors = uvloop.run(main())
+    assert errors == ["cannot accept: [Errno 24] Too many open files; retrying in 1.0s"]
