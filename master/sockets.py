@@ -1,8 +1,9 @@
 """The listening sockets: bound from the configuration, or adopted from systemd.
 
 Socket activation (LISTEN_FDS / LISTEN_PID, sd_listen_fds(3)) hands the sockets over as fds
-3, 4, ...; they are checked to be listening stream sockets, and the variables are unset so that
-no child mistakes them for its own.
+3, 4, ...; they are checked to be listening TCP sockets (a client's address is what admission
+and the access log go by: a Unix socket has none), and the variables are unset so that no child
+mistakes them for its own.
 """
 
 from __future__ import annotations
@@ -27,14 +28,24 @@ def activated(environ: dict[str, str] | None = None) -> list[socket.socket]:
     sockets = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
         sock = socket.socket(fileno=fd)
-        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-        ):
-            raise OperatorError(f"socket-activated fd {fd} is not a listening stream socket")
+        problem = _not_listening_tcp(sock)
+        if problem is not None:
+            sock.close()
+            raise OperatorError(f"socket-activated fd {fd} {problem}")
         sockets.append(sock)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(name, None)
     return sockets
+
+
+def _not_listening_tcp(sock: socket.socket) -> str | None:
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        return "is not a listening stream socket"
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return "is not a TCP socket: give the socket unit ListenStream=PORT or ADDRESS:PORT"
+    return None
 
 
 def bind(address: Address, backlog: int) -> socket.socket:
