@@ -93,7 +93,8 @@ def _totals(totals: MetricsSnapshot) -> Iterator[Metric]:
 def _admission(totals: MetricsSnapshot, now: AdmissionStats) -> Iterator[Metric]:
     refusals = CounterMetricFamily(
         "kilnproxy_admission_refusals",
-        "Connections (and sessions: max_sessions_per_account) refused by admission.",
+        "Connections refused before SSH, by admission or for their PROXY header (and sessions: "
+        "max_sessions_per_account).",
         labels=["reason"],
     )
     for reason in Refusal:  # every reason, at zero too: a rate needs the series to exist

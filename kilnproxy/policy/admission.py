@@ -37,6 +37,10 @@ class Refusal(enum.Enum):
     PENALTY = "penalty"
     PENALTY_TABLE_FULL = "penalty_table_full"
     ACCOUNT_SESSIONS = "max_sessions_per_account"
+    # Behind a load balancer ([ssh] proxy_protocol): a connection refused for its header.
+    PROXY_NOT_ALLOWED = "proxy_not_allowed"  # a peer outside proxy_allowed sent one, or connected
+    PROXY_HEADER = "proxy_header"  # malformed, truncated, or missing where it is required
+    PROXY_TIMEOUT = "proxy_timeout"  # not complete within proxy_timeout
 
 
 # -- sources and netblocks -------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kilnproxy.config import Network, SshSettings, format_duration
-from kilnproxy.policy.admission import RefusalLog, source_address
+from kilnproxy.policy.admission import Refusal, RefusalLog, source_address
 from kilnproxy.policy.penalty import PenaltyEvent
 from kilnproxy.ssh.proxy_header import MAX_HEADER, NeedMore, ProxyHeader, ProxyHeaderError, parse
 from kilnproxy.ssh.services import Startup
@@ -87,6 +87,7 @@ class Admit:
 @dataclass(frozen=True)
 class Refuse:
     reason: str
+    kind: Refusal  # its /metrics reason
 
 
 # -- the policy: plain functions over plain data ---------------------------------------------------
@@ -102,7 +103,7 @@ def peer_allowed(host: str, allowed: Iterable[Network]) -> bool:
 def refuse_at_accept(mode: ProxyMode, allowed: bool) -> Refuse | None:
     """In require mode only the balancers may connect at all: no need to read a byte."""
     if mode is ProxyMode.REQUIRE and not allowed:
-        return Refuse("peer not in [ssh] proxy_allowed")
+        return Refuse("peer not in [ssh] proxy_allowed", Refusal.PROXY_NOT_ALLOWED)
     return None
 
 
@@ -117,14 +118,16 @@ def decide(
             return Admit(None)
         return Refuse(
             f"no complete PROXY header within {format_duration(timeout)} "
-            f"({seen.received} bytes received)"
+            f"({seen.received} bytes received)",
+            Refusal.PROXY_TIMEOUT,
         )
     if seen is None:
         if mode is ProxyMode.REQUIRE:
-            return Refuse("no PROXY header (proxy_protocol is 'require')")
+            return Refuse("no PROXY header (proxy_protocol is 'require')", Refusal.PROXY_HEADER)
         return Admit(None)
     if not allowed:
-        return Refuse("PROXY header from a peer not in [ssh] proxy_allowed")
+        return Refuse("PROXY header from a peer not in [ssh] proxy_allowed",
+                      Refusal.PROXY_NOT_ALLOWED)  # fmt: skip
     return Admit(seen.source)
 
 
@@ -167,8 +170,10 @@ class ProxyListener(asyncio.AbstractServer):
         hand_off: HandOff,
         admit: Admitter,
         failing_health_checks: Callable[[], bool] = lambda: False,
+        count: Callable[[Refusal], None] = lambda kind: None,
     ) -> None:
         self._sock = sock
+        self._count = count  # a refusal for its header, into /metrics (admission counts its own)
         self._failing_health_checks = failing_health_checks
         self._mode = ProxyMode(settings.proxy_protocol)
         self._allowed = settings.proxy_allowed
@@ -267,7 +272,7 @@ class ProxyListener(asyncio.AbstractServer):
         allowed = peer_allowed(peer[0], self._allowed)
         refusal = refuse_at_accept(self._mode, allowed)
         if refusal is not None:
-            self._refuse(conn, peer, refusal.reason)
+            self._refuse(conn, peer, refusal.reason, refusal.kind)
             return
         startup = None
         if not allowed:  # optional mode: the peer is the client whatever it sends, and is
@@ -299,8 +304,14 @@ class ProxyListener(asyncio.AbstractServer):
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("admitting a connection failed", exc_info=exc)
 
-    def _refuse(self, conn: socket.socket, peer: Address, reason: str) -> None:
+    def _refuse(
+        self, conn: socket.socket, peer: Address, reason: str, kind: Refusal | None = None
+    ) -> None:
+        """Close `conn` with a line; `kind`: its /metrics reason, if we refused it (None: the
+        peer reset it, or it could not be handed on)."""
         self._refused += 1
+        if kind is not None:
+            self._count(kind)
         held = self._refusals.should_log("header", self._loop.time())
         if held is not None:
             more = f" ({held} more not logged)" if held else ""
@@ -324,7 +335,7 @@ class ProxyListener(asyncio.AbstractServer):
             else:
                 offence = outcome
         except ProxyHeaderError as exc:
-            self._refuse(conn, peer, str(exc))
+            self._refuse(conn, peer, str(exc), Refusal.PROXY_HEADER)
         except OSError as exc:  # reset by the peer while we looked
             self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")
         except BaseException:  # cancelled (the worker stops): not the client's doing
@@ -350,7 +361,7 @@ class ProxyListener(asyncio.AbstractServer):
             return PenaltyEvent.NOAUTH
         decision = decide(self._mode, allowed, seen, self._timeout)
         if isinstance(decision, Refuse):
-            self._refuse(conn, peer, decision.reason)
+            self._refuse(conn, peer, decision.reason, decision.kind)
             stalled = isinstance(seen, TimedOut)
             return PenaltyEvent.GRACE_EXCEEDED if stalled else PenaltyEvent.NOAUTH
         if self._failing_health_checks() and is_health_check(seen):

@@ -136,6 +136,7 @@ async def listen(
         partial(_serve_accepted, options),
         host.services.admission.admit,
         lambda: host.failing_health_checks,
+        host.services.metrics.refused,
     )
     await listener.start_serving()
     return asyncssh.SSHAcceptor(listener, options)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from kilnproxy.backends import Backend
 from kilnproxy.directory import Directory, Route
+from kilnproxy.policy.admission import Refusal
 from kilnproxy.policy.penalty import PenaltyEvent
 
 
@@ -42,6 +43,9 @@ class SessionMetrics(Protocol):
 
     def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
         """Called once per access line: one command, or a connection that ran none."""
+
+    def refused(self, reason: Refusal) -> None:
+        """A connection refused before SSH for its PROXY header (admission counts its own)."""
 
 
 class BackendFinder(Protocol):

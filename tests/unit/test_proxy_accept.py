@@ -18,6 +18,7 @@ import uvloop
 
 from kilnproxy.config import SshSettings, from_mapping
 from kilnproxy.errors import OperatorError
+from kilnproxy.policy.admission import Refusal
 from kilnproxy.policy.penalty import PenaltyEvent
 from kilnproxy.ssh import proxy_accept
 from kilnproxy.ssh.proxy_accept import (
@@ -42,11 +43,15 @@ SSH = b"SSH-2.0-OpenSSH_9.6\r\n"
 # -- the policy -----------------------------------------------------------------------------------
 
 
-NOT_ALLOWED = Refuse("PROXY header from a peer not in [ssh] proxy_allowed")
+NOT_ALLOWED = Refuse(
+    "PROXY header from a peer not in [ssh] proxy_allowed", Refusal.PROXY_NOT_ALLOWED
+)
 
 
 def slow(received: int) -> Refuse:
-    return Refuse(f"no complete PROXY header within 5s ({received} bytes received)")
+    return Refuse(
+        f"no complete PROXY header within 5s ({received} bytes received)", Refusal.PROXY_TIMEOUT
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,7 +62,12 @@ def slow(received: int) -> Refuse:
         (ProxyMode.REQUIRE, True, LOCAL, Admit(None)),
         (ProxyMode.OPTIONAL, True, None, Admit(None)),
         (ProxyMode.OPTIONAL, False, None, Admit(None)),
-        (ProxyMode.REQUIRE, True, None, Refuse("no PROXY header (proxy_protocol is 'require')")),
+        (
+            ProxyMode.REQUIRE,
+            True,
+            None,
+            Refuse("no PROXY header (proxy_protocol is 'require')", Refusal.PROXY_HEADER),
+        ),
         (ProxyMode.OPTIONAL, False, HEADER, NOT_ALLOWED),
         (ProxyMode.OPTIONAL, False, LOCAL, NOT_ALLOWED),
         (ProxyMode.OPTIONAL, True, TimedOut(0), Admit(None)),
@@ -72,7 +82,9 @@ def test_decide(
 
 
 def test_require_refuses_other_peers_before_reading() -> None:
-    assert refuse_at_accept(ProxyMode.REQUIRE, False) == Refuse("peer not in [ssh] proxy_allowed")
+    assert refuse_at_accept(ProxyMode.REQUIRE, False) == Refuse(
+        "peer not in [ssh] proxy_allowed", Refusal.PROXY_NOT_ALLOWED
+    )
     assert refuse_at_accept(ProxyMode.REQUIRE, True) is None
     assert refuse_at_accept(ProxyMode.OPTIONAL, False) is None  # it may still speak plain SSH
 
@@ -193,9 +205,11 @@ def serve(
     ssh: SshSettings | None = None,
     admit: Gatekeeper | None = None,
     fail: bool = False,
+    counted: list[Refusal] | None = None,
 ) -> Received:
     """Run `scenario` against a listener on uvloop; the hand-off records what SSH would get
-    (or, with `fail`, fails as a connection reset before SSH could start would)."""
+    (or, with `fail`, fails as a connection reset before SSH could start would); `counted`
+    gets the refusals /metrics would count."""
     received: Received = []
 
     async def hand_off(
@@ -212,7 +226,10 @@ def serve(
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0)) as sock:
-            listener = ProxyListener(sock, ssh or settings(), hand_off, admit or Gatekeeper())
+            count = counted.append if counted is not None else lambda kind: None
+            listener = ProxyListener(
+                sock, ssh or settings(), hand_off, admit or Gatekeeper(), count=count
+            )
             await listener.start_serving()
             try:
                 await scenario(listener, sock.getsockname()[1], received)
@@ -282,9 +299,11 @@ def test_slow_and_silent_clients(caplog: pytest.LogCaptureFixture) -> None:
         await send(port, eof=False)  # says nothing: in require mode that is refused too
         await send(port)  # closes at once: a balancer's TCP check, not worth a warning
 
+    counted: list[Refusal] = []
     with caplog.at_level(logging.DEBUG, logger="kilnproxy.proxy"):
-        received = serve(scenario, settings("require", timeout="300ms"))
+        received = serve(scenario, settings("require", timeout="300ms"), counted=counted)
     assert received == []
+    assert counted == [Refusal.PROXY_TIMEOUT] * 2  # the silent close is no refusal of ours
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 2
     assert lines[0].endswith("no complete PROXY header within 300ms (11 bytes received)")
@@ -434,7 +453,9 @@ def test_a_client_outside_proxy_allowed_that_is_not_served_is_penalised() -> Non
         await send(port, header + SSH)  # the balancer: served, and its client's
         await until(lambda: len(received) == 1)
 
-    assert serve(scenario, ssh, gate) == [(CLIENT, SSH)]
+    counted: list[Refusal] = []
+    assert serve(scenario, ssh, gate, counted=counted) == [(CLIENT, SSH)]
+    assert counted == [Refusal.PROXY_TIMEOUT, Refusal.PROXY_NOT_ALLOWED]
     assert [s.ended for s in gate.startups] == [
         ["closed PenaltyEvent.GRACE_EXCEEDED"], ["closed PenaltyEvent.NOAUTH"],
         ["closed PenaltyEvent.NOAUTH"], [],

@@ -23,7 +23,7 @@ from kilnproxy.directory import Identity, Route
 from kilnproxy.errors import BackendError, CutReason, DirectoryUnavailable
 from kilnproxy.logs import SessionLog
 from kilnproxy.policy.access import Access, Role
-from kilnproxy.policy.admission import AccountSessions
+from kilnproxy.policy.admission import AccountSessions, Refusal
 from kilnproxy.policy.commands import Command, Vcs, Verb
 from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
 from kilnproxy.ssh.services import Services
@@ -194,6 +194,9 @@ class FakeMetrics:
 
     def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
         raise AssertionError("a relay never counts sessions: its owner does, once")
+
+    def refused(self, reason: Refusal) -> None:
+        raise AssertionError("a relay refuses no connection")
 
 
 class FakeAdmission:
