@@ -122,6 +122,7 @@ def guess_is_right(client: Kexinit, server: Kexinit) -> bool:
 # -- in asyncssh ---------------------------------------------------------------------------------
 
 _stock_send_kexinit = SSHConnection._send_kexinit
+_stock_force_close = SSHConnection._force_close
 # asyncssh dispatches packets through this class dictionary, not through the method names.
 _handlers = cast(dict[int, Callable[..., Any]], SSHConnection._packet_handlers)
 _stock_process_kexinit = _handlers[MSG_KEXINIT]
@@ -147,6 +148,17 @@ def _send_whole_offer(self: SSHConnection) -> None:
     setattr(self, _WAITING, None)
     self._enc_algs = offer_for(self._enc_algs, _applied.fallback, None)
     _stock_send_kexinit(self)
+
+
+def _force_close(self: SSHConnection, exc: Exception | None) -> None:
+    """_force_close (every way a connection ends), and a held-back KEXINIT's timer with it:
+    else each connection closed before its KEXINIT (a scanner, a health check, a flood of
+    connect-and-close) would be held in memory by its timer for KEXINIT_WAIT."""
+    waiting: asyncio.TimerHandle | None = getattr(self, _WAITING, None)
+    if waiting is not None:
+        waiting.cancel()
+        setattr(self, _WAITING, None)
+    _stock_force_close(self, exc)
 
 
 async def _process_kexinit(
@@ -204,6 +216,7 @@ def apply(fallback: Sequence[str], installed: str | None = None) -> OfferState:
     _handlers[MSG_NEWKEYS] = _process_newkeys
     if fallback:
         SSHConnection._send_kexinit = _send_kexinit  # type: ignore[method-assign]
+        SSHConnection._force_close = _force_close  # type: ignore[method-assign]
         _applied.fallback = tuple(alg.encode("ascii") for alg in fallback)
         _applied.state = OfferState.ON
     else:
@@ -214,6 +227,7 @@ def apply(fallback: Sequence[str], installed: str | None = None) -> OfferState:
 def remove() -> None:
     """Put stock asyncssh back (for tests, and for `apply` on another asyncssh version)."""
     SSHConnection._send_kexinit = _stock_send_kexinit  # type: ignore[method-assign]
+    SSHConnection._force_close = _stock_force_close  # type: ignore[method-assign]
     _handlers[MSG_KEXINIT] = _stock_process_kexinit
     _handlers[MSG_NEWKEYS] = _stock_process_newkeys
     _applied.fallback = ()

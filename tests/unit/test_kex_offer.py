@@ -269,6 +269,32 @@ def test_a_client_that_waits_for_the_server_gets_the_whole_offer(
     assert 0.4 < waited < 3
 
 
+def test_a_connection_closed_before_its_kexinit_takes_its_timer_along() -> None:
+    """The held-back KEXINIT's timer would keep a closed connection for KEXINIT_WAIT."""
+    apply(FALLBACK)
+    conns: list[asyncssh.SSHServerConnection] = []
+    lost = asyncio.Event()
+
+    class Watched(_Open):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            conns.append(conn)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set()
+
+    async def close_early() -> tuple[bool, object]:
+        async with server(factory=Watched) as port:
+            client = await RawClient.connect(port)
+            await asyncio.sleep(0.1)  # the server's KEXINIT is held back: a timer waits
+            waiting: asyncio.TimerHandle = getattr(conns[0], kex_offer._WAITING)
+            client.close()
+            await asyncio.wait_for(lost.wait(), 5)
+            return waiting.cancelled(), getattr(conns[0], kex_offer._WAITING)
+
+    # Not left to fire KEXINIT_WAIT later, holding the connection until then.
+    assert uvloop.run(close_early()) == (True, None)
+
+
 async def after_a_guess(client_kex: list[bytes]) -> bytes | None:
     """A KEXINIT announcing a guessed packet, then that packet, with a public key no key
     exchange accepts: the server's next packet, if any (a disconnect if it took the guess)."""
