@@ -40,6 +40,7 @@ import json
 import logging
 import mmap
 import os
+import signal
 import socket
 import struct
 import time
@@ -62,6 +63,11 @@ MAX_LINE = 4 * 1024 * 1024
 NOTICES_PER_MESSAGE = 10_000
 # The exit status of a worker that cannot start: the master must not retry it forever.
 WORKER_BOOT_ERROR = 3
+# Signals a worker acts on whose default action would end it: USR1 (reopen the log) and HUP (the
+# master's, ignored). A worker is started with them blocked and unblocks them once its handlers
+# are in, so that one sent while it boots (a log rotation's USR1 during a rolling restart) waits
+# for it instead of killing it.
+BOOT_HELD_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGHUP})
 
 # Seconds: from a sub-millisecond SQLite lookup to a slow backend handshake.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -8,8 +8,10 @@ now. Exits are noticed through a pidfd, without SIGCHLD handlers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kilnproxy.control import Reply, ToWorker
+from kilnproxy.control import BOOT_HELD_SIGNALS, Reply, ToWorker
 from master.liveness import Liveness
 from master.recycle import MemoryWatch
 
@@ -99,6 +101,10 @@ async def spawn(
         argv += ["--config", str(config)]
     given = _memory_file((text or "").encode())  # no file: the defaults, as the master's
     argv += ["--config-fd", str(given)]
+    # The child inherits the signal mask: it boots with BOOT_HELD_SIGNALS blocked. One that
+    # comes for the master meanwhile waits the few milliseconds, and is acted on after.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, BOOT_HELD_SIGNALS)
+    started = False
     try:
         # A plain fork+exec (milliseconds); its exit is watched through a pidfd, so asyncio's
         # child watcher must not reap it.
@@ -107,10 +113,24 @@ async def spawn(
             pass_fds=[*fds, theirs.fileno(), table, given],
             stdin=subprocess.DEVNULL,
         )
+        started = True
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         os.close(given)
+        if not started:
+            ours.close()
     handle = WorkerHandle(index, generation, proc)
-    handle.pidfd = os.pidfd_open(proc.pid)
-    handle.channel = await ToWorker.open(ours)
+    try:
+        handle.pidfd = os.pidfd_open(proc.pid)
+        handle.channel = await ToWorker.open(ours)
+    except BaseException:
+        # A worker nobody watches would serve on in the slot the next one is given.
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(1)  # killed: milliseconds
+        if handle.pidfd >= 0:
+            os.close(handle.pidfd)
+        ours.close()
+        raise
     return handle

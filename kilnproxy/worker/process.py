@@ -91,6 +91,7 @@ class WorkerProcess:
         for signum, event in SIGNALS.items():
             loop.add_signal_handler(signum, self._events.put_nowait, event)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master's signal, not ours
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, control.BOOT_HELD_SIGNALS)  # acted on now
         self._channel = channel = await control.ToMaster.open(self._control_sock)
         self.worker.host.on_close = self._session_closed
         self.worker.admission.report_to(self._tell_master)

@@ -222,6 +222,22 @@ def test_hup_rolling_restart_drops_nothing(new_world: Factory, tmp_path: Path) -
     kiln.wait_for_log(r"rolling restart to generation 1 complete")
 
 
+def test_a_log_rotation_while_workers_boot_ends_none(new_world: Factory) -> None:
+    """USR1's default action ends a process, and a worker installs its handler only once its
+    imports and configuration are done (half a second or more): one that is booting gets the
+    signal blocked, and acts on it once it runs, instead of dying."""
+    w = new_world({"workers": {"count": 2}})
+    kiln = w.kiln
+    kiln.send(signal.SIGHUP)  # a rolling restart: new workers boot, one after the other
+    deadline = time.monotonic() + 30
+    while "rolling restart to generation 1 complete" not in kiln.log():
+        assert time.monotonic() < deadline, kiln.log()
+        kiln.send(signal.SIGUSR1)  # as a log rotation would, at any time
+        time.sleep(0.05)
+    assert "died with status" not in kiln.log()
+    assert {x["state"] for x in kiln.workers() if x["generation"] == 1} == {"ready"}
+
+
 def test_hup_with_a_broken_config_changes_nothing(new_world: Factory) -> None:
     w = new_world({"workers": {"count": 2}})
     kiln = w.kiln
