@@ -15,6 +15,11 @@ outlives its timeout. Rules:
 - A connection idle for more than IDLE_MAX is closed when it is next taken, not used: a firewall
   or NAT on the way may have dropped it without a word, and a lookup on it would hang until its
   deadline (the keepalives of `postgres.KEEPALIVES` find that out only after a minute).
+- A connection is used for at most AGE_MAX, however busy: one that is never idle long would
+  otherwise be kept for ever, on the server it first reached. After a failover that left the
+  old server up (a DNS name moved, a partition), lookups would go on reading the old one while
+  administrators write to the new one: a revoked key would keep working. A busy worker reaches
+  the new one within AGE_MAX.
 - No background task: a connection is opened when a lookup needs one, so an outage costs a
   connection attempt per lookup (refused at once, or cut by the deadline), and a directory that
   comes back is used at once.
@@ -40,6 +45,7 @@ from kilnproxy.errors import DirectoryUnavailable
 
 Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
 IDLE_MAX = 30.0  # seconds a pooled connection may sit idle and still be used
+AGE_MAX = 300.0  # seconds a connection is used for, from its start
 
 
 class LookupPool:
@@ -51,6 +57,7 @@ class LookupPool:
         self.timeout = timeout
         self._describe = describe  # an error as one password-free line
         self._idle: list[tuple[psycopg.AsyncConnection[Any], float]] = []  # and since when
+        self._born: dict[psycopg.AsyncConnection[Any], float] = {}  # every open one's start
         self._open = 0
         self._in_use = 0
         self._slots: asyncio.Semaphore | None = None  # made in the loop that uses it
@@ -132,6 +139,7 @@ class LookupPool:
     async def _new_connection(self) -> psycopg.AsyncConnection[Any]:
         conn = await self._connect()
         self._open += 1
+        self._born[conn] = asyncio.get_running_loop().time()
         return conn
 
     async def _run(
@@ -143,15 +151,18 @@ class LookupPool:
             return await cursor.fetchone()
         finally:
             self._in_use -= 1
+            now = asyncio.get_running_loop().time()
             # Kept after an SQL error too (autocommit leaves it idle), never mid-statement.
             idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-            if idle and not conn.broken and not self._closed:
-                self._idle.append((conn, asyncio.get_running_loop().time()))
+            young = now - self._born.get(conn, now) < AGE_MAX
+            if idle and young and not conn.broken and not self._closed:
+                self._idle.append((conn, now))
             else:
                 self._discard(conn)
 
     def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self._open -= 1
+        self._born.pop(conn, None)
         # PGconn.finish() is what AsyncConnection.close() does, without an await: usable from
         # close() too, which the worker calls from synchronous code.
         conn.pgconn.finish()

@@ -213,6 +213,30 @@ def test_the_admin_connection_has_the_lookup_timeout(pg_cluster: Cluster, pg_url
         assert conn.execute("SHOW application_name").fetchone() == ("kilnproxy",)
 
 
+def test_a_busy_connection_is_replaced_after_its_age(
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection never idle long is used for AGE_MAX at most: after a failover that left
+    the old server up, a busy worker reaches the new one within that."""
+    from kilnproxy.directory import pgpool
+
+    monkeypatch.setattr(pgpool, "AGE_MAX", 0.3)
+
+    async def server_pids() -> list[int]:
+        pids = []
+        pool = store._lookups
+        assert isinstance(pool, pgpool.LookupPool)
+        for _ in range(8):  # a lookup every 0.1 s: never idle past IDLE_MAX
+            row = await pool.one("SELECT pg_backend_pid()", {})
+            assert row is not None
+            pids.append(row[0])
+            await asyncio.sleep(0.1)
+        return pids
+
+    pids = asyncio.run(server_pids())
+    assert 2 <= len(set(pids)) <= 4, pids  # a new one about every 0.3 s, each used a while
+
+
 def test_a_connection_idle_too_long_is_not_used(
     store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
