@@ -3,7 +3,8 @@
 A worker accepts on the shared listening socket itself (`ProxyListener`), so that nothing reaches
 asyncssh before it is admitted: with `[ssh] proxy_protocol` "off" each connection is put to
 admission (SPEC 4b: `admit`, with the peer's address) as soon as it is accepted; with "optional"
-or "require" its header is read first, and admission is asked with the address the header gave.
+or "require" its header is read first, and admission is asked with the address the header gave
+(a balancer's health check, a header without a client, is not put to admission: `Uncounted`).
 A peer outside `proxy_allowed` (in optional mode) is the client whatever it sends: it is put to
 admission at accept, as with the protocol off, before it may wait for a header.
 A refused connection is closed there and then: no banner, no key exchange. An admitted one is
@@ -134,6 +135,19 @@ def decide(
 def is_health_check(seen: ProxyHeader | TimedOut | None) -> bool:
     """A balancer's own connection (v2 LOCAL, v1 UNKNOWN): its health check, not a client."""
     return isinstance(seen, ProxyHeader) and seen.source is None
+
+
+class Uncounted:
+    """The startup of a balancer's health check: not among max_startups, nor put to
+    admission at all (only a peer in proxy_allowed sends one). It is no client; and a flood of
+    clients that fills max_startups would otherwise fail the checks of every host it reaches,
+    and the balancer would take them all out, legitimate clients' connections with them."""
+
+    def authenticated(self) -> None:
+        return None
+
+    def closed(self, event: PenaltyEvent | None) -> None:
+        return None
 
 
 def format_address(address: Address) -> str:
@@ -371,8 +385,10 @@ class ProxyListener(asyncio.AbstractServer):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         if isinstance(seen, ProxyHeader):
             _consume(conn, seen.length)
+        if is_health_check(seen):
+            return None, Uncounted(), True
         startup = startup or self._admitted_as(conn, decision.source or peer)
-        return None if startup is None else (decision.source, startup, is_health_check(seen))
+        return None if startup is None else (decision.source, startup, False)
 
     async def _serve(
         self,

@@ -367,6 +367,20 @@ def test_a_health_check_is_a_header_without_a_client() -> None:
     assert not is_health_check(None) and not is_health_check(TimedOut(0))
 
 
+def test_a_health_check_is_served_whatever_admission_says() -> None:
+    """A flood that fills max_startups must not fail the balancer's checks: they are not put
+    to admission (only a peer in proxy_allowed may send one)."""
+    gate = Gatekeeper("127.0.0.1")  # the balancer's address, refused as the flood's would be
+
+    async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
+        await send(port, build_v2(None) + SSH)
+        await send(port, build_v1(CLIENT, ("10.0.0.1", 22)) + SSH)  # a client: admitted
+        await until(lambda: len(received) == 2)
+
+    assert serve(scenario, settings(), gate) == [(None, SSH), (CLIENT, SSH)]
+    assert gate.asked == [CLIENT[0]]
+
+
 # -- admission at accept ---------------------------------------------------------------------------
 
 
