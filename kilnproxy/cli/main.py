@@ -226,6 +226,9 @@ def _backend_trust(args: argparse.Namespace, config: Config) -> int:
 
 
 def _keys_add(args: argparse.Namespace, config: Config) -> int:
+    if args.stdin not in (None, "-"):  # a path where - goes: said as such, not as a choice
+        raise OperatorError(f"a key file is given with --file {args.stdin}, or - for standard "
+                            "input")  # fmt: skip
     if (args.source is None) == (args.stdin is None):
         raise OperatorError("give the key once: --file PUBKEY, or - for standard input")
     admin.split_owner(args.owner)  # a mistyped owner is said before any key is read
@@ -305,7 +308,7 @@ def _add_directory_commands(commands: Any, command: Command) -> None:
         "--file", dest="source", metavar="PUBKEY", help="read the public key from a file"
     )
     sub.add_argument(
-        "stdin", nargs="?", choices=["-"], help="read the public key from standard input"
+        "stdin", nargs="?", metavar="-", help="read the public key from standard input"
     )
     sub = command(keys, "list", _directory_action(admin.list_keys, "owner"), "list keys")
     sub.add_argument("owner", nargs="?", metavar="ACCOUNT[/USER]")

@@ -244,6 +244,10 @@ def test_a_key_pasted_slowly_is_not_held_to_the_directorys_deadline(
         (["keys", "add", "aviato", "k", "--file", "/nonexistent"], "is not ACCOUNT/USER"),
         (["keys", "add", "aviato/u", "k"], "give the key once: --file PUBKEY, or - for standard"),
         (["keys", "add", "aviato/u", "k", "-", "--file", "/x.pub"], "give the key once"),
+        (
+            ["keys", "add", "aviato/u", "k", "id.pub"],
+            "a key file is given with --file id.pub, or -",
+        ),
         (["keys", "add", "aviato/u", "k", "-", "extra"], "unrecognized arguments: extra"),
         (["keys", "list", "aviato/b c"], "invalid user name 'b c'"),
         (["accounts", "add", "caf\udce9"], "argument 'caf\\xe9' is not UTF-8"),
