@@ -25,8 +25,8 @@ sent or did not send is penalised as an SSH client would be (`grace_exceeded` fo
 and waiting, `proxy_timeout` at a time, for ever;
 at most `PENDING_LIMIT` connections wait for their header at once (beyond that the worker stops
 accepting and the kernel's listen queue holds the rest). It never speaks SSH: what happens after
-the hand-off is asyncssh's and the session's (whose login grace starts then, at most
-`proxy_timeout` after the TCP accept).
+the hand-off is asyncssh's and the session's (whose login grace runs from the TCP accept: a
+header's time counts).
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ log = logging.getLogger("kilnproxy.proxy")
 
 Address = tuple[str, int]
 # The connected socket, the header's client address (None: the peer's own), its startup,
-# and whether it is a balancer's health check rather than a client.
-HandOff = Callable[[socket.socket, Address | None, Startup, bool], Awaitable[None]]
+# whether it is a balancer's health check rather than a client, and when it was accepted (the
+# loop's clock: the login grace runs from then, SPEC 4).
+HandOff = Callable[[socket.socket, Address | None, Startup, bool, float], Awaitable[None]]
 # Admission with the client's address: a Startup, or None to close the connection now.
 Admitter = Callable[[Address], Startup | None]
 
@@ -277,11 +278,12 @@ class ProxyListener(asyncio.AbstractServer):
 
     def _start(self, conn: socket.socket, peer: Address) -> None:
         self._accepted += 1
+        accepted_at = self._loop.time()
         conn.setblocking(False)
         if self._mode is ProxyMode.OFF:  # the peer is the client: admission decides now
             startup = self._admitted_as(conn, peer)
             if startup is not None:
-                self._track(self._serve(conn, peer, None, startup, False))
+                self._track(self._serve(conn, peer, None, startup, False, accepted_at))
             return
         allowed = peer_allowed(peer[0], self._allowed)
         refusal = refuse_at_accept(self._mode, allowed)
@@ -294,7 +296,7 @@ class ProxyListener(asyncio.AbstractServer):
             startup = self._admitted_as(conn, peer)
             if startup is None:
                 return
-        self._track(self._admit(conn, peer, allowed, startup))
+        self._track(self._admit(conn, peer, allowed, startup, accepted_at))
 
     def _track(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coroutine)
@@ -335,7 +337,12 @@ class ProxyListener(asyncio.AbstractServer):
     # -- one connection ------------------------------------------------------------------------
 
     async def _admit(
-        self, conn: socket.socket, peer: Address, allowed: bool, startup: Startup | None
+        self,
+        conn: socket.socket,
+        peer: Address,
+        allowed: bool,
+        startup: Startup | None,
+        accepted_at: float,
     ) -> None:
         """Read the header, decide, and hand the socket on or close it; never raises.
         `startup`: the peer's own, if admission was asked at accept (a peer not allowed to
@@ -361,7 +368,7 @@ class ProxyListener(asyncio.AbstractServer):
                 if startup is not None:
                     startup.closed(offence)
         if admitted is not None:
-            await self._serve(conn, peer, *admitted)
+            await self._serve(conn, peer, *admitted, accepted_at)
 
     async def _by_header(
         self, conn: socket.socket, peer: Address, allowed: bool, startup: Startup | None
@@ -397,11 +404,12 @@ class ProxyListener(asyncio.AbstractServer):
         source: Address | None,
         startup: Startup,
         health_check: bool,
+        accepted_at: float,
     ) -> None:
         """Hand an admitted connection to SSH; one that cannot be was never served."""
         self._admitted += 1
         try:
-            await self._hand_off(conn, source, startup, health_check)
+            await self._hand_off(conn, source, startup, health_check, accepted_at)
         except OSError as exc:
             startup.closed(None)
             self._refuse(conn, peer, f"connection failed: {exc.strerror or exc}")

@@ -219,16 +219,17 @@ async def _serve_accepted(
     source: Address | None,
     startup: Startup,
     health_check: bool,
+    accepted_at: float,
 ) -> None:
     """Run SSH on a connection `ProxyListener` accepted, as asyncssh.listen's own server
     would; the client's address from the header goes along as the connection's
-    `proxy_source`, which the session takes for its remote address, and its admission
-    `startup`, which the session ends."""
+    `proxy_source`, which the session takes for its remote address, its admission `startup`,
+    which the session ends, and when it was accepted, which its login grace runs from."""
     loop = asyncio.get_running_loop()
 
     def connection() -> asyncssh.SSHServerConnection:
         conn = _Connection(loop, options)
-        conn.set_extra_info(startup=startup)
+        conn.set_extra_info(startup=startup, accepted_at=accepted_at)
         if source is not None:
             conn.set_extra_info(proxy_source=source)
         if health_check:  # the session logs it at debug level only: it is no client's

@@ -203,8 +203,10 @@ class Session(asyncssh.SSHServer):
         if not self.host.accepting:  # handed over by a listener that was closing: drain it too
             self.draining = True
         timeouts = self.host.config.timeouts
-        self._timers["login_grace"] = self._loop.call_later(
-            timeouts.login_grace, self.cut, CutReason.LOGIN_GRACE
+        # From the TCP accept (SPEC 4): the time a PROXY header took counts.
+        accepted_at = conn.get_extra_info("accepted_at") or self._loop.time()
+        self._timers["login_grace"] = self._loop.call_at(
+            accepted_at + timeouts.login_grace, self.cut, CutReason.LOGIN_GRACE
         )
         # One timer for both limits of a running session: each costs ~600 bytes in uvloop, for
         # as long as the connection lasts (issue 13: memory per idle connection).

@@ -200,6 +200,9 @@ def settings(mode: str = "optional", timeout: str = "1s") -> SshSettings:
     return from_mapping({"ssh": raw}, Path("/")).ssh
 
 
+handed_after: list[float] = []  # seconds from each accept to its hand-off, the last serve's
+
+
 def serve(
     scenario: Callable[[ProxyListener, int, Received], Awaitable[None]],
     ssh: SshSettings | None = None,
@@ -213,11 +216,16 @@ def serve(
     received: Received = []
 
     async def hand_off(
-        conn: socket.socket, source: tuple[str, int] | None, startup: Startup, health_check: bool
+        conn: socket.socket,
+        source: tuple[str, int] | None,
+        startup: Startup,
+        health_check: bool,
+        accepted_at: float,
     ) -> None:
         if fail:
             raise ConnectionResetError(104, "Connection reset by peer")
         loop = asyncio.get_running_loop()
+        handed_after.append(loop.time() - accepted_at)
         with conn:
             data = b""
             while chunk := await loop.sock_recv(conn, 4096):
@@ -282,13 +290,17 @@ def test_only_the_header_is_consumed() -> None:
 
 
 def test_a_header_in_pieces_is_read_whole() -> None:
+    """And the hand-off says when the connection was accepted: the login grace runs from
+    then (SPEC 4), not from the header's end."""
     header = build_v1(CLIENT, ("10.0.0.1", 22))
 
     async def scenario(listener: ProxyListener, port: int, received: Received) -> None:
         pieces = [header[:1], header[1:7], header[7:30], header[30:], SSH]
-        await send(port, *pieces, pause=0.05)
+        await send(port, *pieces, pause=0.1)
 
+    handed_after.clear()
     assert serve(scenario) == [(CLIENT, SSH)]
+    assert handed_after[0] >= 0.25  # three pauses before the header was whole
 
 
 def test_slow_and_silent_clients(caplog: pytest.LogCaptureFixture) -> None:

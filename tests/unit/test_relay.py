@@ -831,8 +831,26 @@ def test_a_bug_on_what_a_resumed_client_sent_ends_this_session_not_the_backends(
 class FakeConnection:
     """What a Session asks of asyncssh's connection before any channel has opened."""
 
+    def __init__(self, accepted_at: float | None = None) -> None:
+        self.accepted_at = accepted_at
+
     def get_extra_info(self, name: str) -> object:
+        if name == "accepted_at":
+            return self.accepted_at
         return ("192.0.2.7", 40000) if name == "peername" else None
+
+
+@on_a_loop
+async def test_the_login_grace_runs_from_the_accept() -> None:
+    """SPEC 4: from TCP accept to authenticated; a PROXY header's time counts."""
+    host = SessionHost(from_mapping({}, Path("/nonexistent")), Services(
+        FakeDirectory(website()), FakeBackends(FakeBackend()), FakeMetrics(), FakeAdmission()
+    ))  # fmt: skip
+    accepted_at = asyncio.get_running_loop().time() - 4.0
+    session = Session(host)
+    session.connection_made(cast(asyncssh.SSHServerConnection, FakeConnection(accepted_at)))
+    assert session._timers["login_grace"].when() == accepted_at + 30
+    session.connection_lost(None)
 
 
 @on_a_loop
