@@ -181,7 +181,7 @@ class Supervisor:
         if config.log != self.config.log:
             reopen(config.log.format, config.log.level, config.log.file)  # says if it cannot
         if config.workers.count != self.config.workers.count:
-            self.desired = config.workers.count
+            self.desired = self._at_most_the_table_allows(config.workers.count)
         self.config = config
         self.board.admission.reconfigure(config.limits.penalty_settings())
         self.generation += 1
@@ -190,8 +190,18 @@ class Supervisor:
         log.info("rolling restart to generation %d", self.generation)
 
     def handle_sigttin(self) -> None:
-        self.desired += 1
+        self.desired = self._at_most_the_table_allows(self.desired + 1)
         log.info("workers wanted: %d", self.desired)
+
+    def _at_most_the_table_allows(self, count: int) -> int:
+        """`count` workers, if the startup table has a slot for each and for a replacement
+        beside each (a rolling restart runs both): a slot sized at the master's start. Else
+        as many as it has, said in one line: more take a restart."""
+        most: int = self.board.admission.table.slots // 2
+        if count > most:
+            log.warning("workers wanted: %d, but %d is the most this master runs (its startup "
+                        "table, sized at its start); more take a restart", count, most)  # fmt: skip
+        return min(count, most)
 
     def handle_sigttou(self) -> None:
         self.desired = max(1, self.desired - 1)

@@ -68,3 +68,23 @@ def test_a_spawn_that_fails_after_the_fork_leaves_no_worker_nor_descriptor(
     assert len(os.listdir("/proc/self/fd")) == fds  # its socketpair's end closed too
     listener.close()
     os.close(table)
+
+
+def test_workers_wanted_stay_within_the_startup_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each worker holds a slot of the table sized at the master's start, and one beside it
+    during a rolling restart: a TTIN or HUP past half of it is held there, in one line (past
+    the table, every restart would TERM draining workers, cutting their sessions)."""
+    path = tmp_path / "kilnproxy.toml"
+    path.write_text("[workers]\ncount = 40\n")
+    board = StatusBoard(slots=64)
+    supervisor = Supervisor(from_mapping({}, tmp_path), path, board, Told())  # type: ignore[arg-type]
+    supervisor.handle_sighup()
+    assert supervisor.desired == 32
+    supervisor.handle_sigttin()
+    assert supervisor.desired == 32
+    supervisor.handle_sigttou()
+    supervisor.handle_sigttin()
+    assert supervisor.desired == 32
+    assert "workers wanted: 40, but 32 is the most this master runs" in caplog.text
