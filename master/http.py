@@ -80,22 +80,27 @@ async def delivered(request: web.Request, handler: Handler) -> web.StreamRespons
     """A response is taken by its client within SEND_WITHIN seconds, or its connection is
     dropped: aiohttp has no write timeout, and a client that stops reading would hold what it
     asked for in the master's memory for good (`/connections` of 20,000 sessions is 8 MB), and
-    hold up the master's exit. At most IN_FLIGHT requests are under way at once."""
+    hold up the master's exit. At most IN_FLIGHT requests are under way at once: past them,
+    even /metrics gets 503 until one is done (SEND_WITHIN at the most), which is better than a
+    master that holds every stalled reader's answer."""
     traffic = request.app[TRAFFIC]
     if traffic.in_flight >= IN_FLIGHT:
         raise web.HTTPServiceUnavailable(text=f"{IN_FLIGHT} requests under way; try again\n")
     traffic.in_flight += 1
     try:
         response = await handler(request)
-        if not response.prepared:
+        if response.prepared:
+            return response
+        try:
             async with asyncio.timeout(SEND_WITHIN):
                 await response.prepare(request)
                 await response.write_eof()
-        return response
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
-        raise web.HTTPRequestTimeout() from None  # for aiohttp's books: nobody reads it
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            pass  # the client left (a tab closed, a scrape given up): aiohttp says nothing either
+        return response  # sent, or given up: aiohttp finds it so and writes nothing more
     finally:
         traffic.in_flight -= 1
 
