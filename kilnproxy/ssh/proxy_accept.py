@@ -59,6 +59,7 @@ PENDING_LIMIT = 256  # connections of one worker waiting for their header at onc
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 ACCEPT_RETRY = 1.0  # after EMFILE and the like, as asyncio's own servers do
 LOG_BURST = 20  # refusal lines per second, per worker
+HEALTH_CHECKS_AT_ONCE = 8  # unauthenticated health checks per worker outside admission
 
 
 class ProxyMode(enum.Enum):
@@ -142,13 +143,26 @@ class Uncounted:
     """The startup of a balancer's health check: not among max_startups, nor put to
     admission at all (only a peer in proxy_allowed sends one). It is no client; and a flood of
     clients that fills max_startups would otherwise fail the checks of every host it reaches,
-    and the balancer would take them all out, legitimate clients' connections with them."""
+    and the balancer would take them all out, legitimate clients' connections with them. At
+    most HEALTH_CHECKS_AT_ONCE of them per worker: such a connection is SSH like any other,
+    and one past them (a balancer sends v1 UNKNOWN for a client whose address it cannot
+    write, too) is put to admission as the balancer's.
+
+    `ended` is told once, when it authenticates or closes, whichever comes first."""
+
+    def __init__(self, ended: Callable[[], None]) -> None:
+        self._ended: Callable[[], None] | None = ended
 
     def authenticated(self) -> None:
-        return None
+        self._end()
 
     def closed(self, event: PenaltyEvent | None) -> None:
-        return None
+        self._end()
+
+    def _end(self) -> None:
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended()
 
 
 def format_address(address: Address) -> str:
@@ -205,6 +219,7 @@ class ProxyListener(asyncio.AbstractServer):
         self._accepted = 0
         self._admitted = 0
         self._refused = 0
+        self._health_checks = 0  # `Uncounted` ones not yet authenticated nor closed
 
     # -- asyncio.AbstractServer ----------------------------------------------------------------
 
@@ -392,10 +407,15 @@ class ProxyListener(asyncio.AbstractServer):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         if isinstance(seen, ProxyHeader):
             _consume(conn, seen.length)
-        if is_health_check(seen):
-            return None, Uncounted(), True
+        health_check = is_health_check(seen)
+        if health_check and self._health_checks < HEALTH_CHECKS_AT_ONCE:
+            self._health_checks += 1
+            return None, Uncounted(self._health_check_ended), True
         startup = startup or self._admitted_as(conn, decision.source or peer)
-        return None if startup is None else (decision.source, startup, False)
+        return None if startup is None else (decision.source, startup, health_check)
+
+    def _health_check_ended(self) -> None:
+        self._health_checks -= 1
 
     async def _serve(
         self,

@@ -393,6 +393,34 @@ def test_a_health_check_is_served_whatever_admission_says() -> None:
     assert gate.asked == [CLIENT[0]]
 
 
+def test_health_checks_outside_admission_are_few(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They are SSH connections like any other: past HEALTH_CHECKS_AT_ONCE still open, one is
+    put to admission as the balancer's; one that ended gives its place back."""
+    monkeypatch.setattr(proxy_accept, "HEALTH_CHECKS_AT_ONCE", 1)
+    gate = Gatekeeper("127.0.0.1")
+    startups: list[Startup] = []
+
+    async def keep(conn: socket.socket, _: object, startup: Startup, *rest: object) -> None:
+        startups.append(startup)
+        conn.close()
+
+    async def main() -> list[int]:
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            listener = ProxyListener(sock, settings(), keep, gate)
+            await listener.start_serving()
+            port = sock.getsockname()[1]
+            await send(port, build_v2(None) + SSH)  # outside admission, and still open
+            await send(port, build_v2(None) + SSH)  # past the one: the balancer's, refused
+            startups[0].closed(None)  # the first ended
+            await send(port, build_v2(None) + SSH)  # outside admission again
+            listener.close()
+            await listener.wait_closed()
+        return [listener.statistics().admitted, listener.statistics().refused]
+
+    assert uvloop.run(main()) == [2, 1]
+    assert gate.asked == ["127.0.0.1"]
+
+
 # -- admission at accept ---------------------------------------------------------------------------
 
 
@@ -521,7 +549,7 @@ def test_an_accept_error_is_waited_out_whatever_else_ends(
 ) -> None:
     """After EMFILE the worker waits ACCEPT_RETRY before it accepts again: a connection whose
     header is done meanwhile (which frees a pending place) does not cut the wait short."""
-    monkeypatch.setattr(proxy_accept, "ACCEPT_RETRY", 1.0)
+    monkeypatch.setattr(proxy_accept, "ACCEPT_RETRY", 3.0)
     header = build_v1(CLIENT, ("10.0.0.1", 22))
 
     async def hand_off(conn: socket.socket, *_: object) -> None:
@@ -541,7 +569,7 @@ def test_an_accept_error_is_waited_out_whatever_else_ends(
             await until(lambda: "cannot accept" in caplog.text)
             writer.write(header[5:])  # the pending one is done, and frees its place
             await until(lambda: listener.statistics().pending == 0)
-            await asyncio.sleep(0.3)  # within ACCEPT_RETRY
+            await asyncio.sleep(0.5)  # within ACCEPT_RETRY
             for each in (writer, waiting[1]):
                 each.close()
             listener.close()
@@ -550,4 +578,4 @@ def test_an_accept_error_is_waited_out_whatever_else_ends(
 
     with caplog.at_level(logging.ERROR, logger="kilnproxy.proxy"):
         errors = uvloop.run(main())
-    assert errors == ["cannot accept: [Errno 24] Too many open files; retrying in 1.0s"]
+    assert errors == ["cannot accept: [Errno 24] Too many open files; retrying in 3.0s"]
