@@ -13,19 +13,13 @@ disk.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 from pathlib import Path
 
 from kilnproxy.backends.local import absent
-from kilnproxy.backends.threads import in_daemon_thread
+from kilnproxy.backends.threads import CHECK_WITHIN, STUCK_AT_MOST, DiskChecks, StuckDisk
 from kilnproxy.errors import KilnproxyError
-
-# The check reads the disk (a stat of every component, a gitfile): a repository on a disk that
-# has stopped answering (a hung NFS mount) must hold its own request only, not the agent's loop.
-CHECK_WITHIN = 5.0  # seconds before such a request is refused
-STUCK_AT_MOST = 8  # checks left waiting on a disk; past them a request is refused at once
 
 
 class Refused(KilnproxyError):
@@ -91,29 +85,14 @@ def _first_line(path: Path) -> str:
 
 
 class PathChecks:
-    """`served` off the agent's loop, each in a daemon thread of its own: one that a disk never
-    answers is given up after `within` seconds and left behind (it holds no pool that another
-    check would queue for, and the agent's exit does not wait for it). At most `stuck` of them
-    wait at once: a disk that answers none is not left to pile up threads."""
+    """`served` off the agent's loop (`DiskChecks`: the check reads the disk, a stat of every
+    component and a gitfile), a request refused if its disk does not answer."""
 
     def __init__(self, within: float = CHECK_WITHIN, stuck: int = STUCK_AT_MOST) -> None:
-        self.within = within
-        self.stuck = stuck
-        self.running = 0  # threads started and not ended, counted on the loop
+        self.disk = DiskChecks(within, stuck)
 
     async def served(self, base: Path, requested: str) -> Path:
-        if self.running >= self.stuck:
-            raise Refused(f"path {requested!r}: {self.running} path check(s) still wait on "
-                          "the disk")  # fmt: skip
-        self.running += 1
-        check = functools.partial(served, base, requested)
-        checked = in_daemon_thread(check, "path check", ended=self._ended)
         try:
-            async with asyncio.timeout(self.within):
-                return await checked
-        except TimeoutError:
-            detail = f"the disk did not answer within {self.within:g}s"
-            raise Refused(f"path {requested!r}: {detail}") from None
-
-    def _ended(self) -> None:
-        self.running -= 1
+            return await self.disk.run(functools.partial(served, base, requested))
+        except StuckDisk as exc:
+            raise Refused(f"path {requested!r}: {exc}") from None

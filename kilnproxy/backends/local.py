@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from kilnproxy.backends.base import (
     BackendStream,
     StdinBackPressure,
 )
+from kilnproxy.backends.threads import DiskChecks, StuckDisk
 from kilnproxy.errors import BackendError, ReadOnly
 from kilnproxy.policy.commands import Verb
 
@@ -235,12 +237,14 @@ class LocalBackend:
     def __init__(self, name: str, state_dir: Path) -> None:
         self.name = name
         self.hook_rc = write_hook_rc(state_dir)
+        self.disk = DiskChecks()  # its repositories may be on a mount that stops answering
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
         path, repo = Path(request.route.path), request.route.repo
-        # One stat of the proxy's own disk, inline: a local backend's repositories are on the
-        # disk the proxy itself runs from.
-        missing = absent(path)
+        try:
+            missing = await self.disk.run(functools.partial(absent, path))
+        except StuckDisk as exc:
+            raise BackendError(repo, f"repository path {path}: {exc}") from None
         if missing is not None:
             raise BackendError(repo, missing)
         return await start_command(

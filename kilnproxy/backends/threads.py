@@ -1,6 +1,7 @@
 """Work that may block, run off the event loop in a daemon thread of its own: a worker's heap
-snapshot, the storage agent's path checks (a disk that does not answer). Here because
-`backends` is the lowest package that both the worker and the agent import.
+snapshot, the checks of a repository's path on its disk (`DiskChecks`: the storage agent's and
+the local backend's; a disk that does not answer). Here because `backends` is the lowest package
+that both the worker and the agent import.
 
 A thread of its own, not an executor's: a thread that never ends (a stat on a hung mount) holds
 no pool that later work would queue for, and the process's exit does not wait for it.
@@ -15,7 +16,13 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from kilnproxy.errors import KilnproxyError
+
 T = TypeVar("T")
+# A repository on a disk that has stopped answering (a hung NFS mount) must hold its own request
+# only, not the loop that serves every other.
+CHECK_WITHIN = 5.0  # seconds before such a check is given up
+STUCK_AT_MOST = 8  # checks left waiting on a disk; past them a check is refused at once
 
 
 def in_daemon_thread(
@@ -47,3 +54,33 @@ def in_daemon_thread(
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+class StuckDisk(KilnproxyError):
+    """A check the disk did not answer in time, or one refused while too many still wait."""
+
+
+class DiskChecks:
+    """Work that reads a disk, each in a daemon thread of its own: one that the disk never
+    answers is given up after `within` seconds and left behind (it holds no pool that another
+    check would queue for, and the process's exit does not wait for it). At most `stuck` of
+    them wait at once: a disk that answers none is not left to pile up threads."""
+
+    def __init__(self, within: float = CHECK_WITHIN, stuck: int = STUCK_AT_MOST) -> None:
+        self.within = within
+        self.stuck = stuck
+        self.running = 0  # threads started and not ended, counted on the loop
+
+    async def run(self, work: Callable[[], T]) -> T:
+        if self.running >= self.stuck:
+            raise StuckDisk(f"{self.running} check(s) still wait on the disk")
+        self.running += 1
+        checked = in_daemon_thread(work, "disk check", ended=self._ended)
+        try:
+            async with asyncio.timeout(self.within):
+                return await checked
+        except TimeoutError:
+            raise StuckDisk(f"the disk did not answer within {self.within:g}s") from None
+
+    def _ended(self) -> None:
+        self.running -= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from sinks import RecordingSink
 
 from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.local import KILL_GRACE, LocalBackend
+from kilnproxy.backends.threads import DiskChecks
 from kilnproxy.directory.model import Identity, Route
+from kilnproxy.errors import BackendError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs, Verb
 
@@ -109,3 +112,45 @@ def test_a_command_starts_outside_its_repository(
 
     uvloop.run(run())
     assert sink.stdout.decode().split() == ["/", str(repository)]
+
+
+def test_a_repository_on_a_disk_that_does_not_answer_holds_only_its_own_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that the repository is there reads its disk in a thread: on a hung mount the
+    session fails after DiskChecks' time, the worker's loop (every other session) running
+    meanwhile."""
+    stuck = threading.Event()
+
+    def hung(path: Path) -> str | None:
+        stuck.wait(10)  # a stat on a mount that does not answer
+        return None
+
+    monkeypatch.setattr("kilnproxy.backends.local.absent", hung)
+    route = Route("aviato/site", Vcs.GIT, "local", "local:///", str(tmp_path), Access.READ)
+    who = Identity("aviato", "alice", Role.READ, "laptop", "SHA256:x")
+    request = BackendRequest("0badf00d", Verb.UPLOAD_PACK, route, who, None)
+
+    async def run() -> tuple[str, int]:
+        backend = LocalBackend("local", tmp_path / "state")
+        backend.disk = DiskChecks(within=0.3)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(tick())
+        with pytest.raises(BackendError) as failed:
+            await backend.open(request, RecordingSink())
+        ticking.cancel()
+        return failed.value.detail, ticks
+
+    try:
+        detail, ticks = uvloop.run(run())
+    finally:
+        stuck.set()
+    assert detail == f"repository path {tmp_path}: the disk did not answer within 0.3s"
+    assert ticks >= 10  # 0.3 s of a loop that was never held

@@ -150,7 +150,7 @@ def test_a_path_check_on_a_disk_that_does_not_answer_holds_only_its_own_request(
     path = str(tmp_path / "a.git")
     answer = f"path {path!r}: the disk did not answer within 0.3s".encode()
     assert first.sent == [frame(Kind.REFUSED, 1, answer)]
-    answer = f"path {path!r}: 1 path check(s) still wait on the disk".encode()
+    answer = f"path {path!r}: 1 check(s) still wait on the disk".encode()
     assert second.sent == [frame(Kind.REFUSED, 2, answer)]
 
 
