@@ -526,7 +526,8 @@ class Supervisor:
                 self._stalled_generation = self.generation  # said once per HUP
                 log.error("rolling restart to generation %d stalled: its workers cannot boot; "
                           "the old ones serve on until one can", self.generation)  # fmt: skip
-                self.notifier.ready()  # the reload is over, as far as systemd waits for it
+                if self._ready_announced:  # else the start's READY=1 is still to come
+                    self.notifier.ready()  # the reload is over, as far as systemd waits for it
             return
         log.error("worker %d %s (%d of %d tries)", worker.index, reason,
                   self._boot_failures, MAX_BOOT_FAILURES)  # fmt: skip

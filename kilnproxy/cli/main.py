@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -227,8 +228,8 @@ def _backend_trust(args: argparse.Namespace, config: Config) -> int:
 
 def _keys_add(args: argparse.Namespace, config: Config) -> int:
     if args.stdin not in (None, "-"):  # a path where - goes: said as such, not as a choice
-        raise OperatorError(f"a key file is given with --file {args.stdin}, or - for standard "
-                            "input")  # fmt: skip
+        raise OperatorError(f"a key file is given with --file {shlex.quote(args.stdin)}, or - "
+                            "for standard input")  # fmt: skip
     if (args.source is None) == (args.stdin is None):
         raise OperatorError("give the key once: --file PUBKEY, or - for standard input")
     admin.split_owner(args.owner)  # a mistyped owner is said before any key is read

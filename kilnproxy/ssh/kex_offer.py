@@ -141,6 +141,16 @@ def _send_kexinit(self: SSHConnection) -> None:
     _stock_send_kexinit(self)
 
 
+def _stop_waiting(self: SSHConnection) -> bool:
+    """Cancel a held-back KEXINIT's timer; whether one was waiting."""
+    waiting: asyncio.TimerHandle | None = getattr(self, _WAITING, None)
+    if waiting is None:
+        return False
+    waiting.cancel()
+    setattr(self, _WAITING, None)
+    return True
+
+
 def _send_whole_offer(self: SSHConnection) -> None:
     """No KEXINIT from the client yet: it may be waiting for ours, so offer it everything."""
     if getattr(self, _WAITING, None) is None or self._transport is None:
@@ -154,10 +164,7 @@ def _force_close(self: SSHConnection, exc: Exception | None) -> None:
     """_force_close (every way a connection ends), and a held-back KEXINIT's timer with it:
     else each connection closed before its KEXINIT (a scanner, a health check, a flood of
     connect-and-close) would be held in memory by its timer for KEXINIT_WAIT."""
-    waiting: asyncio.TimerHandle | None = getattr(self, _WAITING, None)
-    if waiting is not None:
-        waiting.cancel()
-        setattr(self, _WAITING, None)
+    _stop_waiting(self)
     _stock_force_close(self, exc)
 
 
@@ -166,10 +173,7 @@ async def _process_kexinit(
 ) -> None:
     """_process_kexinit, sending a held-back KEXINIT with the offer fitted to the client's,
     then deciding by the RFC's rule whether the peer's guessed packet is ignored."""
-    waiting: asyncio.TimerHandle | None = getattr(self, _WAITING, None)
-    if waiting is not None:
-        waiting.cancel()
-        setattr(self, _WAITING, None)
+    if _stop_waiting(self):
         client = parse_kexinit(packet.get_full_payload())
         self._enc_algs = offer_for(self._enc_algs, _applied.fallback, client)
         self._kexinit_sent = False  # so that asyncssh sends it now, after reading the client's

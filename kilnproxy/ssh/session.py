@@ -204,7 +204,9 @@ class Session(asyncssh.SSHServer):
             self.draining = True
         timeouts = self.host.config.timeouts
         # From the TCP accept (SPEC 4): the time a PROXY header took counts.
-        accepted_at = conn.get_extra_info("accepted_at") or self._loop.time()
+        accepted_at = conn.get_extra_info("accepted_at")
+        if accepted_at is None:  # not through ProxyListener (tests)
+            accepted_at = self._loop.time()
         self._timers["login_grace"] = self._loop.call_at(
             accepted_at + timeouts.login_grace, self.cut, CutReason.LOGIN_GRACE
         )

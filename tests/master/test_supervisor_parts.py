@@ -78,8 +78,8 @@ def test_workers_wanted_stay_within_the_startup_table(
     the table, every restart would TERM draining workers, cutting their sessions)."""
     path = tmp_path / "kilnproxy.toml"
     path.write_text("[workers]\ncount = 40\n")
-    board = StatusBoard(slots=64)
-    supervisor = Supervisor(from_mapping({}, tmp_path), path, board, Told())  # type: ignore[arg-type]
+    config = from_mapping({"workers": {"count": 4}}, tmp_path)
+    supervisor = Supervisor(config, path, StatusBoard(slots=64), Told())  # type: ignore[arg-type]
     supervisor.handle_sighup()
     assert supervisor.desired == 32
     supervisor.handle_sigttin()
