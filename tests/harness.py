@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,24 @@ def wait_for_line(read: Callable[[], str], pattern: str, timeout: float) -> re.M
         if time.monotonic() > deadline:
             raise AssertionError(f"no log line matches {pattern!r}:\n{read()[-3000:]}")
         time.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def loop_ticks() -> AsyncIterator[list[int]]:
+    """Counts the running loop's 10 ms sleeps while the block runs (the list's one item): a
+    loop that a blocking call held meanwhile counts none."""
+    ticks = [0]
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            ticks[0] += 1
+
+    ticking = asyncio.create_task(tick())
+    try:
+        yield ticks
+    finally:
+        ticking.cancel()
 
 
 def gone(pid: int) -> Callable[[], bool]:

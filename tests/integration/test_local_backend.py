@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import uvloop
-from harness import gone, wait_until
+from harness import gone, loop_ticks, wait_until
 from sinks import RecordingSink
 
 from kilnproxy.backends.base import BackendRequest
@@ -134,19 +134,10 @@ def test_a_repository_on_a_disk_that_does_not_answer_holds_only_its_own_session(
     async def run() -> tuple[str, int]:
         backend = LocalBackend("local", tmp_path / "state")
         backend.disk = DiskChecks(within=0.3)
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticking = asyncio.create_task(tick())
-        with pytest.raises(BackendError) as failed:
-            await backend.open(request, RecordingSink())
-        ticking.cancel()
-        return failed.value.detail, ticks
+        async with loop_ticks() as ticks:
+            with pytest.raises(BackendError) as failed:
+                await backend.open(request, RecordingSink())
+        return failed.value.detail, ticks[0]
 
     try:
         detail, ticks = uvloop.run(run())

@@ -14,6 +14,7 @@ from typing import cast
 
 import asyncssh
 import pytest
+from harness import loop_ticks
 from sinks import RecordingSink
 
 from kilnproxy.agent.channel import Channel
@@ -127,19 +128,10 @@ def test_a_path_check_on_a_disk_that_does_not_answer_holds_only_its_own_request(
     first, second = Wire(), Wire()
 
     async def body() -> int:
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticking = asyncio.create_task(tick())
-        await Channel(first, 1, request, 65536).start(tmp_path, tmp_path / "hg.rc")
-        await Channel(second, 2, request, 65536).start(tmp_path, tmp_path / "hg.rc")
-        ticking.cancel()
-        return ticks
+        async with loop_ticks() as ticks:
+            await Channel(first, 1, request, 65536).start(tmp_path, tmp_path / "hg.rc")
+            await Channel(second, 2, request, 65536).start(tmp_path, tmp_path / "hg.rc")
+        return ticks[0]
 
     started = time.monotonic()
     try:
