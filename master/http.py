@@ -100,7 +100,10 @@ async def delivered(request: web.Request, handler: Handler) -> web.StreamRespons
                 request.transport.abort()
         except ConnectionError:
             pass  # the client left (a tab closed, a scrape given up): aiohttp says nothing either
-        return response  # sent, or given up: aiohttp finds it so and writes nothing more
+        # Sent, or given up: aiohttp's own write_eof then either finds it sent, or is refused
+        # by the aborted transport (quietly, as a client gone). Keep the abort: without it, that
+        # second write would wait on the stalled client again, for ever.
+        return response
     finally:
         traffic.in_flight -= 1
 

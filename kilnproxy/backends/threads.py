@@ -64,23 +64,33 @@ class DiskChecks:
     """Work that reads a disk, each in a daemon thread of its own: one that the disk never
     answers is given up after `within` seconds and left behind (it holds no pool that another
     check would queue for, and the process's exit does not wait for it). At most `stuck` of
-    them wait at once: a disk that answers none is not left to pile up threads."""
+    those left behind at once: a disk that answers none is not left to pile up threads, while
+    any number of checks that it answers run side by side (a burst of clones)."""
 
     def __init__(self, within: float = CHECK_WITHIN, stuck: int = STUCK_AT_MOST) -> None:
         self.within = within
         self.stuck = stuck
-        self.running = 0  # threads started and not ended, counted on the loop
+        self.left = 0  # checks given up (timed out, or their caller gone) whose thread runs on
 
     async def run(self, work: Callable[[], T]) -> T:
-        if self.running >= self.stuck:
-            raise StuckDisk(f"{self.running} check(s) still wait on the disk")
-        self.running += 1
-        checked = in_daemon_thread(work, "disk check", ended=self._ended)
+        if self.left >= self.stuck:
+            raise StuckDisk(f"{self.left} check(s) still wait on the disk")
+        ended = abandoned = False
+
+        def end() -> None:  # on the loop, once the thread has ended
+            nonlocal ended
+            ended = True
+            if abandoned:
+                self.left -= 1
+
+        checked = in_daemon_thread(work, "disk check", ended=end)
         try:
             async with asyncio.timeout(self.within):
                 return await checked
-        except TimeoutError:
-            raise StuckDisk(f"the disk did not answer within {self.within:g}s") from None
-
-    def _ended(self) -> None:
-        self.running -= 1
+        except BaseException as exc:
+            if not ended:  # its thread runs on: counted until it ends
+                abandoned = True
+                self.left += 1
+            if isinstance(exc, TimeoutError):
+                raise StuckDisk(f"the disk did not answer within {self.within:g}s") from None
+            raise

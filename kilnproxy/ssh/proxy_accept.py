@@ -4,7 +4,8 @@ A worker accepts on the shared listening socket itself (`ProxyListener`), so tha
 asyncssh before it is admitted: with `[ssh] proxy_protocol` "off" each connection is put to
 admission (SPEC 4b: `admit`, with the peer's address) as soon as it is accepted; with "optional"
 or "require" its header is read first, and admission is asked with the address the header gave
-(a balancer's health check, a header without a client, is not put to admission: `Uncounted`).
+(a balancer's health check, a header without a client, is not put to admission, up to a few at
+once: `Uncounted`).
 A peer outside `proxy_allowed` (in optional mode) is the client whatever it sends: it is put to
 admission at accept, as with the protocol off, before it may wait for a header.
 A refused connection is closed there and then: no banner, no key exchange. An admitted one is
@@ -59,7 +60,7 @@ PENDING_LIMIT = 256  # connections of one worker waiting for their header at onc
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 ACCEPT_RETRY = 1.0  # after EMFILE and the like, as asyncio's own servers do
 LOG_BURST = 20  # refusal lines per second, per worker
-HEALTH_CHECKS_AT_ONCE = 8  # unauthenticated health checks per worker outside admission
+HEALTH_CHECKS_AT_ONCE = 8  # unauthenticated health checks per listener outside admission
 
 
 class ProxyMode(enum.Enum):
@@ -144,9 +145,9 @@ class Uncounted:
     admission at all (only a peer in proxy_allowed sends one). It is no client; and a flood of
     clients that fills max_startups would otherwise fail the checks of every host it reaches,
     and the balancer would take them all out, legitimate clients' connections with them. At
-    most HEALTH_CHECKS_AT_ONCE of them per worker: such a connection is SSH like any other,
-    and one past them (a balancer sends v1 UNKNOWN for a client whose address it cannot
-    write, too) is put to admission as the balancer's.
+    most HEALTH_CHECKS_AT_ONCE of them per listening socket of a worker: such a connection
+    is SSH like any other, and one past them (a balancer sends v1 UNKNOWN for a client whose
+    address it cannot write, too) is put to admission as the balancer's.
 
     `ended` is told once, when it authenticates or closes, whichever comes first."""
 

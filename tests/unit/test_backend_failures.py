@@ -5,6 +5,8 @@ test_agent_connection.py), and the agent's own, where a request it did not fores
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.frames import Kind, OpenRequest, count_frame, frame
 from kilnproxy.backends.pool import Link, LinkState, Pool
 from kilnproxy.backends.ssh import SshBackend, SshLink, SshStream, Target, ssh_pool
+from kilnproxy.backends.threads import DiskChecks
 from kilnproxy.directory.model import Identity, Route
 from kilnproxy.errors import BackendError
 from kilnproxy.policy.access import Access, Role
@@ -144,6 +147,31 @@ def test_a_path_check_on_a_disk_that_does_not_answer_holds_only_its_own_request(
     assert first.sent == [frame(Kind.REFUSED, 1, answer)]
     answer = f"path {path!r}: 1 check(s) still wait on the disk".encode()
     assert second.sent == [frame(Kind.REFUSED, 2, answer)]
+
+
+def test_checks_that_the_disk_answers_are_never_refused_however_many() -> None:
+    """Only the checks left behind count against `stuck`: a burst of clones on a disk that
+    answers is not refused, one whose caller went while its thread ran is counted until the
+    thread ends."""
+    checks = DiskChecks(within=5, stuck=2)
+    release = threading.Event()
+
+    async def burst() -> tuple[list[str], int, int]:
+        answers = await asyncio.gather(*(checks.run(functools.partial(str, n)) for n in range(20)))
+        held = asyncio.ensure_future(checks.run(functools.partial(release.wait, 10)))
+        await asyncio.sleep(0.1)
+        held.cancel()  # its session went while the disk was read
+        with contextlib.suppress(asyncio.CancelledError):
+            await held
+        left = checks.left
+        release.set()
+        for _ in range(100):
+            if checks.left == 0:
+                break
+            await asyncio.sleep(0.01)
+        return answers, left, checks.left
+
+    assert asyncio.run(burst()) == ([str(n) for n in range(20)], 1, 0)
 
 
 class Host:
