@@ -16,8 +16,10 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -183,15 +185,31 @@ def _log_refused(logged: set[str], name: str) -> None:
 @web.middleware
 async def same_site(request: web.Request, handler: Handler) -> web.StreamResponse:
     """What acts on a worker (a dump, a heap trace, a session ended) is done for the status
-    page itself or a script, never for another site's page the operator has open: a browser
-    says where a request comes from (Sec-Fetch-Site), and an `<img>` elsewhere pointing at
-    /debug/workers/0/heap?seconds=3600 would otherwise start an hour of tracing. Browsers send
-    it only to localhost and HTTPS: for a page reached by another address over HTTP, nothing
-    tells such an `<img>` from a script (a DELETE from elsewhere is refused by the browser)."""
+    page itself or a script, never for another site's page the operator has open: an `<img>`
+    elsewhere pointing at /debug/workers/0/heap?seconds=3600 would start an hour of tracing
+    (a DELETE from elsewhere is refused by the browser itself). `from_elsewhere` says."""
     acts = request.path.startswith("/debug/workers/") or request.method not in ("GET", "HEAD")
-    if acts and request.headers.get("Sec-Fetch-Site", "none") not in ("same-origin", "none"):
+    if acts and from_elsewhere(request.headers, request.host):
         raise web.HTTPForbidden(text="only from the status page itself, or a script\n")
     return await handler(request)
+
+
+def from_elsewhere(headers: Mapping[str, str], host: str) -> bool:
+    """Whether a browser says the request comes from another site's page: Sec-Fetch-Site,
+    which browsers send only to localhost and HTTPS; else the Referer, which they send to
+    plain HTTP too, naming another host than the page's (`host`: the Host header). A script
+    sends neither; nor does a page that hides its address (referrerpolicy="no-referrer"),
+    which nothing tells from a script."""
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    referer = headers.get("Referer")
+    if referer is None:
+        return False
+    try:
+        return urlsplit(referer).netloc.lower() != host.lower()
+    except ValueError:  # no browser sends one it cannot parse
+        return True
 
 
 STATIC_DIR = Path(__file__).with_name("static")

@@ -59,10 +59,17 @@ class FakeActions:
 
 
 async def fetch(
-    actions: FakeActions, method: str, path: str, site: str | None = None
+    actions: FakeActions,
+    method: str,
+    path: str,
+    site: str | None = None,
+    referer: str | None = None,
 ) -> tuple[int, str, str]:
+    """`referer` may name the page's own origin as {origin}."""
     headers = {"Sec-Fetch-Site": site} if site else {}
     async with TestClient(TestServer(application(StatusBoard(), actions))) as client:
+        if referer is not None:
+            headers["Referer"] = referer.format(origin=f"http://{client.host}:{client.port}")
         response = await client.request(method, path, headers=headers)
         return response.status, response.content_type, await response.text()
 
@@ -105,6 +112,12 @@ def test_what_acts_on_a_worker_is_not_done_for_another_sites_page() -> None:
                              ("none", 200), (None, 200)):  # fmt: skip
             got = asyncio.run(fetch(FakeActions(None), method, path, site))
             assert got[0] == status, (method, path, site, got)
+        # Over plain HTTP by another address a browser sends no Sec-Fetch-Site: its Referer
+        # says where the page is (an <img> on an intranet wiki, say).
+        for referer, status in (("http://wiki.internal/page", 403), ("{origin}/", 200),
+                                ("http://[::1/", 403)):  # fmt: skip
+            got = asyncio.run(fetch(FakeActions(None), method, path, referer=referer))
+            assert got[0] == status, (method, path, referer, got)
     assert asyncio.run(fetch(FakeActions(None), "GET", "/info", "cross-site"))[0] == 200
 
 
