@@ -251,11 +251,9 @@ class Supervisor:
     def reconcile(self) -> None:
         now = time.monotonic()
         self._check_heartbeats(now)
-        if self.stopping is Stopping.NOTICE:
-            if now >= self.stop_deadline:
-                self._begin_stop(Stopping.DRAIN)
-            return
-        if self.stopping is not None:
+        if self.stopping is Stopping.NOTICE and now >= self.stop_deadline:
+            self._begin_stop(Stopping.DRAIN)
+        if self.stopping is Stopping.DRAIN or self.stopping is Stopping.FAST:
             if now > self.stop_deadline:
                 for worker in self.workers:
                     self._signal(worker, signal.SIGKILL)
@@ -263,7 +261,9 @@ class Supervisor:
         serving = [w for w in self.workers if w.serving]
         starting = [w for w in serving if w.state is WorkerState.STARTING]
         if len(serving) + self._spawning < self.desired:
-            self._spawn_missing(serving, now)
+            self._spawn_missing(serving, now)  # in a drain notice too: the host serves on
+        elif self.stopping is Stopping.NOTICE:
+            return  # nothing else changes before the drain
         elif len(serving) > self.desired and not starting:
             self._drain_one(self._surplus(serving))
         elif not starting and self._spawning == 0:
@@ -304,13 +304,17 @@ class Supervisor:
         return min(serving, key=order)
 
     def _start(self, index: int) -> None:
-        if self.stopping is not None or not self._listeners:
+        if not self._starts_allowed():
             return
         self._spawning += 1
         self._background(self._spawn(index, self.generation))
 
+    def _starts_allowed(self) -> bool:
+        """Not once a stop has begun, but during a drain notice: the host serves on."""
+        return self.stopping in (None, Stopping.NOTICE) and bool(self._listeners)
+
     async def _spawn(self, index: int, generation: int) -> None:
-        if self.stopping is not None or not self._listeners:  # a stop came since `_start`
+        if not self._starts_allowed():  # a stop came since `_start`
             self._spawning -= 1
             return
         admission = self.board.admission
@@ -339,8 +343,8 @@ class Supervisor:
         asyncio.get_running_loop().add_reader(handle.pidfd, self._exited, handle)
         handle.listener = self._background(self._listen(handle))
         log.info("started worker %d (pid %d, generation %d)", index, handle.pid, generation)
-        if self.stopping is not None:  # it came while the worker started: it stops with the rest
-            handle.state = WorkerState.DRAINING
+        if self.stopping in (Stopping.DRAIN, Stopping.FAST) and handle.channel is not None:
+            handle.state = WorkerState.DRAINING  # the stop came while it started: it stops too
             handle.channel.send(self.stopping.message)
 
     def _hurry_a_drain(self) -> None:

@@ -183,6 +183,30 @@ def test_term_finishes_the_clone_and_refuses_new_connections(new_world: Factory)
     assert kiln.proc.wait(timeout=15) == 0
 
 
+def test_a_worker_that_dies_during_a_drain_notice_is_replaced(new_world: Factory) -> None:
+    """SPEC 6: through a drain notice the host serves on, so a worker that dies meanwhile is
+    replaced as at any other time, and its replacement fails the health checks too."""
+    w = new_world({
+        "workers": {"count": 2},
+        "timeouts": {"drain_notice": "60s"},
+        "ssh": {"proxy_protocol": "optional", "proxy_allowed": ["192.0.2.0/24"]},
+    })  # fmt: skip
+    kiln = w.kiln
+    kiln.send(signal.SIGTERM)
+    told = "fails health checks: a drain is coming"
+    wait_until(lambda: kiln.log().count(told) == 2, 10, "both workers told of the drain")
+    victim = kiln.workers()[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: kiln.log().count(told) == 3, 10, "a replacement, told of the drain")
+    workers = kiln.workers()
+    assert victim not in [x["pid"] for x in workers]
+    assert [x["state"] for x in workers] == ["ready", "ready"]
+    served = kiln.ssh(w.alice, "git-upload-pack 'aviato/website'", input=b"0000")
+    assert served.returncode == 0 and b"refs/heads/main" in served.stdout
+    kiln.send(signal.SIGINT)
+    assert kiln.proc is not None and kiln.proc.wait(timeout=10) == 0
+
+
 def test_hup_rolling_restart_drops_nothing(new_world: Factory, tmp_path: Path) -> None:
     w = new_world({"workers": {"count": 2}})
     kiln = w.kiln
