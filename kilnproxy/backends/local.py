@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import cast
@@ -93,22 +94,36 @@ def write_hook_rc(state_dir: Path) -> Path:
     return state_dir / HOOK_RC
 
 
-class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
-    """Turns subprocess pipe events into sink calls; finishes once exited and drained."""
+class _Process(StdinBackPressure):
+    """A started command: its pipes' events turned into sink calls, its exit watched through a
+    pidfd; finishes once it has exited and its output is drained."""
 
     def __init__(self, sink: BackendSink) -> None:
         self.sink: BackendSink | None = sink
-        self.transport: asyncio.SubprocessTransport | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
         self.kill_timer: asyncio.TimerHandle | None = None  # set while an abort waits
         self._open_pipes = {1, 2}
+        self._pidfd = -1
         self.exited = asyncio.Event()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's process transport implements SubprocessTransport without subclassing it.
-        self.transport = cast(asyncio.SubprocessTransport, transport)
+    def watch(self, popen: subprocess.Popen[bytes]) -> None:
+        """Watch `popen`'s exit (OSError if its pidfd cannot be had: EMFILE)."""
+        self._pidfd = os.pidfd_open(popen.pid)
+        self.popen = popen
+        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
 
-    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        assert isinstance(data, bytes)
+    def _reap(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        assert self.popen is not None
+        # Reaped now, unless an abort's SIGKILL is still to come (`LocalStream._kill_group`):
+        # till then it stays a zombie, so that its pid, its group's id, is no one else's.
+        if self.kill_timer is None:
+            self.popen.poll()
+        self.exited.set()
+        self._maybe_finish()
+
+    def output(self, fd: int, data: bytes) -> None:
         if self.sink is None:
             return
         if fd == 1:
@@ -116,25 +131,37 @@ class _Process(StdinBackPressure, asyncio.SubprocessProtocol):
         else:
             self.sink.backend_stderr(data)
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+    def output_closed(self, fd: int) -> None:
         self._open_pipes.discard(fd)
         self._maybe_finish()
 
-    def process_exited(self) -> None:
-        self.exited.set()
-        self._maybe_finish()
-
     def _maybe_finish(self) -> None:
-        if not self.exited.is_set() or self._open_pipes or self.transport is None:
+        if not self.exited.is_set() or self._open_pipes or self.popen is None:
             return
-        if self.kill_timer is not None:
-            self.kill_timer.cancel()
-            self.kill_timer = None
-        code = self.transport.get_returncode()
-        self.transport.close()
         sink, self.sink = self.sink, None
         if sink is not None:
-            sink.backend_finished(exit_status(code))
+            sink.backend_finished(exit_status(self.popen.returncode))
+
+
+class _Pipe(asyncio.Protocol):
+    """One of the command's standard streams, as this end sees it."""
+
+    def __init__(self, process: _Process, fd: int) -> None:
+        self.process = process
+        self.fd = fd
+
+    def data_received(self, data: bytes) -> None:
+        self.process.output(self.fd, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.fd != 0:
+            self.process.output_closed(self.fd)
+
+    def pause_writing(self) -> None:
+        self.process.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.process.resume_writing()
 
 
 def exit_status(returncode: int | None) -> int:
@@ -145,21 +172,21 @@ def exit_status(returncode: int | None) -> int:
 
 
 class LocalStream:
-    def __init__(self, process: _Process) -> None:
-        assert process.transport is not None
+    def __init__(self, process: _Process, pipes: list[asyncio.BaseTransport]) -> None:
+        assert process.popen is not None
         self._process = process
-        self._transport = transport = process.transport
+        self._popen = process.popen
+        self._pipes = pipes
         # uvloop's pipe transports implement these interfaces without subclassing them.
-        self._stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
-        outputs = (transport.get_pipe_transport(fd) for fd in (1, 2))
-        self._outputs = [cast(asyncio.ReadTransport, pipe) for pipe in outputs if pipe]
+        self._stdin = cast(asyncio.WriteTransport, pipes[0])
+        self._outputs = [cast(asyncio.ReadTransport, pipe) for pipe in pipes[1:]]
 
     def write(self, data: bytes) -> None:
-        if self._stdin is not None and not self._stdin.is_closing():
+        if not self._stdin.is_closing():
             self._stdin.write(data)
 
     def write_eof(self) -> None:
-        if self._stdin is not None and not self._stdin.is_closing():
+        if not self._stdin.is_closing():
             self._stdin.write_eof()
 
     def pause_output(self) -> None:
@@ -177,24 +204,24 @@ class LocalStream:
         await self._process.exited.wait()
 
     def abort(self) -> None:
-        process, transport = self._process, self._transport
-        process.sink = None
-        if transport.get_returncode() is not None:
-            transport.close()
+        """The pipes go now (the fds are released at once); a command still running gets
+        SIGTERM, with everything it started, and KILL_GRACE later SIGKILL goes to whatever of
+        them is left, the command gone or not: a hook's child deaf to SIGTERM is no less
+        the session's."""
+        self._process.sink = None
+        for pipe in self._pipes:
+            pipe.close()
+        if self._popen.returncode is not None:  # reaped: its pid may be another's by now
             return
-        # Not transport.close(): with the process running, it sends SIGKILL. The pipes go now
-        # (the fds are released at once); the transport closes when the process has exited.
-        for pipe in (self._stdin, *self._outputs):
-            if pipe is not None:
-                pipe.close()
-        signal_group(transport.get_pid(), signal.SIGTERM)
+        signal_group(self._popen.pid, signal.SIGTERM)
         loop = asyncio.get_running_loop()
-        process.kill_timer = loop.call_later(KILL_GRACE, self._kill_if_running)
+        self._process.kill_timer = loop.call_later(KILL_GRACE, self._kill_group)
 
-    def _kill_if_running(self) -> None:
+    def _kill_group(self) -> None:
+        # The command is not reaped before this (`_Process._reap`): its group's id is its own.
         self._process.kill_timer = None
-        if self._transport.get_returncode() is None:  # its pid is still its own
-            signal_group(self._transport.get_pid(), signal.SIGKILL)
+        signal_group(self._popen.pid, signal.SIGKILL)
+        self._popen.poll()  # the command, if it had exited: reaped now
 
 
 def signal_group(pid: int, signum: int) -> None:
@@ -213,24 +240,60 @@ async def start_command(
     verb: Verb, path: Path, variables: dict[str, str], hook_rc: Path, repo: str, sink: BackendSink
 ) -> LocalStream:
     """Run one repository command on `path` (checked by `absent`), its output to `sink` (the
-    storage agent's too). The command is started in /, not in the repository: the spawn waits
-    until its child has exec'd, and a child entering a directory on a disk that does not
-    answer would hold the loop with it. git and hg go to the path they are given themselves."""
+    storage agent's too). The command gets its three streams and no other descriptor: uvloop's
+    own spawn leaves it a second copy of each of its pipes (it has no close_fds), and a hook's
+    background job that closes 0, 1 and 2 (`nohup ci-trigger </dev/null >/dev/null 2>&1 &`)
+    then still held the output open, and the push with it, until the job ended. The spawn
+    (vfork and exec, which it waits for) is a fraction of uvloop's fork of a large worker.
+    It starts in /, not in the repository: a child entering a directory on a disk that does
+    not answer would hold the loop with it. git and hg go to the path they are given."""
     loop = asyncio.get_running_loop()
+    process = _Process(sink)
+    pairs = [socket.socketpair() for _ in range(3)]  # as uvloop's pipes: close-on-exec here
+    unwrapped = [ours for ours, _ in pairs]  # ours to close, until a transport has them
+    pipes: list[asyncio.BaseTransport] = []
+    popen: subprocess.Popen[bytes] | None = None
     try:
-        _, process = await loop.subprocess_exec(
-            lambda: _Process(sink),
-            *command_argv(verb, str(path)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=command_env(verb, variables, hook_rc),
-            cwd="/",
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise BackendError(repo, f"cannot start backend command: {exc}") from exc
-    return LocalStream(process)
+        try:
+            for fd, ours in enumerate(list(unwrapped)):  # before the spawn: no wait after it
+                made = functools.partial(_Pipe, process, fd)
+                unwrapped.remove(ours)
+                try:
+                    pipe: asyncio.BaseTransport
+                    if fd == 0:
+                        pipe, _ = await loop.connect_write_pipe(made, ours)
+                    else:
+                        pipe, _ = await loop.connect_read_pipe(made, ours)
+                except BaseException:  # cancelled, say: uvloop closed the descriptor itself,
+                    ours.detach()  # so the socket object must not close it again
+                    raise
+                pipes.append(pipe)
+            popen = subprocess.Popen(  # noqa: ASYNC220 (it waits for the exec only, as uvloop's)
+                command_argv(verb, str(path)),
+                stdin=pairs[0][1].fileno(),
+                stdout=pairs[1][1].fileno(),
+                stderr=pairs[2][1].fileno(),
+                env=command_env(verb, variables, hook_rc),
+                cwd="/",
+                close_fds=True,
+                start_new_session=True,
+            )
+        finally:
+            for _, theirs in pairs:
+                theirs.close()
+        process.watch(popen)
+    except BaseException as exc:
+        process.sink = None
+        for pipe in pipes:
+            pipe.close()
+        for ours in unwrapped:
+            ours.close()
+        if popen is not None:  # not watched: it goes at once (subprocess reaps it later)
+            signal_group(popen.pid, signal.SIGKILL)
+        if isinstance(exc, OSError):
+            raise BackendError(repo, f"cannot start backend command: {exc}") from exc
+        raise
+    return LocalStream(process, pipes)
 
 
 class LocalBackend:

@@ -18,6 +18,8 @@ from agent import Agent, Pki
 from conftest import World, make_world
 from harness import Kiln, hold_tcp, run, seed_git, seed_hg
 
+from kilnproxy.backends.local import KILL_GRACE
+
 
 @pytest.fixture(scope="module")
 def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
@@ -121,6 +123,10 @@ def test_the_agent_is_back_to_its_baseline_after_every_kind_of_session(
             else:
                 kinds[i % len(kinds)](i)
         after = settled(kiln, worker["sessions_total"] + 40)
+        # An aborted command is reaped once the grace before its group's SIGKILL has passed.
+        deadline = time.monotonic() + KILL_GRACE + 3
+        while agent_stats(agent) != before and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert agent_stats(agent) == before, agent.log()[-3000:]
         watched = ("pid", "tasks", "fds")
         first, last = [worker[k] for k in watched], [after[k] for k in watched]
