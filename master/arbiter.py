@@ -35,11 +35,12 @@ log = logging.getLogger("kilnproxy.master")
 HELD_SIGNALS = {signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU}
 
 
-def serve(config: Config, config_arg: str | None, vet: Vet | None = None) -> int:
-    """`vet`: what a HUP's configuration must pass besides loading (Supervisor.vet)."""
-    config_path = Path(config_arg).absolute() if config_arg else None
+def serve(config: Config, vet: Vet | None = None) -> int:
+    """`vet`: what a HUP's configuration must pass besides loading (Supervisor.vet). A HUP
+    reads the file `config` was read from, the default one included: were it gone by then,
+    the reload is refused, rather than made with the defaults (an empty directory, say)."""
     notifier = Notifier()  # takes NOTIFY_SOCKET out of the environment before any worker starts
-    return asyncio.run(_run(config, config_path, notifier, vet))
+    return asyncio.run(_run(config, config.source, notifier, vet))
 
 
 async def _run(

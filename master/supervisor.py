@@ -31,7 +31,7 @@ from typing import Any
 from kilnproxy import control
 from kilnproxy.config import Config, format_duration, load
 from kilnproxy.errors import OperatorError
-from kilnproxy.logs import reopen
+from kilnproxy.logs import configure, reopen
 from master.actions import (
     NoSession,
     NoWorker,
@@ -170,6 +170,9 @@ class Supervisor:
             config = load(str(self.config_path) if self.config_path else None)
             if self.vet is not None:
                 self.vet(config)
+            if config.log != self.config.log:
+                # The master's own log first: a [log] file it cannot open, no worker could.
+                configure(config.log.format, config.log.level, config.log.file)
         except OperatorError as exc:
             log.error("reload refused, nothing changed: %s", exc)
             if announced and not self._reloading:  # else when the restart under way completes
@@ -178,8 +181,6 @@ class Supervisor:
         fixed = self.config.fixed_until_restart(config)
         if fixed:
             log.warning("reload: %s changed, in force only after a restart", ", ".join(fixed))
-        if config.log != self.config.log:
-            reopen(config.log.format, config.log.level, config.log.file)  # says if it cannot
         if config.workers.count != self.config.workers.count:
             self.desired = self._at_most_the_table_allows(config.workers.count)
         self.config = config

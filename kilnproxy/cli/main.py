@@ -160,7 +160,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     _, made = ensure_backend_key(config.backend_ssh.key)
     if made:
         print(f"generated backend key {config.backend_ssh.key}", file=sys.stderr)
-    return serve(config, args.config, vet)
+    return serve(config, vet)
 
 
 def _agent(args: argparse.Namespace, config: Config) -> int:

@@ -285,6 +285,29 @@ def test_hup_with_a_broken_config_changes_nothing(new_world: Factory) -> None:
     assert "rolling restart" not in kiln.log()
 
 
+def test_hup_reads_the_file_the_master_started_from_or_changes_nothing(
+    new_world: Factory,
+) -> None:
+    """A master started from $KILNPROXY_HOME/kilnproxy.toml (no --config) reloads that file.
+    Gone, it refuses the reload: the defaults would serve from an empty directory. A [log]
+    file it cannot open is refused too: no new worker could boot with it."""
+    w = new_world({"workers": {"count": 1}})
+    kiln = w.kiln
+    kiln.stop()
+    kiln.start([*KILNPROXY, "serve"])
+    before = {x["pid"] for x in kiln.workers()}
+    saved = kiln.config_path.read_text()
+    kiln.config_path.rename(kiln.config_path.with_suffix(".moved"))
+    kiln.send(signal.SIGHUP)
+    kiln.wait_for_log(rf"reload refused, nothing changed: cannot read config {kiln.config_path}")
+    kiln.config_path.write_text(saved.replace("[log]", "") + '[log]\nfile = "/proc/none/x.log"\n')
+    kiln.send(signal.SIGHUP)
+    kiln.wait_for_log(r"reload refused, nothing changed: \[log\] file /proc/none/x.log: cannot")
+    time.sleep(1)
+    assert {x["pid"] for x in kiln.workers()} == before
+    assert "rolling restart" not in kiln.log()
+
+
 def test_hup_says_what_only_a_restart_applies_and_takes_the_log_settings(
     new_world: Factory,
 ) -> None:
