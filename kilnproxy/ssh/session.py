@@ -239,7 +239,10 @@ class Session(asyncssh.SSHServer):
     def _log_closed(self, exc: Exception | None, ended_at: float) -> None:
         if not self._had_relay:
             self._log_without_command(exc, ended_at)
-        self.log.info("connection closed%s", f": {exc}" if exc else "")
+        if exc is None:
+            self.log.info("connection closed")
+        else:  # a client's disconnect gives its own reason: a line of the log, not pages
+            self.log.info("connection closed: %.200s", exc)
 
     def _offence(self) -> PenaltyEvent | None:
         """How a connection that never authenticated ended, for its source's penalty; None
