@@ -73,8 +73,15 @@ SIGNALS = {
 
 
 class WorkerProcess:
-    def __init__(self, config: Config, worker: Worker, control_sock: socket.socket) -> None:
+    def __init__(
+        self,
+        config: Config,
+        worker: Worker,
+        control_sock: socket.socket,
+        stacks: IO[str] | None = None,
+    ) -> None:
         self.config = config
+        self._stacks = stacks  # where faulthandler writes: reopened with the log
         self.worker = worker
         self._control_sock = control_sock
         self._channel: control.ToMaster | None = None
@@ -186,8 +193,15 @@ class WorkerProcess:
 
     def _reopen_log(self) -> None:
         settings = self.config.log
-        if reopen(settings.format, settings.level, settings.file):
-            log.info("worker %d reopened its log", self.worker.index)
+        if not reopen(settings.format, settings.level, settings.file):
+            return
+        log.info("worker %d reopened its log", self.worker.index)
+        if settings.file is not None and self._stacks is not None:
+            try:
+                self._stacks = stacks_to(self.config, self._stacks)
+            except OSError as exc:  # just opened by the log: a race with the rotation
+                log.error("worker %d: stacks still go to the rotated log: %s", self.worker.index,
+                          exc)  # fmt: skip
 
     async def _listen(self, channel: control.ToMaster) -> None:
         """Messages from the master; its end closing means the master is gone."""
@@ -354,11 +368,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fault_log(config: Config) -> IO[str]:
-    """Where faulthandler writes stacks on SIGABRT: the log file, or standard error."""
-    if config.log.file is None:
-        return sys.stderr
-    return config.log.file.open("a")
+def stacks_to(config: Config, before: IO[str] | None = None) -> IO[str]:
+    """Point faulthandler's stacks (on SIGABRT) at the log: the log file, opened anew (after a
+    rotation, the new one; `before`, where they went until now, is closed), or standard
+    error. OSError if the file cannot be opened: they go on where they went."""
+    target = sys.stderr if config.log.file is None else config.log.file.open("a")
+    faulthandler.enable(file=target, all_threads=True)
+    if before is not None and before is not sys.stderr:
+        before.close()
+    return target
 
 
 def given_config(fd: int | None) -> str | None:
@@ -375,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config, text=given_config(args.config_fd))
         configure(config.log.format, config.log.level, config.log.file)
-        faulthandler.enable(file=fault_log(config), all_threads=True)
+        stacks = stacks_to(config)
         # Process-wide, before any connection exists.
         fast_path.apply(config.ssh.fast_path)
         kex_offer.apply(config.ssh.fallback_encryption_algs)
@@ -390,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kilnproxy: worker {args.index} cannot start: {exc}", file=sys.stderr)
         return control.WORKER_BOOT_ERROR
     try:
-        uvloop.run(WorkerProcess(config, worker, control_sock).run())
+        uvloop.run(WorkerProcess(config, worker, control_sock, stacks).run())
     except OperatorError as exc:  # raised by Worker.start: host keys, algorithms
         log.error("worker %d cannot start: %s", args.index, exc)
         return control.WORKER_BOOT_ERROR

@@ -165,6 +165,30 @@ def test_stopped_worker_is_killed_with_its_stacks_and_the_watchdog_pauses(
     assert any(t > stopped_at + gone_after for t in pings)  # and resumed after
 
 
+def test_a_workers_stacks_go_to_the_log_file_after_a_rotation(
+    new_world: Factory, tmp_path: Path
+) -> None:
+    """faulthandler's file is reopened with the log (USR1): a hung worker's stacks went to
+    the rotated file, and once it was deleted, nowhere, its disk space held by the worker."""
+    log_file = tmp_path / "kiln.log"
+    w = new_world({"workers": {"count": 1}, "log": {"file": str(log_file)}})
+    kiln = w.kiln
+    victim = kiln.workers()[0]["pid"]
+    log_file.rename(tmp_path / "kiln.log.1")
+    kiln.send(signal.SIGUSR1)
+    wait_until(lambda: log_file.exists() and "worker 0 reopened its log" in log_file.read_text(),
+               10, "the worker's log reopened")  # fmt: skip
+    (tmp_path / "kiln.log.1").unlink()
+    rotated = str(tmp_path / "kiln.log.1 (deleted)")
+
+    def let_go() -> bool:
+        return all(os.readlink(fd) != rotated for fd in Path(f"/proc/{victim}/fd").iterdir())
+
+    wait_until(let_go, 5, "the rotated file let go")
+    os.kill(victim, signal.SIGABRT)
+    wait_until(lambda: "Fatal Python error: Aborted" in log_file.read_text(), 10, "the stacks")
+
+
 def test_term_finishes_the_clone_and_refuses_new_connections(new_world: Factory) -> None:
     w = new_world({"workers": {"count": 2}})
     kiln = w.kiln
