@@ -260,8 +260,8 @@ def growth_factor(raw: object, home: Path) -> float:
 
 
 def worker_count(raw: object, home: Path) -> int:
-    if raw == "auto":
-        return os.cpu_count() or 1
+    if raw == "auto":  # the CPUs this process may run on: a container's or taskset's, say
+        return len(os.sched_getaffinity(0))
     return positive_int(raw, home, MAX_WORKERS)
 
 
@@ -523,7 +523,11 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    count: int = setting(worker_count, "auto", "Worker processes; `auto` is one per CPU.")
+    count: int = setting(
+        worker_count,
+        "auto",
+        "Worker processes; `auto` is one per CPU it may run on (its CPU affinity).",
+    )
     recycle_rss_factor: float = setting(
         growth_factor,
         2.0,
@@ -799,7 +803,10 @@ def config_path(explicit: str | None, home: Path) -> Path | None:
     if explicit:
         return Path(explicit).absolute()
     default = home / CONFIG_NAME
-    return default if default.exists() else None
+    try:
+        return default if default.exists() else None
+    except OSError as exc:  # a KILNPROXY_HOME this user may not enter
+        raise OperatorError(f"cannot read config {default}: {exc.strerror}") from None
 
 
 MAX_CONFIG = 1 << 20  # bytes: a config file is a few KiB; /dev/zero is not one
@@ -810,7 +817,7 @@ def _read_config(path: Path) -> str:
         data = file.read(MAX_CONFIG + 1)
     if len(data) > MAX_CONFIG:
         raise OperatorError(f"config {path} is over {MAX_CONFIG >> 20} MiB: not a config file")
-    return data.decode()
+    return data.decode().removeprefix("\ufeff")  # a BOM, as some editors save UTF-8
 
 
 def load(

@@ -51,7 +51,10 @@ class UnknownCommand(OperatorError):
 
 def parse_request(line: bytes) -> StatusRequest:
     """ValueError if the line is not a JSON object; UnknownCommand if it asks for no command."""
-    data = json.loads(line[:MAX_REQUEST])
+    try:
+        data = json.loads(line[:MAX_REQUEST])
+    except RecursionError:  # "[[[[…": nested past what the parser recurses into
+        raise ValueError("nested too deep") from None
     if not isinstance(data, dict):
         raise ValueError("not an object")
     try:

@@ -169,6 +169,7 @@ def test_the_status_socket_says_each_error_in_one_line(tmp_path: Path) -> None:
         b"nonsense\n",
         b'{"command": "connections"}\n',
         b"x" * 100_000 + b"\n",  # over the reader's limit: a bad request, not a traceback
+        b"[" * 5000 + b"\n",  # nested past the JSON parser's recursion
     )
     assert replies[:4] == [
         {"error": "no session 0badf00d"},
@@ -179,6 +180,7 @@ def test_the_status_socket_says_each_error_in_one_line(tmp_path: Path) -> None:
     assert replies[4]["error"].startswith("bad request: ")
     assert replies[5] == {"connections": []}
     assert replies[6]["error"].startswith("bad request: ")
+    assert replies[7] == {"error": "bad request: nested too deep"}
 
 
 def test_a_status_client_that_reads_nothing_does_not_hold_its_reply(

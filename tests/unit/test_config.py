@@ -269,3 +269,28 @@ def test_status_host_names_are_kept_as_dns_compares_them(tmp_path: Path) -> None
     assert config.status.hosts == ("kiln-01.corp", "status.kiln-01.corp", "10.0.0.5")
     assert from_mapping({}, tmp_path).status.hosts == ()
     assert from_mapping({}, tmp_path).fixed_until_restart(config) == ["[status] hosts"]
+
+
+def test_a_file_saved_with_a_bom_or_behind_a_closed_door(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some editors save UTF-8 with a byte order mark, which TOML does not take: it is read
+    past. A KILNPROXY_HOME the user may not enter is one line, not an internal error."""
+    (tmp_path / "kilnproxy.toml").write_bytes("\ufeff[workers]\ncount = 3\n".encode())
+    assert load(None, {"KILNPROXY_HOME": str(tmp_path)}).workers.count == 3
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", denied)
+    with pytest.raises(OperatorError, match=r"cannot read config .*kilnproxy.toml: Permission"):
+        load(None, {"KILNPROXY_HOME": str(tmp_path)})
+
+
+def test_auto_workers_are_one_per_cpu_this_process_may_run_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's CPU set or `taskset`, not every CPU of the machine."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert from_mapping({"workers": {"count": "auto"}}, tmp_path).workers.count == 1
