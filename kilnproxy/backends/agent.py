@@ -362,16 +362,6 @@ class AgentBackend:
         self.window = window
 
     async def open(self, request: BackendRequest, sink: BackendSink) -> BackendStream:
-        try:
-            return await self._open(request, sink)
-        except Draining as exc:
-            # The pool no longer hands out that connection: this goes to another, dialled anew
-            # unless one has room, and is refused for good if that agent drains too.
-            log.info("backend %s: %s; opening the channel on another connection", self.name,
-                     exc.detail, extra={"session": request.session_id})  # fmt: skip
-        return await self._open(request, sink)
-
-    async def _open(self, request: BackendRequest, sink: BackendSink) -> AgentStream:
         repo = request.route.repo
         opening = OpenRequest(
             request.session_id,
@@ -389,7 +379,7 @@ class AgentBackend:
         def stream_on(link: AgentLink) -> AgentStream:
             return AgentStream(sink, link, request.session_id, repo, self.window)
 
-        return await self.pool.open_channel(repo, stream_on, start)
+        return await self.pool.open_channel(repo, stream_on, start, request.session_id)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -1,21 +1,23 @@
 """A worker's pool of connections to one storage server (SPEC 5), whatever speaks on them.
 
 Owns the connections it dials and nothing else. Each session is a channel on a pooled connection
-(at most `max_sessions` at once), so a clone does not pay a handshake. A connection that is being
-dialled already counts its reservations, so a burst of sessions shares a few dials instead of
-each opening its own. Idle connections close after `idle` seconds (a timer, not a task); a broken
-one leaves the pool at once and the next session dials a new one. A connection whose peer said
-it takes no new channel (an agent that drains) is retired: never handed out again, and closed
-once its last channel has ended; a session that was to open its channel there is told so
-(`Draining`), and may open it on another connection. Every dial is bounded by the dial timeout,
-TCP connect and handshake together, and so is opening a channel on a connection
-(`open_channel`). A connection on which a channel did not open in time, and on which nothing at
-all came meanwhile, is retired too: a peer that has stopped answering there (a frozen host, a
-firewall that forgot the flow) would otherwise be handed every next session, each to wait out
-the dial timeout in turn, until the keepalive gives the connection up. (One that is only slow to
-start that command, while its other channels flow, is not: a new dial would not help.) What a
-connection is (an SSH connection for ssh://, a TLS one for agent://) and how a channel starts on
-it are the backend's business: the pool only counts.
+(at most `max_sessions` at once), so a clone does not pay a handshake. A connection that is
+being dialled already counts its reservations, so a burst of sessions shares a few dials instead
+of each opening its own. Idle connections close after `idle` seconds (a timer, not a task); a
+broken one leaves the pool at once and the next session dials a new one. A connection whose peer
+said it takes no new channel (an agent that drains) is retired: never handed out again, and
+closed once its last channel has ended; a session that was to open its channel there is told so
+(`Draining`), and opens it once more on another connection. So is a connection that has started
+channels and then has one refused (an sshd at its MaxSessions: it counts a channel closed here
+as long as its command runs there). Every dial is bounded by the dial timeout, TCP connect and
+handshake together, and so is opening a channel on a connection (`open_channel`). A connection
+on which a channel did not open in time, and on which nothing at all came meanwhile, is retired
+too: a peer that has stopped answering there (a frozen host, a firewall that forgot the flow)
+would otherwise be handed every next session, each to wait out the dial timeout in turn, until
+the keepalive gives the connection up. (One that is only slow to start that command, while its
+other channels flow, is not: a new dial would not help.) What a connection is (an SSH connection
+for ssh://, a TLS one for agent://) and how a channel starts on it are the backend's business:
+the pool only counts.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Link(Generic[C]):
         self.ready: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.idle_timer: asyncio.TimerHandle | None = None
         self.dial_task: asyncio.Task[None] | None = None
+        self.started = 0  # channels started on it, all told
 
     def lost(self, exc: Exception | None) -> None:
         """The connection went away (the connection's own callback says so)."""
@@ -104,7 +107,7 @@ class Pool(Generic[C]):
         self.address = address
         self.connect = connect
         self.on_dial = on_dial  # told how long each successful dial took
-        self.heard = heard  # bytes a connection has received so far, where it counts them
+        self.heard = heard  # what a connection has received so far (bytes, packets), if known
         self.max_sessions = max_sessions
         self.idle = idle
         self.dial_timeout = dial_timeout
@@ -147,11 +150,29 @@ class Pool(Generic[C]):
         repo: str,
         stream_on: Callable[[Link[C]], S],
         start: Callable[[S, C], Awaitable[object]],
+        session: str,
     ) -> S:
         """A channel for `repo`: a slot on a connection, the stream that holds it, and its start
         (`start` raises BackendError for its own failures) within the dial timeout, so that a
         wedged storage server cannot hang the session. However the start fails, cancelled too
-        (the client left meanwhile), the stream is aborted, which gives its slot back."""
+        (the client left meanwhile), the stream is aborted, which gives its slot back. If the
+        peer takes no new channel on that connection (`Draining`: an agent that drains, an
+        sshd at its MaxSessions), the connection is retired, and the channel is opened once
+        more, on another: dialled anew unless one has room, and refused for good if that one
+        takes none either."""
+        try:
+            return await self._open_channel(repo, stream_on, start)
+        except Draining as exc:
+            log.info("backend %s: %s; opening the channel on another connection", self.name,
+                     exc.detail, extra={"session": session})  # fmt: skip
+        return await self._open_channel(repo, stream_on, start)
+
+    async def _open_channel(
+        self,
+        repo: str,
+        stream_on: Callable[[Link[C]], S],
+        start: Callable[[S, C], Awaitable[object]],
+    ) -> S:
         link = await self.acquire(repo)
         conn = link.conn
         assert conn is not None
@@ -167,9 +188,14 @@ class Pool(Generic[C]):
                                   "connection")  # fmt: skip
             stream.abort()
             raise BackendError(repo, f"backend {self.name}: {late}") from None
+        except Draining as exc:
+            self.retire(link, f"{exc.detail}: new sessions go to another connection")
+            stream.abort()
+            raise
         except BaseException:
             stream.abort()
             raise
+        link.started += 1
         return stream
 
     def release(self, link: Link[C]) -> None:

@@ -18,6 +18,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 import asyncssh
@@ -29,7 +30,7 @@ from kilnproxy.backends.base import (
     StdinBackPressure,
     sink_failed,
 )
-from kilnproxy.backends.pool import DialFailed, Link, Pool
+from kilnproxy.backends.pool import DialFailed, Draining, Link, Pool
 from kilnproxy.errors import BackendError
 from kilnproxy.policy.commands import Verb
 
@@ -52,7 +53,6 @@ MAX_PACKET = 256 * 1024
 # What the command exits with, having said nothing, when the repository path is not a directory
 # (sysexits' EX_NOINPUT): neither git nor hg exits with it, and each says something when it fails.
 NO_REPOSITORY = 66
-_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ABRT": 6, "KILL": 9, "SEGV": 11, "PIPE": 13, "TERM": 15}
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,25 @@ def ssh_pool(
         return conn
 
     address = (target.host, target.port)
-    return Pool(target.name, address, connect, max_sessions, idle, dial_timeout, on_dial)
+    return Pool(target.name, address, connect, max_sessions, idle, dial_timeout, on_dial,
+                heard=received)  # fmt: skip
+
+
+def received(conn: asyncssh.SSHClientConnection) -> int:
+    """Packets received on `conn` so far (the pool's `heard`: a connection on which a channel
+    did not open in time, and on which nothing else came, is given up). asyncssh counts them
+    for its MACs; it has no public figure of its own."""
+    count: int = getattr(conn, "_recv_seq", 0)
+    return count
+
+
+def signal_number(name: str) -> int:
+    """The number of the signal an exit-signal names ("TERM", "USR1"), as a shell gives it;
+    0 for a name this system does not know."""
+    try:
+        return int(Signals[f"SIG{name}"])
+    except KeyError:
+        return 0
 
 
 def remote_command(request: BackendRequest) -> str:
@@ -191,7 +209,7 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
         self._status = status
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
-        self._status = 128 + _SIGNALS.get(signal, 0)
+        self._status = 128 + signal_number(signal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
@@ -251,6 +269,10 @@ class SshStream(StdinBackPressure, asyncssh.SSHClientSession[bytes]):
         if link is not None:
             link.pool.release(link)
 
+    def started_on_its_connection(self) -> bool:
+        """Whether channels were started before on the connection this one is asked on."""
+        return self._link is not None and self._link.started > 0
+
 
 class SshBackend:
     def __init__(self, name: str, pool: SshPool, window: int) -> None:
@@ -265,12 +287,25 @@ class SshBackend:
         async def start(stream: SshStream, conn: asyncssh.SSHClientConnection) -> None:
             try:
                 await stream.open(conn, remote_command(request), env, self.window)
+            except asyncssh.ChannelOpenError as exc:
+                # On a connection that has started channels, sshd at its MaxSessions: a command
+                # whose channel closed here may run on there (a hook, a lock waited for), and
+                # sshd counts it until it exits; another connection takes it. On a new one,
+                # sshd refuses sessions (overloaded, or misconfigured): another would too, and
+                # retiring one connection after another would only add handshakes.
+                detail = f"the storage refused a channel ({exc.reason})"
+                if stream.started_on_its_connection():
+                    raise Draining(repo, detail) from exc
+                raise BackendError(repo, f"backend {self.name}: {detail}") from exc
             except (OSError, asyncssh.Error) as exc:
                 detail = f"backend {self.name}: cannot open a channel: {exc}"
                 raise BackendError(repo, detail) from exc
 
         return await self.pool.open_channel(
-            repo, lambda link: SshStream(sink, link, request.session_id, repo, path), start
+            repo,
+            lambda link: SshStream(sink, link, request.session_id, repo, path),
+            start,
+            request.session_id,
         )
 
     async def close(self) -> None:

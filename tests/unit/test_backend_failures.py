@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
@@ -26,7 +27,14 @@ from kilnproxy.backends import local
 from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.frames import Kind, OpenRequest, count_frame, frame
 from kilnproxy.backends.pool import Link, LinkState, Pool
-from kilnproxy.backends.ssh import SshBackend, SshLink, SshStream, Target, ssh_pool
+from kilnproxy.backends.ssh import (
+    SshBackend,
+    SshLink,
+    SshStream,
+    Target,
+    signal_number,
+    ssh_pool,
+)
 from kilnproxy.backends.threads import DiskChecks
 from kilnproxy.directory.model import Identity, Route
 from kilnproxy.errors import BackendError
@@ -324,47 +332,70 @@ class _Held(asyncssh.SSHServerSession[bytes]):
         self.lost.set()
 
 
+class Storage(asyncssh.SSHServer):
+    """A storage server's sshd that lets anyone in; `session` says what a channel gets, given
+    the number of the channel on this connection (1, 2, ...)."""
+
+    def __init__(self, session: Callable[[int], Awaitable[_Held] | bool]) -> None:
+        self.session = session  # for this connection
+        self.channels = itertools.count(1)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return True
+
+    def session_requested(self) -> Awaitable[_Held] | bool:
+        answer: Awaitable[_Held] | bool = self.session(next(self.channels))
+        return answer
+
+
+async def storage_server(
+    tmp_path: Path, session: Callable[[int, int], Awaitable[_Held] | bool]
+) -> tuple[asyncssh.SSHAcceptor, SshBackend]:
+    """A storage server on 127.0.0.1, and a backend for it (dial timeout 2 s). `session` is
+    given the number of the connection a channel is asked on, and of the channel on it."""
+    numbers = itertools.count(1)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key.write_private_key(tmp_path / "id_ed25519")
+
+    def storage() -> Storage:
+        return Storage(functools.partial(session, next(numbers)))
+
+    acceptor = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key],
+                                     server_factory=storage)  # fmt: skip
+    port = acceptor.sockets[0].getsockname()[1]
+    public = host_key.export_public_key().decode().split()
+    (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
+    target = Target("storage", "127.0.0.1", port, "git", tmp_path / "id_ed25519",
+                    tmp_path / "known_hosts")  # fmt: skip
+    return acceptor, SshBackend("storage", ssh_pool(target, 8, 60.0, 2.0), 1 << 20)
+
+
 def test_a_channel_confirmed_after_its_open_was_given_up_is_closed(tmp_path: Path) -> None:
     """The storage server confirms a channel after the dial timeout (or after the client left):
     asyncssh would leave it open at both ends, one of sshd's MaxSessions held on a pooled
-    connection that the pool counts as free. It is closed as soon as it is open."""
+    connection that the pool counts as free. It is closed as soon as it is open. Nothing else
+    came on that connection meanwhile: new sessions go to another."""
 
     async def body() -> None:
         gate, session = asyncio.Event(), _Held()
 
-        class Storage(asyncssh.SSHServer):
-            def begin_auth(self, username: str) -> bool:
-                return True
+        async def confirmed_late(connection: int, channel: int) -> _Held:
+            await gate.wait()
+            return session
 
-            def public_key_auth_supported(self) -> bool:
-                return True
-
-            def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-                return True
-
-            def session_requested(self) -> Awaitable[_Held]:
-                async def confirmed_late() -> _Held:
-                    await gate.wait()
-                    return session
-
-                return confirmed_late()
-
-        host_key = asyncssh.generate_private_key("ssh-ed25519")
-        client_key = asyncssh.generate_private_key("ssh-ed25519")
-        client_key.write_private_key(tmp_path / "id_ed25519")
-        acceptor = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key],
-                                         server_factory=Storage)  # fmt: skip
-        port = acceptor.sockets[0].getsockname()[1]
-        public = host_key.export_public_key().decode().split()
-        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {public[0]} {public[1]}\n")
-        target = Target("storage", "127.0.0.1", port, "git", tmp_path / "id_ed25519",
-                        tmp_path / "known_hosts")  # fmt: skip
-        pool = ssh_pool(target, 8, 60.0, 2.0)
-        backend = SshBackend("storage", pool, 1 << 20)
+        acceptor, backend = await storage_server(tmp_path, confirmed_late)
         with pytest.raises(BackendError, match=r"no channel within 2s"):
             await backend.open(ssh_request(), RecordingSink())
-        (link,) = pool.links
+        (link,) = backend.pool.links
         assert link.active == 1  # the channel is still being opened: sshd counts it
+        assert link.state is LinkState.DRAINING  # not handed out again
         gate.set()
         async with asyncio.timeout(5):
             await session.lost.wait()
@@ -380,8 +411,78 @@ def test_a_channel_confirmed_after_its_open_was_given_up_is_closed(tmp_path: Pat
     asyncio.run(body())
 
 
+def confirmed() -> Awaitable[_Held]:
+    async def session() -> _Held:
+        return _Held()
+
+    return session()
+
+
+def test_a_channel_refused_is_opened_on_another_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sshd at its MaxSessions refuses a channel: it counts one closed here for as long as its
+    command runs there (a hook, a lock waited for). That connection, which the pool counts as
+    having room, is retired, and the channel is opened on another: every later session would
+    otherwise be refused there."""
+
+    def session(connection: int, channel: int) -> Awaitable[_Held] | bool:
+        if connection == 1 and channel > 1:  # one session, still running after its close
+            return False
+        return confirmed()
+
+    async def body() -> None:
+        acceptor, backend = await storage_server(tmp_path, session)
+        served = await backend.open(ssh_request(), RecordingSink())
+        (first,) = backend.pool.links
+        served.abort()
+        stream = await backend.open(ssh_request(), RecordingSink())
+        assert backend.pool.dials == 2 and backend.pool.links != [first]
+        assert first.state is LinkState.CLOSED  # retired, and closed once its channel went
+        stream.abort()
+        await backend.close()
+        acceptor.close()
+        await acceptor.wait_closed()
+
+    with caplog.at_level(logging.INFO, logger="kilnproxy.backend"):
+        asyncio.run(body())
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith("backend storage: the storage refused a channel (")
+        and m.endswith(": new sessions go to another connection")
+        for m in said
+    ), said
+    retry = next(r for r in caplog.records if "on another connection" in r.getMessage())
+    assert retry.session == "3f9c2a1b"  # type: ignore[attr-defined]
+
+
+def test_a_storage_that_refuses_every_channel_costs_no_handshakes(tmp_path: Path) -> None:
+    """sshd that refuses sessions on a connection that never started one (overloaded, or
+    misconfigured) would on another too: the session fails, and the connection stays."""
+
+    async def body() -> None:
+        acceptor, backend = await storage_server(tmp_path, lambda connection, channel: False)
+        for _ in range(3):
+            with pytest.raises(BackendError, match=r"the storage refused a channel"):
+                await backend.open(ssh_request(), RecordingSink())
+        (link,) = backend.pool.links
+        assert backend.pool.dials == 1 and link.state is LinkState.OPEN
+        await backend.close()
+        acceptor.close()
+        await acceptor.wait_closed()
+
+    asyncio.run(body())
+
+
 def ssh_request() -> BackendRequest:
     route = Route("aviato/website", Verb.UPLOAD_PACK.vcs, "storage", "ssh://git@127.0.0.1/srv",
                   "/srv/aviato/website.git", Access.READ)  # fmt: skip
     identity = Identity("aviato", "bob", Role.READ, "laptop", "SHA256:x")
     return BackendRequest("3f9c2a1b", Verb.UPLOAD_PACK, route, identity, None)
+
+
+def test_an_exit_signal_is_a_shells_status() -> None:
+    """128 + the signal's number, as a shell gives it, for any signal the system knows."""
+    assert [signal_number(name) for name in ("TERM", "KILL", "USR1", "ALRM", "NOPE")] == [
+        15, 9, 10, 14, 0,
+    ]  # fmt: skip
