@@ -112,7 +112,11 @@ class MetricsSnapshot:
         default=Histogram(), metadata={"help": "Directory lookup of a repository."}
     )
     backend_dial: Histogram = field(
-        default=Histogram(), metadata={"help": "Dialing an ssh:// backend."}
+        default=Histogram(),
+        metadata={
+            "help": "Dialing a backend (ssh:// or agent://), handshake included; failed "
+            "dials are not counted."
+        },
     )
 
     def merge(self, other: MetricsSnapshot) -> MetricsSnapshot:

@@ -53,6 +53,7 @@ class MasterCollector(Collector):
         yield from _totals(totals)
         yield from _admission(totals, board.admission.statistics())
         yield from _per_worker(board)
+        yield from _draining(board)
 
 
 def _fast_path(board: StatusBoard) -> Metric:
@@ -82,7 +83,9 @@ def _totals(totals: MetricsSnapshot) -> Iterator[Metric]:
     for outcome, count in sorted(totals.outcomes.items()):
         family.add_metric([outcome], count)
     yield family
-    relayed = CounterMetricFamily("kilnproxy_relayed_bytes", "Bytes relayed.", labels=["direction"])
+    relayed = CounterMetricFamily(
+        "kilnproxy_relayed_bytes", "Bytes relayed, counted as they flow.", labels=["direction"]
+    )
     relayed.add_metric(["in"], totals.bytes_in)
     relayed.add_metric(["out"], totals.bytes_out)
     yield relayed
@@ -131,6 +134,25 @@ def _per_worker(board: StatusBoard) -> Iterator[Metric]:
     for backend, count in sorted(board.pooled().items()):
         pools.add_metric([backend], count)
     yield from (rss, heap, sessions, pools)
+
+
+def _draining(board: StatusBoard) -> Iterator[Metric]:
+    """Workers replaced (HUP, TTOU, recycled for their memory) and waiting for their sessions,
+    for hours perhaps: out of the per-worker series, which speak for the serving ones, but not
+    out of sight. Summed: their number is bounded, their pids are not labels."""
+    draining = [worker for worker in board.workers() if not worker.serving]
+    stats = [board.stats(worker) for worker in draining]
+    yield GaugeMetricFamily(
+        "kilnproxy_draining_workers", "Replaced workers waiting for their sessions.", len(stats)
+    )
+    yield GaugeMetricFamily(
+        "kilnproxy_draining_rss_bytes", "RSS of the draining workers, all told.",
+        sum(s.rss for s in stats),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "kilnproxy_draining_sessions", "Sessions on the draining workers.",
+        sum(s.sessions for s in stats),
+    )  # fmt: skip
 
 
 def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:

@@ -158,6 +158,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
     def __init__(self, owner: RelayOwner, services: Services) -> None:
         self._owner = owner
         self._services = services
+        self._metrics = services.metrics  # its byte counts grow with every chunk
         self._touch = owner.touch  # bound once: it is called per chunk
         self.state = RelayState.REQUESTED
         self._command: Command | None = None
@@ -235,6 +236,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._bytes_in += len(data)
+        self._metrics.bytes_in += len(data)
         self._touch()
         if datatype is not None:
             return  # extended data from a client is in no git or hg protocol: not stdin
@@ -386,12 +388,14 @@ class Relay(asyncssh.SSHServerSession[bytes]):
 
     def backend_stdout(self, data: bytes) -> None:
         self._bytes_out += len(data)
+        self._metrics.bytes_out += len(data)
         self._touch()
         if self._chan is not None:
             self._to_client.add(data)
 
     def backend_stderr(self, data: bytes) -> None:
         self._bytes_out += len(data)
+        self._metrics.bytes_out += len(data)
         self._touch()
         if self._chan is not None:
             self._to_client.flush()  # keep the order the backend wrote in

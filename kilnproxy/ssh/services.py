@@ -41,7 +41,12 @@ class SessionMetrics(Protocol):
         """Time from an identity and a repository to its route in the directory."""
         ...
 
-    def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
+    # Bytes relayed, client to backend and back, added as they flow: a clone of hours counts
+    # in /metrics while it runs, not at its end.
+    bytes_in: int
+    bytes_out: int
+
+    def session_ended(self, outcome: str) -> None:
         """Called once per access line: one command, or a connection that ran none."""
 
     def refused(self, reason: Refusal) -> None:

@@ -275,9 +275,7 @@ class Session(asyncssh.SSHServer):
         self, outcome: Outcome, command: RelayStats | None, now: float | None = None
     ) -> None:
         """The one access line of SPEC 4, for one command (or a connection that ran none)."""
-        self.host.services.metrics.session_ended(
-            outcome.value, command.bytes_in if command else 0, command.bytes_out if command else 0
-        )
+        self.host.services.metrics.session_ended(outcome.value)
         fields = access_fields(
             remote=self.remote,
             login=self.login,

@@ -46,10 +46,8 @@ class WorkerMetrics:
     route_lookup: LatencyRecorder = field(default_factory=LatencyRecorder)  # repo -> route
     backend_dial: LatencyRecorder = field(default_factory=LatencyRecorder)
 
-    def session_ended(self, outcome: str, bytes_in: int, bytes_out: int) -> None:
+    def session_ended(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
-        self.bytes_in += bytes_in
-        self.bytes_out += bytes_out
 
     def refused(self, reason: Refusal) -> None:
         self.refusals[reason.value] += 1

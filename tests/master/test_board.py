@@ -159,6 +159,26 @@ def test_one_series_per_slot_while_its_worker_is_replaced() -> None:
     assert board.slot_holders() == {0: new} and sessions() == [({"worker": "0"}, 2.0)]
 
 
+def test_a_draining_worker_stays_in_sight_in_metrics() -> None:
+    """A worker replaced by a HUP, or recycled for its memory, may drain for hours: out of the
+    per-slot series, which its replacement speaks for, and summed into the draining ones."""
+    board = StatusBoard()
+    old, new = FakeWorker(0, 100, started_at=1.0), FakeWorker(0, 101, started_at=2.0)
+    for worker in (old, new):
+        board.joined(worker)
+    board.heard(old, dataclasses.replace(beat(100), stats=stats(100, sessions=3000, rss=900)))
+    board.heard(new, dataclasses.replace(beat(101), stats=stats(101, sessions=10, rss=60)))
+    old.state = WorkerState.DRAINING
+    registry = CollectorRegistry()
+    registry.register(MasterCollector(board))
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    values = {s.name: s.value for f in families for s in f.samples if s.name.startswith("kiln")}
+    assert values["kilnproxy_worker_rss_bytes"] == 60
+    assert values["kilnproxy_draining_workers"] == 1
+    assert values["kilnproxy_draining_rss_bytes"] == 900
+    assert values["kilnproxy_draining_sessions"] == 3000
+
+
 def test_pools_of_serving_workers_and_health() -> None:
     board = StatusBoard()
     now = time.monotonic()
