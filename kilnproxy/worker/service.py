@@ -29,7 +29,7 @@ from kilnproxy.ssh.server import listen, serving_options
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import CUT_GRACE, SessionHost
 from kilnproxy.worker.admission import WorkerAdmission
-from kilnproxy.worker.introspect import ProcessFigures, heap_in_use, release_memory
+from kilnproxy.worker.introspect import HeapFigure, ProcessFigures, release_memory
 from kilnproxy.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("kilnproxy.worker")
@@ -65,6 +65,7 @@ class Worker:
         self._acceptors: list[asyncssh.SSHAcceptor] = []
         self._closing: list[asyncssh.SSHAcceptor] = []  # closed, maybe still handing over
         self._process = ProcessFigures(psutil.Process())
+        self._heap = HeapFigure()
         # The worker's own: its sessions see them only through the Protocols of `Services`.
         self.metrics = WorkerMetrics()
         self.directory = directory_for(config)
@@ -243,7 +244,7 @@ class Worker:
             tasks=len(asyncio.all_tasks()),
             fds=fds,
             rss=rss,
-            heap=heap_in_use(),
+            heap=self._heap.read(time.monotonic()),
             accepting=self.host.accepting,
             backend_connections=sum(p.connections for p in self.pool_statistics().values()),
             fast_path=fast_path_state(),

@@ -103,6 +103,7 @@ def test_a_report_shows_none_of_its_own_allocations() -> None:
     frames = [frame for site in sites for frame in site["traceback"]]  # type: ignore[attr-defined]
     assert any("test_heap_tracer.py" in frame for frame in frames)
     assert not [frame for frame in frames if "introspect.py" in frame]
+    assert not [frame for frame in frames if frame.startswith(tracemalloc.__file__)]
 
 
 def test_a_stop_meanwhile_waits_for_the_snapshot() -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from kilnproxy.worker.introspect import ProcessFigures
+from kilnproxy.worker import introspect
+from kilnproxy.worker.introspect import HEAP_EVERY, HeapFigure, ProcessFigures
 
 
 @dataclass
@@ -67,3 +68,12 @@ def test_psutil_itself_at_the_fd_limit() -> None:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert figures.read()[0] == psutil.Process().num_fds()
+
+
+def test_the_heap_is_read_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's figure walks every free chunk of the heap, on the loop: not at every beat."""
+    readings = iter([100, 200])
+    monkeypatch.setattr(introspect, "heap_in_use", lambda: next(readings))
+    heap = HeapFigure()
+    assert [heap.read(t) for t in (5.0, 6.0, 5.0 + HEAP_EVERY - 0.1)] == [100, 100, 100]
+    assert heap.read(5.0 + HEAP_EVERY) == 200
