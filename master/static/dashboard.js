@@ -4,8 +4,11 @@
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
 const SVG = "http://www.w3.org/2000/svg";
 const WINDOW_SECONDS = 3600;
+const FETCH_TIMEOUT_MS = 5000;  // a master that does not answer is said, not waited for
+const UNREACHABLE = "status server unreachable: ";
 const series = {};  // worker index -> samples {t, rss, heap, sessions, tasks}
 let lastSample = 0;
+let refreshed = Promise.resolve();  // the last refresh asked for: the next one waits for it
 
 function el(tag, attrs, text) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
@@ -100,11 +103,23 @@ function drawConnections(rows) {
   document.getElementById("sessions").textContent = String(rows.length);
 }
 
-async function refresh() {
+async function json(path) {
+  const response = await fetch(path, {signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
+  if (!response.ok) throw new Error(path + ": " + response.status + " " + (await response.text()).trim());
+  return response.json();
+}
+
+// One after the other: two asking for the same `since` would both add the samples after it.
+// Each loads anew: an ended session's must not take what was loaded before it ended.
+function refresh() {
+  const next = refreshed.then(load);
+  refreshed = next.catch(() => {});
+  return next;
+}
+
+async function load() {
   const [info, memory, rows] = await Promise.all([
-    fetch("/info").then(r => r.json()),
-    fetch("/debug/memory?since=" + lastSample).then(r => r.json()),
-    fetch("/connections").then(r => r.json()),
+    json("/info"), json("/debug/memory?since=" + lastSample), json("/connections"),
   ]);
   document.getElementById("version").textContent = info.version;
   document.getElementById("uptime").textContent = info.uptime;
@@ -123,11 +138,13 @@ async function refresh() {
 }
 
 async function tick() {
+  const status = document.getElementById("status");
   try {
     await refresh();
     document.body.dataset.updated = String(Date.now());
+    if (status.textContent.startsWith(UNREACHABLE)) status.textContent = "";  // it is back
   } catch (error) {
-    document.getElementById("status").textContent = "status server unreachable: " + error;
+    status.textContent = UNREACHABLE + error;
   }
   setTimeout(tick, 1000);
 }
