@@ -406,7 +406,12 @@ class SshSettings:
         algorithm_names(algorithms.MACS, "MAC"), DEFAULT_MACS, "MACs offered (encrypt-then-MAC)."
     )
     max_channels: int = setting(positive_int, 10, "Concurrent channels on one connection.")
-    max_auth_tries: int = setting(positive_int, 6, "Public keys a client may offer per connection.")
+    max_auth_tries: int = setting(
+        positive_int,
+        6,
+        "Public keys a client may offer per connection; at the next, it is "
+        "disconnected (OpenSSH's MaxAuthTries).",
+    )
     fast_path: bool = setting(
         boolean,
         True,

@@ -65,6 +65,17 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+CLIENT_TEXT = 200  # characters of a client's string that a log line quotes
+
+
+def quoted(text: str | None) -> str:
+    """A client's string (a command line, a subsystem's name) for a log line: quoted, and cut
+    to CLIENT_TEXT characters with its length, since an SSH packet carries 256 KiB of it."""
+    if text is None or len(text) <= CLIENT_TEXT:
+        return repr(text)
+    return f"{text[:CLIENT_TEXT]!r}... ({len(text)} characters)"
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         session = getattr(record, "session", None)

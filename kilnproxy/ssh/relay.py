@@ -39,6 +39,7 @@ from kilnproxy.errors import (
     NotFound,
     ReadOnly,
 )
+from kilnproxy.logs import CLIENT_TEXT, quoted
 from kilnproxy.policy.access import Access, required_access
 from kilnproxy.policy.admission import TooManySessions
 from kilnproxy.policy.commands import Command, git_protocol, parse_command
@@ -185,7 +186,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._to_backend = Coalescer(self._write_stdin, loop, self._relay_failed)
 
     def __repr__(self) -> str:
-        return f"<Relay session {self._owner.id} {self.state.value} {self._line!r}>"
+        return f"<Relay session {self._owner.id} {self.state.value} {quoted(self._line)}>"
 
     def statistics(self) -> RelayStats:
         command = self._command
@@ -224,14 +225,14 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        self._owner.log.info("refused subsystem %r", subsystem)
+        self._owner.log.info("refused subsystem %s", quoted(subsystem))
         return False
 
     def session_started(self) -> None:
         if self.state is not RelayState.REQUESTED:  # cut before its exec came: runs nothing
             return
         self.state = RelayState.OPENING
-        name = f"session {self._owner.id}: {self._line or 'shell'}"
+        name = f"session {self._owner.id}: {(self._line or 'shell')[:CLIENT_TEXT]}"
         self._task = asyncio.get_running_loop().create_task(self._open(), name=name)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -312,7 +313,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         try:
             stream = await self._connect()
         except BadCommand as exc:
-            log.info("bad command %r: %s", self._line, exc.message)
+            log.info("bad command %s: %s", quoted(self._line), exc.message)
             self._refuse(exc, Outcome.BAD_COMMAND)
         except TooManySessions as exc:  # logged by admission, without flooding the log
             self._refuse(exc, Outcome.REFUSED)
@@ -326,7 +327,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             log.debug("directory unavailable: %s", exc.detail)  # the store says so, once
             self._refuse(exc, Outcome.UNAVAILABLE)
         except Exception:
-            log.exception("internal error while opening %r", self._line)
+            log.exception("internal error while opening %s", quoted(self._line))
             self._refuse(ClientError("internal error"), Outcome.INTERNAL_ERROR)
         else:
             if self.state is not RelayState.OPENING:  # cut or closed while we were starting
@@ -490,7 +491,7 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         """Relaying bytes a pass after they came raised (a bug, called inside the `except`):
         they are lost, so the command cannot go on. It ends as an internal error; if even that
         cannot be said to the client, its channel is aborted."""
-        self._owner.log.exception("internal error while relaying %r", self._line)
+        self._owner.log.exception("internal error while relaying %s", quoted(self._line))
         error = ClientError("internal error")
         try:
             self._end_now(

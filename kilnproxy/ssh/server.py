@@ -108,6 +108,11 @@ def server_options(
             password_auth=False,
             kbdint_auth=False,
             host_based_auth=False,
+            # Public keys only (SPEC 3), whatever gssapi and keytab the host has; and no
+            # hostname lookup when the options are built.
+            gss_host=None,
+            gss_kex=False,
+            gss_auth=False,
             encoding=None,
             keepalive_interval=0,
         )

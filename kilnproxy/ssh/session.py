@@ -311,7 +311,7 @@ class Session(asyncssh.SSHServer):
             if not again:  # max_auth_tries counts the keys offered (the 6th of 6 gets in)
                 self._auth_tries += 1
                 if self._auth_tries > self.host.config.ssh.max_auth_tries:
-                    self.log.info("too many keys offered")
+                    self._too_many_keys()
                     return False
             problem = policy_problem(key)
             if problem:
@@ -336,6 +336,21 @@ class Session(asyncssh.SSHServer):
         # again (a bad signature, retried) is counted, as every key it offers is.
         self._known = None if again else identity
         return True
+
+    def _too_many_keys(self) -> None:
+        """Hang up on a client past max_auth_tries, as OpenSSH does: asyncssh would go on
+        asking about every key it offers until the login grace, each a line of the log."""
+        conn = self._conn
+        if conn is None or "too_many_keys" in self._timers:
+            return
+        self.log.info("too many keys offered: disconnecting")
+        # Not from inside asyncssh's auth request, which still has its failure to send.
+        self._timers["too_many_keys"] = self._loop.call_later(
+            0,
+            conn.disconnect,
+            asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+            "Too many authentication failures",
+        )
 
     async def _look_up(self, print_: str) -> Identity | None:
         started = time.perf_counter()

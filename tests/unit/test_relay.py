@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import asyncssh
 import pytest
+import uvloop
 
 from kilnproxy.backends import BackendRequest, BackendSink, BackendStream
 from kilnproxy.config import from_mapping
@@ -25,6 +26,7 @@ from kilnproxy.logs import SessionLog
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.admission import AccountSessions, Refusal
 from kilnproxy.policy.commands import Command, Vcs, Verb
+from kilnproxy.ssh import server
 from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
 from kilnproxy.ssh.services import Services
 from kilnproxy.ssh.session import Session, SessionHost
@@ -880,3 +882,71 @@ async def test_a_channel_asked_for_as_the_connection_went_leaves_the_connections
     host.close_logs.run_all()
     assert session.relays == set()
     assert ended == ["no-command"]
+
+
+def test_a_client_past_max_auth_tries_is_hung_up_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSSH hangs up at MaxAuthTries. asyncssh alone asks about every key a client offers,
+    until the login grace: thousands of log lines a second from one unauthenticated client."""
+    caplog.set_level(logging.INFO, "kilnproxy")
+    looked_up: list[str] = []
+
+    class Counting(FakeDirectory):
+        async def identity_for_key(self, fingerprint: str) -> Identity | None:
+            looked_up.append(fingerprint)
+            return None
+
+    class Quiet(FakeMetrics):
+        def session_ended(self, outcome: str) -> None:
+            pass
+
+    async def offer(keys: int) -> str:
+        services = Services(Counting(None), FakeBackends(FakeBackend()), Quiet(), FakeAdmission())
+        host = SessionHost(from_mapping({}, tmp_path), services)
+        pairs = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
+        options = await asyncssh.SSHServerConnectionOptions.construct(
+            server.server_options(host.config, pairs), server_factory=lambda: Session(host)
+        )
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(
+            lambda: server._Connection(loop, options), "127.0.0.1", 0
+        )
+        offered = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(keys)]
+        try:
+            with pytest.raises(asyncssh.DisconnectError) as hung_up:
+                await asyncssh.connect(
+                    "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
+                    known_hosts=None, config=None, agent_path=None, client_keys=offered,
+                )  # fmt: skip
+            return hung_up.value.reason
+        finally:
+            listener.close()
+
+    assert uvloop.run(offer(40)) == "Too many authentication failures"
+    assert len(looked_up) == 6  # max_auth_tries
+    told = [m for m in caplog.messages if "too many keys offered" in m]
+    assert len(told) == 1, caplog.messages
+
+
+def test_what_a_client_sent_is_quoted_short_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """An exec request or a subsystem's name is as long as an SSH packet (256 KiB), and each
+    byte that is not UTF-8 is six characters quoted: a line of the log quotes 200 of them."""
+    caplog.set_level(logging.INFO, "kilnproxy")
+    line = "git-upload-pack '" + "\udcff" * 250_000
+
+    async def body() -> None:
+        rig = Rig(website())
+        assert not rig.relay.subsystem_requested("sftp" * 60_000)
+        rig.start(line)
+        await settle()
+        assert rig.chan.sent[-1] == ("exit", 128)
+        assert len(asyncio.all_tasks()) == 1  # this one: the opening has ended
+        rig.relay.connection_lost(None)
+
+    asyncio.run(body())
+    subsystem, command = caplog.messages
+    assert subsystem.startswith("refused subsystem 'sftpsftp") and len(subsystem) < 300
+    assert subsystem.endswith("... (240000 characters)")
+    assert command.startswith("bad command \"git-upload-pack '\\udcff") and len(command) < 1300
+    assert command.endswith("... (250017 characters): command too long")

@@ -199,3 +199,31 @@ def test_an_rsa_host_key_signs_each_exchange_with_the_algorithm_it_negotiated(
         return [SSHPacket(key.sign(b"exchange hash")).get_string() for key in keys if key]
 
     assert uvloop.run(signed()) == [b"rsa-sha2-512", b"rsa-sha2-256"]
+
+
+class Keytab:
+    """What python-gssapi and a readable host keytab would give asyncssh: a GSS server."""
+
+    def __init__(self, host: str, store: object) -> None:
+        self.host = host
+        self.mechs = [b"\x06\x09*\x86H\x86\xf7\x12\x01\x02\x02"]  # Kerberos 5
+        self.complete = False
+
+    def reset(self) -> None:
+        pass
+
+
+def test_a_host_with_a_keytab_still_offers_public_keys_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 3: public key only, whatever the host has: asyncssh offers GSSAPI login and key
+    exchange wherever gssapi imports and a keytab is readable, unless told not to."""
+    monkeypatch.setattr(asyncssh.connection, "GSSServer", Keytab)
+    keys = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
+    options = server.server_options(from_mapping({}, tmp_path), keys)
+
+    async def offered() -> tuple[bool, bool, bool]:
+        conn = server._Connection(asyncio.get_running_loop(), options)
+        return conn._gss is not None, conn.gss_mic_auth_supported(), conn._gss_kex
+
+    assert uvloop.run(offered()) == (False, False, False)
