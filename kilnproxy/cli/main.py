@@ -29,6 +29,11 @@ T = TypeVar("T")
 # An admin command's whole conversation with the directory, in `[timeouts] dial`s: a database
 # that accepts connections and never answers (stopped, or wedged) must not hang an operator.
 ADMIN_DIALS = 6
+# `serve`'s schema check (one connection, two statements): two dials, and well within
+# systemd's TimeoutStartSec (60 s) whatever the dial, or a database that answers nothing would
+# have the host killed and started again in a loop, instead of started to wait for it.
+SERVE_CHECK_DIALS = 2
+SERVE_CHECK_MOST = 30.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -133,15 +138,15 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from kilnproxy.ssh.server import ensure_host_keys, serving_options
     from master.arbiter import HELD_SIGNALS, serve
 
-    # Until the master's handlers are in place (checking the directory alone may take a
-    # minute), a log rotation's USR1, a HUP or a TTIN/TTOU must neither end nor stop it
+    # Until the master's handlers are in place (checking the directory alone may take
+    # 30 s), a log rotation's USR1, a HUP or a TTIN/TTOU must neither end nor stop it
     # (their default actions): they wait, blocked, and are acted on once it runs.
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     # Before anything starts: a schema this kilnproxy does not speak is one line, exit 2. A
     # database that is down is no reason not to start: sessions are refused until it is back.
     try:
         _within(
-            ADMIN_DIALS * config.timeouts.dial,
+            min(SERVE_CHECK_DIALS * config.timeouts.dial, SERVE_CHECK_MOST),
             config,
             lambda: check_schema(config.directory.url, config.home, config.timeouts.dial),
         )

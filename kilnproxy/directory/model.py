@@ -23,7 +23,8 @@ def check_name(kind: str, name: str) -> str:
 
 
 class DirectoryUnreachable(OperatorError):
-    """The admin side could not connect to the directory's database. An admin command stops
+    """The admin side could not connect to the directory's database, or lost it (the server
+    shut down, ran out of connections). An admin command stops
     (one line, exit 2); `serve` starts anyway, so that a host booted during a database outage
     serves as soon as the database is back, without an operator."""
 

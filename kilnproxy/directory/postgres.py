@@ -43,6 +43,12 @@ def describe(exc: BaseException, url: str) -> str:
     return scrub(" ".join(lines) or type(exc).__name__, url)
 
 
+# SQLSTATE classes of a server going or gone, not of a statement: a connection lost or refused
+# (08), the server shutting down or starting, or the database dropped (57P), out of
+# connections or memory (53). `serve` starts in spite of them, as of a database it cannot reach.
+OUTAGES = ("08", "57P", "53")
+
+
 # TCP keepalives where the URL sets none: a pooled connection that a firewall or NAT dropped
 # while it sat idle is found (and an idle one kept alive through them) instead of hanging the
 # next lookup on it until its deadline.
@@ -52,18 +58,32 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
 
 def connection_string(url: str, timeout: float) -> str:
     """The URL as libpq reads it, plus our defaults where neither it nor PG* sets them: a
-    connect timeout (the lookup timeout), TCP keepalives and an application name for
-    pg_stat_activity."""
+    connect timeout (the lookup timeout, shared among the addresses tried), TCP
+    keepalives and an application name for pg_stat_activity; and text always as UTF-8."""
     try:
         given = libpq.conninfo_to_dict(url)
     except psycopg.Error as exc:
         raise OperatorError(f"[directory] url: {describe(exc, url)}") from None
     extra: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
-    if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
-        extra["connect_timeout"] = max(2, math.ceil(timeout))  # libpq's floor is 2 s
+    if our_connect_timeout(given):
+        extra["connect_timeout"] = connect_timeout(timeout, 1)
     if "application_name" not in given and "PGAPPNAME" not in os.environ:
         extra["application_name"] = "kilnproxy"
+    # psycopg gives bytes for text from a SQL_ASCII database (initdb's default under the C
+    # locale, which createdb copies): asked for UTF-8, the server sends names as they were
+    # written, and psycopg reads them as text.
+    extra["client_encoding"] = "UTF8"
     return libpq.make_conninfo(url, **extra)
+
+
+def our_connect_timeout(given: dict[str, Any]) -> bool:
+    """Neither the URL nor PGCONNECT_TIMEOUT sets a connect timeout: it is ours to set."""
+    return "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ
+
+
+def connect_timeout(timeout: float, attempts: int) -> int:
+    """Each attempt's share of `timeout`, in libpq's whole seconds (2 at least, its floor)."""
+    return max(2, math.ceil(timeout / attempts))
 
 
 class PostgresAdmin:
@@ -82,7 +102,10 @@ class PostgresAdmin:
         except psycopg.errors.IntegrityError:
             raise Conflict() from None
         except psycopg.Error as exc:
-            raise OperatorError(f"directory error: {describe(exc, self._url)}") from None
+            detail = describe(exc, self._url)
+            if self._conn.broken or (exc.sqlstate or "").startswith(OUTAGES):
+                raise DirectoryUnreachable(f"directory error: {detail}") from None
+            raise OperatorError(f"directory error: {detail}") from None
 
     def one(self, statement: str, params: Params) -> Row | None:
         with self._operator_errors():
@@ -150,6 +173,8 @@ class PostgresDirectory(DirectoryStore):
     ) -> None:
         self._url = url
         self._conninfo = connection_string(url, timeout)
+        self._timeout = timeout
+        self._timeout_ours = our_connect_timeout(libpq.conninfo_to_dict(url))
         self._prepare = prepare
         lookups = LookupPool(self._connect_lookups, pool_size, timeout, self._describe)
         seed = seed_local_backend(default_local_base)
@@ -158,16 +183,34 @@ class PostgresDirectory(DirectoryStore):
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._url)
 
+    def _sharing(self, attempts: int) -> str:
+        """The connection string with our connect timeout shared among psycopg's `attempts`
+        (one per address of each host). psycopg gives each attempt the whole of it, in turn:
+        were it the lookup's, a first host that answers nothing (the old primary, powered off)
+        would use all of it, and no lookup would ever reach the next one."""
+        if attempts < 2:
+            return self._conninfo
+        share = connect_timeout(self._timeout, attempts)
+        return libpq.make_conninfo(self._conninfo, connect_timeout=share)
+
     async def _connect_lookups(self) -> psycopg.AsyncConnection[Any]:
+        conninfo = self._conninfo
+        if self._timeout_ours:
+            params = libpq.conninfo_to_dict(conninfo)
+            conninfo = self._sharing(len(await libpq.conninfo_attempts_async(params)))
         # prepare_threshold=None: never a named prepared statement, so that a lookup is always
         # one round trip and the store works behind PgBouncer's transaction pooling too.
         return await psycopg.AsyncConnection.connect(
-            self._conninfo, autocommit=True, prepare_threshold=None
+            conninfo, autocommit=True, prepare_threshold=None
         )
 
     def _connect_admin(self) -> PostgresAdmin:
         try:
-            conn = psycopg.Connection.connect(self._conninfo, autocommit=True)
+            conninfo = self._conninfo
+            if self._timeout_ours:
+                params = libpq.conninfo_to_dict(conninfo)
+                conninfo = self._sharing(len(libpq.conninfo_attempts(params)))
+            conn = psycopg.Connection.connect(conninfo, autocommit=True)
         except psycopg.Error as exc:
             detail = self._describe(exc)
             raise DirectoryUnreachable(f"cannot reach directory {self.where}: {detail}") from None

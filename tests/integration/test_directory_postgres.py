@@ -11,7 +11,10 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,3 +269,89 @@ def test_a_connection_idle_too_long_is_not_used(
     asyncio.run(scenario())
     assert "keepalives_idle=30" in connection_string("postgresql://k@db/k", 2.5)
     assert "keepalives_idle=5" in connection_string("postgresql://k@db/k?keepalives_idle=5", 2.5)
+
+
+def test_a_first_host_that_answers_nothing_leaves_the_next_one_time(
+    pg_cluster: Cluster, pg_url: str, tmp_path: Path
+) -> None:
+    """A URL naming two hosts, the first one accepting connections and answering nothing (an
+    old primary that froze): libpq gives each host the whole connect timeout in turn, so the
+    hosts share the lookup's, and every lookup still reaches the second."""
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # the kernel accepts; nobody answers
+        live = f"127.0.0.1:{pg_cluster.port}"
+        url = pg_url.replace(live, f"127.0.0.1:{mute.getsockname()[1]},{live}")
+        directory = open_directory(url, tmp_path, timeout=4.0, pool_size=1)
+        try:
+            directory.add_account("aviato")
+            directory.add_user("aviato", "alice", Role.WRITE)
+            directory.add_key(
+                "aviato", "alice", "laptop", PublicKey("ssh-ed25519", FINGERPRINT, "x")
+            )
+            found, took = asyncio.run(lookup(directory))
+        finally:
+            directory.close()
+    assert found is not None and found.user == "alice"
+    assert 1.5 < took < 4.0, took  # the first host's share of the timeout, then the second
+
+
+def test_a_sql_ascii_database_gives_names_as_text(pg_cluster: Cluster, tmp_path: Path) -> None:
+    """initdb under the C locale makes SQL_ASCII databases, and createdb copies it: psycopg
+    reads their text as bytes, unless the connection asks for UTF-8."""
+    name = f"kp_ascii_{secrets.token_hex(4)}"
+    with pg_cluster.admin() as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} OWNER kilnproxy ENCODING 'SQL_ASCII' TEMPLATE template0 "
+            "LOCALE_PROVIDER libc LOCALE 'C'".encode()
+        )
+    directory = open_directory(pg_cluster.url(name), tmp_path, timeout=4.0, pool_size=1)
+    try:
+        directory.add_account("aviato")
+        directory.add_user("aviato", "alice", Role.WRITE)
+        directory.add_key(
+            "aviato", "alice", "clé ünicode", PublicKey("ssh-ed25519", FINGERPRINT, "x")
+        )
+        (row,) = directory.list_keys()
+        found, _ = asyncio.run(lookup(directory))
+    finally:
+        directory.close()
+    assert row.name == "clé ünicode"
+    assert found == Identity("aviato", "alice", Role.WRITE, "clé ünicode", FINGERPRINT)
+
+
+def test_a_connection_lost_during_the_schema_check_is_an_outage(
+    pg_cluster: Cluster, pg_url: str, tmp_path: Path
+) -> None:
+    """A database restarting under `serve`'s schema check (its connection terminated) is an
+    outage, which serve starts in spite of, not a wrong schema, which it refuses (exit 2,
+    which systemd does not restart)."""
+    from kilnproxy.directory import check_schema
+    from kilnproxy.directory.model import DirectoryUnreachable
+
+    check_schema(pg_url, tmp_path)  # installs it
+    outcome: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            check_schema(pg_url, tmp_path)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(pg_url, autocommit=True) as held, held.transaction():
+        held.execute("LOCK TABLE schema_version IN ACCESS EXCLUSIVE MODE")
+        checking = threading.Thread(target=check)
+        checking.start()
+        with pg_cluster.admin() as admin:
+            for _ in range(100):
+                waiting = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'kilnproxy' "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchall()
+                if waiting:
+                    break
+                time.sleep(0.05)
+            assert len(waiting) == 1
+            admin.execute("SELECT pg_terminate_backend(%s)", waiting[0])
+        checking.join(10)
+    (raised,) = outcome
+    assert type(raised) is DirectoryUnreachable, raised
+    assert str(raised).startswith("directory error: terminating connection")
