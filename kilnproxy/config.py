@@ -798,7 +798,12 @@ def with_reference(readme: str) -> str:
 
 def home_from_env(environ: dict[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
-    return Path(env.get("KILNPROXY_HOME") or "var").absolute()
+    home = Path(env.get("KILNPROXY_HOME") or "var").absolute()
+    try:  # its paths are written into the directory (the local backend's base) as text
+        str(home).encode()
+    except UnicodeEncodeError:
+        raise OperatorError(f"KILNPROXY_HOME {os.fsencode(home)!r} is not UTF-8") from None
+    return home
 
 
 def config_path(explicit: str | None, home: Path) -> Path | None:

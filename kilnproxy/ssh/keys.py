@@ -82,7 +82,7 @@ def key_text(text: str) -> str:
     would take the first of several keys and pass over the rest: one is all there may be."""
     if any(mark in text for mark in PRIVATE_KEY_MARKS):
         raise OperatorError("this is a private key: give the public one (its .pub file)")
-    text = text.strip()
+    text = text.removeprefix("\ufeff").strip()  # a byte order mark: saved by Windows' Notepad
     blocks = text.count(RFC4716_BEGIN)
     if blocks == 1 and text.startswith(RFC4716_BEGIN) and text.endswith(RFC4716_END):
         return text

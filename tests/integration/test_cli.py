@@ -340,6 +340,11 @@ def test_keys_as_people_paste_them(cli: tuple[Path, dict[str, str]], tmp_path: P
     listed = kp(env, "keys", "list", "a/u").stdout.decode()
     fingerprint = run(["ssh-keygen", "-l", "-f", f"{key}.pub"]).stdout.split()[1].decode()
     assert fingerprint in listed and "putty" in listed
+    notepad = tmp_path / "notepad.pub"  # Windows' Notepad: a byte order mark, CRLF
+    saved = Path(f"{keygen(tmp_path / 'windows')}.pub").read_bytes()
+    notepad.write_bytes("\ufeff".encode() + saved.replace(b"\n", b"\r\n"))
+    added = kp(env, "keys", "add", "a/u", "notepad", "--file", str(notepad))
+    assert added.returncode == 0, added.stderr
     public = Path(f"{key}.pub").read_bytes()
     for given, message in [
         (b'no-pty,command="git-shell" ' + public, "the key comes after authorized_keys options "

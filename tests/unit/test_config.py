@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 
@@ -285,6 +286,14 @@ def test_a_file_saved_with_a_bom_or_behind_a_closed_door(
     monkeypatch.setattr(Path, "exists", denied)
     with pytest.raises(OperatorError, match=r"cannot read config .*kilnproxy.toml: Permission"):
         load(None, {"KILNPROXY_HOME": str(tmp_path)})
+
+
+def test_a_home_whose_name_is_not_utf8_is_one_line() -> None:
+    """Its paths go into the directory as text (the local backend's base): not an internal
+    error at the first admin command."""
+    with pytest.raises(OperatorError) as refused:
+        load(None, {"KILNPROXY_HOME": os.fsdecode(b"/srv/h\xffme")})
+    assert str(refused.value) == "KILNPROXY_HOME b'/srv/h\\xffme' is not UTF-8"
 
 
 def test_auto_workers_are_one_per_cpu_this_process_may_run_on(
