@@ -10,6 +10,7 @@ and each key exchange: counted, with the fast path off as a control.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -209,7 +210,11 @@ class CorruptingProxy:
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket, flip_at: int | None) -> None:
+        """Once the sink is gone, what the source sends is read and dropped until it stops: a
+        socket closed with bytes unread resets its connection, and the client's ssh could
+        then fail a write ("Broken pipe") before it reads why the server hung up."""
         seen = 0
+        sinking = True
         try:
             while data := source.recv(1 << 16):
                 if flip_at is not None and seen <= flip_at < seen + len(data):
@@ -217,10 +222,15 @@ class CorruptingProxy:
                     flipped[flip_at - seen] ^= 1
                     data = bytes(flipped)
                 seen += len(data)
-                sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
+                if sinking:
+                    try:
+                        sink.sendall(data)
+                    except OSError:  # the other side hung up: the session is over
+                        sinking = False
         except OSError:
-            pass  # the other side hung up: the session is over
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 @pytest.mark.parametrize(("cipher", "mac"), [(GCM[0], ""), (CHACHA, ""), (CTR[0], ETM_MACS[2])])
