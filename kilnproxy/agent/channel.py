@@ -90,6 +90,8 @@ class Channel:
             if verb is Verb.RECEIVE_PACK and request.env.get("KILNPROXY_ACCESS") != "write":
                 raise Refused("git-receive-pack without KILNPROXY_ACCESS=write")  # as a proxy
             path = await CHECKS.served(base, request.path)
+            if self.closed:  # the proxy gave up while the path was checked: nothing to start
+                return
             self.stream = await start_command(verb, path, request.env, hook_rc, request.repo, self)
         except (Refused, BackendError) as exc:
             detail = exc.detail if isinstance(exc, BackendError) else str(exc)
@@ -109,6 +111,8 @@ class Channel:
         self.wire.send(count_frame(Kind.CREDIT, self.number, self._window))
 
     def _refuse(self, detail: str) -> None:
+        if self.closed:  # its number may be another's by now (a proxy's bug): not refused
+            return
         self.wire.send(frame(Kind.REFUSED, self.number, detail.encode()))
         self.wire.forget(self.number)
 

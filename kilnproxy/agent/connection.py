@@ -29,6 +29,7 @@ from kilnproxy.errors import client_line
 
 log = logging.getLogger("kilnproxy.agent")
 INTERNAL_ERROR_STATUS = 1  # as the proxy's own internal error (SPEC 3)
+REPLIES_HELD = 8 << 20  # bytes waiting for a proxy, past which it is not read (see below)
 
 
 class Host(Protocol):
@@ -56,6 +57,7 @@ class ProxyConnection(FrameConnection[Channel]):
         self.host = host
         self.peer = peer
         self.draining = False  # the proxy was told
+        self._replies_held = False  # reading paused: what we send waits, past REPLIES_HELD
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cert = transport.get_extra_info("peercert") or {}
@@ -65,6 +67,25 @@ class ProxyConnection(FrameConnection[Channel]):
 
     def protocol_error(self, error: FrameError) -> None:
         log.warning("proxy %s: protocol error, closing: %s", self.peer, error)
+
+    # Each PING is answered and each OPEN refused, whether the proxy reads the answers or not:
+    # past REPLIES_HELD bytes waiting for it, what it sends is read no more, until they are
+    # down to the write buffer's low mark. Well above what the channels' output puts there
+    # (each stops at the buffer's high mark, give or take a pipe read), so that a proxy that
+    # reads is never held up; only one that misbehaves meets it.
+
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > REPLIES_HELD:
+            transport.pause_reading()
+            self._replies_held = True
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._replies_held and self.transport is not None:
+            self._replies_held = False
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         connected = self.transport is not None

@@ -47,6 +47,7 @@ HANDSHAKE_LINES = 20  # failed handshakes logged a minute; the rest are counted 
 DRAIN_EXPIRED = "storage server is stopping and the drain timeout expired"
 STOPPING = "storage server is shutting down"
 BIND_PATIENCE = 30.0  # seconds an address that is not up yet, or still held, is tried again
+USER_TIMEOUT_MS = 90_000  # sent data unacknowledged this long: the proxy host is gone
 _NOT_YET = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
 
 
@@ -75,10 +76,13 @@ class _Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp = cast(asyncio.Transport, transport)
         # A proxy host that vanishes without a word must not leave its commands waiting for
-        # credit forever: the kernel asks after a silent minute, and gives up 30 s later.
+        # credit forever: the kernel asks after a silent minute, and gives up 30 s later. That
+        # is for a connection with nothing unacknowledged: one that was sending (a clone) is
+        # retransmitted to for 15 minutes and more, unless the user timeout gives up sooner.
         sock = tcp.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3),
+                              ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):  # fmt: skip
             if hasattr(socket, option):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         # The ClientHello is for start_tls, not for us. (asyncio starts reading after this
@@ -165,13 +169,13 @@ class Agent:
     def start(self, channel: Channel) -> None:
         task = self._spawn(channel.start(self.base, self.hook_rc))
         self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
-        task.add_done_callback(lambda _: self._follow(channel))
+        task.add_done_callback(lambda _: self._follow(task, channel))
 
-    def _follow(self, channel: Channel) -> None:
+    def _follow(self, start: asyncio.Task[None], channel: Channel) -> None:
         """Keep its command in `_commands` until it has exited, however its channel ends: one
         aborted as its connection went (SIGTERM, SIGKILL after a grace on this loop) is waited
-        for before the agent exits."""
+        for before the agent exits, and counts against max_commands until then."""
+        self._starting.discard(start)
         stream = channel.stream
         if stream is not None:
             self._commands.add(stream)
@@ -342,7 +346,11 @@ class Agent:
             self._stop.set()
 
     def _running(self) -> int:
-        return sum(len(conn.channels) for conn in self.connections)
+        """Commands starting, or started and not exited. What runs, not what has a channel:
+        the proxy closes a channel whose command is slow to start (its dial timeout), and an
+        aborted command takes its grace to exit; counted by channels, an agent slow to start
+        commands would run more the slower it got."""
+        return len(self._starting) + len(self._commands)
 
     async def _finish(self) -> None:
         try:

@@ -37,6 +37,10 @@ from kilnproxy.errors import BackendError
 
 log = logging.getLogger("kilnproxy.backend")
 KEEPALIVE_COUNT = 3  # unanswered pings before a connection is given up
+# What an agent may send past the credit it was given: the command's stdout and stderr are each
+# read once more as it runs out (256 KiB at most), and a cut adds its line. Twice that: beyond
+# it, the agent is broken, and what it sends would pile up here and in asyncssh without bound.
+OUTPUT_OVERSHOOT = 1 << 20
 
 
 def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -182,12 +186,16 @@ class AgentStream:
         self._input_flow = FlowSwitch()  # the relay was told to stop reading the client
         self._output_paused = False
         self._owed = 0  # output bytes passed on, not yet granted back
+        self._output_room = window  # output the agent may still send: the credit it was given
 
     # -- frames from the agent -------------------------------------------------------------------
 
     def received(self, each: Frame) -> None:
         sink = self.sink
         if each.kind is Kind.STDOUT or each.kind is Kind.STDERR:
+            self._output_room -= len(each.payload)
+            if self._output_room < -OUTPUT_OVERSHOOT:  # held here, and by asyncssh, unbounded
+                raise FrameError(f"{each.kind.name} beyond its credit on channel {self.channel}")
             if sink is not None:
                 if each.kind is Kind.STDOUT:
                     sink.backend_stdout(each.payload)
@@ -268,6 +276,7 @@ class AgentStream:
         # never runs dry while the relay keeps up.
         if not self._output_paused and self._owed >= self._window // 4 and self._link:
             self.conn.send(count_frame(Kind.CREDIT, self.channel, self._owed))
+            self._output_room += self._owed
             self._owed = 0
 
     # -- BackendStream ---------------------------------------------------------------------------

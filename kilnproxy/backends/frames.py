@@ -98,7 +98,7 @@ class OpenRequest:
     def decode(cls, payload: bytes) -> OpenRequest:
         try:
             raw = json.loads(payload)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # [[[[...: too deep
             raise FrameError(f"OPEN is not JSON: {exc}") from None
         strings = ("session", "repo", "verb", "path")
         if (

@@ -270,9 +270,11 @@ class Pool(Generic[C]):
             return
         finally:
             link.dial_task = None
-        if link.state is not LinkState.DIALING:  # lost, or retired, during the handshake
-            if link.state is LinkState.CLOSED:
-                link.conn = None  # lost before it was ours: as `Link.lost`
+        if link.state is not LinkState.DIALING:  # lost, retired or closed during the handshake
+            if link.state is LinkState.CLOSED:  # as `Link.lost`; and the pool's: closed with it
+                conn, link.conn = link.conn, None
+                if conn is not None:
+                    conn.close()  # (a connection already lost closes again: nothing)
             link.ready.set_result(None)
             return
         link.state = LinkState.OPEN
@@ -290,8 +292,10 @@ class Pool(Generic[C]):
 
     async def close(self) -> None:
         for link in list(self.links):
-            if link.conn is not None:
-                link.conn.close()
+            conn = link.conn
+            self.drop(link)  # ours: the connection's loss will find it gone, and not warn
+            if conn is not None:
+                conn.close()
         self.links.clear()
 
     def statistics(self) -> dict[str, int]:

@@ -357,17 +357,24 @@ def test_a_draining_agent_says_so_and_refuses_new_channels(site: Site) -> None:
                        r"the agent is draining")  # fmt: skip
 
 
+def capped_agent(site: Site, backend: str, session: str) -> tuple[Agent, OpenRequest]:
+    """A started agent that runs one command at a time, added as `backend`, with a repository
+    of its own; and the OPEN of an upload-pack of that repository, for `session`."""
+    agent = Agent(site.root / backend, site.pki, settings="max_commands = 1\n")
+    site.agents.append(agent)
+    agent.start()
+    site.cli("backends", "add", backend, agent.url)
+    repo = f"aviato/on-{backend}"
+    path = str(site.repo(agent, backend, repo))
+    env = {"KILNPROXY_SESSION": session}
+    return agent, OpenRequest(session, repo, "git-upload-pack", path, env, 65536)
+
+
 def test_commands_beyond_max_commands_are_refused_until_one_ends(site: Site) -> None:
     """The agent's own cap, over all its connections: a proxy with a good certificate (a bug,
     or one in the wrong hands) cannot start more commands at once than the storage server is
     set to run. The one beyond is REFUSED and logged; once a command ends, the next one runs."""
-    agent = Agent(site.root / "capped", site.pki, settings="max_commands = 1\n")
-    site.agents.append(agent)
-    agent.start()
-    site.cli("backends", "add", "capped", agent.url)
-    path = str(site.repo(agent, "capped", "aviato/on-capped"))
-    env = {"KILNPROXY_SESSION": "c0ffee00"}
-    upload = OpenRequest("c0ffee00", "aviato/on-capped", "git-upload-pack", path, env, 65536)
+    agent, upload = capped_agent(site, "capped", "c0ffee00")
     with (
         contextlib.closing(tls_to(site, agent)) as first,
         contextlib.closing(tls_to(site, agent)) as second,
@@ -387,6 +394,59 @@ def test_commands_beyond_max_commands_are_refused_until_one_ends(site: Site) -> 
         other.wait_for(Kind.STDOUT, 3)  # room again: it runs
     agent.wait_for_log(r"\[c0ffee00\] refused git-upload-pack \(repo aviato/on-capped\): "
                        r"busy: 1 command\(s\) running, \[agent\] max_commands = 1")  # fmt: skip
+
+
+def test_commands_closed_as_they_start_still_count_until_they_exit(site: Site) -> None:
+    """A proxy closes a channel whose command is slow to start (its dial timeout), and an
+    aborted command takes its grace to exit: the cap counts commands started and not exited,
+    not open channels, or an agent slow to start commands would run more the slower it got."""
+    agent, upload = capped_agent(site, "slow-capped", "c0ffee01")
+    burst = b"".join(upload.encode(n) + frame(Kind.CLOSE, n) for n in range(1, 21, 2))
+    with contextlib.closing(tls_to(site, agent)) as tls:
+        answers = Answers(tls)
+        tls.sendall(burst)  # ten opened and closed at once: the first one starts
+        answers.wait_for(Kind.REFUSED, 19)
+        refused = [a.channel for a in answers.frames if a.kind is Kind.REFUSED]
+        assert refused == list(range(3, 21, 2))
+        deadline = time.monotonic() + 10
+        while True:  # room again once the first has exited
+            tls.sendall(upload.encode(99))
+            answers.wait_for_any(99)
+            if answers.frames[-1].kind is not Kind.REFUSED:
+                break
+            answers.frames.clear()
+            assert time.monotonic() < deadline, "the aborted command never made room"
+            time.sleep(0.1)
+        tls.sendall(frame(Kind.STDIN, 99, b"0000") + frame(Kind.STDIN_EOF, 99))
+        answers.wait_for(Kind.EXIT, 99)
+        answers.frames.clear()
+        tls.sendall(upload.encode(101))
+        answers.wait_for(Kind.STDOUT, 101)  # the advertisement: it runs
+        # Closed, then another asked for in the same read: the first is aborted, and has yet
+        # to exit (the agent hears so on a later pass of its loop).
+        tls.sendall(frame(Kind.CLOSE, 101) + upload.encode(103))
+        answers.wait_for_any(103)
+        assert [a.kind for a in answers.frames if a.channel == 103] == [Kind.REFUSED]
+    # The first was closed before its path was checked: it never started. 99 and 101 did.
+    assert len(re.findall(r"started git-upload-pack", agent.log())) == 2
+
+
+def test_a_channel_number_used_again_keeps_its_command(site: Site) -> None:
+    """A channel refused after its proxy closed it says nothing: its number may be another
+    channel's by then, which goes on (and is aborted with its connection, not left running)."""
+    agent = site.agent("renumbered")
+    path = str(site.repo(agent, "renumbered", "aviato/on-renumbered"))
+    env = {"KILNPROXY_SESSION": "c0ffee02"}
+    missing = OpenRequest("c0ffee02", "aviato/on-renumbered", "git-upload-pack",
+                          str(agent.base / "nowhere.git"), env, 65536)  # fmt: skip
+    upload = OpenRequest("c0ffee02", "aviato/on-renumbered", "git-upload-pack", path, env, 65536)
+    with contextlib.closing(tls_to(site, agent)) as tls:
+        answers = Answers(tls)
+        tls.sendall(missing.encode(5) + frame(Kind.CLOSE, 5) + upload.encode(5))
+        answers.wait_for(Kind.STDOUT, 5)  # the advertisement: the second one runs
+        assert Kind.REFUSED not in [a.kind for a in answers.frames]
+    agent.wait_for_log(r"\[c0ffee02\] aborting git-upload-pack \(repo aviato/on-renumbered\): "
+                       r"connection from .* lost")  # fmt: skip
 
 
 def test_the_start_line_names_the_port_the_system_chose(site: Site) -> None:
@@ -411,6 +471,13 @@ class Answers:
         while not any(a.kind is kind and a.channel == channel for a in self.frames):
             data = self.tls.recv(65536)
             assert data, f"closed before {kind.name} on {channel}: {self.frames}"
+            self.frames += read_frames(self.reader, data)
+
+    def wait_for_any(self, channel: int) -> None:
+        """Until a frame of `channel` has come."""
+        while not any(a.channel == channel for a in self.frames):
+            data = self.tls.recv(65536)
+            assert data, f"closed before anything on {channel}: {self.frames}"
             self.frames += read_frames(self.reader, data)
 
     def wait_for_close(self) -> None:

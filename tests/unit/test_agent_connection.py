@@ -10,16 +10,19 @@ after its TLS handshake; a connection whose sessions all left while it was diall
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from agent import Pki, read_frames
 from sinks import RecordingSink
 
-from kilnproxy.agent.server import server_context
+from kilnproxy.agent.connection import ProxyConnection
+from kilnproxy.agent.server import _Handshake, server_context
 from kilnproxy.backends.agent import (
+    OUTPUT_OVERSHOOT,
     AgentBackend,
     AgentConnection,
     AgentLink,
@@ -31,6 +34,7 @@ from kilnproxy.backends.agent import (
 from kilnproxy.backends.base import BackendRequest
 from kilnproxy.backends.frames import (
     CONTROL,
+    MAX_PAYLOAD,
     FrameReader,
     Kind,
     OpenRequest,
@@ -454,3 +458,148 @@ def test_an_exit_before_any_credit_fails_the_open_at_once() -> None:
         await asyncio.sleep(0)  # the connection's loss is reported on the next turn
 
     asyncio.run(body())
+
+
+def test_a_pool_closed_with_the_worker_warns_of_no_lost_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its connections go because it closes them: no "connection lost" warning for each at
+    every worker's exit."""
+
+    async def body() -> None:
+        storage = Storage(draining=0)
+        pool = storage.pool()
+        link = await pool.acquire("aviato/website")
+        pool.release(link)
+        await pool.close()
+        (agent,) = storage.agents
+        await asyncio.sleep(0.05)  # the connection's loss comes a pass later
+        assert agent.transport is not None and agent.transport.is_closing()
+
+    asyncio.run(body())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class Transport:
+    """What a connection asks of its transport: it writes into a buffer nobody drains."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.buffered = 0
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name: str) -> object:
+        return None  # no peer certificate: the log names it "?"
+
+
+def test_an_agent_reads_no_more_from_a_proxy_that_reads_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each PING is answered, whether the proxy reads the answers or not: past REPLIES_HELD
+    bytes waiting for it, the agent reads no more of what it sends, so that its memory is
+    bounded by that, not by the proxy. A buffer past its high mark with the channels' output
+    holds nothing up: a proxy that reads has its frames read."""
+
+    class Host:
+        base = Path("/srv")
+        hook_rc = Path("/nonexistent")
+        window = WINDOW
+        draining = False
+
+    held = 64 << 10  # REPLIES_HELD, smaller: the same, with fewer frames to read
+    monkeypatch.setattr("kilnproxy.agent.connection.REPLIES_HELD", held)
+    conn = ProxyConnection(cast(Any, Host()), "192.0.2.7:40000")
+    transport = Transport()
+    conn.connection_made(cast(asyncio.Transport, transport))
+
+    def receive(data: bytes) -> None:
+        while data:
+            area = conn.get_buffer(len(data))
+            taken = min(len(area), len(data))
+            area[:taken] = data[:taken]
+            conn.buffer_updated(taken)
+            data = data[taken:]
+
+    transport.buffered = held // 2  # the channels' output, past the buffer's high mark
+    conn.pause_writing()
+    receive(frame(Kind.PING, CONTROL) * 1000)
+    assert transport.reading and transport.buffered == held // 2 + 9000  # each answered
+    receive(frame(Kind.PING, CONTROL) * (held // 9))
+    assert not transport.reading
+    transport.buffered = 0
+    conn.resume_writing()
+    assert transport.reading
+
+
+def test_the_agent_gives_up_on_a_proxy_host_gone_while_it_sent(tmp_path: Path) -> None:
+    """Keepalives are not sent while data waits to be acknowledged: a proxy host gone during a
+    clone would be retransmitted to for 15 minutes and more, its command running, without a
+    user timeout on the accepted socket."""
+    accepted: list[asyncio.Transport] = []
+    handed = asyncio.Event()
+
+    class Agent:
+        def handshake(self, transport: asyncio.Transport) -> None:
+            accepted.append(transport)
+            handed.set()
+
+    async def body() -> int:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Handshake(cast(Any, Agent())), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):
+            await handed.wait()
+        sock = accepted[0].get_extra_info("socket")
+        timeout = int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+        writer.close()
+        accepted[0].abort()
+        server.close()
+        return timeout
+
+    assert asyncio.run(body()) == 90_000
+
+
+def test_an_agent_sending_past_its_credit_is_cut_off(caplog: pytest.LogCaptureFixture) -> None:
+    """A relay whose client takes nothing grants an agent no more credit: one that sends all
+    the same (a bug) would pile its output up here, and in asyncssh, without bound. Past the
+    credit and what an agent may send beyond it, its connection is a protocol error."""
+
+    async def body() -> RecordingSink:
+        storage = Storage(draining=0)
+        pool = storage.pool()
+        link = await pool.acquire("aviato/website")
+        sink = RecordingSink()
+        stream = AgentStream(sink, link, "3f9c2a1b", "aviato/website", WINDOW)
+        (agent,) = storage.agents
+        agent.send(count_frame(Kind.CREDIT, stream.channel, WINDOW))  # as if it were opened
+        async with asyncio.timeout(5):
+            await stream.started
+        stream.pause_output()  # the client takes nothing
+        for _ in range(8):  # 2 MiB, past its 64 KiB of credit
+            agent.send(frame(Kind.STDOUT, stream.channel, bytes(MAX_PAYLOAD)))
+        for _ in range(500):
+            if sink.ended:
+                break
+            await asyncio.sleep(0.01)
+        await pool.close()
+        return sink
+
+    sink = asyncio.run(body())
+    assert len(sink.stdout) <= WINDOW + OUTPUT_OVERSHOOT
+    assert sink.ended == ["backend agent1: connection lost (closed)"], sink.ended
+    assert "STDOUT beyond its credit on channel" in caplog.text

@@ -213,6 +213,9 @@ class Transport:
     def abort(self) -> None:
         self.aborted = True
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # the proxy takes what is written at once
+
 
 class BrokenStdin:
     aborted = False

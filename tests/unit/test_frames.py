@@ -94,6 +94,7 @@ def test_pieces_make_the_same_frame_as_their_join() -> None:
         (HEADER.pack(99, 1, 0), "unknown frame kind 99"),
         (HEADER.pack(Kind.STDOUT, 1, MAX_PAYLOAD + 1), "at most"),
         (frame(Kind.OPEN, 1, b"{not json"), "not JSON"),
+        (frame(Kind.OPEN, 1, b"[" * 100_000), "not JSON"),  # deeper than the parser goes
         (frame(Kind.OPEN, 1, b'{"verb": "x"}'), "lacks"),
         (frame(Kind.CREDIT, 1, b"12"), "CREDIT frame of 2 bytes"),
     ],
