@@ -128,6 +128,11 @@ def _v1_port(text: bytes) -> int:
 # -- version 2: a binary block --------------------------------------------------------------------
 
 
+# UNSPEC, then TCP and UDP over IPv4 and IPv6, then AF_UNIX stream and datagram: no other byte is
+# valid, and a receiver drops what presents one (proxy-protocol.txt 2.2).
+_V2_FAMILIES = frozenset({0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32})
+
+
 def _parse_v2(data: bytes) -> ProxyHeader | NeedMore:
     version_command, family_protocol, body_length = _V2_HEAD.unpack_from(data, 12)
     if version_command >> 4 != 2:
@@ -135,8 +140,9 @@ def _parse_v2(data: bytes) -> ProxyHeader | NeedMore:
     command = version_command & 0x0F
     if command not in (0, 1):  # LOCAL, PROXY
         raise ProxyHeaderError(f"v2 header has unknown command {command}")
-    family, protocol = family_protocol >> 4, family_protocol & 0x0F
-    if family > 3 or protocol > 2:
+    family = family_protocol >> 4
+    # A LOCAL header's byte is skipped, whatever it says (proxy-protocol.txt 2.2).
+    if command == 1 and family_protocol not in _V2_FAMILIES:
         raise ProxyHeaderError(f"v2 header has unknown family or protocol {family_protocol:#04x}")
     if body_length > V2_MAX_BODY:
         raise ProxyHeaderError(f"v2 header of {body_length} bytes is over {V2_MAX_BODY}")

@@ -333,18 +333,24 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             if self.state is not RelayState.OPENING:  # cut or closed while we were starting
                 stream.abort()
                 return
-            self._stream = stream
-            self.state = RelayState.RUNNING
-            if self._output_paused:
-                stream.pause_output()
-            for data in self._early:
-                stream.write(data)
-            self._early.clear()
-            if self._eof_pending:
-                stream.write_eof()
-            assert self._chan is not None
-            if not self._input_paused:
-                self._chan.resume_reading()
+            try:  # what the client sent meanwhile reaches the backend from in here
+                self._run(stream)
+            except Exception:
+                self._relay_failed()
+
+    def _run(self, stream: BackendStream) -> None:
+        self._stream = stream
+        self.state = RelayState.RUNNING
+        if self._output_paused:
+            stream.pause_output()
+        for data in self._early:
+            stream.write(data)
+        self._early.clear()
+        if self._eof_pending:
+            stream.write_eof()
+        assert self._chan is not None
+        if not self._input_paused:
+            self._chan.resume_reading()  # asyncssh passes on what it holds, its EOF too
 
     async def _connect(self) -> BackendStream:
         owner, services = self._owner, self._services
@@ -458,6 +464,11 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._to_client.flush()
         self.state = RelayState.EXITING
         self._exit_status = status
+        self._exit_once_flushed(chan, status)
+
+    def _exit_once_flushed(self, chan: Channel, status: int) -> None:
+        """The exit status after every byte before it: asyncssh sends it at once, ahead of
+        what its buffer holds for a client that is behind."""
         if chan.get_write_buffer_size() == 0:
             self._exit(status)
         else:
@@ -465,8 +476,8 @@ class Relay(asyncssh.SSHServerSession[bytes]):
             # With both marks at zero, asyncssh calls resume_writing once the buffer is empty.
             chan.set_write_buffer_limits(high=0, low=0)
             # Nothing takes the client's bytes any more (data_received drops them now). Read
-            # on, or a client that closes its channel instead of reading would never be heard:
-            # asyncssh passes a close on only after what came before it.
+            # on: asyncssh alone passes a close on only after what came before it, so a client
+            # that closes its channel instead of reading would never be heard.
             chan.resume_reading()
 
     def _exit(self, status: int) -> None:
@@ -521,7 +532,10 @@ class Relay(asyncssh.SSHServerSession[bytes]):
         self._exit_status = status
         if self._chan is not None:
             self._write_stderr(line.encode())
-            self._exit_channel(self._chan, status)
+            # Its line, and the output the client has yet to take, before the status (SPEC 3):
+            # a client that stops at the status would not read them. The session hangs up at
+            # the cut's grace on a client that never takes them.
+            self._exit_once_flushed(self._chan, status)
 
     def _stop_opening(self) -> None:
         """A route lookup or a backend dial still under way is moot: cancelled."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.constants import MSG_CHANNEL_CLOSE
 from asyncssh.encryption import get_encryption_algs
 from asyncssh.packet import SSHPacket
 
@@ -178,6 +179,22 @@ class _Channel(asyncssh.SSHServerChannel[bytes]):
         command = packet.get_string()
         packet.check_end()
         return self._start_session(command=command.decode("utf-8", "surrogateescape"))
+
+    def _process_client_close(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        """The client closed its channel: it takes nothing more. asyncssh ends the channel only
+        once it has passed on what the client sent before, which it holds while the relay
+        reads nothing (the command's stdin is full); and the command, blocked on output the
+        client no longer takes, would never read again. So what it holds is dropped, and the
+        channel ends now: its command is aborted as it ends, whatever it was given."""
+        self._process_close(pkttype, pktid, packet)
+        if self._recv_state == "close_pending":
+            self._discard_recv()
+
+    # Dispatched by packet type from this table, not by method name (asyncssh's own is a dict).
+    _packet_handlers = {  # noqa: RUF012
+        **asyncssh.SSHServerChannel._packet_handlers,
+        MSG_CHANNEL_CLOSE: _process_client_close,
+    }
 
 
 class _Connection(asyncssh.SSHServerConnection):

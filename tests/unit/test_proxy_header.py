@@ -141,6 +141,7 @@ def test_v2_proxy_tcp6() -> None:
     [
         v2(0, 0x00, b""),  # LOCAL: a balancer's health check
         v2(0, 0x11, b"\x00" * 12 + b"\x01\x00\x01x"),  # LOCAL whatever the family says
+        v2(0, 0x41, b"\x00" * 12),  # even one no sender may present
         v2(1, 0x00, b"anything"),  # PROXY, UNSPEC
         v2(1, 0x31, b"/run/lb.sock".ljust(216, b"\x00")),  # PROXY, AF_UNIX
     ],
@@ -158,6 +159,10 @@ def test_v2_without_a_client_address(data: bytes) -> None:
         (V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12, "unknown command 2"),
         (V2_SIGNATURE + b"\x21\x41\x00\x0c" + b"\x00" * 12, "unknown family"),
         (V2_SIGNATURE + b"\x21\x13\x00\x0c" + b"\x00" * 12, "unknown family or protocol"),
+        (v2(1, 0x10, b"\x00" * 12), "unknown family or protocol 0x10"),  # IPv4, no protocol
+        (v2(1, 0x20, b"\x00" * 36), "unknown family or protocol 0x20"),
+        (v2(1, 0x01, b""), "unknown family or protocol 0x01"),  # UNSPEC, with a protocol
+        (v2(1, 0x30, b"\x00" * 216), "unknown family or protocol 0x30"),
         (v2(1, 0x11, b"\x00" * 11), "too short for its addresses"),
         (v2(1, 0x21, b"\x00" * 35), "too short for its addresses"),
         (v2(1, 0x11, b"\x00" * 12 + b"\x01\x00"), "truncated TLV"),

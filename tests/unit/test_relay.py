@@ -9,8 +9,9 @@ git, hg and sshd, in tests/integration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -274,13 +275,19 @@ class Rig:
         return self.backend.stream
 
 
-@on_a_loop
-async def test_bytes_before_the_backend_is_up_wait_then_go_first() -> None:
+async def hello_before_the_backend() -> Rig:
+    """An hg session whose client says hello at once, before its backend is up."""
     rig = Rig(website(vcs=Vcs.HG))
     rig.backend.up.clear()
     rig.start("hg -R aviato/website serve --stdio")
     await settle()
     rig.relay.data_received(b"hello\n", None)
+    return rig
+
+
+@on_a_loop
+async def test_bytes_before_the_backend_is_up_wait_then_go_first() -> None:
+    rig = await hello_before_the_backend()
     assert not rig.chan.reading  # one chunk held; asyncssh keeps the rest within the window
     rig.relay.eof_received()
     assert rig.backend.stream.calls == []
@@ -692,18 +699,20 @@ def test_a_client_that_closes_instead_of_reading_is_heard(first: str) -> None:
     asyncio.run(_close_instead_of_reading(first))
 
 
+class EndingOwner(FakeOwner):
+    """An owner that says when its relay has closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = asyncio.Event()
+
+    def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
+        super().relay_closed(relay, stats)
+        self.ended.set()
+
+
 async def _close_instead_of_reading(first: str) -> None:
-
-    class Owner(FakeOwner):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ended = asyncio.Event()
-
-        def relay_closed(self, relay: Relay, stats: RelayStats) -> None:
-            super().relay_closed(relay, stats)
-            self.ended.set()
-
-    owner = Owner()
+    owner = EndingOwner()
     services = Services(FakeDirectory(website()), FakeBackends(FakeBackend()), FakeMetrics(),
                         FakeAdmission())  # fmt: skip
     relay = Relay(owner, services)
@@ -950,3 +959,125 @@ def test_what_a_client_sent_is_quoted_short_in_the_log(caplog: pytest.LogCapture
     assert subsystem.endswith("... (240000 characters)")
     assert command.startswith("bad command \"git-upload-pack '\\udcff") and len(command) < 1300
     assert command.endswith("... (250017 characters): command too long")
+
+
+def test_a_bug_on_what_the_client_sent_before_the_backend_was_up_ends_this_command(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """hg says hello before the backend is up: the relay holds it, and passes it on once the
+    backend is. A bug there ends the command as an internal error, with its session's id in
+    the log, not as a task's exception nobody retrieves, the command left running."""
+
+    async def body() -> None:
+        rig = await hello_before_the_backend()
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError("a bug")
+
+        stream = rig.backend.stream
+        stream.write = broken  # type: ignore[method-assign]
+        rig.backend.up.set()
+        await settle()
+        ended_as_an_internal_error(rig, stream)
+
+    asyncio.run(body())
+    (failure,) = [r for r in caplog.records if r.exc_info]
+    assert failure.message.startswith("internal error while relaying")
+    assert failure.session == SESSION  # type: ignore[attr-defined]
+
+
+class Heard(asyncssh.SSHClientSession[bytes]):
+    """What a client is sent on its channel, in order."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, object]] = []
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        kind = "err" if datatype == asyncssh.EXTENDED_DATA_STDERR else "out"
+        if self.heard and self.heard[-1][0] == kind:
+            data = cast(bytes, self.heard.pop()[1]) + data
+        self.heard.append((kind, data))
+
+    def exit_status_received(self, status: int) -> None:
+        self.heard.append(("exit", status))
+
+
+@contextlib.asynccontextmanager
+async def kilnproxy_channel(relay: Relay) -> AsyncIterator[tuple[Any, Heard]]:
+    """A client's channel to `relay` through kilnproxy's own connection and channel classes
+    (`ssh.server`), with a window of 4 KiB, reading nothing until the test says so."""
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False  # no authentication: the relay is what is tested
+
+        def session_requested(self) -> Relay:
+            return relay
+
+    loop = asyncio.get_running_loop()
+    keys = [asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]]
+    options = await asyncssh.SSHServerConnectionOptions.construct(
+        server.server_options(from_mapping({}, Path("/nonexistent")), keys),
+        server_factory=Server,
+    )
+    listener = await loop.create_server(lambda: server._Connection(loop, options), "127.0.0.1", 0)
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1", listener.sockets[0].getsockname()[1], username="git",
+            known_hosts=None, config=None, agent_path=None, client_keys=None,
+        ) as client:  # fmt: skip
+            chan, session = await client.create_session(Heard, UPLOAD, encoding=None, window=4096)
+            chan.pause_reading()
+            for _ in range(200):
+                if relay.state is RelayState.RUNNING:
+                    break
+                await asyncio.sleep(0.01)
+            assert relay.state is RelayState.RUNNING
+            yield chan, cast(Heard, session)
+    finally:
+        listener.close()
+
+
+@on_a_loop
+async def test_a_client_that_closes_its_channel_with_both_ways_full_ends_its_session() -> None:
+    """The client's window is full (the command's output paused) and the command's stdin too
+    (the client's last bytes held): a close must end the session now, not at the idle timeout.
+    asyncssh ends a channel only once it has passed on what the client sent before closing
+    it, and the command, its output paused, would never read that."""
+    owner = EndingOwner()
+    backend = FakeBackend()
+    relay = Relay(owner, Services(FakeDirectory(website()), FakeBackends(backend),
+                                  FakeMetrics(), FakeAdmission()))  # fmt: skip
+    async with kilnproxy_channel(relay) as (chan, _):
+        relay.backend_pause_input()  # the command's stdin is full
+        for _ in range(3):  # far past the client's window, and asyncssh's buffer's high mark
+            relay.backend_stdout(bytes(65536))
+            await settle()
+        assert backend.stream.output_paused
+        chan.write(b"0032want 0123456789012345678901234567890123456789\n")  # held by asyncssh
+        await asyncio.sleep(0.1)
+        chan.close()
+        async with asyncio.timeout(2):
+            await owner.ended.wait()
+    assert owner.closed[0].outcome is Outcome.CLIENT_GONE
+    assert backend.stream.calls == [("abort", b"")]
+
+
+@on_a_loop
+async def test_a_cut_sends_its_line_after_what_the_client_has_yet_to_take_then_the_status() -> None:
+    """SPEC 3: a cut is a line saying why, then exit status 1. asyncssh sends an exit status
+    at once, ahead of what waits in its buffer for a client that is behind: a client that
+    stops at the status would miss the line."""
+    owner = EndingOwner()
+    relay = Relay(owner, Services(FakeDirectory(website()), FakeBackends(FakeBackend()),
+                                  FakeMetrics(), FakeAdmission()))  # fmt: skip
+    async with kilnproxy_channel(relay) as (chan, client):
+        relay.backend_stdout(bytes(65536))
+        await settle()
+        relay.cut(CutReason.ADMIN)
+        await asyncio.sleep(0.1)
+        chan.resume_reading()
+        async with asyncio.timeout(2):
+            await owner.ended.wait()
+    line = CutReason.ADMIN.client_line(SESSION).encode()
+    assert client.heard == [("out", bytes(65536)), ("err", line), ("exit", 1)]
