@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -47,10 +48,30 @@ SHIPPED_LIMITS: dict[str, Any] = {
 }
 
 
+def _ports_outside_the_ephemeral_range() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    if low >= 4096:
+        return range(low // 2, low)
+    return range(high + 1, 65536) if high < 61440 else range(0)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, for a server the test starts. Not one of the ports bind(0)
+    hands out where another will do: those are the ephemeral range, from which every outgoing
+    connection takes its own, so one could take it before the server binds it ("Address
+    already in use")."""
+    for _ in range(200):
+        ports = _ports_outside_the_ephemeral_range()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", random.choice(ports) if ports else 0))
+            except OSError:
+                continue  # another test's server has it
+            return int(sock.getsockname()[1])
+    raise AssertionError("no free port")
 
 
 def run(
