@@ -26,7 +26,6 @@ from kilnproxy.directory.model import (
 from kilnproxy.errors import BadCommand, OperatorError
 from kilnproxy.policy.access import Access, Role
 from kilnproxy.policy.commands import Vcs, repo_name
-from kilnproxy.ssh.keys import parse_public_key
 
 INIT_TIMEOUT = 60
 
@@ -81,6 +80,9 @@ def read_public_key(source: str | None) -> PublicKey:
     if len(text) > MAX_KEY_TEXT:
         raise OperatorError(f"{source or 'standard input'}: over {MAX_KEY_TEXT >> 10} KiB, "
                             "which is no public key")  # fmt: skip
+    # Here, not at the top: asyncssh takes longer to import (0.15 s) than most commands run.
+    from kilnproxy.ssh.keys import parse_public_key
+
     return parse_public_key(text)
 
 

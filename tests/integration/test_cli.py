@@ -6,6 +6,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -568,3 +569,15 @@ def test_the_agent_says_which_of_its_files_it_cannot_load(
         done = kp(env, "agent", "--config", str(config))
         (line,) = done.stderr.decode().splitlines()
         assert done.returncode == 2 and line.startswith(f"kilnproxy: error: [agent] {message}")
+
+
+def test_an_admin_command_imports_no_ssh_stack(tmp_path: Path) -> None:
+    """asyncssh takes longer to import than most admin commands take to run (0.15 s of 0.3):
+    only the commands that read a key or speak SSH load it."""
+    probe = (
+        "import sys; from kilnproxy.cli.main import main; status = main(['accounts', 'add', "
+        "'acme']); print(status, [m for m in sys.modules if 'asyncssh' in m])"
+    )
+    env = {**os.environ, "KILNPROXY_HOME": str(tmp_path)}
+    done = run([sys.executable, "-c", probe], env=env)
+    assert done.stdout.splitlines()[-1] == b"0 []"
