@@ -38,7 +38,7 @@ def connect(path: Path) -> sqlite3.Connection:
                 f"{path} is another program's database, not a kilnproxy directory: it has "
                 "tables, and no schema version of ours"
             )
-        db.execute("PRAGMA journal_mode=WAL")
+        _into_wal(db)
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA synchronous=NORMAL")
     except (OSError, sqlite3.Error) as exc:
@@ -48,9 +48,28 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def _foreign(db: sqlite3.Connection) -> bool:
     """Tables, and user_version 0: not a directory, which has its version from its first table
-    on (both are set in the transaction that installs the schema)."""
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    return version == 0 and db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
+    on (both are set in the transaction that installs the schema). Read in one statement, so
+    from one snapshot: read one after the other, they could fall on both sides of another
+    process's install, and find its tables without its version."""
+    query = "SELECT user_version, EXISTS (SELECT 1 FROM sqlite_master) FROM pragma_user_version"
+    version, tables = db.execute(query).fetchone()
+    return bool(version == 0 and tables)
+
+
+def _into_wal(db: sqlite3.Connection) -> None:
+    """WAL mode, which the file keeps once it is set. Setting it takes the file's exclusive
+    lock, and SQLite does not wait for that (its busy timeout does not apply) while another
+    process writes, as a second host's first `db upgrade` at the same moment does: tried
+    again, for as long as the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextmanager

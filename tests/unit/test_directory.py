@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -205,5 +206,27 @@ def test_lookups_fail_once_the_sqlite_file_is_replaced_or_removed(
             "had it open; restart kilnproxy to read the file there now (`systemctl restart`)",
             f"the directory file {tmp_path / 'k.db'} is back",
         ]
+    finally:
+        directory.close()
+
+
+def test_a_directory_opened_while_another_process_installs_it_waits_its_turn(
+    tmp_path: Path,
+) -> None:
+    """Two hosts' first `db upgrade` at the same moment: one installs the schema (a write, in
+    the file's first journal mode), and the other's switch to WAL meets it. SQLite refuses
+    that switch at once, without its busy timeout: it is tried again until the writer is done."""
+    path = tmp_path / "kilnproxy.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # as an install holds it
+    done = threading.Timer(0.3, writer.execute, ("COMMIT",))
+    done.start()
+    try:
+        directory = open_directory(f"sqlite:{path}", tmp_path)
+    finally:
+        done.join()
+        writer.close()
+    try:
+        assert directory.list_keys() == []  # open, and its schema installed
     finally:
         directory.close()
