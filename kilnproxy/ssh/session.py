@@ -27,7 +27,7 @@ from kilnproxy.config import Config, format_duration
 from kilnproxy.control import SessionStats
 from kilnproxy.directory import Identity
 from kilnproxy.errors import CutReason, DirectoryUnavailable
-from kilnproxy.logs import QuietSessionLog, SessionLog, access_line
+from kilnproxy.logs import CLIENT_TEXT, QuietSessionLog, SessionLog, access_line
 from kilnproxy.policy.penalty import PenaltyEvent, event_for
 from kilnproxy.ssh.keys import fingerprint, policy_problem
 from kilnproxy.ssh.relay import Outcome, Relay, RelayState, RelayStats
@@ -242,7 +242,7 @@ class Session(asyncssh.SSHServer):
         if exc is None:
             self.log.info("connection closed")
         else:  # a client's disconnect gives its own reason: a line of the log, not pages
-            self.log.info("connection closed: %.200s", exc)
+            self.log.info("connection closed: %s", str(exc)[:CLIENT_TEXT])
 
     def _offence(self) -> PenaltyEvent | None:
         """How a connection that never authenticated ended, for its source's penalty; None
